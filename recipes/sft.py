@@ -1,0 +1,84 @@
+"""Supervised fine-tuning with LoRA or QLoRA, loss on every assistant turn and nothing else.
+
+    accelerate launch recipes/sft.py                                  # embedded default, built-in ifprefs:sft
+    accelerate launch recipes/sft.py --config recipes/configs/sft.yaml --lora_r 32
+    accelerate launch --multi_gpu --num_processes 2 recipes/sft.py    # two processes (CPU: gloo)
+
+Writes output_dir/adapter (and output_dir/merged with --merge), config.yaml, run_info.json,
+metrics.jsonl, tensorboard/ and summary.json. The merged model is the base for reward, DPO and PPO.
+"""
+
+import time
+from dataclasses import dataclass
+
+from align.chat import training_chat_template
+from align.config import arg, parse_config
+from align.data import DataArgs, to_hf_dataset
+from align.errors import cli_main
+from align.models import ModelArgs, load_model, merge_adapter
+from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+
+
+@dataclass
+class SFTArgs(RunArgs, ModelArgs, DataArgs):
+    output_dir: str = arg("outputs/sft", "where the adapter, checkpoints, metrics and summary go")
+    train_data: str = arg("ifprefs:sft", "SFT data: messages or prompt/completion rows (file, folder, hf:NAME, built-in)")
+    eval_data: str | None = arg(None, "held-out SFT data for eval loss; none = no evaluation")
+    learning_rate: float = arg(2e-4, "peak learning rate")
+    assistant_only_loss: bool = arg(True, "loss on assistant turns only (every one of them in multi-turn chats)")
+    packing: bool = arg(False, "pack several examples into each max_length sequence (no cross-example attention)")
+    merge: bool = arg(True, "also save output_dir/merged: base + adapter merged, the base for later stages")
+
+
+@cli_main
+def main() -> None:
+    cfg = parse_config(SFTArgs)
+    start_run(cfg, "sft", cpu_max_steps=30)
+    started = time.time()
+
+    model, tokenizer = load_model(cfg)
+    if cfg.assistant_only_loss:
+        tokenizer.chat_template = training_chat_template(tokenizer)  # renders the same, marks replies
+    train_records, eval_records = load_records(cfg, "sft", tokenizer)
+
+    from trl import SFTConfig, SFTTrainer
+
+    class Trainer(FiniteLossMixin, SFTTrainer):
+        pass
+
+    args = SFTConfig(
+        **trainer_kwargs(cfg),
+        max_length=cfg.max_length,
+        assistant_only_loss=cfg.assistant_only_loss,
+        packing=cfg.packing,
+        padding_free=cfg.packing,  # packed rows are kept apart by position ids, not attention masks
+        eval_strategy="no",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=to_hf_dataset(train_records),
+        eval_dataset=to_hf_dataset(eval_records) if eval_records else None,
+        processing_class=tokenizer,
+        callbacks=guard_callbacks(cfg.output_dir),
+    )
+    result = train(trainer, cfg)
+    eval_metrics = trainer.evaluate() if eval_records else {}
+
+    save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
+    if cfg.merge and trainer.is_world_process_zero():
+        merge_adapter(f"{cfg.output_dir}/adapter", f"{cfg.output_dir}/merged", dtype=cfg.dtype)
+    if trainer.is_world_process_zero():
+        write_summary(cfg.output_dir, {
+            "method": "sft",
+            "steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "eval_loss": eval_metrics.get("eval_loss"),
+            "tokens_processed": trainer.state.num_input_tokens_seen,
+            "wall_time_s": round(time.time() - started, 1),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+        })
+
+
+if __name__ == "__main__":
+    main()

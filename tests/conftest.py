@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+# Tests are offline: a Hub call must fail at once, never after ~20 s of retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random causal LM with a locally built tokenizer (shared by the session; do not modify)."""
+    from align.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory) -> str:
+    from align.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_rm") / "model", task="reward")
