@@ -389,7 +389,21 @@ def _read_path(path: Path, split: str | None) -> Iterator[_RawRow]:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     if size == 0:
         raise DataError(f"{path}: the file is empty (0 bytes)")
+    if reader is not _read_parquet:
+        _check_not_wide_encoding(path)
     return reader(path)
+
+
+_WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _check_not_wide_encoding(path: Path) -> None:
+    """A UTF-16 or UTF-32 text file garbles every line, so it is a problem of the file, not of rows."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    for bom, name in _WIDE_BOMS.items():
+        if start.startswith(bom):
+            raise DataError(f"{path}: the file is {name} encoded (it starts with a {name} byte-order mark); re-save it as UTF-8")
 
 
 def _merge_split(source: str, from_name: str, split: str | None) -> str | None:

@@ -270,7 +270,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if model.generation_config is not None and getattr(model, "can_generate", lambda: False)():
+    if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if use_lora:
         from peft import get_peft_model, prepare_model_for_kbit_training

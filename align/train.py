@@ -132,7 +132,8 @@ class MetricsFile(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "time_s": round(time.time() - self.start, 3)}
-        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        # namespaced keys: "loss" -> "train/loss"; TRL's own "rewards/margins" etc. stay as they are
+        record.update({(k if "/" in k else f"train/{k}"): v for k, v in logs.items() if isinstance(v, (int, float))})
         record["tokens_seen"] = state.num_input_tokens_seen
         append_jsonl(self.path, record)
 

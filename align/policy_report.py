@@ -1,0 +1,63 @@
+"""The before/after numbers a training recipe prints in its summary: held-out preference accuracy and the
+verifier's score on held-out prompts. Full evaluation (sampling, KL, repetition, reports) is
+align.evaluation / eval/evaluate.py; this is the cheap subset a recipe can afford at the end of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from align.records import PreferencePair, PromptRecord
+
+
+def _starting_model(model, adapter: bool):
+    """The policy as it is (adapter=True) or as it started: the same model with its adapter disabled."""
+    if adapter or not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
+
+
+def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: list[PromptRecord], *, beta: float,
+                     adapter: bool, max_new_tokens: int = 128, batch_size: int = 16) -> dict:
+    """{"pref/logp_accuracy", "pref/implicit_reward_accuracy", "verifier/score", "verifier/strict", ...}.
+
+    logp_accuracy: share of pairs where the policy gives the chosen reply a higher log-probability than the
+    rejected one; meaningful for the starting model too. implicit_reward_accuracy: DPO's implicit reward
+    beta * (log pi - log pi_ref) ranks chosen above rejected (only with adapter=True: at the start the
+    policy is its reference and every pair ties).
+    """
+    from align.evaluation import EvalArgs, Policy, generate, reply_logps
+    from align.verifier import verify
+
+    started = time.time()
+    out: dict = {}
+    was_training = model.training
+    model.eval()
+    with _starting_model(model, adapter):
+        if pairs:
+            prompts_p = [p.prompt for p in pairs]
+            chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
+            rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
+            out["pref/logp_accuracy"] = sum(c[0] > r[0] for c, r in zip(chosen, rejected)) / len(pairs)
+            out["pref/pairs"] = len(pairs)
+        if prompts:
+            policy = Policy(model=model, tokenizer=tokenizer, kind="model", path="policy")
+            cfg = EvalArgs(max_new_tokens=max_new_tokens, batch_size=batch_size, modes=["greedy"])
+            gens = generate(policy, [p.prompt for p in prompts], "greedy", cfg)
+            verdicts = [verify(g.reply, p.constraints or []) for g, p in zip(gens, prompts)]
+            out["verifier/score"] = sum(v.score for v in verdicts) / len(verdicts)
+            out["verifier/strict"] = sum(v.strict for v in verdicts) / len(verdicts)
+            out["verifier/prompts"] = len(verdicts)
+            out["gen/mean_length"] = sum(g.length_tokens for g in gens) / len(gens)
+            out["gen/eos_rate"] = sum(g.eos for g in gens) / len(gens)
+    if pairs and adapter and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            ref_chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
+            ref_rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
+        margins = [beta * ((c[0] - rc[0]) - (r[0] - rr[0])) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+        out["pref/implicit_reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
+        out["pref/implicit_margin_mean"] = sum(margins) / len(margins)
+    model.train(was_training)
+    out["time_s"] = round(time.time() - started, 1)
+    return out

@@ -1,0 +1,110 @@
+"""Direct Preference Optimization (and its variants) with LoRA or QLoRA, straight from preference pairs.
+
+    accelerate launch recipes/dpo.py                                  # the main job: embedded default, built-in pairs
+    accelerate launch recipes/dpo.py --config recipes/configs/dpo.yaml --loss_type ipo --beta 0.5
+    accelerate launch --multi_gpu --num_processes 2 recipes/dpo.py    # two processes (CPU: gloo)
+
+The reference is the policy's base with the adapter disabled: the plain base model, or the SFT model when
+model_name_or_path points at outputs/sft/merged (the SFT adapter merged in, so "adapter disabled" is the
+frozen SFT policy). Reference log-probs are computed once before training (precompute_ref_log_probs).
+
+Writes output_dir/adapter, config.yaml, run_info.json, metrics.jsonl (train/loss, rewards/chosen,
+rewards/rejected, rewards/margins, rewards/accuracies, ...), tensorboard/ and summary.json with held-out
+preference accuracy and the verifier's score of the trained policy against the starting model.
+"""
+
+import time
+from dataclasses import dataclass
+
+from align.config import arg, parse_config
+from align.data import DataArgs, load_prompts, to_hf_dataset
+from align.errors import cli_main
+from align.models import ModelArgs, load_model
+from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+
+
+@dataclass
+class DPOArgs(RunArgs, ModelArgs, DataArgs):
+    output_dir: str = arg("outputs/dpo", "where the adapter, checkpoints, metrics and summary go")
+    learning_rate: float = arg(1e-4, "peak learning rate (LoRA)")
+    beta: float = arg(0.1, "DPO beta: strength of the implicit KL penalty towards the reference")
+    loss_type: list[str] = arg(["sigmoid"], "TRL DPO loss(es): sigmoid, ipo, hinge, robust, apo_zero, ... (comma-separated to combine)")
+    label_smoothing: float = arg(0.0, "assumed share of flipped labels (robust / cDPO losses)")
+    precompute_ref_log_probs: bool = arg(True, "reference log-probs once before training instead of every step")
+    max_length: int = arg(384, "maximum tokens of prompt + reply")
+    summary_prompts: int = arg(48, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
+    summary_max_new_tokens: int = arg(128, "longest reply generated for the summary")
+
+    def validate(self) -> None:
+        DataArgs.validate(self)
+        known = {"sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                 "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+        for name in self.loss_type:
+            if name not in known:
+                from align.errors import ConfigError
+                raise ConfigError(f"config: loss_type: unknown DPO loss {name!r}; expected one of {', '.join(sorted(known))}")
+
+
+@cli_main
+def main() -> None:
+    cfg = parse_config(DPOArgs)
+    start_run(cfg, "dpo", cpu_max_steps=40)
+    if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run reads only the rows it trains on
+        cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    started = time.time()
+
+    model, tokenizer = load_model(cfg)
+    train_pairs, eval_pairs = load_records(cfg, "prefs", tokenizer)
+    prompts = load_prompts("ifprefs:eval", max_rows=cfg.summary_prompts) if cfg.summary_prompts else []
+    before = policy_report(model, tokenizer, eval_pairs, prompts, cfg, adapter=False)
+
+    from trl import DPOConfig, DPOTrainer
+
+    class Trainer(FiniteLossMixin, DPOTrainer):
+        pass
+
+    args = DPOConfig(
+        **trainer_kwargs(cfg),
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        eval_strategy="no",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=to_hf_dataset(train_pairs),
+        processing_class=tokenizer,
+        callbacks=guard_callbacks(cfg.output_dir),
+    )
+    result = train(trainer, cfg)
+    train_time = time.time() - started
+    save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
+
+    after = policy_report(trainer.model, tokenizer, eval_pairs, prompts, cfg, adapter=True)
+    if is_main_process():
+        write_summary(cfg.output_dir, {
+            "method": "dpo",
+            "steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "before": before,
+            "after": after,
+            "tokens_processed": trainer.state.num_input_tokens_seen,
+            "train_tokens_per_s": round(trainer.state.num_input_tokens_seen / max(train_time, 1e-9), 1),
+            "wall_time_s": round(time.time() - started, 1),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+        })
+
+
+def policy_report(model, tokenizer, pairs, prompts, cfg: DPOArgs, adapter: bool) -> dict:
+    """Held-out preference accuracy and verifier score of the policy (adapter=False: the starting model)."""
+    from align.policy_report import summarize_policy
+
+    return summarize_policy(model, tokenizer, pairs, prompts, beta=cfg.beta, adapter=adapter,
+                            max_new_tokens=cfg.summary_max_new_tokens, batch_size=16)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""A Bradley-Terry reward model: a scalar score head plus LoRA, trained on preference pairs.
+
+    accelerate launch recipes/reward.py                               # SFT base if outputs/sft/merged exists
+    accelerate launch recipes/reward.py --config recipes/configs/reward.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/reward.py
+
+loss = -log sigmoid(r(chosen) - r(rejected) - margin)   (margin from the data's `margin` field, if any)
+
+Writes output_dir/adapter (LoRA + the `score` head, as PEFT saves it), config.yaml, metrics.jsonl,
+tensorboard/ and summary.json with held-out accuracy and reward margins. Score text with it through
+`align.reward_model.load_reward_model` and `score_texts`, as PPO and evaluation do.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.config import arg, parse_config
+from align.data import DataArgs, to_hf_dataset
+from align.errors import cli_main
+from align.models import ModelArgs, load_model
+from align.reward_model import score_texts
+from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+
+
+@dataclass
+class RewardArgs(RunArgs, ModelArgs, DataArgs):
+    output_dir: str = arg("outputs/reward", "where the adapter, checkpoints, metrics and summary go")
+    model_name_or_path: str = arg("auto", "base model; auto = outputs/sft/merged when it exists, else the embedded default")
+    learning_rate: float = arg(1e-4, "peak learning rate")
+    center_rewards_coefficient: float | None = arg(None, "weight of the mean-squared-reward penalty that centres scores (Eisenstein et al. 2023)")
+
+
+def held_out_accuracy(model, tokenizer, pairs, batch_size: int) -> dict:
+    """Share of held-out pairs the model ranks correctly, and the mean score margin."""
+    if not pairs:
+        return {}
+    prompts = [p.prompt for p in pairs]
+    chosen = score_texts(model, tokenizer, prompts, [p.chosen for p in pairs], batch_size)
+    rejected = score_texts(model, tokenizer, prompts, [p.rejected for p in pairs], batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {
+        "eval/accuracy": sum(m > 0 for m in margins) / len(margins),
+        "eval/margin_mean": sum(margins) / len(margins),
+        "eval/pairs": len(margins),
+    }
+
+
+@cli_main
+def main() -> None:
+    cfg = parse_config(RewardArgs)
+    if cfg.model_name_or_path == "auto":
+        sft = Path("outputs/sft/merged")
+        cfg.model_name_or_path = str(sft) if (sft / "config.json").is_file() else "SmolLM2-135M-Instruct"
+    start_run(cfg, "reward", cpu_max_steps=40)
+    started = time.time()
+
+    model, tokenizer = load_model(cfg, task="reward")
+    train_pairs, eval_pairs = load_records(cfg, "prefs", tokenizer)
+    before = held_out_accuracy(model.eval(), tokenizer, eval_pairs, cfg.per_device_train_batch_size)
+
+    from trl import RewardConfig, RewardTrainer
+
+    class Trainer(FiniteLossMixin, RewardTrainer):
+        pass
+
+    args = RewardConfig(
+        **trainer_kwargs(cfg),
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        eval_strategy="no",
+    )
+    trainer = Trainer(
+        model=model.train(),
+        args=args,
+        train_dataset=to_hf_dataset(train_pairs),
+        processing_class=tokenizer,
+        callbacks=guard_callbacks(cfg.output_dir),
+    )
+    result = train(trainer, cfg)
+    after = held_out_accuracy(trainer.model.eval(), tokenizer, eval_pairs, cfg.per_device_train_batch_size)
+
+    save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
+    if trainer.is_world_process_zero():
+        write_summary(cfg.output_dir, {
+            "method": "reward",
+            "steps": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "before": before,
+            "after": after,
+            "tokens_processed": trainer.state.num_input_tokens_seen,
+            "wall_time_s": round(time.time() - started, 1),
+            "peak_memory_mb": round(peak_memory_mb(), 1),
+        })
+
+
+if __name__ == "__main__":
+    main()
