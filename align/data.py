@@ -47,7 +47,6 @@ import argparse
 import csv
 import itertools
 import json
-import math
 import os
 import re
 import sys
@@ -58,7 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Union
 
 from align.config import arg
 from align.errors import AlignError, ConfigError, DataError, cli_main
-from align.records import Message, PreferencePair, PromptRecord, SFTExample, check_messages
+from align.records import Message, PreferencePair, PromptRecord, SFTExample, check_messages, is_finite_number, short_repr
 
 PREFERENCE_FORMATS = ("strings", "conversational", "hh", "ranked")
 SFT_FORMATS = ("messages", "prompt_completion")
@@ -129,17 +128,33 @@ def _utf8_error(raw: bytes, err: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 (at byte 0x{raw[err.start]:02x}, column {err.start + 1}); re-save the file as UTF-8"
 
 
+class _JSONError(ValueError):
+    def __init__(self, problem: str, lineno: int | None = None):
+        super().__init__(problem)
+        self.lineno = lineno
+
+
+def _loads(text: str) -> Any:
+    """json.loads, with each way it can fail turned into _JSONError with a readable message."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        problem = err.msg.removesuffix(" at")  # "Unterminated string starting at" + a position
+        raise _JSONError(f"{problem} (at column {err.colno})", err.lineno) from None
+    except RecursionError:
+        raise _JSONError("nested too deeply") from None
+    except ValueError as err:  # an integer over Python's 4300-digit limit
+        raise _JSONError(str(err).split(";")[0]) from None
+
+
 def _parse_json_line(text: str, where: str, *, truncated: bool, json_suffix: bool) -> _RawRow:
     try:
-        return _RawRow(where, data=json.loads(text))
-    except json.JSONDecodeError as err:
+        return _RawRow(where, data=_loads(text))
+    except _JSONError as err:
         hint = "; the line looks truncated" if truncated else ""
         if json_suffix:
             hint += "; a .json file holds a list of rows or one JSON object per line"
-        problem = err.msg.removesuffix(" at")  # "Unterminated string starting at" + a position
-        return _RawRow(where, error=f"malformed JSON: {problem} (at column {err.colno}){hint}")
-    except RecursionError:
-        return _RawRow(where, error="malformed JSON: nested too deeply")
+        return _RawRow(where, error=f"malformed JSON: {err}{hint}")
 
 
 def _read_jsonl(path: Path) -> Iterator[_RawRow]:
@@ -184,11 +199,10 @@ def _read_json(path: Path) -> Iterator[_RawRow]:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path} line {line}: not valid UTF-8 (at byte 0x{raw[err.start]:02x}); re-save the file as UTF-8") from None
     try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {err.lineno}: malformed JSON: {err.msg.removesuffix(' at')} (at column {err.colno})") from None
-    except RecursionError:
-        raise DataError(f"{path}: malformed JSON: nested too deeply") from None
+        rows = _loads(text)
+    except _JSONError as err:
+        where = f"{path} line {err.lineno}" if err.lineno else str(path)
+        raise DataError(f"{where}: malformed JSON: {err}") from None
     if not rows:
         raise DataError(f"{path}: no rows (an empty list)")
     for i, row in enumerate(rows, start=1):
@@ -208,8 +222,8 @@ def _decode_csv_cells(row: dict[str, str]) -> dict[str, Any]:
             continue  # an empty cell of an optional or structured column means "absent"
         if key in _JSON_CELLS:
             try:
-                out[key] = json.loads(cell)
-            except json.JSONDecodeError:
+                out[key] = _loads(cell)
+            except _JSONError:
                 raise DataError(f"field '{key}': expected JSON in the CSV cell (e.g. [1, 2, 3]), got {cell[:40]!r}") from None
         elif key == "margin":
             try:
@@ -218,8 +232,8 @@ def _decode_csv_cells(row: dict[str, str]) -> dict[str, Any]:
                 raise DataError(f"field 'margin': expected a number, got {cell[:40]!r}") from None
         elif key in _MESSAGE_CELLS and cell.lstrip().startswith("[{"):
             try:
-                value = json.loads(cell)
-            except json.JSONDecodeError:
+                value = _loads(cell)
+            except _JSONError:
                 value = cell  # text that happens to start with "[{"
             out[key] = value if isinstance(value, list) and all(isinstance(m, dict) for m in value) else cell
         else:
@@ -485,7 +499,7 @@ def _check_fields(row: dict, fmt: str, where: str, extra_fields: str) -> None:
     for name in row:
         if name not in known:
             raise DataError(
-                f"{where}: field {str(name)!r}: not a field of format '{fmt}' (known: {', '.join(sorted(known))}); "
+                f"{where}: field {short_repr(str(name))}: not a field of format '{fmt}' (known: {', '.join(sorted(known))}); "
                 "pass extra_fields='ignore' to ignore it"
             )
 
@@ -618,8 +632,8 @@ def _scores(row: dict, where: str, n: int) -> tuple[str, list[float]]:
         got = f"{len(values)} values" if isinstance(values, list) else _type_name(values)
         raise DataError(f"{where}: field '{name}': expected a list of {n} numbers, one per response, got {got}")
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise DataError(f"{where}: field '{name}[{i}]': expected a finite number, got {v!r}")
+        if not is_finite_number(v):
+            raise DataError(f"{where}: field '{name}[{i}]': expected a finite number, got {short_repr(v)}")
     return name, [float(v) if name == "scores" else -float(v) for v in values]
 
 

@@ -25,6 +25,12 @@ ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 
 
+def short_repr(value: Any, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters so that one bad value cannot flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_messages(messages: Any, where: str, *, field_name: str = "messages") -> list[Message]:
     """Validate a list of chat messages; return it as plain {role, content} dicts."""
     if not isinstance(messages, list) or not messages:
@@ -38,7 +44,7 @@ def check_messages(messages: Any, where: str, *, field_name: str = "messages") -
             raise DataError(f"{where}: field '{field_name}[{i}]': missing key {missing[0]!r}")
         role, content = msg["role"], msg["content"]
         if role not in ROLES:
-            raise DataError(f"{where}: field '{field_name}[{i}].role': unknown role {role!r}, expected one of {', '.join(ROLES)}")
+            raise DataError(f"{where}: field '{field_name}[{i}].role': unknown role {short_repr(role)}, expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise DataError(f"{where}: field '{field_name}[{i}].content': expected a string, got {type(content).__name__}")
         out.append({"role": role, "content": content})
@@ -85,11 +91,21 @@ def check_id(value: Any, where: str) -> str | None:
     raise DataError(f"{where}: field 'id': expected a string or an integer, got {type(value).__name__}")
 
 
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float (JSON integers can overflow a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_margin(margin: Any, where: str) -> float | None:
     if margin is None:
         return None
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-        raise DataError(f"{where}: field 'margin': expected a finite number, got {margin!r}")
+    if not is_finite_number(margin):
+        raise DataError(f"{where}: field 'margin': expected a finite number, got {short_repr(margin)}")
     return float(margin)
 
 

@@ -15,7 +15,7 @@ from align.data import FORMATS, detect_format, load_preferences, load_prompts, l
 from align.errors import DataError
 from align.records import PreferencePair, PromptRecord, SFTExample
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 FIELD_NAMES = [
     "prompt", "chosen", "rejected", "responses", "scores", "ranking", "messages", "completion",
@@ -34,17 +34,73 @@ hh_transcripts = st.lists(
 json_values = st.recursive(
     json_scalars | messages | hh_transcripts,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELD_NAMES), inner, max_size=4),
-    max_leaves=12,
+    max_leaves=8,
 )
-rows = st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=6)
+# Rows shaped like each format, with values that are often right and sometimes subtly wrong (empty,
+# whitespace, a bad role, the wrong type, a shared prefix that is not shared), so that both outcomes
+# are exercised.
+text = st.sampled_from(["p", "a", "b", "c", "d", "e", " ", ""]) | st.text(max_size=8)
+dialogue = st.lists(text, min_size=1, max_size=4).map(
+    lambda turns: [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+)
+odd_chat = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot"]), "content": text}),
+    min_size=1, max_size=3,
+)
+chat = dialogue | dialogue | odd_chat
+reply = text.map(lambda t: [{"role": "assistant", "content": t}]) | chat
+
+
+def hh_text(turns: list[tuple[str, str]]) -> str:
+    return "".join(f"\n\n{who}: {t}" for who, t in turns)
+
+
+@st.composite
+def hh_row(draw) -> dict:
+    prefix = draw(st.lists(text, min_size=1, max_size=3).map(lambda ts: [("Human" if i % 2 == 0 else "Assistant", t) for i, t in enumerate(ts)]))
+    other = draw(st.just(prefix) | st.lists(st.tuples(st.sampled_from(["Human", "Assistant"]), text), min_size=1, max_size=3))
+    return {"chosen": hh_text(prefix + [("Assistant", draw(text))]), "rejected": hh_text(other + [("Assistant", draw(text))])}
+
+
+@st.composite
+def implicit_prompt_row(draw) -> dict:
+    prompt = draw(dialogue.filter(lambda d: d[-1]["role"] == "user") | chat)
+    return {"chosen": prompt + draw(chat), "rejected": prompt + draw(chat)}
+
+
+value = text | chat | json_scalars
+valid_constraints = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["lowercase", "max_words"])}), max_size=2)
+metadata = {
+    "id": st.text(max_size=3) | st.integers() | st.just([]),
+    "constraints": st.one_of(valid_constraints, valid_constraints, st.just([{"type": ""}]), json_scalars),
+    "margin": st.one_of(st.floats(-5, 5), st.floats(-5, 5), st.floats(allow_nan=True), json_scalars),
+    "meta": st.dictionaries(st.text(max_size=3), json_scalars, max_size=2),
+}
+
+
+def with_metadata(rows: st.SearchStrategy) -> st.SearchStrategy:
+    return st.tuples(rows, st.fixed_dictionaries({}, optional=metadata)).map(lambda pair: {**pair[0], **pair[1]})
+
+
+format_rows = with_metadata(st.one_of(
+    st.fixed_dictionaries({"prompt": text, "chosen": text, "rejected": text}),
+    st.fixed_dictionaries({"prompt": chat | text, "chosen": reply, "rejected": reply}),
+    implicit_prompt_row(),
+    hh_row(),
+    st.fixed_dictionaries(
+        {"prompt": text | chat, "responses": st.lists(text | chat, max_size=4)},
+        optional={"scores": st.lists(st.integers(0, 3) | json_scalars, max_size=4), "ranking": st.lists(st.integers(1, 3), max_size=4)},
+    ),
+    st.fixed_dictionaries({"messages": chat | value}),
+    st.fixed_dictionaries({"prompt": text | chat, "completion": text | reply}),
+    st.fixed_dictionaries({"prompt": text | chat | value}),
+))
+shapeless_rows = st.dictionaries(st.sampled_from(FIELD_NAMES), json_values, max_size=6) | json_values
+rows = format_rows | shapeless_rows
 LOADERS = {"prefs": (load_preferences, PreferencePair), "sft": (load_sft, SFTExample), "prompts": (load_prompts, PromptRecord)}
 
 
-@SETTINGS
-@given(row=rows | json_values)
-@example(row={"prompt": "p", "responses": ["a", "b"], "scores": [1, float("nan")]})
-@example(row={"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "p"}]})
-def test_any_row_gives_records_or_a_data_error(row):
+def check_row(row) -> None:
     try:
         fmt = detect_format(row)
     except DataError:
@@ -61,7 +117,26 @@ def test_any_row_gives_records_or_a_data_error(row):
 
 
 @SETTINGS
-@given(lines=st.lists(st.binary(max_size=60) | rows.map(lambda r: json.dumps(r).encode()), min_size=1, max_size=5))
+@given(row=format_rows)
+@example(row={"prompt": "p", "responses": ["a", "b"], "scores": [1, float("nan")]})
+@example(row={"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "p"}]})
+@example(row={"prompt": "p", "responses": ["a", "b"], "scores": [10**400, 1]})  # overflows a float
+@example(row={"prompt": "p", "chosen": "a", "rejected": "b", "margin": -(10**400)})
+def test_any_row_shaped_like_a_format_gives_records_or_a_data_error(row):
+    check_row(row)
+
+
+@SETTINGS
+@given(row=shapeless_rows)
+def test_any_json_value_as_a_row_gives_records_or_a_data_error(row):
+    check_row(row)
+
+
+@settings(SETTINGS, max_examples=50)
+@given(lines=st.lists(st.binary(max_size=60) | rows.map(lambda r: json.dumps(r).encode()), min_size=1, max_size=4))
+@example(lines=[b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": ' + b"9" * 5000 + b"}"])  # over 4300 digits
+@example(lines=[b"[" * 100_000])  # deeper than the JSON parser recurses
+@example(lines=[b"\xff\xfe{\x00"])  # a UTF-16 byte-order mark
 def test_any_bytes_in_a_jsonl_file_give_records_or_a_data_error(lines, tmp_path_factory):
     path = tmp_path_factory.mktemp("jsonl") / "data.jsonl"
     path.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines))

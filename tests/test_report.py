@@ -1,0 +1,273 @@
+"""The comparison report's statistics and files, on hand-built evaluation outputs (no model)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from align.errors import AlignError
+from align.report import (
+    ReportArgs,
+    bootstrap_ci,
+    build_report,
+    hacking_warnings,
+    load_eval,
+    preference_table,
+    win_rate,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+SETTINGS = {
+    "prompts": "prompts.jsonl", "max_prompts": 100, "n_prompts": 0, "prompts_sha256": "", "modes": ["greedy", "sample"],
+    "max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 0, "batch_size": 8,
+    "reward_model": "/models/rm", "pref_data": "prefs.jsonl", "max_pairs": 100, "ppl_data": "sft.jsonl",
+    "max_ppl_rows": 50, "beta": None, "dtype": "fp32", "ref_model": None,
+}
+
+
+def gen_row(pid: str, mode: str, *, verifier: float, rm: float, length: int, eos: bool = True, rep: float = 0.0, kl: float | None = None) -> dict:
+    return {
+        "prompt_id": pid, "prompt": [{"role": "user", "content": f"Prompt {pid}: answer in lowercase."}],
+        "constraints": [{"type": "lowercase"}, {"type": "no_comma"}], "mode": mode, "seed": 0 if mode == "sample" else None,
+        "temperature": 1.0 if mode == "sample" else None, "top_p": 1.0 if mode == "sample" else None,
+        "reply": f"reply to {pid} " + "word " * min(length, 20), "length_tokens": length, "length_words": length, "eos": eos,
+        "verifier_passed": [verifier >= 0.5, verifier >= 1.0], "verifier_score": verifier, "verifier_strict": verifier == 1.0,
+        "rm_score": rm, "distinct_1": 1.0 - rep, "distinct_2": 1.0 - rep, "repeated_4gram_share": rep,
+        "kl_k1": kl if mode == "sample" else None, "kl_k3": kl if mode == "sample" else None,
+    }
+
+
+def write_eval(run_dir: Path, rows: list[dict], *, method: str = "dpo", settings: dict | None = None,
+               prefs: list[dict] | None = None, ppl: list[dict] | None = None, metrics: list[dict] | None = None,
+               run_summary: dict | None = None) -> Path:
+    """A run directory as the recipes and eval/evaluate.py leave it, from hand-built rows."""
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = {"generations": "generations.jsonl"}
+    if prefs is not None:
+        (eval_dir / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+        files["preferences"] = "prefs.jsonl"
+    if ppl is not None:
+        (eval_dir / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ppl))
+        files["perplexity"] = "ppl.jsonl"
+    s = dict(SETTINGS, n_prompts=len({r["prompt_id"] for r in rows}), prompts_sha256="ab" * 32, **(settings or {}))
+    summary = {"run": str(run_dir), "method": method, "policy": {"kind": "adapter", "beta": 0.1}, "settings": s,
+               "metrics": {}, "files": files, "timing": {"total_s": 12.5}}
+    (eval_dir / "summary.json").write_text(json.dumps(summary))
+    if metrics is not None:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run_dir / "summary.json").write_text(json.dumps(run_summary or {"method": method, "wall_time_s": 61.0,
+                                                                      "tokens_processed": 12345, "peak_memory_mb": 2048.5}))
+    return run_dir
+
+
+def realistic_run(run_dir: Path, *, seed: int, verifier_p: float, rm_mean: float, length_mean: float, rep: float = 0.02,
+                  kl: float = 0.0, eos_p: float = 0.97, n: int = 40, method: str = "dpo") -> Path:
+    """A run whose per-prompt scores scatter around the given means, as real evaluations do."""
+    rng = random.Random(seed)
+    rows = []
+    for mode in ("greedy", "sample"):
+        for i in range(n):
+            rows.append(gen_row(
+                f"p{i:03d}", mode, verifier=rng.choice([0.0, 0.5, 1.0]) if rng.random() > verifier_p else 1.0,
+                rm=rng.gauss(rm_mean, 0.5), length=max(1, int(rng.gauss(length_mean, length_mean / 5))),
+                eos=rng.random() < eos_p, rep=min(1.0, max(0.0, rng.gauss(rep, 0.01))), kl=max(0.0, rng.gauss(kl, kl / 4 + 1e-3)),
+            ))
+    prefs = [{"pair_id": f"q{i}", "rm_chosen": rng.gauss(0.5, 1), "rm_rejected": rng.gauss(0, 1),
+              "implicit_chosen": rng.gauss(0.1, 0.2), "implicit_rejected": rng.gauss(0, 0.2)} for i in range(30)]
+    ppl = [{"row_id": str(i), "tokens": rng.randint(20, 60), "nll_sum": rng.uniform(40, 120)} for i in range(20)]
+    metrics = [{"step": s, "time_s": 2.0 * s, "train/loss": 0.69 * 0.97 ** s + rng.gauss(0, 0.01),
+                "rewards/margins": 0.02 * s + rng.gauss(0, 0.02)} for s in range(1, 41)]
+    return write_eval(run_dir, rows, method=method, prefs=prefs, ppl=ppl, metrics=metrics)
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_ci_contains_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = rng.normal(2.0, 1.0, size=25)
+    large = rng.normal(2.0, 1.0, size=2500)
+    ci_small = bootstrap_ci(small, n_resamples=2000, seed=0)
+    ci_large = bootstrap_ci(large, n_resamples=2000, seed=0)
+    for ci, data in ((ci_small, small), (ci_large, large)):
+        assert ci["mean"] == pytest.approx(float(data.mean()))
+        assert ci["lo"] < ci["mean"] < ci["hi"]
+    # The width of a mean's CI goes as 1 / sqrt(n): 100x the rows, about 1/10 the width
+    # (2 * 1.96 * sd / sqrt(n): 0.78 at n = 25, 0.078 at n = 2500).
+    width_small = ci_small["hi"] - ci_small["lo"]
+    width_large = ci_large["hi"] - ci_large["lo"]
+    assert width_small == pytest.approx(2 * 1.96 * small.std() / 5, rel=0.2)
+    assert 6 < width_small / width_large < 15
+
+
+def test_bootstrap_ci_is_seeded_and_handles_degenerate_input():
+    data = [0.3, 1.7, 1.1, 0.2, 0.9, 2.4, 0.5]
+    assert bootstrap_ci(data, seed=3) == bootstrap_ci(data, seed=3)
+    assert bootstrap_ci(data, seed=3) != bootstrap_ci(data, seed=4)
+    assert bootstrap_ci([]) == {"mean": None, "lo": None, "hi": None, "n": 0}
+    assert bootstrap_ci([0.7]) == {"mean": 0.7, "lo": 0.7, "hi": 0.7, "n": 1}
+    assert bootstrap_ci([2.0] * 10)["lo"] == bootstrap_ci([2.0] * 10)["hi"] == 2.0
+
+
+def test_perplexity_is_token_level_over_all_replies():
+    # Two replies: 10 tokens with NLL 10, 30 tokens with NLL 90 -> exp(100 / 40) = exp(2.5) = 12.18,
+    # not the mean of per-reply perplexities (exp(1) + exp(3)) / 2 = 11.40.
+    ppl = [{"row_id": "a", "tokens": 10, "nll_sum": 10.0}, {"row_id": "b", "tokens": 30, "nll_sum": 90.0}]
+    table = preference_table(None, ppl)
+    assert table["perplexity"]["mean"] == pytest.approx(np.exp(2.5))
+    assert table["perplexity"]["lo"] >= np.exp(1.0) - 1e-9 and table["perplexity"]["hi"] <= np.exp(3.0) + 1e-9
+    assert table["rm_accuracy"]["n"] == 0
+
+
+def test_preference_accuracy_counts_ties_as_wrong_and_apart():
+    prefs = [
+        {"rm_chosen": 1.0, "rm_rejected": 0.0, "implicit_chosen": 0.0, "implicit_rejected": 0.0},
+        {"rm_chosen": 0.0, "rm_rejected": 1.0, "implicit_chosen": 0.0, "implicit_rejected": 0.0},
+        {"rm_chosen": 0.5, "rm_rejected": 0.5, "implicit_chosen": 0.0, "implicit_rejected": 0.0},
+        {"rm_chosen": 2.0, "rm_rejected": 1.0, "implicit_chosen": 0.0, "implicit_rejected": 0.0},
+    ]
+    table = preference_table(prefs, None)
+    assert table["rm_accuracy"]["mean"] == pytest.approx(2 / 4)  # rows 1 and 4 right, row 3 a tie
+    assert table["rm_accuracy"]["ties"] == 1
+    assert table["implicit_accuracy"]["mean"] == 0.0  # a policy that is its own reference ties everywhere
+    assert table["implicit_accuracy"]["ties"] == 4
+
+
+# ------------------------------------------------------------------------------------ win rates
+
+
+def test_win_rates_with_ties_hand_computed():
+    a = [gen_row(f"p{i}", "greedy", verifier=v, rm=r, length=10) for i, (v, r) in enumerate(
+        [(1.0, 0.3), (0.5, 0.1), (0.5, 2.0), (0.0, -1.0), (1.0, 0.0)])]
+    b = [gen_row(f"p{i}", "greedy", verifier=v, rm=r, length=10) for i, (v, r) in enumerate(
+        [(0.5, 0.3), (0.5, 0.2), (1.0, 1.0), (0.0, -2.0), (0.5, 0.0)])]
+    b.append(gen_row("p9", "greedy", verifier=1.0, rm=9.0, length=10))  # only b answered it: not counted
+    # Verifier: p0 a (1 > .5), p1 tie, p2 b, p3 tie, p4 a -> a 2, b 1, ties 2 of 5.
+    v = win_rate(a, b, "verifier_score")
+    assert (v["n"], v["a_wins"], v["b_wins"], v["ties"]) == (5, 2, 1, 2)
+    assert (v["a_win_rate"], v["b_win_rate"], v["tie_rate"]) == (0.4, 0.2, 0.4)
+    assert v["a_minus_b"]["mean"] == pytest.approx((2 - 1) / 5)
+    # RM: p0 tie (0.3 = 0.3), p1 b, p2 a, p3 a, p4 tie -> a 2, b 1, ties 2.
+    r = win_rate(a, b, "rm_score")
+    assert (r["n"], r["a_wins"], r["b_wins"], r["ties"]) == (5, 2, 1, 2)
+    # Swapping the runs swaps the counts.
+    s = win_rate(b, a, "verifier_score")
+    assert (s["a_wins"], s["b_wins"], s["ties"]) == (1, 2, 2)
+
+
+def test_win_rate_matches_prompts_and_modes_not_positions():
+    a = [gen_row("x", "greedy", verifier=1.0, rm=0, length=5), gen_row("y", "greedy", verifier=0.0, rm=0, length=5)]
+    b = [gen_row("y", "greedy", verifier=1.0, rm=0, length=5), gen_row("x", "sample", verifier=0.0, rm=0, length=5)]
+    w = win_rate(a, b, "verifier_score")  # only y/greedy is common: b wins it
+    assert (w["n"], w["a_wins"], w["b_wins"]) == (1, 0, 1)
+
+
+# ------------------------------------------------------------------------------------ reward hacking
+
+
+def test_hacking_warning_fires_on_a_constructed_case(tmp_path):
+    sft = load_eval(realistic_run(tmp_path / "sft", seed=1, verifier_p=0.6, rm_mean=0.0, length_mean=60, method="sft"))
+    hacked = load_eval(realistic_run(tmp_path / "ppo", seed=2, verifier_p=0.1, rm_mean=2.0, length_mean=125, rep=0.3,
+                                     eos_p=0.3, method="ppo"))
+    warnings = hacking_warnings(sft, hacked, "greedy", n_resamples=500)
+    text = "\n".join(warnings)
+    assert len(warnings) == 4, text
+    assert "verifier score falls" in text and "longer" in text and "repeated 4-gram" in text and "EOS rate falls" in text
+    assert all(w.startswith("ppo (greedy): possible reward hacking: the RM score rises over sft") for w in warnings)
+
+
+def test_hacking_warning_quiet_on_a_clean_improvement(tmp_path):
+    sft = load_eval(realistic_run(tmp_path / "sft", seed=1, verifier_p=0.6, rm_mean=0.0, length_mean=60, method="sft"))
+    better = load_eval(realistic_run(tmp_path / "dpo", seed=3, verifier_p=0.8, rm_mean=1.5, length_mean=66, method="dpo"))
+    assert hacking_warnings(sft, better, "greedy", n_resamples=500) == []
+    # RM down, verifier down: a worse run, but not reward hacking.
+    worse = load_eval(realistic_run(tmp_path / "bad", seed=4, verifier_p=0.1, rm_mean=-1.0, length_mean=60))
+    assert hacking_warnings(sft, worse, "greedy", n_resamples=500) == []
+
+
+def test_hacking_needs_the_rm_rise_to_be_clear(tmp_path):
+    # Same RM distribution (no clear rise) but much longer replies: not flagged as reward hacking.
+    sft = load_eval(realistic_run(tmp_path / "sft", seed=1, verifier_p=0.6, rm_mean=0.0, length_mean=60))
+    longer = load_eval(realistic_run(tmp_path / "long", seed=1, verifier_p=0.6, rm_mean=0.0, length_mean=200))
+    assert hacking_warnings(sft, longer, "greedy", n_resamples=500) == []
+
+
+# ------------------------------------------------------------------------------------ the report
+
+
+def test_report_files_and_traceable_numbers(tmp_path):
+    runs = [
+        load_eval(realistic_run(tmp_path / "sft", seed=1, verifier_p=0.5, rm_mean=0.0, length_mean=60, method="sft")),
+        load_eval(realistic_run(tmp_path / "dpo", seed=2, verifier_p=0.7, rm_mean=1.0, length_mean=70, kl=4.0)),
+        load_eval(realistic_run(tmp_path / "ppo", seed=3, verifier_p=0.1, rm_mean=2.5, length_mean=140, rep=0.3,
+                                eos_p=0.2, kl=12.0, method="ppo")),
+    ]
+    out = tmp_path / "report"
+    summary = build_report(runs, out, ReportArgs(n_bootstrap=300))
+    for name in ("report.md", "report.html", "summary.json", "reward_vs_kl.png", "training_curves.png"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["warnings"] == summary["warnings"] and summary["warnings"]
+    assert all(w.startswith("ppo") for w in summary["warnings"])
+    # Every table number is recomputable from the JSON lines the report names.
+    gen_file = Path(on_disk["runs"][1]["files"]["generations"])
+    rows = [json.loads(line) for line in gen_file.read_text().splitlines()]
+    greedy_scores = [r["verifier_score"] for r in rows if r["mode"] == "greedy"]
+    assert on_disk["metrics"]["greedy"]["dpo"]["verifier_score"]["mean"] == pytest.approx(sum(greedy_scores) / len(greedy_scores))
+    md = (out / "report.md").read_text()
+    assert str(gen_file) in md
+    assert f"{np.mean(greedy_scores):.3f}" in md
+    assert "![reward and verifier score against KL" in md
+    # Three runs: three pairs x two modes x two judges.
+    assert len(on_disk["win_rates"]) == 12
+    kl_points = {p["run"]: p["kl_k1"]["mean"] for p in on_disk["reward_vs_kl"]}
+    assert kl_points["sft"] == pytest.approx(0.0, abs=0.01) and kl_points["ppo"] > kl_points["dpo"] > 1
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    assert [c["wall_time_s"] for c in on_disk["costs"]] == [61.0, 61.0, 61.0]
+
+
+def test_report_escapes_replies_in_html(tmp_path):
+    rows = [gen_row("p0", m, verifier=1.0, rm=0.0, length=3) for m in ("greedy", "sample")]
+    for r in rows:
+        r["reply"] = "<script>alert(1)</script> | a & b"
+    runs = [load_eval(write_eval(tmp_path / "a", rows)), load_eval(write_eval(tmp_path / "b", rows))]
+    build_report(runs, tmp_path / "out", ReportArgs(n_bootstrap=100))
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; | a &amp; b" in html
+    assert "\\| a & b" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_runs_evaluated_differently_are_refused(tmp_path):
+    rows = [gen_row("p0", "greedy", verifier=1.0, rm=0.0, length=3)]
+    a = load_eval(write_eval(tmp_path / "a", rows))
+    b = load_eval(write_eval(tmp_path / "b", rows, settings={"temperature": 0.7}))
+    with pytest.raises(AlignError, match=r"setting 'temperature' is 1.0 in .*a/eval/summary.json but 0.7 in .*b/eval"):
+        build_report([a, b], tmp_path / "out")
+    c = load_eval(write_eval(tmp_path / "c", rows, settings={"prompts_sha256": "cd" * 32}))
+    with pytest.raises(AlignError, match="prompt set"):
+        build_report([a, c], tmp_path / "out")
+    d = load_eval(write_eval(tmp_path / "d", rows, settings={"reward_model": "/models/other_rm"}))
+    with pytest.raises(AlignError, match="different reward models"):
+        build_report([a, d], tmp_path / "out")
+
+
+def test_compare_cli_refuses_with_one_clear_line(tmp_path):
+    rows = [gen_row("p0", "greedy", verifier=1.0, rm=0.0, length=3)]
+    write_eval(tmp_path / "a", rows)
+    write_eval(tmp_path / "b", rows, settings={"max_new_tokens": 64})
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "compare.py"), str(tmp_path / "a"), str(tmp_path / "b"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: runs evaluated differently") and "max_new_tokens" in proc.stderr
+    assert "Traceback" not in proc.stderr
