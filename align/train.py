@@ -308,8 +308,30 @@ def save_adapter(model: Any, tokenizer: Any, directory: str | Path) -> None:
 
 def train(trainer: Any, cfg: Any) -> Any:
     """trainer.train() with --resume from the last complete checkpoint."""
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+    except torch.OutOfMemoryError:
+        raise AlignError(out_of_memory_advice(cfg)) from None
     if any(isinstance(cb, StopOnSignal) and cb.received for cb in trainer.callback_handler.callbacks):
         print("[align] stopped by signal after saving a checkpoint; rerun with --resume to continue", file=sys.stderr)
         sys.exit(128 + 15)
     return result
+
+
+def out_of_memory_advice(cfg: Any) -> str:
+    """What to change when a step does not fit in GPU memory (instead of a bare CUDA traceback)."""
+    batch, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    tips = []
+    if batch > 1:
+        tips.append(f"--per_device_train_batch_size {max(1, batch // 2)} --gradient_accumulation_steps {accum * 2} "
+                    "(same effective batch)")
+    if getattr(cfg, "quantization", "none") in ("none", "8bit"):
+        tips.append("--quantization 4bit (QLoRA)")
+    if not getattr(cfg, "gradient_checkpointing", False):
+        tips.append("--gradient_checkpointing true")
+    tips.append(f"--max_length {max(64, cfg.max_length // 2)}")
+    return (
+        f"out of GPU memory at micro-batch {batch} x max_length {cfg.max_length}. Settings that use less: "
+        + "; ".join(tips)
+        + ". `python -m align.plan` estimates what fits before you start; the last complete checkpoint is kept (--resume)."
+    )

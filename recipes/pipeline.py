@@ -1,0 +1,93 @@
+"""The whole comparison in one command: SFT, then a reward model, DPO and PPO from the same SFT base,
+then evaluation of every policy and the PPO-vs-DPO report.
+
+    python recipes/pipeline.py                                       # embedded default on CPU (about an hour)
+    python recipes/pipeline.py --config recipes/configs/pipeline_qlora_8b.yaml   # 7-8B QLoRA on a 24 GB GPU
+    python recipes/pipeline.py --resume                              # skip stages that already finished
+
+Each stage is its own recipe process (launched with `launcher`), reading what the previous one wrote:
+  sft     -> {root}/sft/merged           the base of every later stage
+  reward  -> {root}/reward               Bradley-Terry reward model on the SFT base
+  dpo     -> {root}/dpo                  DPO adapter on the SFT base
+  ppo     -> {root}/ppo                  PPO adapter on the SFT base, rewarded by {root}/reward
+  compare -> {root}/report               eval/evaluate.py on base, sft, dpo, ppo, then eval/compare.py
+"""
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.config import arg, parse_config
+from align.errors import AlignError, ConfigError, cli_main
+
+STAGES = ("sft", "reward", "dpo", "ppo", "compare")
+
+
+@dataclass
+class PipelineArgs:
+    output_root: str = arg("outputs", "folder that receives one subfolder per stage")
+    stages: list[str] = arg(list(STAGES), "stages to run, in order (sft, reward, dpo, ppo, compare)")
+    launcher: str = arg("accelerate launch", "how training recipes are started (e.g. 'python', or accelerate with --config_file)")
+    sft_args: str = arg("", "extra flags for recipes/sft.py (e.g. '--config recipes/configs/sft.yaml')")
+    reward_args: str = arg("", "extra flags for recipes/reward.py")
+    dpo_args: str = arg("", "extra flags for recipes/dpo.py")
+    ppo_args: str = arg("", "extra flags for recipes/ppo.py")
+    eval_args: str = arg("--max_prompts 100 --modes greedy,sample", "extra flags for eval/evaluate.py (same for every policy)")
+    resume: bool = arg(False, "skip stages whose summary.json exists; resume interrupted ones from their checkpoints")
+
+    def validate(self) -> None:
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ConfigError(f"config: stages: unknown stage {stage!r}; expected some of {', '.join(STAGES)}")
+
+
+def run(cmd: list[str], stage: str) -> None:
+    print(f"\n[pipeline] {stage}: {shlex.join(cmd)}", flush=True)
+    started = time.time()
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise AlignError(f"stage {stage} failed (exit code {result.returncode}); fix it and rerun with --resume")
+    print(f"[pipeline] {stage}: done in {time.time() - started:.0f} s", flush=True)
+
+
+@cli_main
+def main() -> None:
+    cfg = parse_config(PipelineArgs)
+    root = Path(cfg.output_root)
+    sft_base = str(root / "sft" / "merged")
+    recipes = Path(__file__).resolve().parent
+    launch = shlex.split(cfg.launcher)
+    resume = ["--resume"] if cfg.resume else []
+    stage_cmds = {
+        "sft": [*launch, str(recipes / "sft.py"), "--output_dir", str(root / "sft"), "--merge", "true", *shlex.split(cfg.sft_args)],
+        "reward": [*launch, str(recipes / "reward.py"), "--model_name_or_path", sft_base, "--output_dir", str(root / "reward"), *shlex.split(cfg.reward_args)],
+        "dpo": [*launch, str(recipes / "dpo.py"), "--model_name_or_path", sft_base, "--output_dir", str(root / "dpo"), *shlex.split(cfg.dpo_args)],
+        "ppo": [*launch, str(recipes / "ppo.py"), "--sft_dir", str(root / "sft"), "--reward_model", str(root / "reward"),
+                "--output_dir", str(root / "ppo"), *shlex.split(cfg.ppo_args)],
+    }
+    for stage in cfg.stages:
+        if stage == "compare":
+            continue
+        if cfg.resume and (root / stage / "summary.json").is_file():
+            print(f"[pipeline] {stage}: {root / stage}/summary.json exists; skipped", flush=True)
+            continue
+        run(stage_cmds[stage] + resume, stage)
+
+    if "compare" in cfg.stages:
+        evaluate = str(recipes.parent / "eval" / "evaluate.py")
+        runs = ["base"] + [str(root / s) for s in ("sft", "dpo", "ppo") if (root / s / "summary.json").is_file()]
+        for run_dir in runs:
+            out = ["--out", str(root / "base" / "eval")] if run_dir == "base" else []
+            extra = ["--reward_model", str(root / "reward")] if (root / "reward" / "adapter").is_dir() else []
+            run([sys.executable, evaluate, run_dir, *out, *extra, *shlex.split(cfg.eval_args)], f"evaluate {run_dir}")
+        eval_dirs = [str(root / "base")] + runs[1:]
+        extra = ["--reward_model", str(root / "reward")] if (root / "reward" / "adapter").is_dir() else []
+        run([sys.executable, str(recipes.parent / "eval" / "compare.py"), *eval_dirs, "--out", str(root / "report"), *extra], "compare")
+        print(f"\n[pipeline] report: {root / 'report' / 'report.html'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
