@@ -397,15 +397,18 @@ def _read_path(path: Path, split: str | None) -> Iterator[_RawRow]:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES)}")
+    return _read_file(path, reader)
+
+
+def _read_file(path: Path, reader: Callable[[Path], Iterator[_RawRow]]) -> Iterator[_RawRow]:
     try:
-        size = path.stat().st_size
-    except OSError as err:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the file is empty (0 bytes)")
+        if reader is not _read_parquet:
+            _check_not_wide_encoding(path)
+        yield from reader(path)
+    except OSError as err:  # permissions, a file removed while reading, a disk error
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    if size == 0:
-        raise DataError(f"{path}: the file is empty (0 bytes)")
-    if reader is not _read_parquet:
-        _check_not_wide_encoding(path)
-    return reader(path)
 
 
 _WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
