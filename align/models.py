@@ -204,10 +204,23 @@ def resolve_quantization(name: str) -> str:
     return name
 
 
+def check_quantization_supported(quantization: str) -> None:
+    """bitsandbytes quantizes on CUDA and (since 0.49) on CPU; say so up front where it cannot."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"quantization: {quantization} needs bitsandbytes (pip install bitsandbytes), or use quantization: none") from None
+    if not torch.cuda.is_available() and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        raise ConfigError(f"quantization: {quantization} is not supported on Apple MPS by bitsandbytes; use quantization: none")
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ConfigError(f"quantization: {quantization} cannot be combined with DeepSpeed ZeRO-3 here; use ddp.yaml or fsdp.yaml for QLoRA")
+
+
 def quantization_config(args: ModelArgs):
     quantization = resolve_quantization(args.quantization)
     if quantization == "none":
         return None
+    check_quantization_supported(quantization)
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":

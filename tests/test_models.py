@@ -121,3 +121,9 @@ def test_embedded_default_from_the_wheel(tmp_path, monkeypatch):
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_4bit_with_zero3_is_a_contradiction(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit"))
