@@ -78,7 +78,7 @@ class EvalArgs:
     out: str | None = arg(None, "output directory; none = RUN/eval (outputs/base/eval for base)")
     max_prompts: int = arg(100, "use the first N prompts")
     max_new_tokens: int = arg(128, "longest reply, in tokens")
-    batch_size: int = arg(8, "prompts per generation or scoring batch")
+    batch_size: int = arg(16, "prompts per generation or scoring batch")
     modes: list[str] = arg(["greedy", "sample"], "sampling modes: greedy and/or sample (temperature, top_p, seed below)")
     temperature: float = arg(1.0, "sampling temperature of mode 'sample' (1 = the policy's own distribution)")
     top_p: float = arg(1.0, "nucleus sampling of mode 'sample' (1 = off; below 1 the KL estimate is biased)")
@@ -446,12 +446,12 @@ def generation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _verdict(reply: str, constraints: list[dict] | None) -> tuple[list[bool] | None, float | None, bool | None]:
+def _verdict(reply: str, constraints: list[dict] | None, where: str) -> tuple[list[bool] | None, float | None, bool | None]:
     if not constraints:
         return None, None, None
     from align.verifier import verify
 
-    verdict = verify(reply, constraints)
+    verdict = verify(reply, constraints, where)
     return [bool(p) for p in verdict.passed], float(verdict.score), bool(verdict.strict)
 
 
@@ -472,18 +472,19 @@ def _preference_rows(policy: Policy, cfg: EvalArgs, rm, log) -> list[dict[str, A
     rows = [{"pair_id": p.id if p.id is not None else str(i), "source": p.source} for i, p in enumerate(pairs)]
     if rm is not None:
         rm_model, rm_tokenizer = rm
-        chosen = score_texts_batched(rm_model, rm_tokenizer, prompts, [p.chosen for p in pairs], cfg.batch_size)
-        rejected = score_texts_batched(rm_model, rm_tokenizer, prompts, [p.rejected for p in pairs], cfg.batch_size)
+        chosen = _rm_scores(rm_model, rm_tokenizer, prompts, [p.chosen for p in pairs], cfg.batch_size)
+        rejected = _rm_scores(rm_model, rm_tokenizer, prompts, [p.rejected for p in pairs], cfg.batch_size)
         for row, c, r in zip(rows, chosen, rejected):
             row.update(rm_chosen=c, rm_rejected=r)
-    if policy.has_reference:
+    if policy.is_own_reference:
+        # log pi - log pi_ref is 0 for every reply; no forward pass needed to know that.
+        for row in rows:
+            row.update(implicit_chosen=0.0, implicit_rejected=0.0)
+    elif policy.has_reference:
         both = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         logps = reply_logps(policy.model, policy.tokenizer, prompts + prompts, both, cfg.batch_size)
-        if policy.is_own_reference:
-            ref_logps = logps
-        else:
-            with reference_of(policy) as reference:
-                ref_logps = reply_logps(reference, policy.tokenizer, prompts + prompts, both, cfg.batch_size)
+        with reference_of(policy) as reference:
+            ref_logps = reply_logps(reference, policy.tokenizer, prompts + prompts, both, cfg.batch_size)
         n = len(pairs)
         for i, row in enumerate(rows):
             lc, lr = logps[i][0], logps[n + i][0]
@@ -497,7 +498,7 @@ def _preference_rows(policy: Policy, cfg: EvalArgs, rm, log) -> list[dict[str, A
     return rows
 
 
-def score_texts_batched(model, tokenizer, prompts, replies, batch_size):
+def _rm_scores(model, tokenizer, prompts: list[list[Message]], replies: list[str], batch_size: int) -> list[float]:
     from align.reward_model import score_texts
 
     return [float(s) for s in score_texts(model, tokenizer, prompts, replies, batch_size=batch_size)]
@@ -571,6 +572,11 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
         dup = next(i for i in prompt_ids if prompt_ids.count(i) > 1)
         raise AlignError(f"{cfg.prompts}: prompt id {dup!r} appears twice; ids must be unique to match replies across runs")
     prompts = [r.prompt for r in records]
+    from align.verifier import check_constraints
+
+    for record in records:  # an unknown constraint fails here, not after the generation
+        if record.constraints:
+            check_constraints(record.constraints, f"{record.source}: field 'constraints'")
     log(f"{len(prompts)} prompts from {cfg.prompts}; modes {', '.join(cfg.modes)}; loading {run}")
 
     policy = load_policy(run, cfg)
@@ -590,9 +596,9 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for mode in cfg.modes:
         replies = [g.reply for g in generations[mode]]
-        rm_scores = score_texts_batched(rm[0], rm[1], prompts, replies, cfg.batch_size) if rm else [None] * len(replies)
+        rm_scores = _rm_scores(rm[0], rm[1], prompts, replies, cfg.batch_size) if rm else [None] * len(replies)
         for record, pid, gen, rm_score in zip(records, prompt_ids, generations[mode], rm_scores):
-            passed, score, strict = _verdict(gen.reply, record.constraints)
+            passed, score, strict = _verdict(gen.reply, record.constraints, f"{record.source}: field 'constraints'")
             tokens = words(gen.reply)
             rows.append({
                 "prompt_id": pid, "prompt": record.prompt, "constraints": record.constraints,
@@ -620,7 +626,7 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
         atomic_write_text(out / "ppl.jsonl", _jsonl(ppl_rows))
         metrics["perplexity"] = perplexity_summary(ppl_rows)
     summary = {
-        "run": run,
+        "run": str(Path(run).resolve()) if Path(run).exists() else run,
         "method": policy.method,
         "policy": {
             "kind": policy.kind, "path": policy.path,
@@ -630,7 +636,11 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
         "settings": settings_of(cfg, prompt_ids, prompts),
         "metrics": metrics,
         "files": files,
-        "timing": {"generate_s": round(generate_s, 2), "score_s": round(score_s, 2), "total_s": round(time.time() - t0, 2)},
+        "timing": {
+            "generate_s": round(generate_s, 2), "score_s": round(score_s, 2), "total_s": round(time.time() - t0, 2),
+            "generated_tokens": sum(r["length_tokens"] + r["eos"] for r in rows),
+            "torch_threads": torch.get_num_threads(),
+        },
         "peak_memory_mb": round(peak_memory_mb(), 1),
     }
     atomic_write_json(out / "summary.json", summary)

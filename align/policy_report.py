@@ -6,6 +6,7 @@ align.evaluation / eval/evaluate.py; this is the cheap subset a recipe can affor
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 from align.records import PreferencePair, PromptRecord
@@ -36,6 +37,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     model.eval()
     with _starting_model(model, adapter):
         if pairs:
+            print(f"[align] summary: log-probs of {len(pairs)} held-out pairs", file=sys.stderr, flush=True)
             prompts_p = [p.prompt for p in pairs]
             chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
             rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
@@ -44,10 +46,13 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
         if prompts:
             policy = Policy(model=model, tokenizer=tokenizer, kind="model", path="policy")
             cfg = EvalArgs(max_new_tokens=max_new_tokens, batch_size=batch_size, modes=["greedy"])
-            gens = generate(policy, [p.prompt for p in prompts], "greedy", cfg)
-            verdicts = [verify(g.reply, p.constraints or []) for g, p in zip(gens, prompts)]
-            out["verifier/score"] = sum(v.score for v in verdicts) / len(verdicts)
-            out["verifier/strict"] = sum(v.strict for v in verdicts) / len(verdicts)
+            label = "trained policy" if adapter else "starting model"
+            gens = generate(policy, [p.prompt for p in prompts], "greedy", cfg,
+                            log=lambda msg: print(f"[align] summary ({label}): {msg}", file=sys.stderr, flush=True))
+            verdicts = [verify(g.reply, p.constraints) for g, p in zip(gens, prompts) if p.constraints]
+            if verdicts:  # prompts without constraints have nothing to verify
+                out["verifier/score"] = sum(v.score for v in verdicts) / len(verdicts)
+                out["verifier/strict"] = sum(v.strict for v in verdicts) / len(verdicts)
             out["verifier/prompts"] = len(verdicts)
             out["gen/mean_length"] = sum(g.length_tokens for g in gens) / len(gens)
             out["gen/eos_rate"] = sum(g.eos for g in gens) / len(gens)

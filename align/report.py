@@ -61,12 +61,14 @@ LENGTH_RATIO = 1.5  # replies at least this many times longer than the baseline'
 REPETITION_RISE = 0.05  # repeated 4-gram share up by at least this much (absolute)
 EOS_DROP = 0.10  # EOS rate down by at least this much (absolute)
 
+# Training-curve panels, in this order where present (DPO via TRL, then our PPO); other numeric keys fill
+# the remaining panels.
 TRAINING_CURVE_KEYS = (
-    "train/loss", "loss", "rewards/margins", "rewards/accuracies", "objective/kl", "objective/scores",
-    "objective/rlhf_reward", "ppo/approx_kl", "eval/loss", "eval_loss",
+    "train/loss", "loss", "rewards/margins", "rewards/accuracies", "objective/scores", "objective/verifier",
+    "objective/kl", "objective/rlhf_reward", "rollout/response_length", "ppo/approx_kl", "eval/loss", "eval_loss",
 )
 NOT_CURVES = {"step", "time_s", "epoch", "tokens_seen", "learning_rate", "grad_norm", "total_flos"}
-MAX_CURVE_PANELS = 6
+MAX_CURVE_PANELS = 9
 
 
 @dataclass
@@ -163,13 +165,16 @@ def load_eval(path: str | Path, name: str | None = None) -> EvalResult:
     generations = read_jsonl(eval_dir / summary["files"]["generations"])
     prefs = read_jsonl(eval_dir / summary["files"]["preferences"]) if "preferences" in summary["files"] else None
     ppl = read_jsonl(eval_dir / summary["files"]["perplexity"]) if "perplexity" in summary["files"] else None
-    run_dir = eval_dir.parent if eval_dir.name == "eval" else None
+    # The run's own files (summary.json, metrics.jsonl): in the directory that was evaluated, wherever the
+    # evaluation was written; else the eval directory's parent.
+    evaluated = Path(str(summary.get("run", "")))
+    run_dir = evaluated if evaluated.is_absolute() and evaluated.is_dir() else (eval_dir.parent if eval_dir.name == "eval" else None)
     run_summary, train_metrics = {}, []
     if run_dir is not None and (run_dir / "summary.json").is_file():
         run_summary = _read_json(run_dir / "summary.json")
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
         train_metrics = read_jsonl(run_dir / "metrics.jsonl")
-    default_name = run_dir.name if run_dir is not None else eval_dir.name
+    default_name = run_dir.name if run_dir is not None else eval_dir.parent.name
     return EvalResult(name or default_name, eval_dir, summary, generations, prefs, ppl, run_dir, run_summary, train_metrics)
 
 
@@ -183,15 +188,15 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def unique_names(paths: list[str]) -> list[str]:
-    """Short display names: the directory name, with the parent prepended where two would clash."""
-    names = [Path("outputs/base").name if p == "base" else Path(p).resolve().name for p in paths]
+def unique_names(results: list[EvalResult]) -> list[str]:
+    """Short display names: each run directory's name, with its parent prepended where two would clash,
+    and a number where they still do."""
+    dirs = [(r.run_dir or r.eval_dir.parent).resolve() for r in results]
+    names = [d.name for d in dirs]
     if len(set(names)) < len(names):
-        names = [f"{Path(p).resolve().parent.name}/{n}" for p, n in zip(paths, names)]
-    for i, n in enumerate(names):
-        if names.count(n) > 1:
-            names[i] = f"{n}#{i + 1}"
-    return names
+        names = [f"{d.parent.name}/{d.name}" for d in dirs]
+    clashing = {n for n in names if names.count(n) > 1}
+    return [f"{n}#{i + 1}" if n in clashing else n for i, n in enumerate(names)]
 
 
 def check_comparable(results: list[EvalResult]) -> None:
@@ -322,7 +327,8 @@ def paired_delta(base_rows: list[dict[str, Any]], rows: list[dict[str, Any]], ke
 
 
 def hacking_warnings(baseline: EvalResult, run: EvalResult, mode: str, n_resamples: int = 1000, seed: int = 0) -> list[str]:
-    """Warnings that `run` may be hacking the reward model, against `baseline`, in one sampling mode.
+    """A warning (a list of none or one) that `run` may be hacking the reward model, against `baseline`,
+    in one sampling mode, naming every sign found.
 
     Fires when the reward-model score rises (the whole 95% CI of the paired difference above 0) while,
     also with 95% confidence: the verifier score falls; or replies are >= LENGTH_RATIO times longer; or
@@ -347,10 +353,11 @@ def hacking_warnings(baseline: EvalResult, run: EvalResult, mode: str, n_resampl
     eos = paired_delta(base_rows, rows, "eos", n_resamples, seed)
     if eos["n"] and eos["hi"] < 0 and eos["mean"] <= -EOS_DROP:
         reasons.append(f"the EOS rate falls from {eos['baseline_mean']:.2f} to {eos['run_mean']:.2f} (replies stop ending)")
+    if not reasons:
+        return []
     return [
         f"{run.name} ({mode}): possible reward hacking: the RM score rises over {baseline.name} by {rm['mean']:+.3f} "
-        f"(95% CI [{rm['lo']:+.3f}, {rm['hi']:+.3f}], {rm['n']} prompts) while {reason}"
-        for reason in reasons
+        f"(95% CI [{rm['lo']:+.3f}, {rm['hi']:+.3f}], {rm['n']} prompts) while " + "; and ".join(reasons)
     ]
 
 
@@ -620,7 +627,7 @@ def build_report(results: list[EvalResult], out_dir: str | Path, args: ReportArg
     }
     blocks: list[Any] = [
         Heading("Policy comparison: " + ", ".join(f"{r.name} ({r.method})" for r in results), 1),
-        Para(f"{len(results)} runs evaluated on the same {settings['n_prompts']} prompts from `{settings['prompts']}` "
+        Para(f"{len(results)} run{'s' if len(results) != 1 else ''} evaluated on the same {settings['n_prompts']} prompts from `{settings['prompts']}` "
              f"(fingerprint `{settings['prompts_sha256'][:12]}`), modes {', '.join(modes)}, at most "
              f"{settings['max_new_tokens']} new tokens; mode sample: temperature {settings['temperature']}, top-p "
              f"{settings['top_p']}, no top-k, seed {settings['seed']} (batch i seeded with seed + i, batch size "

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise AlignError(f"{run}: no such run directory")
             print(f"[compare] {run}: no evaluation yet; evaluating", file=sys.stderr, flush=True)
             evaluate(run, dataclasses.replace(settings, out=str(eval_dir_of(run))))
-    results = [load_eval(run, name) for run, name in zip(runs, unique_names(runs))]
+    results = [load_eval(run) for run in runs]
+    for result, name in zip(results, unique_names(results)):
+        result.name = name
     if cfg.checkpoints:
         for run, result in zip(runs, results):
             result.checkpoints = [(step, load_eval(d, f"{result.name}@{step}")) for step, d in checkpoint_dirs(Path(run))]

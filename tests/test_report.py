@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -58,8 +58,8 @@ def write_eval(run_dir: Path, rows: list[dict], *, method: str = "dpo", settings
     if ppl is not None:
         (eval_dir / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ppl))
         files["perplexity"] = "ppl.jsonl"
-    s = dict(SETTINGS, n_prompts=len({r["prompt_id"] for r in rows}), prompts_sha256="ab" * 32, **(settings or {}))
-    summary = {"run": str(run_dir), "method": method, "policy": {"kind": "adapter", "beta": 0.1}, "settings": s,
+    s = {**SETTINGS, "n_prompts": len({r["prompt_id"] for r in rows}), "prompts_sha256": "ab" * 32, **(settings or {})}
+    summary = {"run": str(run_dir.resolve()), "method": method, "policy": {"kind": "adapter", "beta": 0.1}, "settings": s,
                "metrics": {}, "files": files, "timing": {"total_s": 12.5}}
     (eval_dir / "summary.json").write_text(json.dumps(summary))
     if metrics is not None:
@@ -178,11 +178,14 @@ def test_hacking_warning_fires_on_a_constructed_case(tmp_path):
     sft = load_eval(realistic_run(tmp_path / "sft", seed=1, verifier_p=0.6, rm_mean=0.0, length_mean=60, method="sft"))
     hacked = load_eval(realistic_run(tmp_path / "ppo", seed=2, verifier_p=0.1, rm_mean=2.0, length_mean=125, rep=0.3,
                                      eos_p=0.3, method="ppo"))
-    warnings = hacking_warnings(sft, hacked, "greedy", n_resamples=500)
-    text = "\n".join(warnings)
-    assert len(warnings) == 4, text
-    assert "verifier score falls" in text and "longer" in text and "repeated 4-gram" in text and "EOS rate falls" in text
-    assert all(w.startswith("ppo (greedy): possible reward hacking: the RM score rises over sft") for w in warnings)
+    (warning,) = hacking_warnings(sft, hacked, "greedy", n_resamples=500)
+    assert re.match(r"ppo \(greedy\): possible reward hacking: the RM score rises over sft by \+[12]\.\d+ \(95% CI", warning)
+    for sign in ("verifier score falls", "x longer", "repeated 4-gram share rises", "EOS rate falls"):
+        assert sign in warning, warning
+    # Each sign alone is enough: only longer replies.
+    long_only = load_eval(realistic_run(tmp_path / "long", seed=2, verifier_p=0.6, rm_mean=2.0, length_mean=125))
+    (warning,) = hacking_warnings(sft, long_only, "greedy", n_resamples=500)
+    assert "longer" in warning and "verifier" not in warning and "EOS" not in warning and "4-gram" not in warning
 
 
 def test_hacking_warning_quiet_on_a_clean_improvement(tmp_path):
@@ -262,12 +265,66 @@ def test_runs_evaluated_differently_are_refused(tmp_path):
         build_report([a, d], tmp_path / "out")
 
 
-def test_compare_cli_refuses_with_one_clear_line(tmp_path):
+def test_compare_cli_refuses_with_one_clear_line(tmp_path, capsys):
+    import importlib.util
+
     rows = [gen_row("p0", "greedy", verifier=1.0, rm=0.0, length=3)]
     write_eval(tmp_path / "a", rows)
     write_eval(tmp_path / "b", rows, settings={"max_new_tokens": 64})
-    proc = subprocess.run([sys.executable, str(REPO / "eval" / "compare.py"), str(tmp_path / "a"), str(tmp_path / "b"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: runs evaluated differently") and "max_new_tokens" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    spec = importlib.util.spec_from_file_location("_compare_script", REPO / "eval" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compare  # dataclasses look their module up there
+    spec.loader.exec_module(compare)
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs evaluated differently") and "'max_new_tokens' is 128" in err and "64" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoints_give_one_reward_vs_kl_point_each(tmp_path, capsys):
+    import importlib.util
+
+    run = realistic_run(tmp_path / "ppo", seed=5, verifier_p=0.5, rm_mean=1.0, length_mean=60, kl=6.0, method="ppo")
+    for step, kl in ((10, 1.0), (20, 3.0)):
+        realistic_run(run / f"checkpoint-{step}", seed=step, verifier_p=0.5, rm_mean=0.1 * step, length_mean=60, kl=kl)
+    (run / "checkpoint-x").mkdir()  # not a checkpoint name: ignored
+    realistic_run(tmp_path / "sft", seed=1, verifier_p=0.5, rm_mean=0.0, length_mean=60, method="sft")
+    spec = importlib.util.spec_from_file_location("_compare_script_ckpt", REPO / "eval" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compare
+    spec.loader.exec_module(compare)
+    compare.main([str(tmp_path / "sft"), str(run), "--checkpoints", "--out", str(tmp_path / "out"), "--n_bootstrap", "100"])
+    report = json.loads((tmp_path / "out" / "summary.json").read_text())
+    points = [(p["run"], p["step"]) for p in report["reward_vs_kl"]]
+    assert points == [("sft", None), ("ppo", 10), ("ppo", 20), ("ppo", None)]
+    kls = [p["kl_k1"]["mean"] for p in report["reward_vs_kl"]]
+    assert kls[1] < kls[2] < kls[3]
+    assert str(run / "checkpoint-10" / "eval" / "generations.jsonl") in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_display_names(tmp_path):
+    from align.report import unique_names
+
+    for d in ("a/sft", "b/sft", "c/dpo"):
+        write_eval(tmp_path / d, [gen_row("p0", "greedy", verifier=1.0, rm=0.0, length=3)])
+
+    def names(*paths):
+        return unique_names([load_eval(tmp_path / p) for p in paths])
+
+    assert names("c/dpo", "c/dpo/eval") == ["c/dpo#1", "c/dpo#2"]
+    assert names("a/sft", "b/sft/eval") == ["a/sft", "b/sft"]
+    assert names("a/sft", "c/dpo") == ["sft", "dpo"]
+
+
+def test_run_files_are_found_where_the_evaluated_run_is(tmp_path):
+    """An evaluation written outside its run (--out elsewhere) still finds the run's metrics and cost."""
+    realistic_run(tmp_path / "runs" / "dpo", seed=1, verifier_p=0.5, rm_mean=0.0, length_mean=60)
+    (tmp_path / "runs" / "dpo" / "eval").rename(tmp_path / "elsewhere")
+    summary = json.loads((tmp_path / "elsewhere" / "summary.json").read_text())
+    summary["run"] = str(tmp_path / "runs" / "dpo")
+    (tmp_path / "elsewhere" / "summary.json").write_text(json.dumps(summary))
+    result = load_eval(tmp_path / "elsewhere")
+    assert result.run_dir == tmp_path / "runs" / "dpo" and result.name == "dpo"
+    assert len(result.train_metrics) == 40 and result.run_summary["wall_time_s"] == 61.0
