@@ -25,7 +25,13 @@ its check copies IFEval's published counting rules, quirks included; each type n
 - bullets: lines starting (after spaces) with `*` not followed by another `*`, plus lines starting with
   `-`; IFEval counts both kinds.
 - highlighted sections: `*text*` or `**text**` on one line with non-blank text; "at least N".
-- sections: the number of `SECTION 1`, `SECTION 2`, ... markers (case sensitive); "at least N".
+- sections: the number of `SECTION 1`, `SECTION 2`, ... markers (case sensitive; IFEval lets a prompt
+  pick "Section" or "SECTION", here it is always "SECTION"); "at least N".
+- case: `str.islower()` / `str.isupper()`: every cased character in that case and at least one cased
+  character (so an empty reply or "123" fails both).
+- JSON: the whole reply parses with `json.loads` (any JSON value) after stripping an opening ```json
+  (or ```) fence and a closing ``` fence.
+- title: some `<<...>>` on one line with non-blank text inside.
 - placeholders: `[...]` on one line (including `[]`); "at least N".
 - keywords: `include_keywords` and `keyword_frequency` match case-insensitive substrings (IFEval uses
   `re.search(keyword)`), `forbidden_words` matches case-insensitive whole words (IFEval's `\\b...\\b`).
@@ -63,8 +69,8 @@ def count_words(text: str) -> int:
 
 # Abbreviations whose final dot does not end a sentence (compared lower-cased, without the dot).
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt vs etc inc ltd co corp jan feb mar apr jun jul aug sep sept oct nov dec "
-    "e.g i.e a.m p.m u.s u.k ph.d no fig approx dept est misc".split()
+    "mr mrs ms dr prof sr jr st mt vs inc ltd corp jan feb mar apr jun jul aug sep sept oct nov dec "
+    "e.g i.e a.m p.m u.s u.k ph.d fig approx dept".split()
 )
 # A candidate sentence end: a run of terminators, then any closing quotes or brackets.
 _END_RE = re.compile(r"(?:[.!?\u2026\u3002\uff01\uff1f]+)[\"'\u201d\u2019)\]]*")
@@ -77,8 +83,9 @@ def split_sentences(text: str) -> list[str]:
     A sentence ends at a run of `.`, `!`, `?`, `…` (or the CJK `。！？`), plus any closing quotes or
     brackets, that is followed by whitespace or the end of the text. A run of terminators ends one
     sentence ("Wait!!" and "Well..." are one sentence each). A single `.` does not end a sentence when the
-    word it closes is a listed abbreviation ("Dr.", "e.g.", "etc."), a single letter (an initial, "J.") or
-    a number ("1." in a numbered list), since then the dot is part of that token. A dot not followed by
+    word it closes is a listed abbreviation ("Dr.", "e.g.", "p.m."; see `_ABBREVIATIONS`), a single letter
+    other than "I" (an initial, "J.") or a number ("1." in a numbered list), since then the dot is part of
+    that token; words that often end a sentence ("etc.", "no.") are not listed. A dot not followed by
     whitespace never ends a sentence ("3.14", "example.com"). Line breaks count as spaces, as in IFEval,
     so a bulleted list without full stops is one sentence. Text after the last terminator is one more
     sentence if it has a word character; pieces without any word character (a lone "*") are not
@@ -94,8 +101,10 @@ def split_sentences(text: str) -> list[str]:
         run = match.group(0)
         if run.rstrip("\"'\u201d\u2019)]") == ".":
             before = _TOKEN_BEFORE_RE.search(text, 0, match.start())
-            word = before.group(1).lstrip("(\"'\u201c\u2018*[").lower() if before else ""
-            if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()) or word.isdigit():
+            token = before.group(1).lstrip("(\"'\u201c\u2018*[") if before else ""
+            word = token.lower()
+            initial = len(token) == 1 and token.isalpha() and token != "I"  # "J." is an initial, "I." a pronoun
+            if word in _ABBREVIATIONS or initial or word.isdigit():
                 continue
         piece = text[start:end].strip()
         if _WORD_RE.search(piece):
@@ -258,8 +267,9 @@ class ConstraintType:
 
 def _rel_words(relation: str, n: int, unit: str) -> tuple[str, str]:
     """('fewer than 50 words', 'at least 50 words')-style fragments."""
-    return (f"fewer than {n} {unit}", f"less than {n} {unit}") if relation == "less than" else (
-        f"at least {n} {unit}", f"no fewer than {n} {unit}")
+    counted = _n(n, unit)
+    return (f"fewer than {counted}", f"less than {counted}") if relation == "less than" else (
+        f"at least {counted}", f"no fewer than {counted}")
 
 
 def _quoted_list(words: Sequence[str]) -> str:
@@ -268,20 +278,25 @@ def _quoted_list(words: Sequence[str]) -> str:
 
 
 def _times(n: int) -> str:
-    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+    return {0: "zero times", 1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def _n(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 section', '2 sections'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
 
 def _phrase_words(relation: str, num_words: int) -> list[str]:
-    a, b = _rel_words(relation, num_words, "words")
+    a, b = _rel_words(relation, num_words, "word")
     if relation == "less than":
-        return [f"Answer in {a}.", f"Keep your response under {num_words} words.",
+        return [f"Answer in {a}.", f"Keep your response under {_n(num_words, 'word')}.",
                 f"Your reply must be {b} long.", f"Please use {a} in total."]
     return [f"Answer in {a}.", f"Your response should be {b} long.",
             f"Write {a}.", f"Make sure the reply contains {a}."]
 
 
 def _phrase_sentences(relation: str, num_sentences: int) -> list[str]:
-    a, b = _rel_words(relation, num_sentences, "sentences")
+    a, b = _rel_words(relation, num_sentences, "sentence")
     if relation == "less than":
         return [f"Your response should contain {a}.", f"Use {b}.",
                 f"Keep it to {a}.", f"Answer in {a}."]
@@ -291,26 +306,26 @@ def _phrase_sentences(relation: str, num_sentences: int) -> list[str]:
 
 def _phrase_paragraphs(num_paragraphs: int) -> list[str]:
     n = num_paragraphs
-    return [f"There should be exactly {n} paragraphs, separated by the markdown divider ***.",
-            f"Write exactly {n} paragraphs and put *** on its own line between paragraphs.",
-            f"Split your answer into {n} paragraphs separated by ***.",
-            f"Your reply must have {n} paragraphs; separate them with ***."]
+    return [f"There should be exactly {_n(n, 'paragraph')}, separated by the markdown divider ***.",
+            f"Write exactly {_n(n, 'paragraph')} and put *** on its own line between paragraphs.",
+            f"Split your answer into {_n(n, 'paragraph')} separated by ***.",
+            f"Your reply must have {_n(n, 'paragraph')}; separate them with ***."]
 
 
 def _phrase_bullets(num_bullets: int) -> list[str]:
     n = num_bullets
-    return [f"Your answer must contain exactly {n} bullet points in markdown, like:\n* This is a point.",
-            f"Format your reply as exactly {n} markdown bullet points starting with \"* \".",
-            f"Use exactly {n} bullet points (lines beginning with \"* \").",
-            f"Give your answer as a list of exactly {n} bullets, each starting with an asterisk."]
+    return [f"Your answer must contain exactly {_n(n, 'bullet point')} in markdown, like:\n* This is a point.",
+            f"Format your reply as exactly {_n(n, 'markdown bullet point')} starting with \"* \".",
+            f"Use exactly {_n(n, 'bullet point')} (lines beginning with \"* \").",
+            f"Give your answer as a list of exactly {_n(n, 'bullet')}, with an asterisk at the start of each."]
 
 
 def _phrase_sections(num_sections: int) -> list[str]:
     n = num_sections
-    return [f"Your response must have {n} sections. Mark the beginning of each section with SECTION X, such as: SECTION 1.",
-            f"Organize the answer into {n} parts labeled SECTION 1, SECTION 2 and so on.",
-            f"Divide your reply into {n} sections, each starting with \"SECTION\" and its number.",
-            f"Use {n} sections, headed SECTION 1 to SECTION {n}."]
+    return [f"Your response must have {_n(n, 'section')}. Mark the beginning of each section with SECTION X, such as: SECTION 1.",
+            f"Organize the answer into {_n(n, 'part')} labeled SECTION 1, SECTION 2 and so on.",
+            f"Divide your reply into {_n(n, 'section')}, each starting with \"SECTION\" and its number.",
+            f"Use {_n(n, 'section')}, headed SECTION 1 to SECTION {n}."]
 
 
 TYPES: dict[str, ConstraintType] = {}
@@ -358,7 +373,7 @@ _register(ConstraintType(
 ))
 _register(ConstraintType(
     "num_paragraphs", "length", "length_constraints:number_paragraphs",
-    {"num_paragraphs": IntArg(1, 20)},
+    {"num_paragraphs": IntArg(2, 20)},
     lambda r, num_paragraphs: count_paragraphs(r) == num_paragraphs,
     _phrase_paragraphs,
 ))
@@ -371,12 +386,8 @@ _register(ConstraintType(
 
 
 def _is_json(response: str) -> bool:
-    value = response.strip()
-    for prefix in ("```json", "```Json", "```JSON", "```"):
-        if value.startswith(prefix):
-            value = value[len(prefix):]
-            break
-    value = value.removesuffix("```").strip()
+    value = (response.strip().removeprefix("```json").removeprefix("```Json").removeprefix("```JSON")
+             .removeprefix("```").removesuffix("```").strip())  # IFEval's exact sequence
     try:
         json.loads(value)
     except ValueError:
@@ -405,14 +416,14 @@ _register(ConstraintType(
     {"num_highlights": IntArg(1, 20)},
     lambda r, num_highlights: count_highlights(r) >= num_highlights,
     lambda num_highlights: [
-        f"Highlight at least {num_highlights} sections in your answer with markdown, i.e. *highlighted section*.",
-        f"Use markdown to highlight at least {num_highlights} parts of the reply, like *this*.",
-        f"Mark at least {num_highlights} key phrases with single asterisks, e.g. *important*.",
-        f"Emphasize at least {num_highlights} sections by wrapping them in asterisks."],
+        f"Highlight at least {_n(num_highlights, 'section')} in your answer with markdown, i.e. *highlighted section*.",
+        f"Use markdown to highlight at least {_n(num_highlights, 'part')} of the reply, like *this*.",
+        f"Mark at least {_n(num_highlights, 'key phrase')} with single asterisks, e.g. *important*.",
+        f"Emphasize at least {_n(num_highlights, 'section')} by wrapping {'it' if num_highlights == 1 else 'them'} in asterisks."],
 ))
 _register(ConstraintType(
     "num_sections", "format", "detectable_format:multiple_sections",
-    {"num_sections": IntArg(1, 20)},
+    {"num_sections": IntArg(2, 20)},
     lambda r, num_sections: len(re.split(r"\s?SECTION\s?\d+\s?", r)) - 1 >= num_sections,
     _phrase_sections,
 ))
@@ -421,10 +432,10 @@ _register(ConstraintType(
     {"num_placeholders": IntArg(1, 20)},
     lambda r, num_placeholders: count_placeholders(r) >= num_placeholders,
     lambda num_placeholders: [
-        f"The response must contain at least {num_placeholders} placeholders represented by square brackets, such as [address].",
-        f"Include at least {num_placeholders} placeholders in square brackets, like [name].",
-        f"Leave at least {num_placeholders} blanks for the reader to fill in, written as [placeholder].",
-        f"Use at least {num_placeholders} bracketed placeholders such as [date]."],
+        f"The response must contain at least {_n(num_placeholders, 'placeholder')} represented by square brackets, such as [address].",
+        f"Include at least {_n(num_placeholders, 'placeholder')} in square brackets, like [name].",
+        f"Leave at least {_n(num_placeholders, 'blank')} for the reader to fill in, written as [placeholder].",
+        f"Use at least {_n(num_placeholders, 'bracketed placeholder')} such as [date]."],
 ))
 _register(ConstraintType(
     "include_keywords", "keywords", "keywords:existence",
@@ -432,9 +443,9 @@ _register(ConstraintType(
     lambda r, keywords: all(re.search(re.escape(k), r, flags=re.IGNORECASE) for k in keywords),
     lambda keywords: [
         f"Include the keywords {_quoted_list(keywords)} in the response.",
-        f"Make sure to use the words {_quoted_list(keywords)}.",
+        f"Make sure to use the {'word' if len(keywords) == 1 else 'words'} {_quoted_list(keywords)}.",
         f"Your reply must mention {_quoted_list(keywords)}.",
-        f"Work the following words into your answer: {_quoted_list(keywords)}."],
+        f"Work {'this word' if len(keywords) == 1 else 'these words'} into your answer: {_quoted_list(keywords)}."],
 ))
 _register(ConstraintType(
     "forbidden_words", "keywords", "keywords:forbidden_words",
@@ -443,8 +454,8 @@ _register(ConstraintType(
         re.search(r"\b" + re.escape(w) + r"\b", r, flags=re.IGNORECASE) for w in forbidden_words),
     lambda forbidden_words: [
         f"Do not include the keywords {_quoted_list(forbidden_words)} in the response.",
-        f"Avoid the words {_quoted_list(forbidden_words)}.",
-        f"Never use the words {_quoted_list(forbidden_words)} in your reply.",
+        f"Avoid the {'word' if len(forbidden_words) == 1 else 'words'} {_quoted_list(forbidden_words)}.",
+        f"Never use {'the word' if len(forbidden_words) == 1 else 'the words'} {_quoted_list(forbidden_words)} in your reply.",
         f"Write your answer without using {_quoted_list(forbidden_words)}."],
 ))
 _register(ConstraintType(
@@ -455,7 +466,7 @@ _register(ConstraintType(
     lambda keyword, relation, frequency: (
         [f'In your response, the word "{keyword}" should appear less than {frequency} times.',
          f'Use the word "{keyword}" fewer than {frequency} times.',
-         f'Do not repeat "{keyword}": it may appear at most {frequency - 1} times.']
+         f'Do not overuse "{keyword}": it may appear at most {_times(frequency - 1)}.']
         if relation == "less than" else
         [f'In your response, the word "{keyword}" should appear at least {frequency} times.',
          f'Use the word "{keyword}" at least {_times(frequency)}.',
@@ -470,7 +481,7 @@ _register(ConstraintType(
     lambda letter, relation, frequency: (
         [f'In your response, the letter "{letter}" should appear less than {frequency} times.',
          f'Use the letter "{letter}" fewer than {frequency} times.',
-         f'The letter "{letter}" may appear at most {frequency - 1} times in your reply.']
+         f'The letter "{letter}" may appear at most {_times(frequency - 1)} in your reply.']
         if relation == "less than" else
         [f'In your response, the letter "{letter}" should appear at least {frequency} times.',
          f'Use the letter "{letter}" at least {_times(frequency)}.',
