@@ -41,6 +41,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"list[{_type_name(get_args(tp)[0])}]"
+    if tp is type(None):
+        return "none"
     return getattr(tp, "__name__", str(tp))
 
 

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from align.config import arg
 from align.errors import AlignError
-from align.io import append_jsonl, atomic_write_json
+from align.io import append_jsonl, atomic_write_json, atomic_write_text
 
 MARKER = "align_complete.json"
 
@@ -122,11 +122,26 @@ def trainer_kwargs(cfg: Any) -> dict[str, Any]:
 
 
 class MetricsFile(TrainerCallback):
-    """Every log record as one JSON line in output_dir/metrics.jsonl (main process only)."""
+    """Every log record as one JSON line in output_dir/metrics.jsonl (main process only).
+
+    One record per step across kills and --resume: when training starts, records past the step it starts from
+    are dropped (a killed run's steps after its checkpoint, which the resumed run redoes; on a fresh start, an
+    earlier run's records). `train/train_loss` is the whole run's mean (see `run_train_loss`).
+    """
 
     def __init__(self, output_dir: str):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.start = time.time()
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _kept_on_restart(line, state.global_step)]
+        if len(kept) < len(lines):
+            atomic_write_text(self.path, "".join(kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -134,8 +149,38 @@ class MetricsFile(TrainerCallback):
         record = {"step": state.global_step, "time_s": round(time.time() - self.start, 3)}
         # namespaced keys: "loss" -> "train/loss"; TRL's own "rewards/margins" etc. stay as they are
         record.update({(k if "/" in k else f"train/{k}"): v for k, v in logs.items() if isinstance(v, (int, float))})
+        if isinstance(logs.get("train_loss"), float):
+            record["train/train_loss"] = run_train_loss(state.log_history, logs["train_loss"], self.first_step, state.global_step)
         record["tokens_seen"] = state.num_input_tokens_seen
         append_jsonl(self.path, record)
+
+
+def _kept_on_restart(line: str, step: int) -> bool:
+    """Whether a metrics line stays when training (re)starts at `step`: a whole line, logged at or before that
+    step, and not the end-of-call summary (with train_loss) of an earlier, interrupted call."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # cut short by a kill
+        return False
+    return line.endswith("\n") and record.get("step", math.inf) <= step and "train/train_loss" not in record
+
+
+def run_train_loss(log_history: list[dict], call_loss: float, first_step: int, global_step: int) -> float:
+    """Mean training loss over the whole run, from HF's `train_loss` of the last train() call.
+
+    HF averages only the steps that call ran (first_step+1 .. global_step), so after --resume its number would
+    differ from the same run uninterrupted; the losses logged before first_step (restored with the checkpoint's
+    log history) are added back. Steps never logged (between the last log and a checkpoint) cannot be counted.
+    """
+    if first_step == 0:
+        return call_loss
+    earlier, logged = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= first_step:
+            earlier += entry["loss"] * (entry["step"] - logged)
+            logged = entry["step"]
+    steps_now = global_step - first_step
+    return (earlier + call_loss * steps_now) / max(logged + steps_now, 1)
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -196,6 +241,10 @@ class FiniteLossMixin:
     """Mixed into a TRL trainer: a non-finite loss stops the run at the step it appears (before backward)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rank = os.environ.get("RANK", "0")
+        if os.environ.get("ALIGN_FAIL_ON_RANK") == rank and self.state.global_step == 1 and model.training:
+            # fault injection for tests: one rank dies mid-run, after a step all ranks completed together
+            raise RuntimeError(f"rank {rank}: injected failure at step 2 (ALIGN_FAIL_ON_RANK)")
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = out[0] if return_outputs else out
         if os.environ.get("ALIGN_INJECT_NAN_AT_STEP") == str(self.state.global_step + 1) and model.training:
@@ -232,9 +281,15 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 def resume_checkpoint(cfg: Any) -> str | None:
     """What to pass as resume_from_checkpoint, and an error when --resume has nothing to resume."""
     if not cfg.resume:
-        existing = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if (p / MARKER).is_file()]
-        if existing:
-            print(f"[align] {cfg.output_dir} holds checkpoints from an earlier run; starting over (use --resume to continue)", file=sys.stderr)
+        # Starting over removes an earlier run's checkpoints (as recipes/ppo.py does): left in place, HF's rotation
+        # (save_total_limit) would delete this run's lower-numbered checkpoints as the oldest, and a later --resume
+        # would continue the earlier run from its last one.
+        existing = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        if existing and is_main_process():
+            print(f"[align] {cfg.output_dir} holds checkpoints of an earlier run; starting over and removing them "
+                  "(use --resume to continue it instead)", file=sys.stderr)
+            for old in existing:
+                shutil.rmtree(old, ignore_errors=True)
         return None
     ckpt = last_complete_checkpoint(cfg.output_dir)
     if ckpt is None:
@@ -263,6 +318,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """Processes in this run (set by accelerate launch / torchrun; 1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 # ------------------------------------------------------------------------------------------ recipe steps
 
 
@@ -270,6 +330,15 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
     """Hardware defaults, a writable output dir (checked now, not after an hour), resolved config saved."""
     from align.io import check_writable, write_run_info
 
+    if cfg.save_total_limit < 2:
+        # HF deletes the older checkpoint before the new one is marked complete: keep two so a kill in between
+        # still leaves one that --resume trusts.
+        from align.errors import ConfigError
+
+        raise ConfigError(f"config: save_total_limit: expected at least 2, got {cfg.save_total_limit}")
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # before the model is built: LoRA initialisation follows --seed
     notes = apply_hardware_defaults(cfg, cpu_max_steps)
     check_writable(cfg.output_dir, cfg.min_free_gb)
     if is_main_process():
@@ -295,6 +364,34 @@ def load_records(cfg: Any, kind: str, tokenizer: Any) -> tuple[list, list]:
     return train, held_out
 
 
+def shared_dataset(records: list, output_dir: str | Path, name: str = "train") -> Any:
+    """`to_hf_dataset(records)`, read by every process from the same files when there are several.
+
+    TRL's DPOTrainer caches the precomputed reference log-probs next to the dataset's files: rank 0 writes the
+    cache, the other ranks read it. An in-memory dataset has no files, so each process looks in a temporary
+    directory of its own and rank 1 fails with FileNotFoundError (trl 1.16). So the main process writes the
+    records to output_dir/datasets/<name> and every process loads them from there. One process: in memory.
+    """
+    from accelerate import PartialState
+
+    from align.data import to_hf_dataset
+
+    dataset = to_hf_dataset(records)
+    state = PartialState(cpu=not on_gpu())  # without cpu=True, accelerate sees one process on a CPU-only machine
+    if state.num_processes == 1:
+        return dataset
+    from datasets import load_from_disk
+
+    from align.io import atomic_dir
+
+    path = Path(output_dir) / "datasets" / name
+    with state.main_process_first():
+        if state.is_main_process:
+            with atomic_dir(path) as tmp:
+                dataset.save_to_disk(str(tmp))
+    return load_from_disk(str(path))
+
+
 def save_adapter(model: Any, tokenizer: Any, directory: str | Path) -> None:
     """Save the trained adapter (or full model) and tokenizer atomically (main process only)."""
     from align.io import atomic_dir
@@ -307,15 +404,31 @@ def save_adapter(model: Any, tokenizer: Any, directory: str | Path) -> None:
 
 
 def train(trainer: Any, cfg: Any) -> Any:
-    """trainer.train() with --resume from the last complete checkpoint."""
+    """trainer.train() with --resume from the last complete checkpoint; training_loss is the whole run's mean."""
+    checkpoint = resume_checkpoint(cfg)
+    if checkpoint:
+        _restore_token_count(trainer, checkpoint)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:
         raise AlignError(out_of_memory_advice(cfg)) from None
     if any(isinstance(cb, StopOnSignal) and cb.received for cb in trainer.callback_handler.callbacks):
         print("[align] stopped by signal after saving a checkpoint; rerun with --resume to continue", file=sys.stderr)
         sys.exit(128 + 15)
-    return result
+    first_step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+    run_loss = run_train_loss(trainer.state.log_history, result.training_loss, first_step, trainer.state.global_step)
+    return result._replace(training_loss=run_loss)
+
+
+def _restore_token_count(trainer: Any, checkpoint: str) -> None:
+    """TRL's SFT, reward and DPO trainers count the logged `num_tokens` in the trainer object, which a checkpoint
+    does not hold (trl 1.16): after --resume it would restart from 0. Continue from the checkpoint's last log."""
+    if not hasattr(trainer, "_total_train_tokens"):
+        return
+    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+    counts = [entry["num_tokens"] for entry in history if "num_tokens" in entry]
+    if counts:
+        trainer._total_train_tokens = int(counts[-1])
 
 
 def out_of_memory_advice(cfg: Any) -> str:

@@ -7,24 +7,28 @@
 The reference is the policy's base with the adapter disabled: the plain base model, or the SFT model when
 model_name_or_path points at outputs/sft/merged (the SFT adapter merged in, so "adapter disabled" is the
 frozen SFT policy). Reference log-probs are computed once before training (precompute_ref_log_probs).
+The trainer is TRL's DPOTrainer with the faster log-probs of align/dpo_fast.py (prompt run once per pair,
+LM head only on completion tokens; same loss, see tests/test_dpo_fast.py); --fast_logprobs false is stock TRL.
 
 Writes output_dir/adapter, config.yaml, run_info.json, metrics.jsonl (train/loss, rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, ...), tensorboard/ and summary.json with held-out
 preference accuracy and the verifier's score of the trained policy against the starting model.
 """
 
+import sys
 import time
 from dataclasses import dataclass
 
 from align.config import arg, parse_config
-from align.data import DataArgs, load_prompts, to_hf_dataset
+from align.data import DataArgs, load_prompts
+from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os, set_cpu_threads
 from align.errors import cli_main
 from align.models import ModelArgs, load_model
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
 
 
 @dataclass
-class DPOArgs(RunArgs, ModelArgs, DataArgs):
+class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     output_dir: str = arg("outputs/dpo", "where the adapter, checkpoints, metrics and summary go")
     learning_rate: float = arg(1e-4, "peak learning rate (LoRA)")
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL penalty towards the reference")
@@ -32,8 +36,9 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs):
     label_smoothing: float = arg(0.0, "assumed share of flipped labels (robust / cDPO losses)")
     precompute_ref_log_probs: bool = arg(True, "reference log-probs once before training instead of every step")
     max_length: int = arg(384, "maximum tokens of prompt + reply")
-    summary_prompts: int = arg(48, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
-    summary_max_new_tokens: int = arg(128, "longest reply generated for the summary")
+    gradient_checkpointing: bool = arg(True, "recompute activations in backward (TRL's default too): ~1/3 more compute, a fraction of the memory")
+    summary_prompts: int = arg(32, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
+    summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:
         DataArgs.validate(self)
@@ -50,35 +55,19 @@ def main() -> None:
     cfg = parse_config(DPOArgs)
     start_run(cfg, "dpo", cpu_max_steps=40)
     if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run reads only the rows it trains on
-        cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
     started = time.time()
 
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the LoRA initialisation, seeded as TRL seeds it for a model it loads itself
     model, tokenizer = load_model(cfg)
     train_pairs, eval_pairs = load_records(cfg, "prefs", tokenizer)
     prompts = load_prompts("ifprefs:eval", max_rows=cfg.summary_prompts) if cfg.summary_prompts else []
     before = policy_report(model, tokenizer, eval_pairs, prompts, cfg, adapter=False)
 
-    from trl import DPOConfig, DPOTrainer
-
-    class Trainer(FiniteLossMixin, DPOTrainer):
-        pass
-
-    args = DPOConfig(
-        **trainer_kwargs(cfg),
-        beta=cfg.beta,
-        loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing,
-        max_length=cfg.max_length,
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        eval_strategy="no",
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=to_hf_dataset(train_pairs),
-        processing_class=tokenizer,
-        callbacks=guard_callbacks(cfg.output_dir),
-    )
+    train_dataset = shared_dataset(train_pairs, cfg.output_dir)  # one copy for all ranks: TRL caches ref log-probs beside it
+    trainer = build_trainer(cfg, model, tokenizer, train_dataset, guard_callbacks(cfg.output_dir))
     result = train(trainer, cfg)
     train_time = time.time() - started
     save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
@@ -96,6 +85,30 @@ def main() -> None:
             "wall_time_s": round(time.time() - started, 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
+
+
+def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
+    """The DPO trainer of this recipe (`python -m align.bench --stage dpo` times this same function)."""
+    from trl import DPOConfig
+
+    notes = [set_cpu_threads(cfg.cpu_threads)] + ([return_freed_memory_to_os()] if cfg.return_freed_memory else [])
+    if is_main_process():
+        print(f"[align] dpo: {'; '.join(notes)}", file=sys.stderr, flush=True)
+
+    class Trainer(FiniteLossMixin, FastDPOTrainer):
+        pass
+
+    args = DPOConfig(
+        **trainer_kwargs(cfg),
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        eval_strategy="no",
+    )
+    return Trainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
+                   fast=cfg.fast_logprobs, share_prompt=cfg.share_prompt, chunk_size=cfg.logprob_chunk_size)
 
 
 def policy_report(model, tokenizer, pairs, prompts, cfg: DPOArgs, adapter: bool) -> dict:

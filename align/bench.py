@@ -1,0 +1,884 @@
+"""Benchmark a training stage: wall time, tokens per second, peak memory and MFU, per step and per phase.
+
+    python -m align.bench --stage dpo --steps 8                                   # the DPO recipe alone
+    python -m align.bench --stage dpo --compare trl-baseline,align --steps 8 --repeats 2
+    python -m align.bench --stage dpo --compare align,align:share_prompt=false:fast_logprobs=false
+    python -m align.bench --stage sft --compare trl-baseline,align               # also: reward
+
+Each run of an arm is a fresh subprocess (`python -m align.bench --child SPEC`), so peak memory never
+mixes; arms alternate (A B A B ...) so that load from other processes hits them alike. Arms:
+
+- `trl-baseline`: the stage's script from TRL's documentation with TRL's defaults (the model passed by
+  name, `peft_config=LoraConfig(...)`, `DPOConfig`/`SFTConfig`/`RewardConfig` defaults: no precomputed
+  reference log-probs, gradient checkpointing on, TRL's fused LM head). What it shares with `align` so
+  that the two train the same thing: model, data rows and order, seed, LoRA (r, alpha, dropout, all
+  linear), learning rate and schedule, batch size, max_length, steps. One departure: on a CPU without
+  native bf16, `bf16=False` (TRL's default would emulate bf16, several times slower).
+- `align`: the recipe (`recipes/<stage>.py`) with its defaults; `align:field=value:...` overrides fields
+  of the recipe's config (ablations of the DPO levers in align/dpo_fast.py).
+
+Measured, per step: wall time (end of one optimizer step to the end of the next, data loading
+included), tokens, tokens/s, peak memory, loss. Per phase (load, init, precompute_ref, train): time and
+peak memory. Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
+/proc/self/clear_refs) over the resident set size after imports; on CUDA it is
+torch.cuda.max_memory_allocated.
+
+Tokens are the non-padding tokens of the sequences the stage trains on, counted the same for every arm
+from TRL's collated batch: for DPO each pair counts prompt + chosen plus prompt + rejected (the prompt
+twice, even where align runs it once). MFU is model FLOPs per second over a float matmul peak measured
+in the same invocation on the same device (best of several square matmuls). Model FLOPs per token
+(see `stage_flops`): 6N for a trained token of full fine-tuning, 4N with LoRA (forward 2N, backward to
+the activations 2N, no weight gradient for the frozen base), 2N for a forward-only token (reference or
+reward-model scoring). N counts the parameters that take part in matmuls (`matmul_params`); attention's
+sequence-squared FLOPs are left out, as in Kaplan et al. (2020); recomputation (gradient checkpointing)
+is not counted as model FLOPs.
+
+PPO (`--stage ppo --compare dpo-align,align`): `align` is the PPO engine (align/ppo.py) with the PPO
+recipe's defaults, the built-in verifier as the reward, on the same base; `dpo-align` is the DPO recipe on
+that base, run for its peak memory. A PPO "step" is one update; its phases are timed and measured apart:
+generate (2N per prompt and sampled token, with a KV cache), score (policy, reference and critic
+forwards: 3 x 2N per token; the verifier costs no FLOPs) and update (ppo_epochs x (policy + critic) x
+4N per token). PPO's train tokens/s counts the tokens of the update phase (ppo_epochs passes).
+
+Writes OUTPUT/bench_<stage>.json (every run, every step) and prints a short table with the ratios of
+each arm to the first one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from align.config import arg, parse_config
+from align.errors import ConfigError, cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("dpo", "sft", "reward", "ppo")
+ARMS = ("trl-baseline", "align")
+PPO_ARMS = ("dpo-align", "align")  # the DPO recipe on the same base (for memory), the PPO engine
+
+
+@dataclass
+class BenchArgs:
+    stage: Literal["dpo", "sft", "reward", "ppo"] = arg("dpo", "the stage to run: dpo, sft, reward (ppo: needs align/ppo.py)")
+    compare: list[str] = arg(["align"], "arms, run in this order and alternated: trl-baseline, align, align:field=value:...")
+    steps: int = arg(8, "optimizer steps per run")
+    repeats: int = arg(1, "runs of every arm (alternating A B A B ...)")
+    warmup_steps: int = arg(1, "first steps left out of the per-step rates (allocator and thread-pool warm-up)")
+    model_name_or_path: str = arg("SmolLM2-135M-Instruct", "the model every arm trains")
+    data: str = arg("auto", "preference / SFT data: auto (built-in ifprefs if present, else synthetic), synthetic, or any data source")
+    batch_size: int = arg(4, "pairs (dpo, reward) or conversations (sft) per optimizer step")
+    max_length: int = arg(256, "tokens per sequence; longer rows are dropped from the slice")
+    lora_r: int = arg(16, "LoRA rank (all linear layers, alpha = 2 r, dropout 0.05) in every arm")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto = bf16 where the hardware has it, else fp32")
+    threads: int = arg(0, "torch threads in every run; 0 = torch's default")
+    seed: int = arg(42, "seed of every run (LoRA init, data order, synthetic data)")
+    output_dir: str = arg("outputs/bench", "where bench_<stage>.json and the run logs go")
+    timeout_s: int = arg(7200, "a run that takes longer is stopped and reported as failed")
+
+    def validate(self) -> None:
+        for name in ("steps", "repeats", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config: {name}: expected a positive number, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
+            raise ConfigError(f"config: warmup_steps: expected 0 <= warmup_steps < steps ({self.steps}), got {self.warmup_steps}")
+        arms = PPO_ARMS if self.stage == "ppo" else ARMS
+        for arm in self.compare:
+            if arm.split(":")[0] not in arms:
+                raise ConfigError(f"config: compare: unknown arm {arm!r} for stage {self.stage}; expected one of "
+                                  f"{', '.join(arms)} (align[:field=value...] overrides the recipe's config)")
+            if arm.startswith("trl-baseline:"):
+                raise ConfigError(f"config: compare: {arm!r}: the baseline takes no overrides (it is TRL's defaults)")
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+FLOPS_PER_TOKEN = {"full": 6, "lora": 4, "forward": 2}
+
+
+def matmul_params(model) -> int:
+    """N: parameters that take part in a matmul for every token.
+
+    Every parameter of the base model once (tied weights once), minus the input embedding, which is a
+    table lookup, plus the output embedding when it is tied to the input one (then it is the LM head's
+    matmul). LoRA adapters and PEFT's trainable copies (`modules_to_save`) are left out: with rank 16
+    they add ~4% on a 135M model, and 4N already counts the base forward and backward they ride on.
+    """
+    def base(name: str) -> bool:
+        return "lora_" not in name and "modules_to_save" not in name
+
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if base(name) and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    return total - (0 if tied else embed.numel())
+
+
+def stage_flops(n_params: int, trained_tokens: int, forward_tokens: int, lora: bool) -> float:
+    """Model FLOPs: (4N with LoRA, else 6N) per trained token plus 2N per forward-only token.
+
+    >>> stage_flops(1000, trained_tokens=10, forward_tokens=5, lora=True)   # 4*1000*10 + 2*1000*5
+    50000
+    """
+    per_trained = FLOPS_PER_TOKEN["lora" if lora else "full"]
+    return per_trained * n_params * trained_tokens + FLOPS_PER_TOKEN["forward"] * n_params * forward_tokens
+
+
+def matmul_peak_flops(device: str = "cpu", dtype_name: str = "fp32", size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) matmul in `dtype` on `device` (2 size^3 FLOPs each)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first one warms up
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _machine_peak(device: str, dtype: str) -> float:
+    """The matmul peak MFU is measured against: on a CPU the better of torch's default threads and one
+    thread (on a loaded machine one thread can be faster, and an arm may train with one)."""
+    import torch
+
+    default = torch.get_num_threads()
+    peak = matmul_peak_flops(device, dtype)
+    if device == "cpu" and default > 1:
+        torch.set_num_threads(1)
+        peak = max(peak, matmul_peak_flops(device, dtype))
+        torch.set_num_threads(default)
+    return peak
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class MemoryMeter:
+    """Peak memory (MiB) since the last `reset`, plus running peaks for any number of open spans.
+
+    CPU: VmHWM, which writing "5" to /proc/self/clear_refs resets to the current RSS (Linux >= 4.0); where
+    that is not allowed, a thread samples VmRSS every 5 ms instead. CUDA: max_memory_allocated.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.spans: list[dict] = []
+        self.method = "cuda.max_memory_allocated" if device == "cuda" else "VmHWM"
+        self._sampled = 0.0
+        if device != "cuda":
+            try:
+                self._clear()
+            except OSError:
+                self.method = "VmRSS sampled every 5 ms"
+                import threading
+
+                threading.Thread(target=self._sample, daemon=True).start()
+
+    def current_mb(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.memory_allocated() / 2**20
+        return _proc_status_kb("VmRSS") / 1024
+
+    def _sample(self) -> None:
+        while True:
+            self._sampled = max(self._sampled, self.current_mb())
+            time.sleep(0.005)
+
+    def _clear(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        elif self.method == "VmHWM":
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        else:
+            self._sampled = self.current_mb()
+
+    def peak_mb(self) -> float:
+        """Peak since the last reset."""
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.method == "VmHWM":
+            return _proc_status_kb("VmHWM") / 1024
+        return max(self._sampled, self.current_mb())
+
+    def reset(self) -> None:
+        peak = self.peak_mb()
+        for span in self.spans:
+            span["peak"] = max(span["peak"], peak)
+        self._clear()
+
+    @contextlib.contextmanager
+    def span(self):
+        """Yields a dict whose "peak" is the peak memory over the `with` block, resets inside included."""
+        span = {"peak": 0.0}
+        self.reset()
+        self.spans.append(span)
+        try:
+            yield span
+        finally:
+            span["peak"] = max(span["peak"], self.peak_mb())
+            self.spans.remove(span)
+
+
+class Phases:
+    """Time and peak memory of named phases; a phase opened inside another pauses the outer one's clock."""
+
+    def __init__(self, meter: MemoryMeter, device: str):
+        self.meter, self.device = meter, device
+        self.result: dict[str, dict[str, float]] = {}
+        self._open: list[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _sync(self.device)
+        start = time.perf_counter()
+        self._open.append(name)
+        try:
+            with self.meter.span() as span:
+                yield
+        finally:
+            _sync(self.device)
+            self._open.pop()
+            elapsed = time.perf_counter() - start
+            nested = sum(v["time_s"] for v in self.result.values() if v["inside"] == name)
+            self.result[name] = {"time_s": elapsed - nested, "peak_mb": span["peak"], "inside": self._open[-1] if self._open else None}
+
+    def table(self) -> dict[str, dict[str, float]]:
+        return {k: {"time_s": round(v["time_s"], 3), "peak_mb": round(v["peak_mb"], 1)} for k, v in self.result.items()}
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+_TOPICS = [
+    "the ocean tides", "city bicycles", "coffee roasting", "volcanoes", "public libraries", "honeybees",
+    "the night sky", "baking bread", "chess openings", "rain forests", "electric cars", "the moon",
+    "jazz music", "mountain hiking", "recycling plastic", "a good night's sleep", "night trains",
+    "vegetable gardens", "the human heart", "making paper", "desert plants", "old lighthouses",
+]
+_ASKS = [
+    "Write {n} sentences about {topic}.",
+    "Explain {topic} to a ten-year-old in fewer than {w} words.",
+    "Give me a short list of facts about {topic}, with exactly {n} bullet points.",
+    "Describe {topic} and end your answer with the word 'Done'.",
+    "Write a short paragraph about {topic} and use the word '{kw}' at least twice.",
+    "Tell me why people care about {topic}. Answer in {n} sentences, all in lowercase.",
+]
+_CONTEXT = [
+    "I am preparing a lesson for my students next week.",
+    "My grandmother asked me about this yesterday and I did not know what to say.",
+    "Please keep it friendly and simple.",
+    "I only need the main ideas, nothing too technical.",
+    "This is for a newsletter that goes out on Friday.",
+]
+_OPENERS = ["Here is what I know.", "Sure.", "Good question.", "Of course, here you go.", "Let me explain."]
+_SENTENCES = [
+    "{Topic} can teach us a lot about patience and care.",
+    "Many people first notice {topic} when they are young, and the interest often stays for life.",
+    "Scientists have studied {topic} for more than a hundred years, and they still find surprises.",
+    "One simple way to learn about {topic} is to watch closely and write down what you see.",
+    "It is easy to forget how much work goes into {topic} behind the scenes.",
+    "Some of the best stories about {topic} come from ordinary people, not experts.",
+    "If you want to go further, a local library will have several good books on {topic}.",
+    "The most important thing about {topic} is that it changes slowly over time.",
+    "People who care about {topic} often meet to share tips and small discoveries.",
+    "A common mistake is to think that {topic} is simple, when it is full of small details.",
+    "You do not need expensive tools to enjoy {topic}; curiosity is enough.",
+    "In many places, {topic} is part of everyday life, and nobody thinks twice about it.",
+]
+_KEYWORDS = ["bright", "gentle", "careful", "steady", "simple"]
+
+
+def synthetic_pairs(n: int, seed: int = 0):
+    """`n` natural-ish preference pairs (instruction prompts with a constraint, replies of 1-9 sentences),
+    the same for the same seed: the stand-in while the built-in data is missing."""
+    from align.records import PreferencePair
+
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        topic = rng.choice(_TOPICS)
+        k = rng.randint(2, 6)
+        ask = rng.choice(_ASKS).format(n=k, topic=topic, w=10 * k + 20, kw=rng.choice(_KEYWORDS))
+        context = " ".join(rng.sample(_CONTEXT, rng.randint(0, 3)))
+        prompt = (context + " " + ask).strip()
+
+        def reply(sentences: int) -> str:
+            body = [s.format(topic=topic, Topic=topic[0].upper() + topic[1:]) for s in rng.sample(_SENTENCES, sentences)]
+            return " ".join([rng.choice(_OPENERS)] + body)
+
+        chosen, rejected = reply(k), reply(rng.randint(1, 9))
+        if chosen == rejected:
+            rejected = rejected + " That is all."
+        pairs.append(PreferencePair(prompt=[{"role": "user", "content": prompt}], chosen=chosen, rejected=rejected, source=f"synthetic:{i}"))
+    return pairs
+
+
+def load_slice(kind: str, source: str, rows: int, tokenizer, max_length: int, seed: int) -> tuple[list, str]:
+    """`rows` training records of `kind` ("prefs" or "sft") no longer than max_length, and where they came from."""
+    from align.data import check_lengths, datasets_dir, load_preferences, load_sft
+    from align.records import SFTExample
+
+    if source == "auto":
+        source = "ifprefs:prefs_train" if (datasets_dir() / "ifprefs").is_dir() else "synthetic"
+    if source == "synthetic":
+        records = []
+        for attempt in range(8):  # overlong rows are dropped; draw more until there are enough
+            pairs = synthetic_pairs(rows * (attempt + 2), seed)
+            records = check_lengths(pairs, tokenizer, max_length, on_too_long="skip")
+            if len(records) >= rows:
+                break
+        if kind == "sft":
+            records = [SFTExample(messages=p.prompt + [{"role": "assistant", "content": p.chosen}], source=p.source) for p in records]
+    else:
+        if kind == "sft" and source == "ifprefs:prefs_train":
+            source = "ifprefs:sft"
+        loader = load_preferences if kind == "prefs" else load_sft
+        records = check_lengths(loader(source, max_rows=rows * 4), tokenizer, max_length, on_too_long="skip")
+    if len(records) < rows:
+        raise ConfigError(f"data {source}: {len(records)} rows of at most {max_length} tokens; the run needs {rows}")
+    return records[:rows], source
+
+
+# ------------------------------------------------------------------------------------------ one run (child)
+
+
+def _load_recipe(stage: str):
+    """recipes/<stage>.py as a module (its main() is not run)."""
+    import importlib.util
+
+    path = REPO / "recipes" / f"{stage}.py"
+    spec = importlib.util.spec_from_file_location(f"align_recipe_{stage}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tokens_in(inputs: dict) -> int:
+    """Non-padding tokens of a collated batch (TRL's collators for DPO, SFT and reward models)."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    return int(inputs["input_ids"].numel())  # padding-free: one row, no padding
+
+
+def _recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[str, str]):
+    from align.config import build_config
+
+    cls = {"dpo": "DPOArgs", "sft": "SFTArgs", "reward": "RewardArgs"}[stage]
+    values: dict[str, Any] = dict(
+        model_name_or_path=spec["model_path"], output_dir=out_dir, seed=spec["seed"], max_steps=spec["steps"],
+        per_device_train_batch_size=spec["batch_size"], max_length=spec["max_length"], lora_r=spec["lora_r"],
+        lora_alpha=2 * spec["lora_r"], dtype=spec["dtype"], quantization="none", report_to="none",
+        logging_steps=1, save_steps=spec["steps"] + 1000, eval_data=None,
+    )
+    if stage == "dpo" and spec["threads"]:
+        values["cpu_threads"] = spec["threads"]  # --threads holds for every arm; the recipe would choose its own
+    values.update(overrides)
+    return build_config(getattr(module, cls), values, where=f"align arm overrides ({stage})")
+
+
+def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, learning_rate: float):
+    """The stage's TRL documentation script: the model by name, a LoraConfig, the config's defaults."""
+    import torch
+    from peft import LoraConfig
+
+    common = dict(
+        output_dir=out_dir, seed=spec["seed"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
+        max_length=spec["max_length"], learning_rate=learning_rate, logging_steps=1, save_strategy="no", report_to=[],
+        model_init_kwargs={"dtype": spec["dtype_name_torch"]},
+    )
+    if not torch.cuda.is_available():
+        common.update(use_cpu=True, bf16=spec["dtype"] == "bf16")  # TRL's bf16 default would be emulated here
+    lora = dict(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.05, target_modules="all-linear")
+    if stage == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer(model=spec["model_path"], args=DPOConfig(**common), train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        return SFTTrainer(model=spec["model_path"], args=SFTConfig(**common), train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
+    from trl import RewardConfig, RewardTrainer
+
+    return RewardTrainer(model=spec["model_path"], args=RewardConfig(**common), train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=LoraConfig(task_type="SEQ_CLS", **lora))
+
+
+def _align_trainer(stage: str, cfg, module, model, tokenizer, dataset, callbacks):
+    """The recipe's trainer. DPO calls the recipe's own build_trainer; SFT and reward build theirs the way
+    recipes/sft.py and recipes/reward.py do (kept in step by hand: those recipes have no build function)."""
+    from align.train import FiniteLossMixin, trainer_kwargs
+
+    if stage == "dpo":
+        return module.build_trainer(cfg, model, tokenizer, dataset, callbacks)
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        class SFT(FiniteLossMixin, SFTTrainer):
+            pass
+
+        args = SFTConfig(**trainer_kwargs(cfg), max_length=cfg.max_length, assistant_only_loss=cfg.assistant_only_loss,
+                         packing=cfg.packing, padding_free=cfg.packing, eval_strategy="no")
+        return SFT(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    from trl import RewardConfig, RewardTrainer
+
+    class Reward(FiniteLossMixin, RewardTrainer):
+        pass
+
+    args = RewardConfig(**trainer_kwargs(cfg), max_length=cfg.max_length,
+                        center_rewards_coefficient=cfg.center_rewards_coefficient, eval_strategy="no")
+    return Reward(model=model.train(), args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+
+
+def run_child(spec: dict) -> dict:
+    """One run of one arm, in this (fresh) process; returns the result record."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    import datasets  # noqa: F401  (imported before the start RSS is taken, like everything else the arms use)
+    import peft  # noqa: F401
+    import transformers
+    from trl import DPOTrainer, RewardTrainer, SFTTrainer  # noqa: F401
+
+    import align.train  # noqa: F401
+    from align.models import resolve_model_path
+
+    if spec["stage"] == "ppo":
+        import align.ppo  # noqa: F401
+
+    transformers.logging.set_verbosity_error()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meter = MemoryMeter(device)
+    start_mb = meter.current_mb()
+    phases = Phases(meter, device)
+    out_dir = tempfile.mkdtemp(prefix=f"align-bench-{spec['stage']}-")
+    spec = {**spec, "model_path": resolve_model_path(spec["model_name_or_path"], verbose=False),
+            "dtype_name_torch": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec["dtype"]]}
+    try:
+        if spec["stage"] == "ppo" and spec["arm"].split(":")[0] == "align":
+            run = _ppo_run(spec, phases, meter, device, out_dir)
+        else:
+            run = _trainer_run(spec, phases, meter, device, out_dir)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    steps = run.pop("steps")
+    timed = steps[spec["warmup_steps"]:]
+    train_time = sum(s["train_time_s"] for s in timed)
+    train_tokens = sum(s["tokens"] for s in timed)
+    all_tokens = sum(s["tokens"] for s in steps)
+    e2e_time = run.pop("extra_time_s") + sum(s["time_s"] for s in steps)
+    e2e_flops = run.pop("extra_flops") + sum(s["flops"] for s in steps)
+    phase_table = phases.table()
+    over = start_mb if device == "cpu" else 0.0
+    return {
+        "stage": spec["stage"], "arm": spec["arm"], "run": spec["run"], "device": device, "dtype": spec["dtype"],
+        "threads": torch.get_num_threads(), "model": spec["model_name_or_path"],
+        "memory_method": meter.method, "start_mb": round(start_mb, 1), **run,
+        "steps": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()} for s in steps],
+        "phases": phase_table,
+        "train_tokens_per_s": train_tokens / train_time,
+        "end_to_end_tokens_per_s": all_tokens / e2e_time,
+        "train_flops_per_s": sum(s["train_flops"] for s in timed) / train_time,
+        "end_to_end_flops_per_s": e2e_flops / e2e_time,
+        "step_time_s_median": statistics.median(s["time_s"] for s in timed),
+        "peak_mb": round(max(p["peak_mb"] for p in phase_table.values()) - over, 1),
+        "train_peak_mb": round(phase_table["train"]["peak_mb"] - over, 1),
+        "losses": [s.get("loss") for s in steps],
+        "tokens_total": all_tokens,
+    }
+
+
+def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
+    """A stage that is a TRL trainer (the DPO, SFT and reward recipes, and TRL's baselines)."""
+    import transformers
+    from transformers import TrainerCallback
+    from trl import DPOTrainer
+
+    from align.data import to_hf_dataset
+    from align.models import load_model, load_tokenizer
+
+    name, *override_items = spec["arm"].split(":")
+    overrides = dict(item.split("=", 1) for item in override_items)
+    stage = "dpo" if spec["stage"] == "ppo" else spec["stage"]  # ppo's dpo-align arm: the DPO recipe
+    name = "align" if name == "dpo-align" else name
+
+    # TRL computes reference log-probs inside DPOTrainer.__init__; time that as a phase of its own
+    precompute = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, *args, **kwargs):
+        with phases("precompute_ref"):
+            return precompute(self, *args, **kwargs)
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
+
+    step_tokens: list[int] = []
+    steps: list[dict] = []
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _sync(device)
+            self.last = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            meter.reset()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            now = time.perf_counter()
+            tokens = sum(step_tokens)
+            step_tokens.clear()
+            steps.append({"step": state.global_step, "time_s": now - self.last, "tokens": tokens, "peak_mb": meter.peak_mb()})
+            self.last = now
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and steps and steps[-1]["step"] == state.global_step:
+                steps[-1]["loss"] = float(logs["loss"])
+
+    kind = "sft" if stage == "sft" else "prefs"
+    with phases("load"):
+        tokenizer = load_tokenizer(spec["model_path"])
+        records, source = load_slice(kind, spec["data"], spec["steps"] * spec["batch_size"], tokenizer, spec["max_length"], spec["seed"])
+        dataset = to_hf_dataset(records)
+        if name == "align":
+            module = _load_recipe(stage)
+            cfg = _recipe_config(stage, module, spec, out_dir, overrides)
+            transformers.set_seed(cfg.seed)
+            model, tokenizer = load_model(cfg, task="reward" if stage == "reward" else "causal_lm")
+            if stage == "sft" and cfg.assistant_only_loss:
+                from align.chat import training_chat_template
+
+                tokenizer.chat_template = training_chat_template(tokenizer)
+    with phases("init"):
+        if name == "align":
+            from align.train import guard_callbacks
+
+            trainer = _align_trainer(stage, cfg, module, model, tokenizer, dataset, guard_callbacks(out_dir) + [Recorder()])
+            trainer.args.save_strategy = "no"  # the recipe would also save at the end; no arm saves here
+        else:
+            learning_rate = _recipe_config(stage, _load_recipe(stage), spec, out_dir, {}).learning_rate  # as align trains
+            trainer = _baseline_trainer(stage, spec, dataset, tokenizer, out_dir, learning_rate)
+            trainer.add_callback(Recorder())
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    base_model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    n_params = matmul_params(base_model)
+    lora = hasattr(unwrapped, "peft_config")
+    lora_a = [p for n, p in sorted(unwrapped.named_parameters()) if "lora_A" in n and ".default." in n]
+
+    training_step = trainer.training_step
+
+    def counting_training_step(model, inputs, *args, **kwargs):
+        step_tokens.append(_tokens_in(inputs))
+        return training_step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = counting_training_step
+    with phases("train"):
+        trainer.train()
+
+    precomputed = "precompute_ref" in phases.result
+    ref_in_step = stage == "dpo" and not precomputed  # TRL's default: a reference forward every step
+    for s in steps:
+        s["tokens_per_s"] = s["tokens"] / s["time_s"]
+        s["flops"] = s["train_flops"] = stage_flops(n_params, s["tokens"], s["tokens"] if ref_in_step else 0, lora)
+        s["train_time_s"] = s["time_s"]
+    all_tokens = sum(s["tokens"] for s in steps)
+    return {
+        "data": source, "n_params_matmul": n_params, "lora": lora,
+        "lora_A_init_abs_sum": float(sum(p.detach().double().abs().sum() for p in lora_a)) if lora_a else None,
+        "steps": steps,
+        # precomputed reference log-probs: their time and FLOPs belong to the end-to-end figures
+        "extra_time_s": phases.result.get("precompute_ref", {}).get("time_s", 0.0),
+        "extra_flops": stage_flops(n_params, 0, all_tokens, lora) if precomputed else 0,
+    }
+
+
+def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
+    """The PPO engine (align/ppo.py) with the PPO recipe's defaults and the verifier as the reward; every
+    update's generate, score and update phases timed and measured (see the module docstring)."""
+    import align.ppo as ppo
+    from align.config import build_config
+    from align.data import check_lengths, load_prompts
+    from align.verifier import verifier_reward
+
+    overrides = dict(item.split("=", 1) for item in spec["arm"].split(":")[1:])
+    values = dict(model_name_or_path=spec["model_path"], sft_dir=None, reward="verifier", total_updates=spec["steps"],
+                  output_dir=out_dir, report_to="none", seed=spec["seed"], dtype=spec["dtype"], quantization="none",
+                  lora_r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], eval_prompts=None, num_eval_prompts=0,
+                  save_steps=spec["steps"] + 1000)
+    values.update(overrides)
+    cfg = build_config(ppo.PPOArgs, values, where="ppo arm overrides")
+    record: dict = {}
+    current: dict = {}
+
+    def timed(phase: str, fn):
+        def wrapper(*args, **kwargs):
+            _sync(device)
+            start = time.perf_counter()
+            with meter.span() as span:
+                out = fn(*args, **kwargs)
+            _sync(device)
+            current[phase] = {"time_s": time.perf_counter() - start, "peak_mb": span["peak"]}
+            return out
+        return wrapper
+
+    ppo.generate = timed("generate", ppo.generate)
+    ppo.score_rollout = timed("score", ppo.score_rollout)
+    ppo.PPOTrainer.ppo_update = timed("update", ppo.PPOTrainer.ppo_update)
+    steps: list[dict] = []
+    with phases("load"):
+        models, plan = ppo.build_models(cfg)
+        prompts = check_lengths(load_prompts(cfg.prompts, max_rows=spec["steps"] * cfg.rollout_batch_size * 4),
+                                models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
+        prompts = [p for p in prompts if p.constraints][: spec["steps"] * cfg.rollout_batch_size]
+    with phases("init"):
+        trainer = ppo.PPOTrainer(cfg, models, prompts, verifier_reward, verifier_fn=verifier_reward,
+                                 reward_is_verifier=True, reward_description="verifier")
+    n_params = matmul_params(models.model.get_base_model())
+    log = trainer.log
+
+    def logged(metrics: dict, rollout) -> None:
+        prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
+        seq_tokens = prompt_tokens + new_tokens
+        gen, score, update = current["generate"], current["score"], current["update"]
+        flops = {
+            "generate": stage_flops(n_params, 0, seq_tokens, True),
+            "score": 3 * stage_flops(n_params, 0, seq_tokens, True),  # policy, reference, critic
+            "update": cfg.ppo_epochs * 2 * stage_flops(n_params, seq_tokens, 0, True),  # policy and critic
+        }
+        step = {
+            "step": len(steps) + 1, "time_s": time.perf_counter() - current.pop("start"),
+            "tokens": cfg.ppo_epochs * seq_tokens, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "peak_mb": max(gen["peak_mb"], score["peak_mb"], update["peak_mb"]),
+            "generate_s": gen["time_s"], "score_s": score["time_s"], "update_s": update["time_s"],
+            "generate_peak_mb": gen["peak_mb"], "score_peak_mb": score["peak_mb"], "update_peak_mb": update["peak_mb"],
+            "generate_flops": flops["generate"], "score_flops": flops["score"], "update_flops": flops["update"],
+            "flops": sum(flops.values()), "train_flops": flops["update"], "train_time_s": update["time_s"],
+            "loss": float(metrics.get("ppo/policy_loss", float("nan"))),
+        }
+        step["tokens_per_s"] = step["tokens"] / step["update_s"]
+        steps.append(step)
+        log(metrics, rollout)
+        current["start"] = time.perf_counter()
+
+    trainer.log = logged
+    current["start"] = time.perf_counter()
+    with phases("train"):
+        trainer.train()
+    record["ppo_config"] = {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
+                                                          "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
+    return {"data": cfg.prompts, "n_params_matmul": n_params, "lora": True, "lora_A_init_abs_sum": None,
+            "steps": steps, "extra_time_s": 0.0, "extra_flops": 0, **record}
+
+
+# ------------------------------------------------------------------------------------------ the invocation (parent)
+
+
+def _run_arm(spec: dict, log_path: Path, timeout_s: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+        spec_path = f.name
+    result_path = spec_path + ".result"
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
+           "TQDM_DISABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "align.bench", "--child", spec_path, result_path]
+    started = time.time()
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    if code != 0 or not os.path.exists(result_path):
+        tail = Path(log_path).read_text(errors="replace")[-1500:]
+        return {"arm": spec["arm"], "run": spec["run"], "error": f"exit {code} after {time.time() - started:.0f} s; log {log_path}:\n{tail}"}
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def summarize(runs: list[dict], arms: list[str]) -> dict:
+    """Per arm: medians over its runs; per arm after the first: ratios to the first, and the loss gap."""
+    ok = [r for r in runs if "error" not in r]
+    out: dict[str, Any] = {"arms": {}, "ratios": {}}
+    for arm in arms:
+        mine = [r for r in ok if r["arm"] == arm]
+        if not mine:
+            continue
+        out["arms"][arm] = {key: statistics.median(r[key] for r in mine) for key in (
+            "train_tokens_per_s", "end_to_end_tokens_per_s", "peak_mb", "train_peak_mb", "step_time_s_median",
+            "train_flops_per_s", "end_to_end_flops_per_s")}
+        out["arms"][arm]["runs"] = len(mine)
+    base = arms[0]
+    for arm in arms[1:]:
+        base_runs = [r for r in ok if r["arm"] == base]
+        arm_runs = [r for r in ok if r["arm"] == arm]
+        if not base_runs or not arm_runs:
+            continue
+        # ratios within each repeat (the runs that ran next to each other), then the median
+        pairs = [(b, a) for b in base_runs for a in arm_runs if a["run"] == b["run"]]
+
+        def ratio(key: str) -> float:
+            return statistics.median(a[key] / b[key] for b, a in pairs)
+
+        losses_b, losses_a = base_runs[0]["losses"], arm_runs[0]["losses"]
+        same_loss = base_runs[0]["stage"] != "ppo"  # PPO's policy loss is not DPO's loss
+        gaps = [abs(x - y) for x, y in zip(losses_b, losses_a) if x is not None and y is not None] if same_loss else []
+        out["ratios"][arm] = {
+            "vs": base,
+            "train_tokens_per_s": ratio("train_tokens_per_s"),
+            "end_to_end_tokens_per_s": ratio("end_to_end_tokens_per_s"),
+            "peak_mb": ratio("peak_mb"),
+            "train_peak_mb": ratio("train_peak_mb"),
+            "per_repeat_train_tokens_per_s": [a["train_tokens_per_s"] / b["train_tokens_per_s"] for b, a in pairs],
+            "loss_max_abs_diff": max(gaps) if gaps else None,
+            "loss_steps_compared": len(gaps),
+            "same_lora_init": base_runs[0]["lora_A_init_abs_sum"] == arm_runs[0]["lora_A_init_abs_sum"],
+        }
+    return out
+
+
+def format_table(report: dict) -> str:
+    head = report["setup"]
+    lines = [
+        f"stage {head['stage']} | {head['model_name_or_path']} | data {head['data']} | {head['steps']} steps x {head['batch_size']} "
+        f"| max_length {head['max_length']} | {head['device']} {head['dtype']}, {head['threads']} threads "
+        f"| matmul peak {head['peak_flops'] / 1e9:.1f} GFLOP/s",
+        f"{'arm':<34} {'run':>3} {'train tok/s':>11} {'e2e tok/s':>9} {'step s':>7} {'peak MB':>8} {'train MB':>8} "
+        f"{'MFU':>6} {'e2e MFU':>7} {'precomp s':>9}",
+    ]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"{r['arm']:<34} {r['run']:>3} FAILED: {r['error'].splitlines()[0]}")
+            continue
+        lines.append(
+            f"{r['arm']:<34} {r['run']:>3} {r['train_tokens_per_s']:>11.1f} {r['end_to_end_tokens_per_s']:>9.1f} "
+            f"{r['step_time_s_median']:>7.2f} {r['peak_mb']:>8.0f} {r['train_peak_mb']:>8.0f} "
+            f"{r['train_flops_per_s'] / head['peak_flops']:>6.1%} {r['end_to_end_flops_per_s'] / head['peak_flops']:>7.1%} "
+            f"{r['phases'].get('precompute_ref', {}).get('time_s', 0.0):>9.1f}"
+        )
+    for r in report["runs"]:
+        if "generate_s" not in (r.get("steps") or [{}])[0]:
+            continue
+        timed = r["steps"][head["warmup_steps"]:]
+        total = {k: sum(s[f"{k}_s"] for s in timed) for k in ("generate", "score", "update")}
+        whole = sum(s["time_s"] for s in timed)
+        parts = ", ".join(
+            f"{k} {total[k] / len(timed):.1f} s ({total[k] / whole:.0%}, MFU {sum(s[f'{k}_flops'] for s in timed) / total[k] / head['peak_flops']:.1%}, "
+            f"peak {max(s[f'{k}_peak_mb'] for s in timed) - (r['start_mb'] if r['device'] == 'cpu' else 0):.0f} MB)"
+            for k in total)
+        new_tokens = sum(s["new_tokens"] for s in timed)
+        lines.append(f"ppo run {r['run']}, per update: {parts}; other {(whole - sum(total.values())) / len(timed):.1f} s; "
+                     f"generation {new_tokens / total['generate']:.1f} new tokens/s")
+    for arm, q in report["summary"]["ratios"].items():
+        loss = "n/a" if q["loss_max_abs_diff"] is None else f"{q['loss_max_abs_diff']:.4f} over {q['loss_steps_compared']} steps"
+        lines.append(
+            f"{arm} / {q['vs']}: train tok/s {q['train_tokens_per_s']:.2f}x, end-to-end tok/s {q['end_to_end_tokens_per_s']:.2f}x, "
+            f"peak memory {q['peak_mb']:.2f}x (train phase {q['train_peak_mb']:.2f}x); "
+            f"loss max |diff| {loss}; same LoRA init: {q['same_lora_init']}"
+        )
+    return "\n".join(lines)
+
+
+def main_parent(cfg: BenchArgs) -> dict:
+    import torch
+
+    if cfg.stage == "ppo" and not (REPO / "align" / "ppo.py").is_file():
+        raise ConfigError("stage ppo: align/ppo.py is not there yet; benchmark dpo, sft or reward")
+    from align.models import resolve_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = cfg.dtype if cfg.dtype != "auto" else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_dtype("auto")]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peak = _machine_peak(device, dtype)
+    runs = []
+    for run in range(1, cfg.repeats + 1):
+        for arm in cfg.compare:
+            spec = {**asdict(cfg), "arm": arm, "run": run, "dtype": dtype}
+            log = out / f"{cfg.stage}_{arm.replace(':', '_').replace('=', '-')}_run{run}.log"
+            print(f"[bench] {cfg.stage} {arm} run {run}/{cfg.repeats} ...", file=sys.stderr, flush=True)
+            started = time.time()
+            result = _run_arm(spec, log, cfg.timeout_s)
+            runs.append(result)
+            state = "FAILED" if "error" in result else f"{result['train_tokens_per_s']:.1f} train tok/s, peak {result['peak_mb']:.0f} MB"
+            print(f"[bench]   {state} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+    peak = max(peak, _machine_peak(device, dtype))  # measured before and after the runs; the better one
+    ok = [r for r in runs if "error" not in r]
+    report = {
+        "setup": {**asdict(cfg), "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "peak_flops": peak,
+                  "data": ok[0]["data"] if ok else cfg.data, "command": " ".join([sys.executable, "-m", "align.bench"] + sys.argv[1:])},
+        "runs": runs,
+        "summary": summarize(runs, cfg.compare),
+    }
+    for r in ok:
+        r["mfu_train"] = r["train_flops_per_s"] / peak
+        r["mfu_end_to_end"] = r["end_to_end_flops_per_s"] / peak
+    path = out / f"bench_{cfg.stage}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(format_table(report))
+    print(f"[bench] wrote {path}", file=sys.stderr)
+    if len(ok) < len(runs):
+        raise SystemExit(1)
+    return report
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        spec = json.loads(Path(argv[1]).read_text())
+        result = run_child(spec)
+        Path(argv[2]).write_text(json.dumps(result))
+        return
+    main_parent(parse_config(BenchArgs, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""PPO: train a policy LoRA adapter against a reward model (or a reward function) with a KL penalty.
+
+    python recipes/ppo.py                                  # SFT base; outputs/reward if it exists, else the verifier
+    python recipes/ppo.py --reward verifier                # RL from verifiable rewards (the built-in verifier)
+    python recipes/ppo.py --reward my_rewards.py:score     # any fn(prompt_records, responses) -> list[float]
+    python recipes/ppo.py --config recipes/configs/ppo.yaml --total_updates 40
+    accelerate launch recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py
+    python recipes/ppo.py --resume                         # continue after SIGTERM, Ctrl-C or a crash
+
+One base model carries the policy, the critic, the reward model and the reference (see align.ppo); the
+loop's phases (generate, score, estimate advantages, update) are PPOTrainer.train, and their math is
+align.ppo_math. Writes to output_dir: adapter/ (the policy; evaluate it with eval/evaluate.py or load it
+with align.models.load_trained), critic/ (adapter + value_head.safetensors), checkpoints/update-N/,
+config.yaml, run_info.json, metrics.jsonl, tensorboard/ and summary.json.
+"""
+
+import json
+import random
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+from align.config import parse_config
+from align.data import check_lengths, load_prompts
+from align.dpo_fast import return_freed_memory_to_os, set_cpu_threads
+from align.errors import AlignError, ConfigError, cli_main
+from align.io import check_writable, write_run_info
+from align.models import resolve_dtype, resolve_quantization
+from align.ppo import PPOArgs, PPOTrainer, build_models, init_distributed, list_checkpoints, reward_function, say
+from align.verifier import verifier_reward
+
+
+def hardware_notes(cfg: PPOArgs, world: int) -> list[str]:
+    """What `auto` became on this machine (printed at start and kept in run_info.json)."""
+    gpu = torch.cuda.is_available()
+    return [
+        f"device={'cuda' if gpu else 'cpu'} x {world} process(es)",
+        f"quantization={resolve_quantization(cfg.quantization)} ({'CUDA GPU: 4-bit QLoRA base' if gpu else 'CPU: full-precision base'})",
+        f"dtype={str(resolve_dtype(cfg.dtype)).replace('torch.', '')} (bf16 where the hardware has it, else fp32)",
+        f"{cfg.total_updates} updates x {cfg.rollout_batch_size} prompts, responses <= {cfg.response_length} tokens",
+    ]
+
+
+def load_eval_prompts(cfg: PPOArgs) -> list:
+    if not cfg.eval_prompts or cfg.num_eval_prompts < 1:
+        return []
+    try:
+        return load_prompts(cfg.eval_prompts, max_rows=cfg.num_eval_prompts)
+    except AlignError as err:
+        say(f"held-out prompts {cfg.eval_prompts} not loaded ({err}); no before/after score")
+        return []
+
+
+@cli_main
+def main() -> None:
+    cfg = parse_config(PPOArgs)
+    dist = init_distributed()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    notes = [set_cpu_threads(cfg.cpu_threads)] + ([return_freed_memory_to_os()] if cfg.return_freed_memory else [])
+    notes += hardware_notes(cfg, dist.world)
+    check_writable(cfg.output_dir, cfg.min_free_gb)
+    say("; ".join(notes), dist)
+    if dist.is_main:
+        write_run_info(cfg, cfg.output_dir, {"stage": "ppo", "hardware_defaults": notes})
+
+    # Prompts: the prompt part of any supported data (read before the models: bad data fails fast)
+    prompts = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)
+    eval_prompts = load_eval_prompts(cfg)
+
+    # Models: the base once, with the policy, critic and reward adapters on it
+    models, plan = build_models(cfg, dist=dist)
+    say(f"reward: {plan.description}", dist)
+    reward_fn = reward_function(cfg, plan, models)
+    prompts = check_lengths(prompts, models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
+    reward_is_verifier = plan.function == "verifier"
+    if reward_is_verifier:
+        missing = next((p for p in prompts if not p.constraints), None)
+        if missing is not None:
+            raise ConfigError(f"reward: the verifier scores prompts by their constraints, and {missing.source} has none "
+                              "(use --reward model or a reward function, or prompts with constraints)")
+        eval_prompts = [p for p in eval_prompts if p.constraints]
+    say(f"data: {len(prompts)} training prompts from {cfg.prompts}; {len(eval_prompts)} held-out prompts", dist)
+
+    # The verifier is logged next to any reward (objective/verifier) where the prompts carry constraints.
+    trainer = PPOTrainer(cfg, models, prompts, reward_fn, dist=dist, verifier_fn=verifier_reward, reward_is_verifier=reward_is_verifier,
+                         eval_prompts=eval_prompts, reward_description=plan.description)
+    checkpoints = list_checkpoints(cfg.output_dir)
+    if cfg.resume and checkpoints:
+        say(f"resuming from {checkpoints[-1]}", dist)
+        trainer.load_checkpoint(checkpoints[-1])
+    else:
+        if cfg.resume:
+            say(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints; starting from scratch", dist)
+        elif checkpoints and dist.is_main:
+            say(f"{cfg.output_dir} holds checkpoints of an earlier run; starting over and removing them (use --resume to continue)", dist)
+            for old in checkpoints:
+                shutil.rmtree(old, ignore_errors=True)
+        if dist.is_main:
+            (trainer.out / "metrics.jsonl").unlink(missing_ok=True)
+        dist.barrier()
+
+    trainer.train()
+    trainer.save_final()
+    summary = trainer.write_summary()
+    if dist.is_main:
+        print(json.dumps(summary, indent=2), flush=True)
+        say(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: python eval/evaluate.py {cfg.output_dir})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Run the recipes as real, separate processes that a test can kill, cheaply.
+
+`python recipes/dpo.py ...` spends ~15 CPU-seconds importing torch, transformers and TRL before it does
+two seconds of work on a tiny model; on a shared 2-core CI box that is most of a test file's budget. So
+`start_recipe` forks each run from a multiprocessing fork server that imported those packages once. The
+child is its own process (own pid, signals, exit code, stdout/stderr going to a log file) and runs the
+recipe file as `__main__` with `sys.argv` set, exactly as the interpreter would; only the imports were
+done earlier. `run_cli` runs the real `python recipes/X.py` for the few checks about the entry point itself.
+
+Shared fixtures: `tiny_data` (preference and SFT files), plus conftest's `tiny_model_dir` / `tiny_reward_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = {"sft": REPO / "recipes" / "sft.py", "reward": REPO / "recipes" / "reward.py", "dpo": REPO / "recipes" / "dpo.py"}
+PRELOAD = ["torch", "transformers", "peft", "datasets", "trl", "align.train", "align.data", "align.models", "recipe_harness"]
+# Keys whose values depend on wall time; everything else a run logs must be reproducible.
+TIMING_KEYS = {"time_s", "train/train_runtime", "train/train_samples_per_second", "train/train_steps_per_second",
+               "train/train_tokens_per_second"}
+RUN_TIMEOUT_S = 300  # a hung run fails its test instead of stalling CI
+
+WORDS = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima".split()
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _phrase(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, str]:
+    """16 preference pairs and 16 one-turn chats, short enough that a step takes milliseconds."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    prefs, sft = root / "prefs.jsonl", root / "sft.jsonl"
+    with prefs.open("w") as f:
+        for i in range(16):
+            f.write(json.dumps({"prompt": f"Q{i}: {_phrase(i, 3)}?", "chosen": _phrase(i + 1, 3), "rejected": _phrase(i + 5, 2)}) + "\n")
+    with sft.open("w") as f:
+        for i in range(16):
+            messages = [{"role": "user", "content": f"Q{i}: {_phrase(i, 3)}?"}, {"role": "assistant", "content": _phrase(i + 2, 4)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return {"prefs": str(prefs), "sft": str(sft)}
+
+
+def recipe_args(recipe: str, model_dir: str, data: dict[str, str], output_dir: str | Path, **overrides) -> list[str]:
+    """Command-line flags for a short tiny-model run of `recipe` (fp32, no trackers, no extra evaluation)."""
+    args = dict(
+        model_name_or_path=model_dir, output_dir=str(output_dir), max_steps=4, save_steps=1, save_total_limit=2,
+        per_device_train_batch_size=2, max_length=128, dtype="fp32", report_to="none", seed=7,
+        train_data=data["sft" if recipe == "sft" else "prefs"], eval_data="none",
+    )
+    if recipe == "dpo":
+        args["summary_prompts"] = 0
+    if recipe == "sft":
+        args["merge"] = "false"
+    args.update(overrides)
+    out = []
+    for key, value in args.items():
+        out += [f"--{key}", str(value)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _kill_during_first_save() -> None:
+    """SIGKILL this process inside the Trainer's first checkpoint save, after the adapter weights are written and
+    before the optimizer, scheduler, RNG and trainer state are: the partial checkpoint a crash mid-save leaves."""
+    from transformers import Trainer
+
+    def die(self, output_dir):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    Trainer._save_optimizer_and_scheduler = die
+
+
+def _hold_until_signal_after_step(step: int) -> None:
+    """At the end of optimizer step `step`, wait (up to 60 s) for a signal before StopOnSignal looks for one, so a
+    signal the test sends lands at a known step whatever the machine's load. It is still a real signal, sent by
+    another process and handled by the recipe's own handler."""
+    from align.train import StopOnSignal
+
+    original = StopOnSignal.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            print(f"[harness] holding after step {step} for a signal", file=sys.stderr, flush=True)
+            deadline = time.time() + 60
+            while self.received is None and time.time() < deadline:
+                time.sleep(0.01)
+        return original(self, args, state, control, **kwargs)
+
+    StopOnSignal.on_step_end = on_step_end
+
+
+def _child(recipe_path: str, argv: list[str], env: dict[str, str], log_path: str, kill_in_save: bool,
+           hold_after_step: int | None) -> None:
+    """Fork-server child: send stdout/stderr to the log, then run the recipe as the interpreter would."""
+    import gc
+    import runpy
+
+    gc.freeze()  # the preloaded modules' objects: a full collection (accelerate runs several) skips them
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # the fork server read its env before ours
+    os.chdir(REPO)
+    if kill_in_save:
+        _kill_during_first_save()
+    if hold_after_step is not None:
+        _hold_until_signal_after_step(hold_after_step)
+    sys.argv = [recipe_path, *argv]
+    try:
+        runpy.run_path(recipe_path, run_name="__main__")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = multiprocessing.get_context("forkserver")
+        _CTX.set_forkserver_preload(PRELOAD)
+    return _CTX
+
+
+@dataclass
+class Run:
+    """A recipe process: poll it, signal it, wait for it, read its log."""
+
+    process: multiprocessing.process.BaseProcess
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join(10)
+            pytest.fail(f"recipe run did not finish within {timeout} s (killed); log:\n{self.text()[-3000:]}")
+        return self.process.exitcode
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = RUN_TIMEOUT_S) -> None:
+        """Poll `condition` every 10 ms while the run is alive; fail if it exits or time runs out first."""
+        deadline = time.time() + timeout
+        while not condition():
+            if not self.process.is_alive():
+                pytest.fail(f"run exited ({self.process.exitcode}) before {what}; log:\n{self.text()[-3000:]}")
+            if time.time() > deadline:
+                self.process.kill()
+                pytest.fail(f"no {what} within {timeout} s; log:\n{self.text()[-3000:]}")
+            time.sleep(0.01)
+
+
+def start_recipe(recipe: str, argv: list[str], log: str | Path, env: dict[str, str] | None = None,
+                 kill_in_save: bool = False, hold_after_step: int | None = None) -> Run:
+    """Start `recipes/<recipe>.py argv` as a forked process (see the module docstring).
+
+    kill_in_save: the process SIGKILLs itself in the middle of its first checkpoint save.
+    hold_after_step: the process waits at the end of that step until it receives a signal."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "ALIGN_INJECT_NAN_AT_STEP": "", "ALIGN_FAIL_ON_RANK": "", **(env or {})}
+    log = Path(log)
+    process = _context().Process(target=_child, args=(str(RECIPES[recipe]), argv, env, str(log), kill_in_save, hold_after_step),
+                                 daemon=True)
+    process.start()
+    return Run(process, log)
+
+
+def run_recipe(recipe: str, argv: list[str], log: str | Path, env: dict[str, str] | None = None,
+               kill_in_save: bool = False) -> tuple[int, str]:
+    run = start_recipe(recipe, argv, log, env, kill_in_save)
+    code = run.wait()
+    return code, run.text()
+
+
+def run_cli(args: list[str], timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real command line, for checks about the entry point itself (exit codes, messages)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "TQDM_DISABLE": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+def metric_records(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def reproducible(records: list[dict]) -> list[dict]:
+    """The records without their wall-time fields."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def adapter_tensors(directory: str | Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / "adapter_model.safetensors"))
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[int]:
+    from align.train import MARKER
+
+    return sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*") if (p / MARKER).is_file())
+
+
+def assert_no_traceback(text: str) -> None:
+    assert "Traceback (most recent call last)" not in text, f"unexpected traceback:\n{text[-3000:]}"
+
+
+__all__ = [
+    "REPO", "Run", "adapter_tensors", "assert_no_traceback", "complete_checkpoints", "metric_records", "recipe_args",
+    "reproducible", "run_cli", "run_recipe", "start_recipe", "tiny_data",
+]

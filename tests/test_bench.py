@@ -1,0 +1,144 @@
+"""align.bench: FLOPs accounting by hand, memory and phase bookkeeping, and a real 2-step run on a tiny model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from align.bench import MemoryMeter, Phases, matmul_params, stage_flops, summarize, synthetic_pairs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_stage_flops_by_hand():
+    """The tiny model of align.testing has N = 26,880 (see test_matmul_params_of_the_tiny_models).
+
+    DPO with LoRA, 100 trained tokens, reference every step on the same 100 tokens:
+        4 * 26,880 * 100 + 2 * 26,880 * 100 = 10,752,000 + 5,376,000 = 16,128,000
+    Full fine-tuning of the same 100 tokens, reference precomputed (no forward-only tokens in the step):
+        6 * 26,880 * 100 = 16,128,000   (the same number: 6N = 4N + 2N)
+    SFT with LoRA, 250 tokens: 4 * 26,880 * 250 = 26,880,000.
+    """
+    assert stage_flops(26_880, trained_tokens=100, forward_tokens=100, lora=True) == 16_128_000
+    assert stage_flops(26_880, trained_tokens=100, forward_tokens=0, lora=False) == 16_128_000
+    assert stage_flops(26_880, trained_tokens=250, forward_tokens=0, lora=True) == 26_880_000
+    assert stage_flops(26_880, trained_tokens=0, forward_tokens=10, lora=True) == 537_600
+
+
+def test_matmul_params_of_the_tiny_models(tiny_model_dir, tiny_reward_dir):
+    """Tiny Llama: hidden 32, intermediate 64, 2 layers, 4 heads of 8, 2 KV heads (K and V are 32 x 16),
+    vocabulary 259, tied embeddings.
+
+    per layer: q 32*32 + k 32*16 + v 32*16 + o 32*32 = 1,024 + 512 + 512 + 1,024 = 3,072
+               gate, up, down 3 * 32*64 = 6,144; two RMSNorms 2*32 = 64      -> 9,280
+    2 layers 18,560 + final norm 32 + embedding 259*32 = 8,288               -> 26,880 parameters
+    Causal LM: the embedding is a lookup, but tied, it is also the LM head's matmul: N = 26,880.
+    Reward model: no LM head; a score head 32 x 1 = 32: 26,912 parameters, N = 26,912 - 8,288 = 18,624.
+    With LoRA, adapters are not counted: N stays 26,880.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align.models import ModelArgs, load_model
+
+    assert matmul_params(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) == 26_880
+    assert matmul_params(AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir)) == 18_624
+    peft_model, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none", lora_r=4))
+    assert matmul_params(peft_model.get_base_model()) == 26_880
+
+
+def test_memory_meter_sees_an_allocation():
+    import torch
+
+    meter = MemoryMeter("cpu")
+    with meter.span() as outer:
+        start = meter.current_mb()
+        big = torch.ones(50 * 2**20 // 4 * 4)  # 200 MiB, touched
+        del big
+        meter.reset()  # a reset inside the span (as every training step does) must not lose the peak
+        small = meter.peak_mb()
+    assert outer["peak"] - start >= 150
+    assert small < outer["peak"]
+
+
+def test_phases_pause_the_outer_clock():
+    phases = Phases(MemoryMeter("cpu"), "cpu")
+    with phases("init"):
+        time.sleep(0.05)
+        with phases("precompute_ref"):
+            time.sleep(0.2)
+    table = phases.table()
+    assert table["precompute_ref"]["time_s"] >= 0.2
+    assert 0.05 <= table["init"]["time_s"] < 0.2  # the nested 0.2 s are not counted twice
+
+
+def test_summarize_ratios_by_hand():
+    """Repeat 1: 100 vs 160 tok/s (1.6x), repeat 2: 100 vs 200 (2.0x): median 1.8x. Memory 1000 vs 500
+    MB: 0.5x. Losses differ by 0.01 at step 2 at most."""
+    def run(arm, n, tps, mb, losses):
+        return {"arm": arm, "run": n, "train_tokens_per_s": tps, "end_to_end_tokens_per_s": tps, "peak_mb": mb,
+                "train_peak_mb": mb, "step_time_s_median": 1.0, "train_flops_per_s": 1.0, "end_to_end_flops_per_s": 1.0,
+                "losses": losses, "lora_A_init_abs_sum": 3.0}
+
+    runs = [run("trl-baseline", 1, 100, 1000, [0.69, 0.68]), run("align", 1, 160, 500, [0.69, 0.67]),
+            run("trl-baseline", 2, 100, 1000, [0.69, 0.68]), run("align", 2, 200, 500, [0.69, 0.67])]
+    ratios = summarize(runs, ["trl-baseline", "align"])["ratios"]["align"]
+    assert ratios["train_tokens_per_s"] == pytest.approx(1.8)
+    assert ratios["peak_mb"] == pytest.approx(0.5)
+    assert ratios["loss_max_abs_diff"] == pytest.approx(0.01)
+    assert ratios["same_lora_init"]
+
+
+def test_synthetic_pairs_are_fixed_by_the_seed():
+    a, b = synthetic_pairs(5, seed=3), synthetic_pairs(5, seed=3)
+    assert [(p.prompt, p.chosen, p.rejected) for p in a] == [(p.prompt, p.chosen, p.rejected) for p in b]
+    assert synthetic_pairs(5, seed=4)[0].chosen != a[0].chosen or synthetic_pairs(5, seed=4)[0].prompt != a[0].prompt
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_runs_dpo_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The whole harness: both arms, 2 steps each, fresh subprocesses, a well-formed JSON report."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "align.bench", "--stage", "dpo", "--compare", "trl-baseline,align", "--steps", "2",
+           "--batch_size", "2", "--max_length", "1024", "--model_name_or_path", tiny_model_dir, "--threads", "1",
+           "--output_dir", str(tmp_path), "--data", "synthetic"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_dpo.json").read_text())
+    assert _finite_positive(report["setup"]["peak_flops"])
+    assert [r["arm"] for r in report["runs"]] == ["trl-baseline", "align"]
+    for r in report["runs"]:
+        assert "error" not in r, r.get("error")
+        for key in ("train_tokens_per_s", "end_to_end_tokens_per_s", "train_flops_per_s", "mfu_train", "peak_mb",
+                    "train_peak_mb", "n_params_matmul", "step_time_s_median", "tokens_total"):
+            assert _finite_positive(r[key]), (r["arm"], key, r[key])
+        assert r["n_params_matmul"] == 26_880
+        assert len(r["steps"]) == 2
+        for step in r["steps"]:
+            for key in ("time_s", "tokens", "tokens_per_s", "peak_mb", "flops", "loss"):
+                assert _finite_positive(step[key]), (r["arm"], key, step)
+        assert {"load", "init", "train"} <= r["phases"].keys()
+    base, ours = report["runs"]
+    assert "precompute_ref" in ours["phases"] and "precompute_ref" not in base["phases"]
+    # the baseline's steps include a reference forward (2N per token) on top of 4N: 6N per token
+    assert base["steps"][0]["flops"] == 6 * 26_880 * base["steps"][0]["tokens"]
+    assert ours["steps"][0]["flops"] == 4 * 26_880 * ours["steps"][0]["tokens"]
+    ratios = report["summary"]["ratios"]["align"]
+    assert ratios["same_lora_init"] and ratios["loss_steps_compared"] == 2
+    assert ratios["loss_max_abs_diff"] < 1e-4  # the same training, computed two ways
+    assert "train tok/s" in proc.stdout and "align / trl-baseline" in proc.stdout
+
+
+def test_ppo_stage_says_what_is_missing(tmp_path):
+    if (REPO / "align" / "ppo.py").is_file():
+        pytest.skip("align/ppo.py exists")
+    proc = subprocess.run([sys.executable, "-m", "align.bench", "--stage", "ppo", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 2 and "align/ppo.py" in proc.stderr

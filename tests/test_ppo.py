@@ -1,0 +1,476 @@
+"""The PPO engine and recipe on tiny models: identities, invariants, learning, resume, faults, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.config import build_config, parse_config
+from align.errors import ConfigError
+from align.ppo import (
+    CRITIC,
+    POLICY,
+    GumbelSampler,
+    HealthStop,
+    PPOArgs,
+    PPOTrainer,
+    build_models,
+    generate,
+    health_checks,
+    list_checkpoints,
+    row_seed,
+)
+from align.records import PromptRecord
+from align.train import NonFiniteError
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = [PromptRecord(prompt=[{"role": "user", "content": f"say {w}"}], constraints=[{"type": "lowercase"}], source=f"p{i}")
+           for i, w in enumerate(("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"))]
+TIMING_KEYS = ("time_s", "time/", "perf/tokens_per_s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two OpenMP threads on a shared 2-core machine make tiny matmuls ~100x slower (spin-waits).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(model_dir: str, out_dir: Path, **overrides) -> PPOArgs:
+    values = dict(model_name_or_path=model_dir, sft_dir=None, reward="verifier", dtype="fp32", output_dir=str(out_dir),
+                  rollout_batch_size=8, minibatch_size=4, micro_batch_size=2, forward_batch_size=8, response_length=6,
+                  total_updates=2, temperature=1.0, report_to="none", lora_r=4, lora_alpha=8, eval_prompts=None, save_steps=100,
+                  learning_rate=1e-2, critic_learning_rate=1e-2)
+    values.update(overrides)
+    return build_config(PPOArgs, values)
+
+
+def letters_reward(records, responses):
+    """Fraction of characters that are lowercase ASCII letters (26 of the tiny tokenizer's 256 bytes)."""
+    return [sum("a" <= c <= "z" for c in r) / max(1, len(r)) for r in responses]
+
+
+def trainer_for(cfg, reward=letters_reward, prompts=PROMPTS, **kwargs) -> PPOTrainer:
+    models, _ = build_models(cfg)
+    return PPOTrainer(cfg, models, prompts, reward, **kwargs)
+
+
+def adapter_state(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    state = {n: p.detach().clone() for n, p in trainer.models.model.named_parameters() if f".{POLICY}." in n or f".{CRITIC}." in n}
+    state.update({f"value_head.{n}": p.detach().clone() for n, p in trainer.models.value_head.named_parameters()})
+    return state
+
+
+def comparable(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not any(k.startswith(t) for t in TIMING_KEYS)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_gumbel_sampler_draws_from_softmax_over_temperature():
+    """20,000 rows (one generator each) sampling from softmax([2, 1, 0, -1] / 0.5) = (0.865, 0.117, 0.016,
+    0.002): every token's frequency is within 5 standard errors of its probability."""
+    n = 20_000
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(n, 4)
+    out = GumbelSampler([row_seed(7, 0, i) for i in range(n)], temperature=0.5)(None, logits)
+    assert torch.equal(torch.isfinite(out).sum(-1), torch.ones(n, dtype=torch.long)), "one token per row, the rest -inf"
+    freq = torch.bincount(out.argmax(-1), minlength=4).double() / n
+    probs = torch.softmax(logits[0].double() / 0.5, -1)
+    stderr = torch.sqrt(probs * (1 - probs) / n)
+    assert torch.all((freq - probs).abs() < 5 * stderr), (freq, probs)
+
+
+def test_a_rows_sample_does_not_depend_on_its_batch(tiny_model_dir, tmp_path):
+    """Rows 0-3 sampled together equal rows {0, 1} and {2, 3} sampled apart (as two processes would)."""
+    trainer = trainer_for(tiny_cfg(tiny_model_dir, tmp_path))
+    seeds = [row_seed(0, 5, i) for i in range(4)]
+    together = generate(trainer.models, PROMPTS[:4], seeds, temperature=1.0, max_new_tokens=6)[2]
+    first = generate(trainer.models, PROMPTS[:2], seeds[:2], temperature=1.0, max_new_tokens=6)[2]
+    second = generate(trainer.models, PROMPTS[2:4], seeds[2:], temperature=1.0, max_new_tokens=6)[2]
+    width = together.shape[1]
+    pad = trainer.models.tokenizer.pad_token_id
+
+    def padded(t):
+        return torch.cat([t, torch.full((t.shape[0], width - t.shape[1]), pad)], 1)
+
+    assert torch.equal(together, torch.cat([padded(first), padded(second)]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Identities and invariants
+
+
+def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tmp_path):
+    """Dropout is off and the update recomputes the rollout's log-probs on the same rows and widths, so the
+    first minibatch (before any optimizer step) has ratio exp(logp - old_logp) == 1 to the last bit."""
+    trainer = trainer_for(tiny_cfg(tiny_model_dir, tmp_path, total_updates=2))
+    trainer.train()
+    assert [h["ppo/first_minibatch_ratio_dev"] for h in trainer.history] == [0.0, 0.0]
+    assert trainer.history[0]["objective/kl"] == 0.0, "a fresh LoRA adapter (B = 0) is the reference"
+
+
+def test_gradient_accumulation_is_invisible(tiny_model_dir, tmp_path):
+    """TRL's invariant: minibatch 8 as 1 micro-batch of 8 or 8 micro-batches of 1 gives the same update
+    (token-mean losses are re-weighted by each micro-batch's share of the minibatch's tokens)."""
+    states = []
+    for micro in (8, 1):
+        cfg = tiny_cfg(tiny_model_dir, tmp_path / f"m{micro}", minibatch_size=8, micro_batch_size=micro, total_updates=1, ppo_epochs=1)
+        trainer = trainer_for(cfg)
+        trainer.train()
+        states.append(adapter_state(trainer))
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ppo_learns_a_programmable_reward_with_bounded_kl(tmp_path):
+    """Reward = fraction of lowercase letters in the response (about 0.1 for the untrained tiny model).
+    Over 20 updates the mean score of the last 5 updates must at least double that of the first 5, while the
+    KL to the reference stays below 2 nats per token. Measured (seed 1, 1 thread): 0.09 -> 0.24, KL <= 4.3
+    nats over 4 tokens."""
+    from align.testing import make_tiny_model
+
+    # initializer_range 0.2 (not 0.02): logits of a 32-wide model must be able to move away from uniform
+    model_dir = make_tiny_model(tmp_path / "tiny_r02", initializer_range=0.2)
+    cfg = tiny_cfg(model_dir, tmp_path / "out", rollout_batch_size=64, minibatch_size=32, micro_batch_size=64, response_length=4,
+                   total_updates=20, lora_r=8, lora_alpha=16, learning_rate=1e-2, critic_learning_rate=3e-3, kl_coef=0.05,
+                   lam=1.0, seed=1)
+    trainer = trainer_for(cfg)
+    started = time.time()
+    trainer.train()
+    scores = [h["objective/scores"] for h in trainer.history]
+    kls = [h["objective/kl"] for h in trainer.history]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    print(f"scores first5 {first:.3f} last5 {last:.3f}; max KL {max(kls):.2f}; {time.time() - started:.1f} s")
+    assert last > 2 * first and last - first > 0.08, scores
+    assert max(kls) < 2.0 * cfg.response_length, kls
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """4 updates in one go == 2 updates, a checkpoint, a fresh process state, 2 more. Sampling seeds are a
+    function of (seed, update, row) and the optimizer, scheduler and KL controller come from the checkpoint,
+    so the two runs are bitwise equal (tolerance 0) on one machine with the same thread count."""
+    base = dict(total_updates=4, save_steps=2, kl_target=1.0, lr_scheduler="linear")
+    whole = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "whole", **base))
+    whole.train()
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "split", **base)
+    first = trainer_for(cfg)
+    first.train(stop_after=2)
+    assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000002"]
+    second = trainer_for(cfg)  # new models and optimizer: only the checkpoint carries state
+    second.load_checkpoint(list_checkpoints(cfg.output_dir)[-1])
+    assert second.update_index == 2 and second.kl_ctl.value == first.kl_ctl.value
+    second.train()
+
+    a, b = adapter_state(whole), adapter_state(second)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert whole.kl_ctl.value == second.kl_ctl.value
+    metrics = [[comparable(json.loads(x)) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+               for d in (tmp_path / "whole", tmp_path / "split")]
+    assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
+    assert metrics[0] == metrics[1]
+
+
+def test_checkpoint_files_load_with_weights_only(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=3, save_steps=1, save_total_limit=2)
+    trainer_for(cfg).train()
+    checkpoints = list_checkpoints(cfg.output_dir)
+    assert [p.name for p in checkpoints] == ["update-000002", "update-000003"], "keep the last save_total_limit"
+    last = checkpoints[-1]
+    state = torch.load(last / "state.pt", weights_only=True)
+    assert state["update"] == 3 and state["data_position"] == 24
+    assert {"optimizer", "scheduler", "kl_controller"} <= set(state)
+    rng = torch.load(last / "rng-rank0.pt", weights_only=True)
+    assert {"torch", "python", "numpy"} <= set(rng)
+    for sub in ("policy", "critic"):
+        assert (last / sub / "adapter_model.safetensors").is_file() and (last / sub / "adapter_config.json").is_file()
+    assert (last / "critic" / "value_head.safetensors").is_file()
+    assert not list((Path(cfg.output_dir) / "checkpoints").glob(".tmp-*")), "no temporary directories left"
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults and health
+
+
+def test_nan_reward_stops_with_the_update_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    calls = []
+
+    def reward(records, responses):
+        calls.append(1)
+        return [float("nan") if len(calls) == 3 else 0.5] * len(responses)
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=5, save_steps=1)
+    trainer = trainer_for(cfg, reward)
+    with pytest.raises(NonFiniteError, match=r"update 3: the reward \(scores\) is not finite \(nan\).*update-000002"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000001", "update-000002"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_nan_loss_stops_before_the_optimizer_step(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_INJECT_NAN_AT_STEP", "2")
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=3, save_steps=1)
+    trainer = trainer_for(cfg)
+    with pytest.raises(NonFiniteError, match=r"update 2: the policy loss is not finite.*stopped before the optimizer step"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000001"]
+
+
+def _metrics(**overrides):
+    values = {"objective/kl": 1.0, "ppo/ratio_max": 1.2, "rollout/eos_rate": 1.0, "rollout/length_saturation": 0.0,
+              "objective/scores": 0.0, "rollout/response_length": 10.0}
+    values.update(overrides)
+    return values
+
+
+def test_health_checks_name_each_problem(tmp_path):
+    cfg = tiny_cfg("unused", tmp_path)
+
+    def check(history=(), **overrides):
+        return " | ".join(health_checks(_metrics(**overrides), list(history), cfg, reward_is_verifier=False))
+
+    assert check() == ""
+    assert "negative mean KL" in check(**{"objective/kl": -0.5})
+    assert "beyond the budget" in check(**{"objective/kl": 50.0})
+    assert "ratio explosion" in check(**{"ppo/ratio_max": 30.0})
+    assert "losing EOS" in check(**{"rollout/eos_rate": 0.2})
+    assert "fill the whole response_length" in check(**{"rollout/length_saturation": 0.9})
+    rising = [_metrics(**{"objective/scores": 0.1 * i, "objective/verifier": 0.8 - 0.1 * i}) for i in range(6)]
+    assert "reward gaming?" in check(rising)
+    growing = [_metrics(**{"objective/scores": 0.1 * i, "rollout/response_length": 10.0 + 10 * i}) for i in range(6)]
+    assert "length gaming?" in check(growing)
+    honest = [_metrics(**{"objective/scores": 0.1 * i, "objective/verifier": 0.1 * i}) for i in range(6)]
+    assert check(honest) == ""
+
+
+def test_stop_on_health_saves_a_checkpoint_and_stops(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=4, stop_on_health=True, health_min_eos_rate=1.01)
+    trainer = trainer_for(cfg)
+    with pytest.raises(HealthStop, match="update 1: stopped by --stop_on_health: losing EOS"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000001"]
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped"].startswith("health: losing EOS")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize("name", ["ppo.yaml", "ppo_qlora_8b.yaml"])
+def test_configs_parse_strictly(name):
+    cfg = parse_config(PPOArgs, ["--config", str(REPO / "recipes" / "configs" / name)])
+    assert cfg.rollout_batch_size % cfg.minibatch_size == 0
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="minibatch_size"):
+        tiny_cfg("m", tmp_path, rollout_batch_size=8, minibatch_size=3)
+    with pytest.raises(ConfigError, match="temperature"):
+        tiny_cfg("m", tmp_path, temperature=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe, end to end (subprocesses)
+
+
+def write_prompts(path: Path, n: int = 8, constraints: bool = True) -> str:
+    rows = [{"prompt": f"write {i} words about the sea", **({"constraints": [{"type": "lowercase"}]} if constraints else {})}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def recipe_args(model_dir: str, out_dir: Path, prompts: str, *extra: str) -> list[str]:
+    return ["--model_name_or_path", model_dir, "--sft_dir", "none", "--dtype", "fp32", "--output_dir", str(out_dir),
+            "--prompts", prompts, "--eval_prompts", prompts, "--num_eval_prompts", "4", "--rollout_batch_size", "4",
+            "--minibatch_size", "2", "--micro_batch_size", "2", "--forward_batch_size", "4", "--response_length", "6",
+            "--total_updates", "2", "--lora_r", "4", "--lora_alpha", "8", "--temperature", "1.0", "--cpu_threads", "1", *extra]
+
+
+def run_recipe(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = (launcher or [sys.executable]) + [str(REPO / "recipes" / "ppo.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_recipe_end_to_end_with_the_verifier(tiny_model_dir, tmp_path):
+    from align.models import load_trained
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    result = run_recipe(recipe_args(tiny_model_dir, out, prompts, "--reward", "verifier"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reward: the built-in verifier" in result.stderr
+    assert "sft_dir is none: the base is the plain model" in result.stderr
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "critic/value_head.safetensors",
+                 "config.yaml", "run_info.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "ppo/approx_kl", "ppo/clipfrac", "ppo/ratio_mean",
+                "ppo/ratio_max", "ppo/value_loss", "ppo/value_clipfrac", "objective/entropy", "rollout/response_length",
+                "rollout/eos_rate", "objective/beta", "time_s", "perf/tokens"):
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 2 and summary["peak_memory_mb"] > 0 and summary["method"] == "ppo"
+    assert set(summary["heldout_before"]) >= {"verifier", "prompts"} and summary["heldout_after"]["prompts"] == 4
+    model, _ = load_trained(str(out), dtype="fp32")  # the policy loads like any other adapter
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_recipe_end_to_end_with_a_reward_adapter(tiny_model_dir, tmp_path):
+    from tests.test_ppo_adapters import make_reward_adapter
+
+    make_reward_adapter(tiny_model_dir, tmp_path / "reward" / "adapter")  # as recipes/reward.py writes outputs/reward
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    result = run_recipe(recipe_args(tiny_model_dir, out, prompts, "--reward_model", str(tmp_path / "reward")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "on the shared base" in summary["reward"]
+    assert set(summary["heldout_before"]) >= {"verifier", "reward"}
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("objective/verifier" in m for m in metrics), "the verifier is logged next to a learned reward"
+
+
+def test_recipe_user_errors_exit_2_with_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    prompts = write_prompts(tmp_path / "plain.jsonl", constraints=False)
+    cases = [
+        (["--reward", "verifier"], "error: reward: the verifier scores prompts by their constraints, and"),
+        (["--reward", "no_such_module_xyz:score"], "error: config: reward: cannot import no_such_module_xyz"),
+        (["--reward", "model", "--reward_model", str(tmp_path / "nowhere")], "error: config: reward_model:"),
+        (["--rollout_batch_size", "5"], "error: config: minibatch_size (2) must divide rollout_batch_size (5)"),
+    ]
+    for extra, message in cases:  # in-process: the recipe's main() under cli_main, as `python recipes/ppo.py` runs it
+        monkeypatch.setattr(sys, "argv", ["ppo.py", *recipe_args(tiny_model_dir, tmp_path / "out", prompts, *extra)])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / "recipes" / "ppo.py"), run_name="__main__")
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err[-2000:]
+        assert message in err and "Traceback" not in err, err[-2000:]
+
+
+def test_reward_function_from_a_file(tiny_model_dir, tmp_path):
+    from align.ppo import reward_function
+
+    (tmp_path / "my_rewards.py").write_text("def shortness(prompts, responses):\n    return [-len(r) for r in responses]\n")
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, reward=f"{tmp_path / 'my_rewards.py'}:shortness")
+    models, plan = build_models(cfg)
+    assert plan.kind == "function"
+    fn = reward_function(cfg, plan, models)
+    assert fn(PROMPTS[:2], ["abc", ""]) == [-3, 0]
+
+
+def test_sft_adapter_is_merged_and_the_policy_loads_on_it(tiny_model_dir, tmp_path):
+    """sft_dir holding only an adapter: the base is that adapter merged (so the reference is the SFT model),
+    and the saved policy adapter names a merged copy as its base, so load_trained reproduces the policy."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.models import ModelArgs, load_model, load_trained, lora_config
+
+    sft, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none", lora_r=4), lora=False)
+    sft = get_peft_model(sft, lora_config(ModelArgs(lora_r=4, lora_alpha=8)))
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5)
+    sft.save_pretrained(str(tmp_path / "sft" / "adapter"))
+    tokenizer.save_pretrained(str(tmp_path / "sft" / "adapter"))
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "out", sft_dir=str(tmp_path / "sft"), total_updates=1)
+    trainer = trainer_for(cfg)
+    assert trainer.models.base.name == str(tmp_path / "out" / "sft_merged")
+    ids = torch.tensor([[5, 70, 71, 72, 73, 74]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, str(tmp_path / "sft" / "adapter")).eval()
+    with torch.no_grad(), trainer.models.phase(None):
+        reference = trainer.models.lm_head(trainer.models.response_hidden(ids, torch.ones_like(ids), 1, 5))
+        torch.testing.assert_close(reference, expected(input_ids=ids).logits[:, :-1], rtol=1e-4, atol=1e-4)
+    trainer.train()
+    trainer.save_final()
+    loaded, _ = load_trained(str(tmp_path / "out"), dtype="fp32")
+    with torch.no_grad(), trainer.models.phase(POLICY):
+        policy = trainer.models.lm_head(trainer.models.response_hidden(ids, torch.ones_like(ids), 1, 5))
+        torch.testing.assert_close(loaded(input_ids=ids).logits[:, :-1], policy, rtol=1e-4, atol=1e-4)
+
+
+def test_recipe_sigterm_saves_a_checkpoint_and_resumes(tiny_model_dir, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    args = recipe_args(tiny_model_dir, out, prompts, "--reward", "verifier", "--total_updates", "40", "--save_steps", "100",
+                       "--num_eval_prompts", "0")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "recipes" / "ppo.py"), *args], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:  # wait for the first update, then interrupt
+        lines.append(line)
+        if line.startswith("[ppo] update 1/40"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
+    assert "SIGTERM: checkpoint" in rest
+    saved = list_checkpoints(out)
+    assert len(saved) == 1
+    assert json.loads((out / "summary.json").read_text())["stopped"] == "SIGTERM"
+    done = int(saved[0].name.split("-")[1])
+    result = run_recipe(args[:-4] + ["--total_updates", str(done + 1), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {saved[0]}" in result.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, done + 2))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_model_dir, tmp_path):
+    """The same global batch on 1 process and on 2 (accelerate, gloo): same prompts, same sampled tokens (each
+    row's sampler is seeded by its global index), advantages whitened over the global batch, gradients summed
+    over processes. Only float summation order differs (different padding widths, all-reduce), so the final
+    adapters agree to 1e-4 and the logged metrics to 1e-3 (relative) after 2 updates."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    extra = ["--reward", "verifier", "--num_eval_prompts", "0", "--report_to", "none", "--micro_batch_size", "1"]
+    one = run_recipe(recipe_args(tiny_model_dir, tmp_path / "one", prompts, *extra))
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    two = run_recipe(recipe_args(tiny_model_dir, tmp_path / "two", prompts, *extra), launcher=launcher)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 process(es)" in two.stderr
+    from safetensors.torch import load_file
+
+    for sub, name in (("adapter", "adapter_model.safetensors"), ("critic", "adapter_model.safetensors"), ("critic", "value_head.safetensors")):
+        a, b = (load_file(str(tmp_path / run / sub / name)) for run in ("one", "two"))
+        assert a.keys() == b.keys()
+        worst = max(float((b[k] - a[k]).abs().max()) for k in a)
+        print(f"{sub}/{name}: max |2 processes - 1 process| = {worst:.2e}")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=f"{sub}/{name}: {key}")
+    m1, m2 = ([comparable(json.loads(x)) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two"))
+    assert len(m1) == len(m2) == 2
+    for r1, r2 in zip(m1, m2):
+        assert r1.keys() == r2.keys()
+        for key in r1:
+            assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-5), key

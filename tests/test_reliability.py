@@ -1,0 +1,276 @@
+"""The recipes survive failures: kills, a kill mid-checkpoint, SIGTERM, a NaN loss, a fresh start over an
+earlier run, an unwritable output directory and bad config. Each run is a real process of
+recipes/{sft,reward,dpo}.py on a tiny model (see recipe_harness: forked from a server that imported
+torch/transformers/TRL once, so a run costs seconds, not a cold start).
+
+"Matches the uninterrupted run" means bit-identical adapter weights and per-step metrics: CPU, fp32, one
+thread, the same seed; resume restores weights, optimizer, scheduler, RNG and data position, so any
+difference is a resume bug. The one tolerance is `train_loss` (summary.json and the last metrics record),
+the mean over all steps: after a resume it is computed from the checkpoint's logged losses plus this
+process's mean, a different summation order than one process's running sum (rel 1e-12).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipe_harness import (  # noqa: F401  (tiny_data is a fixture)
+    adapter_tensors,
+    assert_no_traceback,
+    complete_checkpoints,
+    metric_records,
+    recipe_args,
+    reproducible,
+    run_cli,
+    run_recipe,
+    start_recipe,
+    tiny_data,
+)
+
+RECIPES = ["sft", "reward", "dpo"]
+MAX_STEPS = 6
+SAVE_STEPS = 2
+
+
+def model_for(recipe: str, tiny_model_dir: str, tiny_reward_dir: str) -> str:
+    return tiny_reward_dir if recipe == "reward" else tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir, tiny_reward_dir, tiny_data):
+    """args(recipe, output_dir, **flags) -> argv for the standard short run (6 steps, checkpoint every 2)."""
+
+    def args(recipe: str, output_dir, **flags) -> list[str]:
+        model = model_for(recipe, tiny_model_dir, tiny_reward_dir)
+        return recipe_args(recipe, model, tiny_data, output_dir, **{"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, **flags})
+
+    return args
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, runner):
+    """uninterrupted(recipe) -> output_dir of one run without faults (made once per recipe, shared)."""
+    done: dict[str, Path] = {}
+
+    def get(recipe: str) -> Path:
+        if recipe not in done:
+            root = tmp_path_factory.mktemp(f"{recipe}_reference")
+            code, log = run_recipe(recipe, runner(recipe, root / "run"), root / "run.log")
+            assert code == 0, log[-3000:]
+            done[recipe] = root / "run"
+        return done[recipe]
+
+    return get
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Bit-identical adapter and per-step metrics, one metrics record per step, the same summary."""
+    ref_w, new_w = adapter_tensors(reference / "adapter"), adapter_tensors(resumed / "adapter")
+    assert ref_w.keys() == new_w.keys()
+    differ = [k for k in ref_w if not torch.equal(ref_w[k], new_w[k])]
+    assert not differ, f"{len(differ)} adapter tensors differ, e.g. {differ[0]}: max |diff| " \
+        f"{(ref_w[differ[0]] - new_w[differ[0]]).abs().max().item():.3g}"
+
+    ref_m, new_m = metric_records(reference), metric_records(resumed)
+    steps = [r["step"] for r in new_m if "train/loss" in r]
+    assert steps == list(range(1, MAX_STEPS + 1)), f"metrics.jsonl steps after resume: {steps}"
+    ref_final, new_final = ref_m[-1].pop("train/train_loss"), new_m[-1].pop("train/train_loss")
+    assert math.isclose(ref_final, new_final, rel_tol=1e-12), (ref_final, new_final)
+    assert reproducible(ref_m) == reproducible(new_m)
+
+    ref_s, new_s = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
+    assert math.isclose(ref_s.pop("train_loss"), new_s.pop("train_loss"), rel_tol=1e-12)
+    for key in ("steps", "tokens_processed", "before", "after", "eval_loss"):
+        assert ref_s.get(key) == new_s.get(key), key
+
+
+def logged_steps(output_dir: Path) -> list[int]:
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written right now
+            continue
+        if "train/loss" in record:
+            steps.append(record["step"])
+    return steps
+
+
+# ------------------------------------------------------------------------------------------ kill, resume
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_kill_and_kill_mid_checkpoint_then_resume_match_uninterrupted(recipe, runner, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+
+    # 1. SIGKILL from outside once step 3 is logged: checkpoint-2 is complete, step 3 is done but not saved.
+    run = start_recipe(recipe, runner(recipe, out), tmp_path / "1.log")
+    run.wait_for(lambda: 3 in logged_steps(out), "step 3 in metrics.jsonl")
+    run.signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    assert complete_checkpoints(out)[-1:] in ([2], [4]), complete_checkpoints(out)  # 4 only if step 4 outran the kill
+
+    # 2. Resume, and die (SIGKILL) inside the next checkpoint save: weights written, optimizer/state not, no marker.
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log", kill_in_save=True)
+    assert code == -signal.SIGKILL, log[-3000:]
+    good = complete_checkpoints(out)[-1]
+    partial = out / f"checkpoint-{good + SAVE_STEPS}"
+    assert partial.is_dir() and (partial / "adapter_model.safetensors").is_file()
+    assert not (partial / "trainer_state.json").exists()
+    assert max(logged_steps(out)) == good + SAVE_STEPS  # logged, then killed while saving
+
+    # 3. Resume again: the partial checkpoint is not trusted (removed), training continues from the last good one.
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "3.log")
+    assert code == 0, log[-3000:]
+    assert f"removing incomplete checkpoint {partial}" in log
+    assert f"resuming from {out / f'checkpoint-{good}'}" in log
+    assert_same_run(uninterrupted(recipe), out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fresh_start_then_sigterm_then_nan_then_resume_match_uninterrupted(recipe, runner, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+
+    # 0. The output_dir holds an earlier run (checkpoints 4 and 6, metrics). A run without --resume starts over:
+    #    those checkpoints must go, or HF's rotation (save_total_limit) deletes the new run's checkpoint-1 as the
+    #    oldest and a later --resume would continue the earlier run.
+    shutil.copytree(uninterrupted(recipe), out, ignore=shutil.ignore_patterns("adapter", "summary.json"))
+    assert complete_checkpoints(out) == [4, 6]
+
+    # 1. SIGTERM at the end of step 1 (the run holds there until the signal arrives, see recipe_harness): the step
+    #    is saved although it is off the save_steps grid, and the run exits 143.
+    run = start_recipe(recipe, runner(recipe, out), tmp_path / "1.log", hold_after_step=1)
+    run.wait_for(lambda: "[harness] holding after step 1" in run.text(), "step 1")
+    run.signal(signal.SIGTERM)
+    assert run.wait() == 143, run.text()[-3000:]
+    assert "holds checkpoints of an earlier run; starting over and removing them" in run.text()
+    assert complete_checkpoints(out) == [1] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert logged_steps(out) == [1]  # the earlier run's records are gone too
+    assert "SIGTERM: saving a checkpoint after this step" in run.text() and "rerun with --resume" in run.text()
+    assert_no_traceback(run.text())
+
+    # 2. Resume with a NaN loss injected at step 3, one step after this run's checkpoint-2: exit 2, a one-line
+    #    error naming the step and the tensor, checkpoint-2 kept, nothing saved or logged at or after step 3.
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log",
+                           env={"ALIGN_INJECT_NAN_AT_STEP": "3"})
+    assert code == 2, log[-3000:]
+    assert "error: step 3: the training loss is nan; stopped before backward; the last good checkpoint is kept" in log
+    assert_no_traceback(log)
+    assert complete_checkpoints(out) == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert logged_steps(out) == [1, 2]
+
+    # 3. Resume without the fault: finishes and matches the uninterrupted run.
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "3.log")
+    assert code == 0, log[-3000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in log
+    assert_same_run(uninterrupted(recipe), out)
+
+
+def test_run_train_loss_adds_back_the_steps_before_the_resume():
+    """Steps 1-3 logged losses 1, 2, 3 (checkpoint at 3); the resumed call ran steps 4-5 with mean 6:
+    whole run = (1 + 2 + 3 + 6 * 2) / 5 = 18 / 5 = 3.6. Logging every 2 steps (1.5 at step 2, nothing at
+    step 3, checkpoint at 3): step 3's loss is unknown, so (1.5 * 2 + 6 * 2) / (2 + 2) = 15 / 4 = 3.75."""
+    from align.train import run_train_loss
+
+    every_step = [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}, {"loss": 3.0, "step": 3}, {"loss": 7.0, "step": 4}]
+    assert run_train_loss(every_step, 6.0, first_step=3, global_step=5) == 3.6
+    assert run_train_loss([{"loss": 1.5, "step": 2}, {"eval_loss": 9.0, "step": 2}], 6.0, first_step=3, global_step=5) == 3.75
+    assert run_train_loss(every_step, 6.0, first_step=0, global_step=5) == 6.0  # not resumed: HF's own number
+
+
+def test_metrics_lines_kept_when_training_restarts():
+    from align.train import _kept_on_restart
+
+    lines = [json.dumps({"step": s, "train/loss": 0.5}) + "\n" for s in (1, 2, 3)]
+    lines.append(json.dumps({"step": 2, "train/train_loss": 0.5, "train/train_runtime": 1.0}) + "\n")  # end of a call
+    lines.append('{"step": 4, "train/lo')  # cut short by a kill
+    assert [line for line in lines if _kept_on_restart(line, 2)] == lines[:2]
+    assert [line for line in lines if _kept_on_restart(line, 0)] == []  # a fresh start keeps nothing
+
+
+# ------------------------------------------------------------------------------------------ start-up errors
+
+
+def start_up_error(recipe: str, argv: list[str], log: Path) -> str:
+    """Run a recipe that must refuse to start: exit 2, one `error:` line, no traceback, no model loaded."""
+    code, text = run_recipe(recipe, argv, log)
+    assert code == 2, text[-3000:]
+    assert_no_traceback(text)
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, text[-3000:]
+    assert "[align] data:" not in text  # stopped before loading anything
+    return errors[0]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_output_dir_under_a_regular_file_fails_at_start(recipe, runner, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where a directory is expected\n")
+    # A model path that does not exist: had the recipe loaded the model first, the error would name it instead.
+    argv = runner(recipe, blocker / "out", model_name_or_path=str(tmp_path / "no_such_model"))
+    line = start_up_error(recipe, argv, tmp_path / "log")
+    assert line == f"error: output_dir {blocker / 'out'}: cannot write there (Not a directory)"
+
+
+def test_output_dir_in_proc_and_full_disk_fail_at_start(runner, tmp_path):
+    argv = runner("dpo", "/proc/align_out", model_name_or_path=str(tmp_path / "no_such_model"))
+    line = start_up_error("dpo", argv, tmp_path / "proc.log")
+    assert line.startswith("error: output_dir /proc/align_out: cannot write there (")
+
+    argv = runner("dpo", tmp_path / "out", min_free_gb=1e9, model_name_or_path=str(tmp_path / "no_such_model"))
+    line = start_up_error("dpo", argv, tmp_path / "full.log")
+    assert "GB free on its disk, need at least 1000000000.0 GB" in line
+
+
+@pytest.mark.slow
+def test_unwritable_output_dir_real_command_line(tiny_model_dir, tiny_data, tmp_path):
+    """The same check through `python recipes/dpo.py` itself: exit code and stderr as a user sees them."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = recipe_args("dpo", str(tmp_path / "no_such_model"), tiny_data, blocker / "out")
+    result = run_cli(["recipes/dpo.py", *argv])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: output_dir {blocker / 'out'}: cannot write there (Not a directory)"
+    assert_no_traceback(result.stderr)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_unknown_flag_names_the_close_valid_one(recipe, runner, tmp_path):
+    argv = runner(recipe, tmp_path / "out") + ["--learning_rat", "1e-4"]
+    line = start_up_error(recipe, argv, tmp_path / "log")
+    assert line == "error: command line: unknown option 'learning_rat'; did you mean learning_rate?"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_wrong_type_names_the_field_and_the_type(recipe, runner, tmp_path):
+    argv = runner(recipe, tmp_path / "out", save_steps="four")
+    line = start_up_error(recipe, argv, tmp_path / "log")
+    assert line == "error: config: save_steps: expected an integer, got 'four'"
+
+
+def test_unknown_yaml_key_names_the_file(runner, tmp_path):
+    config = tmp_path / "dpo.yaml"
+    config.write_text("beta: 0.1\nbetta: 0.2\n")
+    argv = runner("dpo", tmp_path / "out") + ["--config", str(config)]
+    line = start_up_error("dpo", argv, tmp_path / "log")
+    assert line == f"error: {config}: unknown option 'betta'; did you mean beta?"
+
+
+def test_unknown_dpo_loss_type_lists_the_valid_ones(runner, tmp_path):
+    argv = runner("dpo", tmp_path / "out", loss_type="sigmod")
+    line = start_up_error("dpo", argv, tmp_path / "log")
+    assert line.startswith("error: config: loss_type: unknown DPO loss 'sigmod'; expected one of ")
+    assert "sigmoid" in line and "ipo" in line
