@@ -610,6 +610,7 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     n_params = matmul_params(base_model)
     lora = hasattr(unwrapped, "peft_config")
     lora_a = [p for n, p in sorted(unwrapped.named_parameters()) if "lora_A" in n and ".default." in n]
+    lora_checksum = float(sum(p.detach().double().abs().sum() for p in lora_a)) if lora_a else None  # before training
 
     training_step = trainer.training_step
 
@@ -630,7 +631,7 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     all_tokens = sum(s["tokens"] for s in steps)
     return {
         "data": source, "n_params_matmul": n_params, "lora": lora,
-        "lora_A_init_abs_sum": float(sum(p.detach().double().abs().sum() for p in lora_a)) if lora_a else None,
+        "lora_A_init_abs_sum": lora_checksum,
         "steps": steps,
         # precomputed reference log-probs: their time and FLOPs belong to the end-to-end figures
         "extra_time_s": phases.result.get("precompute_ref", {}).get("time_s", 0.0),

@@ -20,6 +20,10 @@ Two levers, each with a switch in `FastDPOArgs`:
 Reference log-probs go through the same path (`compute_ref_log_probs`), both when they are precomputed
 before training (the recipe's default) and when they are computed every step.
 
+Two process-wide CPU settings live here too, applied by recipes/dpo.py: `set_cpu_threads` (no more torch
+threads than idle cores) and `return_freed_memory_to_os` (glibc returns freed activations to the OS).
+`python -m align.bench --stage dpo --compare trl-baseline,align` measures all of it against stock TRL.
+
 Where the fast path cannot be exact it is not used and the trainer says so once: truncation that cuts
 the prompt differently for chosen and rejected (`truncation_mode="keep_end"`) keeps that pair in two rows;
 attention implementations that take no 4-D mask (flash-attention) turn `share_prompt` off; models with
@@ -99,11 +103,27 @@ def set_cpu_threads(requested: int) -> str:
     if requested > 0:
         torch.set_num_threads(requested)
         return f"threads={requested} (cpu_threads)"
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = max(0.0, load - _own_cpu_rate())  # the load average counts this process too
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # several training processes share the cores
     threads = max(1, min(cores // processes, int((cores - busy) / processes + 0.5)))
     torch.set_num_threads(threads)
-    return f"threads={threads} (cpu_threads auto: {cores} cores, 1-minute load {busy:.1f})"
+    return f"threads={threads} (cpu_threads auto: {cores} cores, 1-minute load {load:.1f} of which this process ~{load - busy:.1f})"
+
+
+def _own_cpu_rate() -> float:
+    """Cores this process has kept busy on average since it started (its share of the load average)."""
+    import resource
+    import time
+
+    try:
+        import psutil
+
+        started = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - no psutil: assume the process is new
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (usage.ru_utime + usage.ru_stime) / max(time.time() - started, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ the batch

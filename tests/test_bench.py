@@ -80,7 +80,7 @@ def test_summarize_ratios_by_hand():
     """Repeat 1: 100 vs 160 tok/s (1.6x), repeat 2: 100 vs 200 (2.0x): median 1.8x. Memory 1000 vs 500
     MB: 0.5x. Losses differ by 0.01 at step 2 at most."""
     def run(arm, n, tps, mb, losses):
-        return {"arm": arm, "run": n, "train_tokens_per_s": tps, "end_to_end_tokens_per_s": tps, "peak_mb": mb,
+        return {"stage": "dpo", "arm": arm, "run": n, "train_tokens_per_s": tps, "end_to_end_tokens_per_s": tps, "peak_mb": mb,
                 "train_peak_mb": mb, "step_time_s_median": 1.0, "train_flops_per_s": 1.0, "end_to_end_flops_per_s": 1.0,
                 "losses": losses, "lora_A_init_abs_sum": 3.0}
 
