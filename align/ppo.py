@@ -110,9 +110,9 @@ class PPOArgs(ModelArgs):
     forward_batch_size: int = arg(8, "rows per no-grad forward pass (scoring) per process")
     # ---- PPO
     total_updates: int = arg(16, "PPO updates (one rollout batch each)")
-    ppo_epochs: int = arg(2, "passes over each rollout batch")
-    minibatch_size: int = arg(8, "rollout rows per optimizer step, over all processes")
-    micro_batch_size: int = arg(8, "rows per forward/backward per process (gradient accumulation fills the minibatch)")
+    ppo_epochs: int = arg(1, "passes over each rollout batch")
+    minibatch_size: int = arg(4, "rollout rows per optimizer step, over all processes")
+    micro_batch_size: int = arg(4, "rows per forward/backward per process (gradient accumulation fills the minibatch)")
     learning_rate: float = arg(5e-5, "policy adapter learning rate")
     critic_learning_rate: float = arg(2e-4, "critic adapter and value head learning rate")
     lr_scheduler: Literal["constant", "linear"] = arg("constant", "learning rate over the run: constant, or linear decay to 0")
@@ -141,9 +141,9 @@ class PPOArgs(ModelArgs):
     health_min_kl: float = arg(-0.05, "warn when the mean KL per response is below this (a sampling/scoring mismatch)")
     health_kl_budget: float = arg(10.0, "warn when the mean KL per response exceeds this (nats)")
     health_max_ratio: float = arg(10.0, "warn when the largest PPO ratio in an update exceeds this")
-    health_min_eos_rate: float = arg(0.5, "warn when fewer responses than this end with EOS")
-    health_max_saturation: float = arg(0.5, "warn when more responses than this fill the whole response_length")
-    health_window: int = arg(6, "updates compared (first half vs second half) for reward-gaming checks")
+    health_eos_drop: float = arg(0.25, "warn when the share of responses ending with EOS falls this much below the run's start")
+    health_saturation_rise: float = arg(0.25, "warn when the share of responses filling response_length rises this much above the start")
+    health_window: int = arg(6, "updates compared: the last half against the half before (gaming) or the run's start (EOS, length)")
 
     def validate(self) -> None:
         positive = ("rollout_batch_size", "response_length", "forward_batch_size", "total_updates", "ppo_epochs",
@@ -881,18 +881,27 @@ def estimate_advantages(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Di
 # --------------------------------------------------------------------------------------------------
 
 
+def _mean(rows: Sequence[dict[str, float]], key: str) -> float | None:
+    values = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+    return sum(values) / len(values) if values else None
+
+
 def _trend(history: list[dict[str, float]], key: str, window: int) -> float | None:
-    """Mean of the second half of the last `window` values minus the mean of the first half."""
-    values = [h[key] for h in history[-window:] if key in h and math.isfinite(h[key])]
-    if len(values) < window:
+    """Mean of `key` over the second half of the last `window` updates minus its mean over the first half."""
+    if len(history) < window:
         return None
     half = window // 2
-    return sum(values[-half:]) / half - sum(values[:half]) / half
+    early, late = _mean(history[-window:-half], key), _mean(history[-half:], key)
+    return None if early is None or late is None else late - early
 
 
-def health_checks(metrics: dict[str, float], history: list[dict[str, float]], cfg: PPOArgs, reward_is_verifier: bool) -> list[str]:
-    """Warnings (one line each) for one update's metrics and the recent history."""
-    warnings = []
+def health_checks(history: list[dict[str, float]], cfg: PPOArgs, reward_is_verifier: bool) -> list[str]:
+    """Warnings (one line each) about the latest update, `history[-1]`, given the run so far.
+
+    EOS and length are compared with the start of the run (the first health_window / 2 updates), so a base
+    model that rarely finishes within response_length is not flagged for what it always did.
+    """
+    metrics, warnings = history[-1], []
     kl = metrics["objective/kl"]
     if kl < cfg.health_min_kl:
         warnings.append(f"negative mean KL {kl:.4f}: the rollout log-probs are not those of the sampling distribution "
@@ -901,19 +910,24 @@ def health_checks(metrics: dict[str, float], history: list[dict[str, float]], cf
         warnings.append(f"mean KL {kl:.3f} nats beyond the budget {cfg.health_kl_budget}: the policy is drifting far from the reference")
     if metrics["ppo/ratio_max"] > cfg.health_max_ratio:
         warnings.append(f"ratio explosion: max PPO ratio {metrics['ppo/ratio_max']:.2f} > {cfg.health_max_ratio}")
-    if metrics["rollout/eos_rate"] < cfg.health_min_eos_rate:
-        warnings.append(f"losing EOS: only {metrics['rollout/eos_rate']:.2f} of responses end with EOS")
-    if metrics["rollout/length_saturation"] > cfg.health_max_saturation:
-        warnings.append(f"{metrics['rollout/length_saturation']:.2f} of responses fill the whole response_length ({cfg.response_length})")
-    window = cfg.health_window
+    window, half = cfg.health_window, cfg.health_window // 2
+    if len(history) >= 2 * half:
+        start, recent = history[:half], history[-half:]
+        eos_then, eos_now = _mean(start, "rollout/eos_rate"), _mean(recent, "rollout/eos_rate")
+        if eos_then - eos_now > cfg.health_eos_drop:
+            warnings.append(f"losing EOS: {eos_now:.2f} of responses end with EOS over the last {half} updates, {eos_then:.2f} at the start")
+        sat_then, sat_now = _mean(start, "rollout/length_saturation"), _mean(recent, "rollout/length_saturation")
+        if sat_now - sat_then > cfg.health_saturation_rise:
+            warnings.append(f"responses saturate the length limit: {sat_now:.2f} fill response_length ({cfg.response_length}) "
+                            f"over the last {half} updates, {sat_then:.2f} at the start")
     score_trend = _trend(history, "objective/scores", window)
     if score_trend is not None and score_trend > 0:
         verifier_trend = _trend(history, "objective/verifier", window)
         if not reward_is_verifier and verifier_trend is not None and verifier_trend < -0.02:
             warnings.append(f"reward gaming? the score rose by {score_trend:.3f} over the last {window} updates while the verifier fell by {-verifier_trend:.3f}")
         length_trend = _trend(history, "rollout/response_length", window)
-        first = [h["rollout/response_length"] for h in history[-window:]][: window // 2]
-        if length_trend is not None and first and length_trend > 0.5 * (sum(first) / len(first)) and (verifier_trend is None or verifier_trend <= 0):
+        length_then = _mean(history[-window:-half], "rollout/response_length")
+        if length_trend is not None and length_trend > 0.5 * length_then and (verifier_trend is None or verifier_trend <= 0):
             warnings.append(f"length gaming? the score rose while responses grew by {length_trend:.1f} tokens over the last {window} updates")
     return warnings
 
@@ -1128,7 +1142,10 @@ class PPOTrainer:
 
     def _after_update_checks(self, metrics: dict[str, float]) -> None:
         # metrics are reduced over processes, so every process reaches the same verdicts
-        warnings = health_checks(metrics, self.history, self.cfg, self.reward_is_verifier)
+        warnings = health_checks(self.history, self.cfg, self.reward_is_verifier)
+        if self.update_index == 1 and metrics["rollout/length_saturation"] > 0.5:
+            say(f"note: {metrics['rollout/length_saturation']:.2f} of the first responses fill response_length "
+                f"({self.cfg.response_length}): scores see cut-off replies (raise response_length or set missing_eos_penalty)", self.dist)
         for w in warnings:
             say(f"health warning at update {self.update_index}: {w}", self.dist)
             self.health_log.append({"update": self.update_index, "warning": w})

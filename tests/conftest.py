@@ -27,3 +27,14 @@ def tiny_reward_dir(tmp_path_factory) -> str:
     from align.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_rm") / "model", task="reward")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test (or the benchmark harness it runs) may change torch's thread count; do not let it leak into
+    the next test, whose numerics (reduction order) would then differ from running it alone."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
