@@ -187,14 +187,8 @@ class NonFiniteGuard(TrainerCallback):
     """Stop on a NaN/inf loss or gradient, before the optimizer applies it and before any save."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            return
-        for name, p in model.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise NonFiniteError(
-                    f"step {state.global_step + 1}: gradient of {name} is not finite (NaN or inf); "
-                    "stopped before the optimizer step; the last good checkpoint is kept"
-                )
+        if model is not None:  # FiniteLossMixin checks before clipping; this covers max_grad_norm 0 and other trainers
+            check_gradients(model, state.global_step + 1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for key in ("loss", "grad_norm", "eval_loss"):
@@ -237,8 +231,19 @@ def guard_callbacks(output_dir: str) -> list[TrainerCallback]:
     return [MetricsFile(output_dir), NonFiniteGuard(), CompletionMarker(), StopOnSignal()]
 
 
+def check_gradients(model: Any, step: int) -> None:
+    """Raise NonFiniteError naming the first parameter whose gradient holds a NaN or inf."""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise NonFiniteError(
+                f"step {step}: gradient of {name} is not finite (NaN or inf); "
+                "stopped before the optimizer step; the last good checkpoint is kept"
+            )
+
+
 class FiniteLossMixin:
-    """Mixed into a TRL trainer: a non-finite loss stops the run at the step it appears (before backward)."""
+    """Mixed into a TRL trainer: a non-finite loss stops the run at the step it appears (before backward), a
+    non-finite gradient after backward and before clipping (see `_clip_grad_norm`)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rank = os.environ.get("RANK", "0")
@@ -255,7 +260,24 @@ class FiniteLossMixin:
                 f"step {self.state.global_step + 1}: the training loss is {loss.detach().float().item()}; "
                 "stopped before backward; the last good checkpoint is kept"
             )
+        if os.environ.get("ALIGN_INJECT_NAN_GRAD_AT_STEP") and not getattr(self, "_nan_grad_hook", None):
+            self._nan_grad_hook = self._inject_nan_grad(int(os.environ["ALIGN_INJECT_NAN_GRAD_AT_STEP"]))
         return out
+
+    def _clip_grad_norm(self, model):
+        # Before clipping: with one NaN gradient the total norm is NaN and clipping scales every gradient by it,
+        # so afterwards the first tensor in the model would be named instead of the one that went bad. Under
+        # DDP the gradients are all-reduced by now, so every rank stops here together.
+        check_gradients(self.model, self.state.global_step + 1)
+        return super()._clip_grad_norm(model)
+
+    def _inject_nan_grad(self, step: int) -> Any:
+        """Fault injection for tests: the last trainable tensor's gradient becomes NaN at optimizer step `step`
+        (the loss stays finite). The last one, so that naming the first tensor would be caught."""
+        name, param = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad][-1]
+        print(f"[align] test fault: the gradient of {name} will be NaN at step {step} (ALIGN_INJECT_NAN_GRAD_AT_STEP)",
+              file=sys.stderr, flush=True)
+        return param.register_hook(lambda grad: grad * float("nan") if self.state.global_step + 1 == step else grad)
 
 
 # ------------------------------------------------------------------------------------------ resume

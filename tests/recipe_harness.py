@@ -193,7 +193,8 @@ def start_recipe(recipe: str, argv: list[str], log: str | Path, env: dict[str, s
     kill_in_save: the process SIGKILLs itself in the middle of its first checkpoint save.
     hold_after_step: the process waits at the end of that step until it receives a signal."""
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "ALIGN_INJECT_NAN_AT_STEP": "", "ALIGN_FAIL_ON_RANK": "", **(env or {})}
+           "ALIGN_INJECT_NAN_AT_STEP": "", "ALIGN_INJECT_NAN_GRAD_AT_STEP": "", "ALIGN_FAIL_ON_RANK": "",
+           **(env or {})}
     log = Path(log)
     process = _context().Process(target=_child, args=(str(RECIPES[recipe]), argv, env, str(log), kill_in_save, hold_after_step),
                                  daemon=True)

@@ -179,6 +179,35 @@ def test_fresh_start_then_sigterm_then_nan_then_resume_match_uninterrupted(recip
     assert_same_run(uninterrupted(recipe), out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_nan_gradient_stops_naming_step_and_tensor_then_resume_matches(recipe, runner, uninterrupted, tmp_path):
+    """A NaN gradient with a finite loss (ALIGN_INJECT_NAN_GRAD_AT_STEP=3 poisons the LAST trainable tensor's
+    gradient): exit 2 with one line naming step 3 and that tensor, not the first tensor of the model (clipping
+    first would have spread the NaN to every gradient); checkpoint-2 kept; nothing logged or saved at or after
+    step 3; a resume without the fault then matches the uninterrupted run."""
+    import re
+
+    out = tmp_path / "run"
+    code, log = run_recipe(recipe, runner(recipe, out), tmp_path / "1.log", env={"ALIGN_INJECT_NAN_GRAD_AT_STEP": "3"})
+    assert code == 2, log[-3000:]
+    assert_no_traceback(log)
+    poisoned = re.search(r"test fault: the gradient of (\S+) will be NaN at step 3", log)
+    assert poisoned, log[-3000:]
+    errors = [line[line.index("error: "):] for line in log.splitlines() if "error: " in line]  # after a progress bar
+    assert errors == [f"error: step 3: gradient of {poisoned[1]} is not finite (NaN or inf); stopped before the "
+                      "optimizer step; the last good checkpoint is kept"], log[-3000:]
+    assert "lora_B" in poisoned[1] or "score" in poisoned[1], poisoned[1]  # a trained tensor, last of the model
+    assert complete_checkpoints(out) == [2] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert logged_steps(out) == [1, 2]
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log")
+    assert code == 0, log[-3000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in log
+    assert_same_run(uninterrupted(recipe), out)
+
+
 def test_run_train_loss_adds_back_the_steps_before_the_resume():
     """Steps 1-3 logged losses 1, 2, 3 (checkpoint at 3); the resumed call ran steps 4-5 with mean 6:
     whole run = (1 + 2 + 3 + 6 * 2) / 5 = 18 / 5 = 3.6. Logging every 2 steps (1.5 at step 2, nothing at
