@@ -1002,6 +1002,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------------
 
 
+# token-weighted sums that minibatch_gradient returns ("tokens": the weight)
+_LOSS_STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "value_clipfrac", "tokens")
+
+
 def _lr_lambda(kind: str, total_steps: int) -> Callable[[int], float]:
     if kind == "linear":
         return lambda step: max(0.0, 1.0 - step / max(1, total_steps))
@@ -1169,62 +1173,23 @@ class PPOTrainer:
         """`ppo_epochs` passes over the rollout in shuffled global minibatches; one optimizer step each."""
         cfg, dist, models = self.cfg, self.dist, self.models
         B, M = cfg.rollout_batch_size, cfg.minibatch_size
-        rows_here = len(rollout)
-        first_row = dist.rank * rows_here
         token_counts = dist.gather_rows(rollout.response_mask.sum(-1).float())  # (B,) tokens of every global row
-        keys = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "value_clipfrac", "tokens")
+        keys = _LOSS_STATS
         sums = dict.fromkeys(keys, 0.0)
         ratio_max = 0.0
         first_ratio_dev: float | None = None
         grad_norms: dict[str, list[float]] = {"policy": [], "critic": []}
-        inject = os.environ.get("ALIGN_INJECT_NAN_AT_STEP") == str(update + 1)  # fault injection for tests
         models.model.train()  # dropout is zeroed (disable_dropout); train mode lets gradient checkpointing work
         try:
             for epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(B, generator=torch.Generator().manual_seed(row_seed(cfg.seed, update, 10**6 + epoch)))
                 for start in range(0, B, M):
-                    global_mb = order[start:start + M]
-                    minibatch_tokens = token_counts[global_mb].sum()
-                    local = torch.tensor([int(r) - first_row for r in global_mb if first_row <= int(r) < first_row + rows_here], dtype=torch.long)
-                    self.optimizer.zero_grad(set_to_none=False)
-                    bad: str | None = None
-                    for micro_start in range(0, len(local), cfg.micro_batch_size):
-                        rows = local[micro_start:micro_start + cfg.micro_batch_size].to(models.device)
-                        mask = rollout.response_mask[rows]
-                        # The micro-batch's token mean times its share of the minibatch's global tokens: summed
-                        # over micro-batches and processes, the gradient is the minibatch's token mean.
-                        weight = mask.sum() / minibatch_tokens
-                        # Each loss is backpropagated inside its own phase, so gradient checkpointing recomputes
-                        # with the same adapter active.
-                        with models.phase(POLICY, trainable=True):
-                            logprobs, _ = policy_forward(models, rollout, rows, cfg.temperature)
-                            pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows], mask, cfg.cliprange)
-                            if inject:
-                                pg_loss = pg_loss * float("nan")
-                            bad = bad or self._first_non_finite({"the policy loss": pg_loss}, update)
-                            if bad is None:
-                                (pg_loss * weight).backward()
-                        with models.phase(CRITIC, trainable=True):
-                            values = critic_forward(models, rollout, rows)
-                            vf_loss, vf_clipfrac = ppo_math.value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.cliprange_value)
-                            bad = bad or self._first_non_finite({"the value loss": vf_loss}, update)
-                            if bad is None:
-                                (vf_loss * weight).backward()
-                        if bad is not None:
-                            break
-                        n_tok = float(mask.sum())
-                        if epoch == 0 and start == 0:  # the first minibatch sees the rollout's own parameters
-                            ratio = torch.exp(logprobs.detach() - rollout.old_logprobs[rows])
-                            first_ratio_dev = max(first_ratio_dev or 0.0, float((ratio - 1).abs()[mask].max()))
-                        for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
-                                           ("approx_kl", pg_stats["approx_kl"]), ("ratio_mean", pg_stats["ratio_mean"]),
-                                           ("value_clipfrac", vf_clipfrac)):
-                            sums[key] += float(value.detach()) * n_tok
-                        sums["tokens"] += n_tok
-                        ratio_max = max(ratio_max, float(pg_stats["ratio_max"]))
-                    self._fail_if(update, bad)
-                    self._all_reduce_grads()
-                    self._check_grads(update)
+                    stats = self.minibatch_gradient(rollout, order[start:start + M], token_counts, update)
+                    for key in keys:
+                        sums[key] += stats[key]
+                    ratio_max = max(ratio_max, stats["ratio_max"])
+                    if epoch == 0 and start == 0:  # the first minibatch sees the rollout's own parameters
+                        first_ratio_dev = stats["ratio_dev_max"]
                     grad_norms["policy"].append(float(torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm)))
                     grad_norms["critic"].append(float(torch.nn.utils.clip_grad_norm_(self.critic_params, cfg.max_grad_norm)))
                     self.optimizer.step()
@@ -1244,6 +1209,66 @@ class PPOTrainer:
             "ppo/grad_norm_critic": sum(grad_norms["critic"]) / len(grad_norms["critic"]),
             "lr/policy": self.optimizer.param_groups[0]["lr"], "lr/critic": self.optimizer.param_groups[1]["lr"],
         }
+
+    def minibatch_gradient(self, rollout: Rollout, global_rows: Tensor, token_counts: Tensor, update: int) -> dict[str, float]:
+        """The gradient of one minibatch's policy and value losses, left in .grad for the optimizer step.
+
+        Args:
+            global_rows: (minibatch_size,) rows of the global batch; this process works on those it holds, in
+                micro-batches of micro_batch_size.
+            token_counts: (rollout_batch_size,) response tokens of every global row.
+        Each loss is the minibatch's token mean: a micro-batch's token-mean loss is weighted by its share of the
+        minibatch's tokens (over all processes) and the gradients are summed over micro-batches and processes.
+        Weighting every micro-batch alike (1 / number of micro-batches, as gradient accumulation in TRL's PPO
+        trainer does) would weight a token of a short micro-batch more than a token of a long one.
+        Returns token-weighted sums of the loss statistics ("tokens": their weight) and maxima of the ratio and
+        of |ratio - 1|, all over this process's rows. Raises NonFiniteError (on every process) before any
+        optimizer step when a loss or a gradient is not finite.
+        """
+        cfg, models = self.cfg, self.models
+        rows_here = len(rollout)
+        first_row = self.dist.rank * rows_here
+        minibatch_tokens = token_counts[global_rows].sum()
+        local = torch.tensor([int(r) - first_row for r in global_rows if first_row <= int(r) < first_row + rows_here], dtype=torch.long)
+        inject = os.environ.get("ALIGN_INJECT_NAN_AT_STEP") == str(update + 1)  # fault injection for tests
+        stats = dict.fromkeys(_LOSS_STATS, 0.0) | {"ratio_max": 0.0, "ratio_dev_max": 0.0}
+        self.optimizer.zero_grad(set_to_none=False)
+        bad: str | None = None
+        for micro_start in range(0, len(local), cfg.micro_batch_size):
+            rows = local[micro_start:micro_start + cfg.micro_batch_size].to(models.device)
+            mask = rollout.response_mask[rows]
+            weight = mask.sum() / minibatch_tokens
+            # Each loss is backpropagated inside its own phase, so gradient checkpointing recomputes with the
+            # same adapter active.
+            with models.phase(POLICY, trainable=True):
+                logprobs, _ = policy_forward(models, rollout, rows, cfg.temperature)
+                pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows], mask, cfg.cliprange)
+                if inject:
+                    pg_loss = pg_loss * float("nan")
+                bad = bad or self._first_non_finite({"the policy loss": pg_loss}, update)
+                if bad is None:
+                    (pg_loss * weight).backward()
+            with models.phase(CRITIC, trainable=True):
+                values = critic_forward(models, rollout, rows)
+                vf_loss, vf_clipfrac = ppo_math.value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.cliprange_value)
+                bad = bad or self._first_non_finite({"the value loss": vf_loss}, update)
+                if bad is None:
+                    (vf_loss * weight).backward()
+            if bad is not None:
+                break
+            n_tok = float(mask.sum())
+            for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", pg_stats["clipfrac"]),
+                               ("approx_kl", pg_stats["approx_kl"]), ("ratio_mean", pg_stats["ratio_mean"]),
+                               ("value_clipfrac", vf_clipfrac)):
+                stats[key] += float(value.detach()) * n_tok
+            stats["tokens"] += n_tok
+            stats["ratio_max"] = max(stats["ratio_max"], float(pg_stats["ratio_max"]))
+            ratio = torch.exp(logprobs.detach() - rollout.old_logprobs[rows])
+            stats["ratio_dev_max"] = max(stats["ratio_dev_max"], float((ratio - 1).abs()[mask].max()))
+        self._fail_if(update, bad)
+        self._all_reduce_grads()
+        self._check_grads(update)
+        return stats
 
     def _all_reduce_grads(self) -> None:
         """Sum gradients over processes (each holds its share of the global token mean)."""

@@ -122,6 +122,83 @@ def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tmp_path):
     assert trainer.history[0]["objective/kl"] == 0.0, "a fresh LoRA adapter (B = 0) is the reference"
 
 
+def rollout_with_lengths(trainer: PPOTrainer, lengths: list[int]):
+    """Phases 2 and 3 of update 0 on responses of the given lengths (random non-special tokens; a response
+    shorter than the longest ends with EOS), so that the test decides every micro-batch's token count."""
+    from align.ppo import Rollout, encode_prompts, estimate_advantages, score_rollout
+
+    cfg, models = trainer.cfg, trainer.models
+    records, global_rows = trainer.batch_records(0)
+    query, query_mask = encode_prompts(models.tokenizer, records, models.device)
+    width, eos, pad = max(lengths), models.tokenizer.eos_token_id, models.tokenizer.pad_token_id
+    lengths_t = torch.tensor(lengths)
+    responses = torch.randint(3, len(models.tokenizer), (len(lengths), width), generator=torch.Generator().manual_seed(0))
+    response_mask = torch.arange(width) < lengths_t[:, None]
+    contains_eos = lengths_t < width
+    responses[contains_eos, lengths_t[contains_eos] - 1] = eos
+    responses[~response_mask] = pad
+    texts = [models.tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses, response_mask)]
+    rollout = Rollout(records, global_rows, query, query_mask, responses, response_mask, contains_eos, texts)
+    score_rollout(models, rollout, lambda records, texts: [(-1.0) ** i * (i + 1) / 4 for i in range(len(texts))], cfg, None)
+    estimate_advantages(rollout, cfg, cfg.kl_coef, trainer.dist)
+    return rollout
+
+
+@pytest.mark.parametrize("micro", [1, 2, 3])
+def test_gradient_accumulation_gives_the_minibatch_token_mean_gradient(tiny_model_dir, tmp_path, micro):
+    """TRL's invariant, on gradients: one minibatch of 8 rollouts as one micro-batch of 8, or as micro-batches
+    of `micro` rows with accumulation, gives the same policy LoRA, critic LoRA and value-head gradients just
+    before the optimizer step. (Not weights after it: Adam's first step is lr * sign(g) wherever |g| >> eps,
+    so rounding-level gradient differences become full-learning-rate weight differences.)
+
+    Response lengths 1 1 6 6 2 1 6 5 (28 tokens): micro-batches of 2 hold 2, 12, 3 and 11 tokens, of 3 hold
+    8, 9 and 11 tokens. Each loss is the minibatch's token mean, so a micro-batch's token-mean loss is
+    weighted by its tokens / 28. The mean of the micro-batch means (weights 1/4 or 1/3, gradient
+    accumulation as TRL's PPO trainer does it) would weight a token of a 2-token micro-batch 6x more than a
+    token of a 12-token one.
+
+    Tolerance: fp32, and the two computations differ only in summation order (the same rows at the same
+    widths; the gradient sums 1, 3, 4 or 8 partial sums), so an entry's error is a few float32 eps (1.2e-7)
+    times the magnitude of the terms summed into it, which its tensor's largest entry bounds (an entry that
+    cancels to almost 0 keeps the rounding of its terms): rtol 1e-5 plus atol 1e-5 x the tensor's largest
+    |entry|. Measured: at most 0.08 of that tolerance; the mean of micro-batch means is 2e4-8e4 times over it,
+    gradients not divided by the number of micro-batches 1e5-8e5 times.
+    """
+    lengths = [1, 1, 6, 6, 2, 1, 6, 5]
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, rollout_batch_size=8, minibatch_size=8, micro_batch_size=8, response_length=6)
+    trainer = trainer_for(cfg)
+    # B != 0: the policy differs from the reference and the lora_A gradients are not zero
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for p in trainer.policy_params + trainer.critic_params:
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    rollout = rollout_with_lengths(trainer, lengths)
+    rows, token_counts = torch.arange(8), rollout.response_mask.sum(-1).float()
+
+    def gradients(micro_batch_size: int) -> dict[str, torch.Tensor]:
+        trainer.cfg.micro_batch_size = micro_batch_size
+        trainer.models.model.train()
+        try:
+            stats = trainer.minibatch_gradient(rollout, rows, token_counts, update=0)
+        finally:
+            trainer.models.model.eval()
+        assert stats["tokens"] == sum(lengths)
+        named = [(n, p) for n, p in trainer.models.model.named_parameters() if f".{POLICY}." in n or f".{CRITIC}." in n]
+        named += [(f"value_head.{n}", p) for n, p in trainer.models.value_head.named_parameters()]
+        return {n: p.grad.detach().clone() for n, p in named}
+
+    whole, accumulated = gradients(8), gradients(micro)
+    assert whole.keys() == accumulated.keys()
+    for owner in (f".{POLICY}.", f".{CRITIC}.", "value_head."):
+        assert any(g.abs().max() > 1e-4 for n, g in whole.items() if owner in n), f"no gradient reaches {owner}"
+    # rounding errors scale with a tensor's largest entries, not with an entry that cancels to almost 0
+    scale = {n: float(g.abs().max()) for n, g in whole.items()}
+    used = max(float(((accumulated[n] - whole[n]).abs() / (1e-5 * scale[n] + 1e-5 * whole[n].abs())).max()) for n in whole)
+    print(f"micro {micro}: largest difference {used:.3f} of the tolerance")
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-5 * scale[name], msg=name)
+
+
 def test_ppo_learns_a_programmable_reward_with_bounded_kl(tmp_path):
     """Reward = fraction of lowercase letters in the response (about 0.1 for the untrained tiny model).
     Over 20 updates the mean score of the last 5 updates must at least double that of the first 5, while the
