@@ -439,6 +439,26 @@ def test_recipe_user_errors_exit_2_with_one_line(tiny_model_dir, tmp_path, monke
         assert message in err and "Traceback" not in err, err[-2000:]
 
 
+def test_recipe_stop_on_health_exits_after_a_checkpoint(tiny_model_dir, tmp_path):
+    """A health check crossing its threshold under --stop_on_health, end to end: the recipe checkpoints,
+    writes summary.json with the reason, and exits 2 with one `error:` line naming the check and the
+    checkpoint (no traceback). A KL budget of -1 nats is crossed by the first update (KL 0: B = 0)."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out"
+    result = run_recipe(recipe_args(tiny_model_dir, out, prompts, "--reward", "verifier", "--num_eval_prompts", "0",
+                                    "--total_updates", "4", "--stop_on_health", "true", "--health_kl_budget", "-1"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    checkpoint = out / "checkpoints" / "update-000001"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: update 1: stopped by --stop_on_health: mean KL 0.000 nats beyond the budget -1.0: the policy is "
+                      f"drifting far from the reference (checkpoint {checkpoint}; --resume continues)"], result.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["update-000001"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] == 1 and summary["stopped"].startswith("health: mean KL 0.000 nats beyond the budget")
+    assert not (out / "adapter").exists(), "a stopped run leaves a checkpoint, not a final adapter"
+
+
 def test_reward_function_from_a_file(tiny_model_dir, tmp_path):
     from align.ppo import reward_function
 
