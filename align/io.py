@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from align.errors import AlignError
+from align.errors import AlignError, ConfigError
 
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "gguf")
 
@@ -82,6 +82,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def inside(root: str | os.PathLike, *parts: str | os.PathLike, field: str) -> Path:
+    """`root/part/...`, refused when it resolves outside `root`.
+
+    For a path built from a name that came from input (a file name in a summary, a checkpoint directory
+    found on disk): `..`, an absolute part or a symlink must not take a write (or a read meant to stay in a
+    run) elsewhere. Symlinks are resolved on both sides, so a root that is itself a symlink is fine.
+    Raises ConfigError naming `field`, the name and the root.
+    """
+    path = Path(root).joinpath(*parts)
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        shown = "/".join(str(p) for p in parts)
+        raise ConfigError(f"{field}: {shown!r} leads outside {root} (to {path.resolve()}); refused")
+    return path
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append one JSON line (a metrics record); one write call so a line is never interleaved."""
     line = json.dumps(record, default=float) + "\n"
@@ -106,8 +121,10 @@ def git_revision() -> str:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
+        # --no-optional-locks: `git status` may otherwise rewrite the repository's index (a write outside the run)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+            text=True, timeout=5,
         ).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

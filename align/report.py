@@ -39,7 +39,7 @@ import numpy as np
 from align.config import arg
 from align.errors import AlignError, ConfigError
 from align.evaluation import COMPARABLE_SETTINGS
-from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text, inside
 
 # Generation metrics of the tables: (key in generations.jsonl, label, higher is better or None).
 GENERATION_METRICS = (
@@ -162,9 +162,11 @@ def load_eval(path: str | Path, name: str | None = None) -> EvalResult:
     for key in ("settings", "files", "metrics"):
         if key not in summary:
             raise AlignError(f"{eval_dir / 'summary.json'}: missing {key!r} (not written by eval/evaluate.py?)")
-    generations = read_jsonl(eval_dir / summary["files"]["generations"])
-    prefs = read_jsonl(eval_dir / summary["files"]["preferences"]) if "preferences" in summary["files"] else None
-    ppl = read_jsonl(eval_dir / summary["files"]["perplexity"]) if "perplexity" in summary["files"] else None
+    files = {key: inside(eval_dir, name, field=f"{eval_dir / 'summary.json'}: files.{key}")  # stay in the evaluation
+             for key, name in summary["files"].items()}
+    generations = read_jsonl(files["generations"])
+    prefs = read_jsonl(files["preferences"]) if "preferences" in files else None
+    ppl = read_jsonl(files["perplexity"]) if "perplexity" in files else None
     # The run's own files (summary.json, metrics.jsonl): in the directory that was evaluated, wherever the
     # evaluation was written; else the eval directory's parent.
     evaluated = Path(str(summary.get("run", "")))

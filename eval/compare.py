@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from align.config import arg, parse_config  # noqa: E402
 from align.errors import AlignError, ConfigError, cli_main  # noqa: E402
 from align.evaluation import COMPARABLE_SETTINGS, EvalArgs, evaluate  # noqa: E402
+from align.io import inside  # noqa: E402
 from align.report import ReportArgs, build_report, checkpoint_dirs, eval_dir_of, has_eval, load_eval, unique_names  # noqa: E402
 
 
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluated = [r for r in runs if has_eval(r)]
     todo = [r for r in runs if not has_eval(r)]
     if cfg.checkpoints:
-        for run in runs:
-            todo += [str(d) for _, d in checkpoint_dirs(Path(run)) if not has_eval(d)]
+        for run in runs:  # a checkpoint's eval/ is written inside its run (not through a symlink elsewhere)
+            todo += [str(inside(run, d.name, field=f"{run}: checkpoint")) for _, d in checkpoint_dirs(Path(run)) if not has_eval(d)]
     if todo:
         settings = eval_settings(cfg, evaluated, given_options(argv))
         for run in todo:

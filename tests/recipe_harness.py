@@ -13,6 +13,7 @@ Shared fixtures: `tiny_data` (preference and SFT files), plus conftest's `tiny_m
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -59,10 +60,11 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
 
 
 def recipe_args(recipe: str, model_dir: str, data: dict[str, str], output_dir: str | Path, **overrides) -> list[str]:
-    """Command-line flags for a short tiny-model run of `recipe` (fp32, no trackers, no extra evaluation)."""
+    """Command-line flags for a short tiny-model run of `recipe` (fp32, no trackers, no extra evaluation, one torch
+    thread: cpu_threads auto would pick a count by the machine's load, and with it the float summation order)."""
     args = dict(
         model_name_or_path=model_dir, output_dir=str(output_dir), max_steps=4, save_steps=1, save_total_limit=2,
-        per_device_train_batch_size=2, max_length=128, dtype="fp32", report_to="none", seed=7,
+        per_device_train_batch_size=2, max_length=128, dtype="fp32", report_to="none", seed=7, cpu_threads=1,
         train_data=data["sft" if recipe == "sft" else "prefs"], eval_data="none",
     )
     if recipe == "dpo":
@@ -241,11 +243,36 @@ def complete_checkpoints(output_dir: str | Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*") if (p / MARKER).is_file())
 
 
+def assert_same_run(reference: str | Path, resumed: str | Path, steps: int) -> None:
+    """Bit-identical adapter and per-step metrics, one metrics record per step (1..steps), the same summary; the
+    run's mean `train_loss` to rel 1e-12 (after a resume it is summed in another order, see run_train_loss)."""
+    import torch
+
+    reference, resumed = Path(reference), Path(resumed)
+    ref_w, new_w = adapter_tensors(reference / "adapter"), adapter_tensors(resumed / "adapter")
+    assert ref_w.keys() == new_w.keys()
+    differ = [k for k in ref_w if not torch.equal(ref_w[k], new_w[k])]
+    assert not differ, f"{len(differ)} adapter tensors differ, e.g. {differ[0]}: max |diff| " \
+        f"{(ref_w[differ[0]] - new_w[differ[0]]).abs().max().item():.3g}"
+
+    ref_m, new_m = metric_records(reference), metric_records(resumed)
+    logged = [r["step"] for r in new_m if "train/loss" in r]
+    assert logged == list(range(1, steps + 1)), f"metrics.jsonl steps after resume: {logged}"
+    ref_final, new_final = ref_m[-1].pop("train/train_loss"), new_m[-1].pop("train/train_loss")
+    assert math.isclose(ref_final, new_final, rel_tol=1e-12), (ref_final, new_final)
+    assert reproducible(ref_m) == reproducible(new_m)
+
+    ref_s, new_s = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
+    assert math.isclose(ref_s.pop("train_loss"), new_s.pop("train_loss"), rel_tol=1e-12)
+    for key in ("steps", "tokens_processed", "before", "after", "eval_loss"):
+        assert ref_s.get(key) == new_s.get(key), key
+
+
 def assert_no_traceback(text: str) -> None:
     assert "Traceback (most recent call last)" not in text, f"unexpected traceback:\n{text[-3000:]}"
 
 
 __all__ = [
-    "REPO", "Run", "adapter_tensors", "assert_no_traceback", "complete_checkpoints", "metric_records", "recipe_args",
+    "REPO", "Run", "adapter_tensors", "assert_no_traceback", "assert_same_run", "complete_checkpoints", "metric_records", "recipe_args",
     "reproducible", "run_cli", "run_recipe", "start_recipe", "tiny_data",
 ]

@@ -13,21 +13,17 @@ process's mean, a different summation order than one process's running sum (rel 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
-import torch
 
 from recipe_harness import (  # noqa: F401  (tiny_data is a fixture)
-    adapter_tensors,
     assert_no_traceback,
+    assert_same_run,
     complete_checkpoints,
-    metric_records,
     recipe_args,
-    reproducible,
     run_cli,
     run_recipe,
     start_recipe,
@@ -68,27 +64,6 @@ def uninterrupted(tmp_path_factory, runner):
         return done[recipe]
 
     return get
-
-
-def assert_same_run(reference: Path, resumed: Path) -> None:
-    """Bit-identical adapter and per-step metrics, one metrics record per step, the same summary."""
-    ref_w, new_w = adapter_tensors(reference / "adapter"), adapter_tensors(resumed / "adapter")
-    assert ref_w.keys() == new_w.keys()
-    differ = [k for k in ref_w if not torch.equal(ref_w[k], new_w[k])]
-    assert not differ, f"{len(differ)} adapter tensors differ, e.g. {differ[0]}: max |diff| " \
-        f"{(ref_w[differ[0]] - new_w[differ[0]]).abs().max().item():.3g}"
-
-    ref_m, new_m = metric_records(reference), metric_records(resumed)
-    steps = [r["step"] for r in new_m if "train/loss" in r]
-    assert steps == list(range(1, MAX_STEPS + 1)), f"metrics.jsonl steps after resume: {steps}"
-    ref_final, new_final = ref_m[-1].pop("train/train_loss"), new_m[-1].pop("train/train_loss")
-    assert math.isclose(ref_final, new_final, rel_tol=1e-12), (ref_final, new_final)
-    assert reproducible(ref_m) == reproducible(new_m)
-
-    ref_s, new_s = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
-    assert math.isclose(ref_s.pop("train_loss"), new_s.pop("train_loss"), rel_tol=1e-12)
-    for key in ("steps", "tokens_processed", "before", "after", "eval_loss"):
-        assert ref_s.get(key) == new_s.get(key), key
 
 
 def logged_steps(output_dir: Path) -> list[int]:
@@ -135,7 +110,7 @@ def test_kill_and_kill_mid_checkpoint_then_resume_match_uninterrupted(recipe, ru
     assert code == 0, log[-3000:]
     assert f"removing incomplete checkpoint {partial}" in log
     assert f"resuming from {out / f'checkpoint-{good}'}" in log
-    assert_same_run(uninterrupted(recipe), out)
+    assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
 
 
 @pytest.mark.slow
@@ -176,7 +151,7 @@ def test_fresh_start_then_sigterm_then_nan_then_resume_match_uninterrupted(recip
     code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "3.log")
     assert code == 0, log[-3000:]
     assert f"resuming from {out / 'checkpoint-2'}" in log
-    assert_same_run(uninterrupted(recipe), out)
+    assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
 
 
 @pytest.mark.slow
@@ -205,7 +180,7 @@ def test_nan_gradient_stops_naming_step_and_tensor_then_resume_matches(recipe, r
     code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log")
     assert code == 0, log[-3000:]
     assert f"resuming from {out / 'checkpoint-2'}" in log
-    assert_same_run(uninterrupted(recipe), out)
+    assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
 
 
 def test_run_train_loss_adds_back_the_steps_before_the_resume():
