@@ -36,9 +36,11 @@ is not counted as model FLOPs.
 PPO (`--stage ppo --compare dpo-align,align`): `align` is the PPO engine (align/ppo.py) with the PPO
 recipe's defaults, the built-in verifier as the reward, on the same base; `dpo-align` is the DPO recipe on
 that base, run for its peak memory. A PPO "step" is one update; its phases are timed and measured apart:
-generate (2N per prompt and sampled token, with a KV cache), score (policy, reference and critic
-forwards: 3 x 2N per token; the verifier costs no FLOPs) and update (ppo_epochs x (policy + critic) x
-4N per token). PPO's train tokens/s counts the tokens of the update phase (ppo_epochs passes).
+generate, score (policy, reference and critic forwards; the verifier costs no FLOPs) and update
+(ppo_epochs x (policy + critic) forward and backward). Their FLOPs (`ppo_phase_flops`) split N into the
+decoder and the LM head: every pass runs the decoder on every prompt and response token, but the LM head
+only where a response token is predicted, and the critic has none. PPO's train tokens/s counts the tokens
+of the update phase (ppo_epochs passes).
 
 Writes OUTPUT/bench_<stage>.json (every run, every step) and prints a short table with the ratios of
 each arm to the first one.
@@ -72,8 +74,8 @@ PPO_ARMS = ("dpo-align", "align")  # the DPO recipe on the same base (for memory
 
 @dataclass
 class BenchArgs:
-    stage: Literal["dpo", "sft", "reward", "ppo"] = arg("dpo", "the stage to run: dpo, sft, reward (ppo: needs align/ppo.py)")
-    compare: list[str] = arg(["align"], "arms, run in this order and alternated: trl-baseline, align, align:field=value:...")
+    stage: Literal["dpo", "sft", "reward", "ppo"] = arg("dpo", "the stage to run: dpo, sft, reward, or ppo (arms dpo-align and align)")
+    compare: list[str] = arg(["align"], "arms, run in this order and alternated: trl-baseline, align, align:field=value:... (ppo: dpo-align, align)")
     steps: int = arg(8, "optimizer steps per run")
     repeats: int = arg(1, "runs of every arm (alternating A B A B ...)")
     warmup_steps: int = arg(1, "first steps left out of the per-step rates (allocator and thread-pool warm-up)")
@@ -139,6 +141,31 @@ def stage_flops(n_params: int, trained_tokens: int, forward_tokens: int, lora: b
     """
     per_trained = FLOPS_PER_TOKEN["lora" if lora else "full"]
     return per_trained * n_params * trained_tokens + FLOPS_PER_TOKEN["forward"] * n_params * forward_tokens
+
+
+def ppo_phase_flops(n_params: int, n_head: int, prompt_tokens: int, new_tokens: int, ppo_epochs: int) -> dict[str, float]:
+    """Model FLOPs of one PPO update's phases (align/ppo.py: LoRA policy and critic on one frozen base).
+
+    n_params is the base's N (`matmul_params`), n_head the LM head's part of it (vocabulary x hidden); the
+    decoder is D = N - n_head. P prompt and R response tokens (real tokens, padding left out). Every pass
+    runs the decoder on all P + R tokens. The LM head runs only where a response token is predicted, R
+    positions: generate() keeps the last position's logits (transformers' logits_to_keep=1), the policy and
+    reference forwards apply it to the response positions only, and the critic has none (its value head,
+    hidden x 1, is left out, as are the LoRA adapters):
+        generate  2D(P + R) + 2 n_head R                  KV cache: each token through the decoder once
+        score     3 x 2D(P + R) + 2 x 2 n_head R          policy, reference, critic (a verifier is free)
+        update    ppo_epochs x (4D(P + R) + 4 n_head R  +  4D(P + R))    policy, critic (4: LoRA, see stage_flops)
+
+    >>> ppo_phase_flops(1100, 100, prompt_tokens=8, new_tokens=2, ppo_epochs=1)["update"]  # 8*1000*10 + 4*100*2
+    80800
+    """
+    decoder, seq = n_params - n_head, prompt_tokens + new_tokens
+    forward, trained = FLOPS_PER_TOKEN["forward"], FLOPS_PER_TOKEN["lora"]
+    return {
+        "generate": forward * (decoder * seq + n_head * new_tokens),
+        "score": 3 * forward * decoder * seq + 2 * forward * n_head * new_tokens,
+        "update": ppo_epochs * (2 * trained * decoder * seq + trained * n_head * new_tokens),
+    }
 
 
 def matmul_peak_flops(device: str = "cpu", dtype_name: str = "fp32", size: int = 2048, repeats: int = 5) -> float:
@@ -681,17 +708,14 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
         trainer = ppo.PPOTrainer(cfg, models, prompts, verifier_reward, verifier_fn=verifier_reward,
                                  reward_is_verifier=True, reward_description="verifier")
     n_params = matmul_params(models.model.get_base_model())
+    n_head = models.lm_head.weight.numel()
     log = trainer.log
 
     def logged(metrics: dict, rollout) -> None:
         prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
         seq_tokens = prompt_tokens + new_tokens
         gen, score, update = current["generate"], current["score"], current["update"]
-        flops = {
-            "generate": stage_flops(n_params, 0, seq_tokens, True),
-            "score": 3 * stage_flops(n_params, 0, seq_tokens, True),  # policy, reference, critic
-            "update": cfg.ppo_epochs * 2 * stage_flops(n_params, seq_tokens, 0, True),  # policy and critic
-        }
+        flops = ppo_phase_flops(n_params, n_head, prompt_tokens, new_tokens, cfg.ppo_epochs)
         step = {
             "step": len(steps) + 1, "time_s": time.perf_counter() - current.pop("start"),
             "tokens": cfg.ppo_epochs * seq_tokens, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
@@ -713,7 +737,7 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
         trainer.train()
     record["ppo_config"] = {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
                                                           "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
-    return {"data": cfg.prompts, "n_params_matmul": n_params, "lora": True, "lora_A_init_abs_sum": None,
+    return {"data": cfg.prompts, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": True, "lora_A_init_abs_sum": None,
             "steps": steps, "extra_time_s": 0.0, "extra_flops": 0, **record}
 
 
@@ -768,6 +792,7 @@ def summarize(runs: list[dict], arms: list[str]) -> dict:
 
         losses_b, losses_a = base_runs[0]["losses"], arm_runs[0]["losses"]
         same_loss = base_runs[0]["stage"] != "ppo"  # PPO's policy loss is not DPO's loss
+        inits = (base_runs[0]["lora_A_init_abs_sum"], arm_runs[0]["lora_A_init_abs_sum"])
         gaps = [abs(x - y) for x, y in zip(losses_b, losses_a) if x is not None and y is not None] if same_loss else []
         out["ratios"][arm] = {
             "vs": base,
@@ -778,7 +803,8 @@ def summarize(runs: list[dict], arms: list[str]) -> dict:
             "per_repeat_train_tokens_per_s": [a["train_tokens_per_s"] / b["train_tokens_per_s"] for b, a in pairs],
             "loss_max_abs_diff": max(gaps) if gaps else None,
             "loss_steps_compared": len(gaps),
-            "same_lora_init": base_runs[0]["lora_A_init_abs_sum"] == arm_runs[0]["lora_A_init_abs_sum"],
+            # None where an arm has no LoRA A checksum (PPO: its adapters are not the DPO arm's)
+            "same_lora_init": None if None in inits else inits[0] == inits[1],
         }
     return out
 
@@ -820,7 +846,7 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{arm} / {q['vs']}: train tok/s {q['train_tokens_per_s']:.2f}x, end-to-end tok/s {q['end_to_end_tokens_per_s']:.2f}x, "
             f"peak memory {q['peak_mb']:.2f}x (train phase {q['train_peak_mb']:.2f}x); "
-            f"loss max |diff| {loss}; same LoRA init: {q['same_lora_init']}"
+            f"loss max |diff| {loss}; same LoRA init: {'n/a' if q['same_lora_init'] is None else q['same_lora_init']}"
         )
     return "\n".join(lines)
 

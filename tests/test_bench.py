@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from align.bench import MemoryMeter, Phases, matmul_params, stage_flops, summarize, synthetic_pairs
+from align.bench import MemoryMeter, Phases, matmul_params, ppo_phase_flops, stage_flops, summarize, synthetic_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,9 +136,57 @@ def test_bench_runs_dpo_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert "train tok/s" in proc.stdout and "align / trl-baseline" in proc.stdout
 
 
-def test_ppo_stage_says_what_is_missing(tmp_path):
-    if (REPO / "align" / "ppo.py").is_file():
-        pytest.skip("align/ppo.py exists")
-    proc = subprocess.run([sys.executable, "-m", "align.bench", "--stage", "ppo", "--output_dir", str(tmp_path)],
+def test_ppo_phase_flops_by_hand():
+    """The tiny model: N = 26,880, of which the LM head (tied embedding) 259 x 32 = 8,288; decoder D = 18,592.
+    One update of P = 100 prompt and R = 20 response tokens (P + R = 120; D x 120 = 2,231,040; 8,288 x 20 = 165,760):
+        generate  2 x 2,231,040 + 2 x 165,760            =  4,462,080 +   331,520 =  4,793,600
+        score     6 x 2,231,040 + 4 x 165,760            = 13,386,240 +   663,040 = 14,049,280
+        update    8 x 2,231,040 + 4 x 165,760 per epoch  = 17,848,320 +   663,040 = 18,511,360; 2 epochs 37,022,720
+    """
+    flops = ppo_phase_flops(26_880, 8_288, prompt_tokens=100, new_tokens=20, ppo_epochs=2)
+    assert flops == {"generate": 4_793_600, "score": 14_049_280, "update": 37_022_720}
+
+
+def test_bench_runs_ppo_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """PPO (align/ppo.py, verifier reward) next to the DPO recipe on the same base: per-update phases."""
+    from transformers import AutoModelForCausalLM
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "align.bench", "--stage", "ppo", "--compare", "dpo-align,align", "--steps", "2",
+           "--warmup_steps", "0", "--max_length", "1024", "--model_name_or_path", tiny_model_dir, "--threads", "1",
+           "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_ppo.json").read_text())
+    assert [r["arm"] for r in report["runs"]] == ["dpo-align", "align"]
+    dpo, ppo = report["runs"]
+    assert "error" not in dpo and "error" not in ppo, (dpo.get("error"), ppo.get("error"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    n_params, n_head = matmul_params(model), model.get_output_embeddings().weight.numel()
+    assert (ppo["n_params_matmul"], ppo["n_params_lm_head"]) == (n_params, n_head) == (26_880, 8_288)
+    decoder, epochs = n_params - n_head, ppo["ppo_config"]["ppo_epochs"]
+    assert len(ppo["steps"]) == 2
+    for step in ppo["steps"]:
+        for phase in ("generate", "score", "update"):
+            for key in (f"{phase}_s", f"{phase}_peak_mb", f"{phase}_flops"):
+                assert _finite_positive(step[key]), (key, step)
+        prompt, new = step["prompt_tokens"], step["new_tokens"]
+        assert new > 0 and prompt > 0 and new <= ppo["ppo_config"]["rollout_batch_size"] * ppo["ppo_config"]["response_length"]
+        # the decoder on every token, the LM head on response tokens only (see ppo_phase_flops)
+        assert step["generate_flops"] == 2 * decoder * (prompt + new) + 2 * n_head * new
+        assert step["score_flops"] == 3 * 2 * decoder * (prompt + new) + 2 * 2 * n_head * new
+        assert step["update_flops"] == epochs * (2 * 4 * decoder * (prompt + new) + 4 * n_head * new)
+        assert step["tokens"] == epochs * (prompt + new) and step["train_flops"] == step["update_flops"]
+        assert step["flops"] == step["generate_flops"] + step["score_flops"] + step["update_flops"]
+    assert _finite_positive(report["summary"]["ratios"]["align"]["peak_mb"])
+    ratios = report["summary"]["ratios"]["align"]
+    assert ratios["loss_max_abs_diff"] is None and ratios["same_lora_init"] is None, "PPO and DPO: losses and adapters not compared"
+    assert "per update: generate" in proc.stdout
+
+
+def test_bench_rejects_unknown_arms(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "align.bench", "--stage", "ppo", "--compare", "trl-baseline",
+                           "--output_dir", str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 2 and "align/ppo.py" in proc.stderr
+    assert proc.returncode == 2 and "unknown arm 'trl-baseline' for stage ppo" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bench_ppo.json").exists()
