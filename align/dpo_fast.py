@@ -20,8 +20,8 @@ Two levers, each with a switch in `FastDPOArgs`:
 Reference log-probs go through the same path (`compute_ref_log_probs`), both when they are precomputed
 before training (the recipe's default) and when they are computed every step.
 
-Two process-wide CPU settings live here too, applied by recipes/dpo.py: `set_cpu_threads` (no more torch
-threads than idle cores) and `return_freed_memory_to_os` (glibc returns freed activations to the OS).
+A process-wide CPU setting lives here too, applied by recipes/dpo.py: `return_freed_memory_to_os` (glibc
+returns freed activations to the OS); torch's threads are set for every recipe by align.train.set_cpu_threads.
 `python -m align.bench --stage dpo --compare trl-baseline,align` measures all of it against stock TRL.
 
 Where the fast path cannot be exact it is not used and the trainer says so once: truncation that cuts
@@ -58,7 +58,6 @@ class FastDPOArgs:
     fast_logprobs: bool = arg(True, "LM head only on completion positions, in chunks, no full-vocabulary logits (align.dpo_fast); off = TRL's fused head")
     share_prompt: bool = arg(True, "one row per pair: chosen and rejected share one copy of the prompt (exact; needs fast_logprobs)")
     logprob_chunk_size: int = arg(256, "positions per LM-head chunk with fast_logprobs (memory vs. speed)")
-    cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores not already busy (1-minute load average), at least 1; -1 = torch's default")
     return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
 
 
@@ -84,46 +83,6 @@ def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
     except (OSError, AttributeError):
         ok = False
     return f"malloc: mmap threshold {threshold_bytes // 2**20} MiB" if ok else "malloc: unchanged (no glibc mallopt)"
-
-
-def set_cpu_threads(requested: int) -> str:
-    """Set torch's intra-op threads on a CPU (process-wide) and say what was chosen and why.
-
-    torch starts one OpenMP thread per core. When other processes already keep the cores busy, those
-    threads wait at every parallel region's barrier for a sibling that is not scheduled: on 2 cores with a
-    load of 8, a 5464x32 @ 32x64 matmul took 7-40 ms with 2 threads and 0.8-1.8 ms with 1 (and a
-    2048x576 @ 576x1536 one ran at 13-23 GFLOP/s with 2 threads, 14-30 with 1). `auto` gives torch only
-    the cores that are idle when training starts.
-    """
-    if torch.cuda.is_available() or requested < 0:
-        return f"threads={torch.get_num_threads()} (torch's default)"
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if requested > 0:
-        torch.set_num_threads(requested)
-        return f"threads={requested} (cpu_threads)"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    busy = max(0.0, load - _own_cpu_rate())  # the load average counts this process too
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # several training processes share the cores
-    threads = max(1, min(cores // processes, int((cores - busy) / processes + 0.5)))
-    torch.set_num_threads(threads)
-    return f"threads={threads} (cpu_threads auto: {cores} cores, 1-minute load {load:.1f} of which this process ~{load - busy:.1f})"
-
-
-def _own_cpu_rate() -> float:
-    """Cores this process has kept busy on average since it started (its share of the load average)."""
-    import resource
-    import time
-
-    try:
-        import psutil
-
-        started = psutil.Process().create_time()
-    except Exception:  # noqa: BLE001 - no psutil: assume the process is new
-        return 0.0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return (usage.ru_utime + usage.ru_stime) / max(time.time() - started, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ the batch

@@ -134,7 +134,7 @@ class PPOArgs(ModelArgs):
     resume: bool = arg(False, "continue from the last checkpoint in output_dir")
     report_to: Literal["tensorboard", "none"] = arg("tensorboard", "TensorBoard logs in output_dir/tensorboard, or none")
     min_free_gb: float = arg(1.0, "refuse to start with less free disk than this in output_dir")
-    cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores not already busy (1-minute load average), at least 1; -1 = torch's default")
+    cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores idle when the run starts, at least 1; -1 = leave torch's setting")
     return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
     # ---- health checks (warn in the log and summary; stop the run under stop_on_health)
     stop_on_health: bool = arg(False, "stop the run (after a checkpoint) when a health check crosses its threshold")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from align.config import arg, parse_config
 from align.data import DataArgs, load_prompts
-from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os, set_cpu_threads
+from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
 from align.errors import cli_main
 from align.models import ModelArgs, load_model
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
@@ -91,8 +91,8 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
     """The DPO trainer of this recipe (`python -m align.bench --stage dpo` times this same function)."""
     from trl import DPOConfig
 
-    notes = [set_cpu_threads(cfg.cpu_threads)] + ([return_freed_memory_to_os()] if cfg.return_freed_memory else [])
-    if is_main_process():
+    notes = [return_freed_memory_to_os()] if cfg.return_freed_memory else []
+    if notes and is_main_process():
         print(f"[align] dpo: {'; '.join(notes)}", file=sys.stderr, flush=True)
 
     class Trainer(FiniteLossMixin, FastDPOTrainer):

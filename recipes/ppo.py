@@ -25,11 +25,12 @@ import torch
 
 from align.config import parse_config
 from align.data import check_lengths, load_prompts
-from align.dpo_fast import return_freed_memory_to_os, set_cpu_threads
+from align.dpo_fast import return_freed_memory_to_os
 from align.errors import AlignError, ConfigError, cli_main
 from align.io import check_writable, write_run_info
 from align.models import resolve_dtype, resolve_quantization
 from align.ppo import PPOArgs, PPOTrainer, build_models, init_distributed, list_checkpoints, reward_function, say
+from align.train import set_cpu_threads
 from align.verifier import verifier_reward
 
 
