@@ -325,14 +325,16 @@ def reply_logps(model, tokenizer, prompts: list[list[Message]], replies: list[st
     """(summed log-prob, token count) of each reply given its prompt, teacher-forced (see `encode_reply`)."""
     device = next(model.parameters()).device
     encoded = [encode_reply(tokenizer, p, r) for p, r in zip(prompts, replies, strict=True)]
-    out: list[tuple[float, int]] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # little padding
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = [encoded[i] for i in rows]
         ids, mask = _left_pad([p + r for p, r in batch], tokenizer.pad_token_id)
         n_last = max(len(r) for _, r in batch)
         token_logps = last_token_logps(model, ids.to(device), mask.to(device), n_last)
-        for row, (_, r) in enumerate(batch):
-            out.append((float(token_logps[row, n_last - len(r) :].sum()), len(r)))
+        for row, (i, (_, r)) in enumerate(zip(rows, batch)):
+            out[i] = (float(token_logps[row, n_last - len(r) :].sum()), len(r))
     return out
 
 

@@ -20,7 +20,7 @@ def _starting_model(model, adapter: bool):
 
 
 def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: list[PromptRecord], *, beta: float,
-                     adapter: bool, max_new_tokens: int = 128, batch_size: int = 16) -> dict:
+                     adapter: bool, max_new_tokens: int = 128, batch_size: int = 16, start_logps: dict | None = None) -> dict:
     """{"pref/logp_accuracy", "pref/implicit_reward_accuracy", "verifier/score", "verifier/strict", ...}.
 
     logp_accuracy: share of pairs where the policy gives the chosen reply a higher log-probability than the
@@ -42,6 +42,8 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
             rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
             out["pref/logp_accuracy"] = sum(c[0] > r[0] for c, r in zip(chosen, rejected)) / len(pairs)
+            if not adapter and start_logps is not None:
+                start_logps.update(chosen=chosen, rejected=rejected)
             out["pref/pairs"] = len(pairs)
         if prompts:
             policy = Policy(model=model, tokenizer=tokenizer, kind="model", path="policy")
@@ -57,9 +59,12 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             out["gen/mean_length"] = sum(g.length_tokens for g in gens) / len(gens)
             out["gen/eos_rate"] = sum(g.eos for g in gens) / len(gens)
     if pairs and adapter and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            ref_chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
-            ref_rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
+        if start_logps and "chosen" in start_logps:
+            ref_chosen, ref_rejected = start_logps["chosen"], start_logps["rejected"]
+        else:
+            with model.disable_adapter():
+                ref_chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
+                ref_rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
         margins = [beta * ((c[0] - rc[0]) - (r[0] - rr[0])) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
         out["pref/implicit_reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
         out["pref/implicit_margin_mean"] = sum(margins) / len(margins)

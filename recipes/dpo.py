@@ -64,7 +64,8 @@ def main() -> None:
     model, tokenizer = load_model(cfg)
     train_pairs, eval_pairs = load_records(cfg, "prefs", tokenizer)
     prompts = load_prompts("ifprefs:eval", max_rows=cfg.summary_prompts) if cfg.summary_prompts else []
-    before = policy_report(model, tokenizer, eval_pairs, prompts, cfg, adapter=False)
+    start_logps: dict = {}  # the starting model's held-out log-probs, reused as the reference's after training
+    before = policy_report(model, tokenizer, eval_pairs, prompts, cfg, adapter=False, start_logps=start_logps)
 
     train_dataset = shared_dataset(train_pairs, cfg.output_dir)  # one copy for all ranks: TRL caches ref log-probs beside it
     trainer = build_trainer(cfg, model, tokenizer, train_dataset, guard_callbacks(cfg.output_dir))
@@ -72,7 +73,7 @@ def main() -> None:
     train_time = time.time() - started
     save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
 
-    after = policy_report(trainer.model, tokenizer, eval_pairs, prompts, cfg, adapter=True)
+    after = policy_report(trainer.model, tokenizer, eval_pairs, prompts, cfg, adapter=True, start_logps=start_logps)
     if is_main_process():
         write_summary(cfg.output_dir, {
             "method": "dpo",
@@ -111,12 +112,12 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
                    fast=cfg.fast_logprobs, share_prompt=cfg.share_prompt, chunk_size=cfg.logprob_chunk_size)
 
 
-def policy_report(model, tokenizer, pairs, prompts, cfg: DPOArgs, adapter: bool) -> dict:
+def policy_report(model, tokenizer, pairs, prompts, cfg: DPOArgs, adapter: bool, start_logps: dict) -> dict:
     """Held-out preference accuracy and verifier score of the policy (adapter=False: the starting model)."""
     from align.policy_report import summarize_policy
 
     return summarize_policy(model, tokenizer, pairs, prompts, beta=cfg.beta, adapter=adapter,
-                            max_new_tokens=cfg.summary_max_new_tokens, batch_size=16)
+                            max_new_tokens=cfg.summary_max_new_tokens, batch_size=16, start_logps=start_logps)
 
 
 if __name__ == "__main__":

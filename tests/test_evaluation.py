@@ -160,8 +160,9 @@ def test_reply_logps_do_not_depend_on_batching_or_padding(adapter_run):
     replies = ["short", "a considerably longer reply", "mid length"]
     batched = reply_logps(policy.model, policy.tokenizer, prompts, replies, batch_size=3)
     single = reply_logps(policy.model, policy.tokenizer, prompts, replies, batch_size=1)
-    for (lb, nb), (ls, ns) in zip(batched, single):
-        assert nb == ns and lb == pytest.approx(ls, abs=1e-4)
+    pairs_of_two = reply_logps(policy.model, policy.tokenizer, prompts, replies, batch_size=2)  # sorted by length
+    for (lb, nb), (ls, ns), (l2, n2) in zip(batched, single, pairs_of_two):
+        assert nb == ns == n2 and lb == pytest.approx(ls, abs=1e-4) and l2 == pytest.approx(ls, abs=1e-4)
     # The sum over reply tokens of log softmax, computed directly on the unpadded sequence.
     prefix, reply = encode_reply(policy.tokenizer, prompts[1], replies[1])
     ids = torch.tensor([prefix + reply])
@@ -333,3 +334,24 @@ def test_scripts_start_from_the_command_line():
                           env=env, timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "python eval/evaluate.py outputs/dpo" in proc.stdout and "--max_new_tokens (int, default 128)" in proc.stdout
+
+
+def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
+    """The recipe's before/after summary: the adapter=True call reads the starting model's log-probs from the
+    adapter=False call instead of recomputing them, and gets the same implicit-reward numbers."""
+    from align.policy_report import summarize_policy
+    from align.records import PreferencePair
+
+    policy = load_policy(adapter_run, EvalArgs(dtype="fp32"))
+    pairs = [PreferencePair(prompt=[{"role": "user", "content": p["prompt"]}], chosen=p["chosen"], rejected=p["rejected"])
+             for p in PAIRS]
+    model, tokenizer = policy.model, policy.tokenizer
+    start: dict = {}
+    before = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=False, start_logps=start)
+    assert len(start["chosen"]) == len(start["rejected"]) == len(pairs)
+    reused = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True, start_logps=start)
+    recomputed = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True)
+    assert "pref/implicit_reward_accuracy" not in before
+    assert reused["pref/implicit_reward_accuracy"] == recomputed["pref/implicit_reward_accuracy"]
+    assert reused["pref/implicit_margin_mean"] == pytest.approx(recomputed["pref/implicit_margin_mean"], abs=1e-6)
+    assert recomputed["pref/implicit_margin_mean"] != 0  # the adapter moved the policy: margins are not all 0
