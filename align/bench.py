@@ -681,6 +681,10 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
                   save_steps=spec["steps"] + 1000)
     values.update(overrides)
     cfg = build_config(ppo.PPOArgs, values, where="ppo arm overrides")
+    if cfg.return_freed_memory:  # as recipes/ppo.py does (the DPO arm's build_trainer does the same)
+        from align.dpo_fast import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
     record: dict = {}
     current: dict = {}
 
@@ -815,6 +819,9 @@ def format_table(report: dict) -> str:
         f"stage {head['stage']} | {head['model_name_or_path']} | data {head['data']} | {head['steps']} steps x {head['batch_size']} "
         f"| max_length {head['max_length']} | {head['device']} {head['dtype']}, {head['threads']} threads "
         f"| matmul peak {head['peak_flops'] / 1e9:.1f} GFLOP/s",
+        *[f"  {r['arm']}: prompts {r['data']} | {r['ppo_config']['rollout_batch_size']} rollouts x up to "
+          f"{r['ppo_config']['response_length']} new tokens per update | ppo_epochs {r['ppo_config']['ppo_epochs']} "
+          f"| minibatch {r['ppo_config']['minibatch_size']}" for r in report["runs"][:2] if "ppo_config" in r],
         f"{'arm':<34} {'run':>3} {'train tok/s':>11} {'e2e tok/s':>9} {'step s':>7} {'peak MB':>8} {'train MB':>8} "
         f"{'MFU':>6} {'e2e MFU':>7} {'precomp s':>9}",
     ]

@@ -219,7 +219,7 @@ def load_policy(run: str, cfg: EvalArgs) -> Policy:
 
     if run == "base" or not Path(run).exists():
         name = DEFAULT_MODEL if run == "base" else run
-        if run != "base" and "/" not in run:
+        if name != DEFAULT_MODEL and "/" not in run:
             raise AlignError(f"{run}: no such run directory or model (expected a run directory, a model directory or 'base')")
         model, tokenizer = load_model(ModelArgs(model_name_or_path=name, dtype=cfg.dtype), lora=False)
         model.eval()

@@ -87,7 +87,7 @@ def trainer_kwargs(cfg: Any) -> dict[str, Any]:
     dtype = resolve_dtype(getattr(cfg, "dtype", "auto"))
     report_to = [] if cfg.report_to == "none" else [r.strip() for r in cfg.report_to.split(",") if r.strip()]
     if "tensorboard" in report_to:  # the TensorBoard callback reads its directory from the environment
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "tensorboard"))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")  # this run's, not an inherited one
     return dict(
         output_dir=cfg.output_dir,
         seed=cfg.seed,
@@ -209,10 +209,16 @@ class CompletionMarker(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM or Ctrl-C: finish the current step, save a checkpoint, then exit cleanly."""
+    """SIGTERM or Ctrl-C: finish the current step, save a checkpoint, then exit cleanly.
+
+    With several processes the signal can reach the ranks during different steps (or only one of them): after
+    every step the ranks agree (an all-reduce of one flag), so all of them save the same step and stop
+    together instead of one stopping while the others wait in the next gradient all-reduce.
+    """
 
     def __init__(self):
         self.received: int | None = None
+        self.stopping = False  # this or another rank received a signal
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
@@ -223,7 +229,12 @@ class StopOnSignal(TrainerCallback):
         print(f"\n[align] {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        self.stopping = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([float(self.stopping)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.stopping = bool(flag.item())
+        if self.stopping:
             control.should_save = True
             control.should_training_stop = True
 
@@ -463,7 +474,7 @@ def train(trainer: Any, cfg: Any) -> Any:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:
         raise AlignError(out_of_memory_advice(cfg)) from None
-    if any(isinstance(cb, StopOnSignal) and cb.received for cb in trainer.callback_handler.callbacks):
+    if any(isinstance(cb, StopOnSignal) and cb.stopping for cb in trainer.callback_handler.callbacks):
         print("[align] stopped by signal after saving a checkpoint; rerun with --resume to continue", file=sys.stderr)
         sys.exit(128 + 15)
     first_step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0

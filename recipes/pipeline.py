@@ -24,6 +24,10 @@ from align.config import arg, parse_config
 from align.errors import AlignError, ConfigError, cli_main
 
 STAGES = ("sft", "reward", "dpo", "ppo", "compare")
+# Evaluation is most of the comparison's time on a CPU (generation at ~55 tokens/s on 2 cores): there the report
+# rests on fewer prompts and pairs, and its confidence intervals are wider (they are shown).
+CPU_EVAL = "--max_prompts 32 --max_pairs 32 --max_ppl_rows 16 --modes greedy,sample"
+GPU_EVAL = "--max_prompts 100 --max_pairs 100 --max_ppl_rows 50 --modes greedy,sample"
 
 
 @dataclass
@@ -35,7 +39,8 @@ class PipelineArgs:
     reward_args: str = arg("", "extra flags for recipes/reward.py")
     dpo_args: str = arg("", "extra flags for recipes/dpo.py")
     ppo_args: str = arg("", "extra flags for recipes/ppo.py")
-    eval_args: str = arg("--max_prompts 100 --modes greedy,sample", "extra flags for eval/evaluate.py (same for every policy)")
+    eval_args: str = arg("auto", "flags for eval/evaluate.py (same for every policy); auto = CPU: "
+                                 f"'{CPU_EVAL}', GPU: '{GPU_EVAL}'")
     resume: bool = arg(False, "skip stages whose summary.json exists; resume interrupted ones from their checkpoints")
 
     def validate(self) -> None:
@@ -53,9 +58,24 @@ def run(cmd: list[str], stage: str) -> None:
     print(f"[pipeline] {stage}: done in {time.time() - started:.0f} s", flush=True)
 
 
+def starting_model(root: Path) -> str:
+    """The model SFT started from (its config.yaml), evaluated as `base`: the embedded default unless the SFT
+    stage was given another model."""
+    import yaml
+
+    config = root / "sft" / "config.yaml"
+    if config.is_file():
+        return str((yaml.safe_load(config.read_text()) or {}).get("model_name_or_path") or "base")
+    return "base"
+
+
 @cli_main
 def main() -> None:
     cfg = parse_config(PipelineArgs)
+    if cfg.eval_args == "auto":
+        import torch
+
+        cfg.eval_args = GPU_EVAL if torch.cuda.is_available() else CPU_EVAL
     root = Path(cfg.output_root)
     sft_base = str(root / "sft" / "merged")
     recipes = Path(__file__).resolve().parent
@@ -78,9 +98,9 @@ def main() -> None:
 
     if "compare" in cfg.stages:
         evaluate = str(recipes.parent / "eval" / "evaluate.py")
-        runs = ["base"] + [str(root / s) for s in ("sft", "dpo", "ppo") if (root / s / "summary.json").is_file()]
+        runs = [starting_model(root)] + [str(root / s) for s in ("sft", "dpo", "ppo") if (root / s / "summary.json").is_file()]
         for run_dir in runs:
-            out = ["--out", str(root / "base" / "eval")] if run_dir == "base" else []
+            out = ["--out", str(root / "base" / "eval")] if run_dir == runs[0] else []
             extra = ["--reward_model", str(root / "reward")] if (root / "reward" / "adapter").is_dir() else []
             run([sys.executable, evaluate, run_dir, *out, *extra, *shlex.split(cfg.eval_args)], f"evaluate {run_dir}")
         eval_dirs = [str(root / "base")] + runs[1:]

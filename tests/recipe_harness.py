@@ -276,3 +276,19 @@ __all__ = [
     "REPO", "Run", "adapter_tensors", "assert_no_traceback", "assert_same_run", "complete_checkpoints", "metric_records", "recipe_args",
     "reproducible", "run_cli", "run_recipe", "start_recipe", "tiny_data",
 ]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it: the machine or the job dying mid-run. (torchrun starts each
+    worker in a session of its own, so killing the launcher's process group would leave the workers training.)"""
+    import psutil
+
+    launcher = psutil.Process(process.pid)
+    procs = [*launcher.children(recursive=True), launcher]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    process.wait(timeout=30)

@@ -21,6 +21,8 @@ starts two CPU processes over gloo; plain --num_processes 2 would start one).
    accuracies exactly; a logged key with no stated tolerance fails the test.
 4. A 2-process DPO run SIGKILLed (launcher and both workers) after checkpoint-2, resumed with --resume on 2
    processes: bit-identical to the uninterrupted 2-process run (see that test's docstring).
+5. SIGTERM to rank 1 only: both ranks save the same step and exit (the stop flag is all-reduced after every
+   step); the resumed run is bit-identical to the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import time
 import pytest
 
 from recipe_harness import (  # noqa: F401  (tiny_data is a fixture)
-    REPO, TIMING_KEYS, adapter_tensors, assert_same_run, complete_checkpoints, metric_records, recipe_args, run_recipe, tiny_data,
+    REPO, TIMING_KEYS, adapter_tensors, assert_same_run, complete_checkpoints, kill_tree, metric_records, recipe_args, run_recipe,
+    tiny_data,
 )
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -143,22 +146,6 @@ def test_a_rank_that_dies_ends_the_launch_instead_of_hanging(tiny_model_dir, tin
     print(f"launch exited {code} {torn_down_after:.1f} s after step 1 was logged")
 
 
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it: the machine or the job dying mid-run. (torchrun starts each
-    worker in a session of its own, so killing the launcher's process group would leave the workers training.)"""
-    import psutil
-
-    launcher = psutil.Process(process.pid)
-    procs = [*launcher.children(recursive=True), launcher]
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    process.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_two_process_run_killed_then_resumed_on_two_processes_matches_uninterrupted(tiny_model_dir, tiny_data,
                                                                                    two_process_dpo, tmp_path):
@@ -243,3 +230,56 @@ def test_sft_and_reward_two_processes_match_one_process(recipe, tiny_model_dir, 
                 assert key in TIMING_KEYS, f"{key}: no tolerance stated for it"
     assert largest_update > 100 * 1e-6, "the adapter barely trained; the comparison would prove little"
     assert largest_diff <= 1e-6, (largest_diff, largest_update)
+
+
+def local_rank_process(process: subprocess.Popen, rank: int, timeout_s: float):
+    """The worker process of a launch whose LOCAL_RANK is `rank` (psutil.Process)."""
+    import psutil
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            try:
+                if child.environ().get("LOCAL_RANK") == str(rank) and "recipes/" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+    pytest.fail(f"no worker with LOCAL_RANK={rank} within {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume_matches(tiny_model_dir, tiny_data, two_process_dpo,
+                                                                             tmp_path):
+    """SIGTERM reaches rank 1 only (a scheduler signalling one worker, or two signals landing in different
+    steps). The ranks agree after every step, so both save the same checkpoint and exit 143 (no rank waits in
+    an all-reduce the other never joins); `--resume true` on 2 processes then ends bit-identical to the
+    uninterrupted run, as after a kill."""
+    out = tmp_path / "run"
+    with (tmp_path / "1.log").open("w") as log:
+        process = subprocess.Popen(launch("dpo", dpo_args(tiny_model_dir, tiny_data, out, batch=2), port=29546), cwd=REPO,
+                                   env=launch_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rank1 = local_rank_process(process, 1, LAUNCH_TIMEOUT_S)
+            deadline = time.time() + LAUNCH_TIMEOUT_S
+            while not (out / "metrics.jsonl").is_file():  # step 1 is logged: the signal handlers are in place
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"no step logged before exit or timeout:\n{(tmp_path / '1.log').read_text()[-4000:]}")
+                time.sleep(0.01)
+            rank1.send_signal(15)
+            code = process.wait(timeout=TEARDOWN_BOUND_S)
+        except subprocess.TimeoutExpired:
+            kill_tree(process)
+            pytest.fail(f"the launch hung after SIGTERM to rank 1:\n{(tmp_path / '1.log').read_text()[-4000:]}")
+    text = (tmp_path / "1.log").read_text()
+    checkpoints = complete_checkpoints(out)
+    assert checkpoints and checkpoints[-1] < 4, (checkpoints, text[-3000:])  # stopped early, the stop step saved
+    stopped_at = checkpoints[-1]
+    assert code != 0 and "SIGTERM: saving a checkpoint after this step" in text, text[-3000:]
+    assert text.count("stopped by signal after saving a checkpoint") == 2, text[-3000:]  # both ranks, same step
+    assert [r["step"] for r in metric_records(out) if "train/loss" in r] == list(range(1, stopped_at + 1))
+    assert not (out / "adapter").exists()
+
+    result = run_launch("dpo", dpo_args(tiny_model_dir, tiny_data, out, batch=2, resume="true"), port=29547)
+    assert f"resuming from {out / f'checkpoint-{stopped_at}'}" in result.stderr
+    assert_same_run(two_process_dpo[0], out, steps=4)

@@ -562,3 +562,56 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
         assert r1.keys() == r2.keys()
         for key in r1:
             assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_then_resumed_matches_uninterrupted(tiny_model_dir, tmp_path):
+    """2 processes, 4 updates, a checkpoint after each. Once update-000001 is complete the launcher and both workers
+    are SIGKILLed; `--resume` on 2 processes then ends bitwise equal (tolerance 0) to the uninterrupted 2-process
+    run: each row's sampler is seeded by (seed, update, global row), the optimizer, scheduler, KL controller and
+    prompt position come from the checkpoint, and gloo sums the same two tensors in the same order."""
+    from recipe_harness import kill_tree
+    from safetensors.torch import load_file
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+
+    def args(out_dir: Path, *extra: str) -> list[str]:
+        argv = recipe_args(tiny_model_dir, out_dir, prompts, "--reward", "verifier", "--num_eval_prompts", "0",
+                           "--report_to", "none", "--micro_batch_size", "1", "--save_steps", "1", "--kl_target", "1.0", *extra)
+        argv[argv.index("--total_updates") + 1] = "4"
+        return argv
+
+    def launcher(port: int) -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+    whole = run_recipe(args(tmp_path / "whole"), launcher=launcher(29536))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    split = tmp_path / "split"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (tmp_path / "split.log").open("w") as log:
+        process = subprocess.Popen(launcher(29537) + [str(REPO / "recipes" / "ppo.py"), *args(split)], cwd=REPO, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 300
+            while not list_checkpoints(split):  # a checkpoint directory appears only once complete (atomic rename)
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"no checkpoint before exit or timeout:\n{(tmp_path / 'split.log').read_text()[-3000:]}")
+                time.sleep(0.01)
+        finally:
+            kill_tree(process)
+    saved = [p.name for p in list_checkpoints(split)]
+    assert saved[-1] != "update-000004" and not (split / "adapter").exists(), f"the run outran the kill: {saved}"
+
+    resumed = run_recipe(args(split, "--resume"), launcher=launcher(29538))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {split / 'checkpoints' / saved[-1]}" in resumed.stderr
+    for sub, name in (("adapter", "adapter_model.safetensors"), ("critic", "adapter_model.safetensors"), ("critic", "value_head.safetensors")):
+        a, b = (load_file(str(run / sub / name)) for run in (tmp_path / "whole", split))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{sub}/{name}: {key}"
+    m_whole, m_split = ([comparable(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "whole", split))
+    assert [m["step"] for m in m_split] == [1, 2, 3, 4]
+    assert m_whole == m_split
