@@ -83,7 +83,7 @@ class BenchArgs:
     data: str = arg("auto", "preference / SFT data: auto (built-in ifprefs if present, else synthetic), synthetic, or any data source")
     batch_size: int = arg(4, "pairs (dpo, reward) or conversations (sft) per optimizer step")
     max_length: int = arg(256, "tokens per sequence; longer rows are dropped from the slice")
-    lora_r: int = arg(16, "LoRA rank (all linear layers, alpha = 2 r, dropout 0.05) in every arm")
+    lora_r: int = arg(16, "LoRA rank (all linear layers, alpha = 2 r) in every arm; LoRA dropout: 0.05 in the baseline, which TRL's DPOTrainer sets to 0 at run time (disable_dropout), the recipe's own (0 for DPO) in align arms")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto = bf16 where the hardware has it, else fp32")
     threads: int = arg(0, "torch threads in every run; 0 = torch's default")
     seed: int = arg(42, "seed of every run (LoRA init, data order, synthetic data)")
@@ -444,7 +444,12 @@ def _recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict
     if stage == "dpo" and spec["threads"]:
         values["cpu_threads"] = spec["threads"]  # --threads holds for every arm; the recipe would choose its own
     values.update(overrides)
-    return build_config(getattr(module, cls), values, where=f"align arm overrides ({stage})")
+    cfg = build_config(getattr(module, cls), values, where=f"align arm overrides ({stage})")
+    if getattr(cfg, "gradient_checkpointing", False) is None:  # the recipe's hardware default
+        from align.train import default_gradient_checkpointing
+
+        cfg.gradient_checkpointing = default_gradient_checkpointing()
+    return cfg
 
 
 def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, learning_rate: float):

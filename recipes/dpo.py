@@ -36,7 +36,9 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     label_smoothing: float = arg(0.0, "assumed share of flipped labels (robust / cDPO losses)")
     precompute_ref_log_probs: bool = arg(True, "reference log-probs once before training instead of every step")
     max_length: int = arg(384, "maximum tokens of prompt + reply")
-    gradient_checkpointing: bool = arg(True, "recompute activations in backward (TRL's default too): ~1/3 more compute, a fraction of the memory")
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~1/3 more compute, a fraction of the "
+                                                "activation memory; none = hardware default (GPU: on, CPU: off)")
+    lora_dropout: float = arg(0.0, "LoRA dropout (0: TRL's DPOTrainer sets every dropout to 0 anyway, disable_dropout=True)")
     summary_prompts: int = arg(32, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
@@ -53,7 +55,7 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
 @cli_main
 def main() -> None:
     cfg = parse_config(DPOArgs)
-    start_run(cfg, "dpo", cpu_max_steps=40)
+    start_run(cfg, "dpo", cpu_max_steps=30)
     if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run reads only the rows it trains on
         cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
     started = time.time()
