@@ -615,3 +615,49 @@ def test_two_process_run_killed_then_resumed_matches_uninterrupted(tiny_model_di
     m_whole, m_split = ([comparable(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "whole", split))
     assert [m["step"] for m in m_split] == [1, 2, 3, 4]
     assert m_whole == m_split
+
+
+KILL_MID_CHECKPOINT = """
+import os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_ppo import tiny_cfg, trainer_for
+trainer = trainer_for(tiny_cfg({model!r}, Path({out!r}), **{options!r}))
+real_save = torch.save
+def save(obj, f, *args, **kwargs):  # checkpoint 3: the adapters are written, state.pt is not
+    if str(f).endswith("state.pt") and trainer.update_index == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+trainer.train()
+"""
+
+
+def test_kill_in_the_middle_of_a_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
+    """SIGKILL while checkpoint 3 is being written (policy and critic adapters on disk, optimizer state not):
+    the half-written checkpoint is never seen under its final name, resume continues from update 2, and the
+    finished run is bitwise equal to an uninterrupted one (as in test_resume_equals_an_uninterrupted_run)."""
+    options = dict(total_updates=4, save_steps=1, kl_target=1.0, lr_scheduler="linear")
+    whole = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "whole", **options))
+    whole.train()
+
+    out = tmp_path / "killed"
+    code = KILL_MID_CHECKPOINT.format(tests=str(REPO / "tests"), model=tiny_model_dir, out=str(out), options=options)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["update-000001", "update-000002"]  # save_total_limit 2
+
+    cfg = tiny_cfg(tiny_model_dir, out, **options)
+    resumed = trainer_for(cfg)
+    resumed.load_checkpoint(list_checkpoints(out)[-1])
+    assert resumed.update_index == 2
+    resumed.train()
+    a, b = adapter_state(whole), adapter_state(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    metrics = [[comparable(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "whole", out)]
+    assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
+    assert metrics[0] == metrics[1]
