@@ -38,3 +38,14 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: two OpenMP threads on a shared 2-core machine make tiny matmuls ~100x slower
+    (spin-waits). _restore_torch_threads puts the count back after the test."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+

@@ -38,13 +38,7 @@ PROMPTS = [PromptRecord(prompt=[{"role": "user", "content": f"say {w}"}], constr
 TIMING_KEYS = ("time_s", "time/", "perf/tokens_per_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine make tiny matmuls ~100x slower (spin-waits).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_cfg(model_dir: str, out_dir: Path, **overrides) -> PPOArgs:

@@ -21,13 +21,7 @@ PROMPTS = [PromptRecord(prompt=[{"role": "user", "content": f"write about {w}"}]
            for w in ("rain", "snow", "sun", "wind", "fog", "hail", "mist", "ice")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine make tiny matmuls ~100x slower (spin-waits).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def make_reward_adapter(base_dir: str, out_dir: Path, seed: int = 0) -> str:
