@@ -484,6 +484,7 @@ def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, 
 def _align_trainer(stage: str, cfg, module, model, tokenizer, dataset, callbacks):
     """The recipe's trainer. DPO calls the recipe's own build_trainer; SFT and reward build theirs the way
     recipes/sft.py and recipes/reward.py do (kept in step by hand: those recipes have no build function)."""
+    from align.activations import CompressActivationsMixin
     from align.train import FiniteLossMixin, trainer_kwargs
 
     if stage == "dpo":
@@ -491,16 +492,16 @@ def _align_trainer(stage: str, cfg, module, model, tokenizer, dataset, callbacks
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        class SFT(FiniteLossMixin, SFTTrainer):
-            pass
+        class SFT(FiniteLossMixin, CompressActivationsMixin, SFTTrainer):
+            compress_activations = cfg.compress_activations
 
         args = SFTConfig(**trainer_kwargs(cfg), max_length=cfg.max_length, assistant_only_loss=cfg.assistant_only_loss,
                          packing=cfg.packing, padding_free=cfg.packing, eval_strategy="no")
         return SFT(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
     from trl import RewardConfig, RewardTrainer
 
-    class Reward(FiniteLossMixin, RewardTrainer):
-        pass
+    class Reward(FiniteLossMixin, CompressActivationsMixin, RewardTrainer):
+        compress_activations = cfg.compress_activations
 
     args = RewardConfig(**trainer_kwargs(cfg), max_length=cfg.max_length,
                         center_rewards_coefficient=cfg.center_rewards_coefficient, eval_strategy="no")

@@ -24,9 +24,11 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     """{"pref/logp_accuracy", "pref/implicit_reward_accuracy", "verifier/score", "verifier/strict", ...}.
 
     logp_accuracy: share of pairs where the policy gives the chosen reply a higher log-probability than the
-    rejected one; meaningful for the starting model too. implicit_reward_accuracy: DPO's implicit reward
-    beta * (log pi - log pi_ref) ranks chosen above rejected (only with adapter=True: at the start the
-    policy is its reference and every pair ties).
+    rejected one; meaningful for the starting model too, but biased towards the shorter reply (a summed
+    log-prob falls with every token). mean_logp_accuracy: the same with the log-prob per token.
+    implicit_reward_accuracy: DPO's implicit reward beta * (log pi - log pi_ref) ranks chosen strictly
+    above rejected (TRL's rewards/accuracies). For the starting model (adapter=False) the policy is its own
+    reference, so every pair ties: 0.0, with pref/implicit_ties = the number of pairs.
     """
     from align.evaluation import EvalArgs, Policy, generate, reply_logps
     from align.verifier import verify
@@ -42,6 +44,9 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
             rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
             out["pref/logp_accuracy"] = sum(c[0] > r[0] for c, r in zip(chosen, rejected)) / len(pairs)
+            out["pref/mean_logp_accuracy"] = sum(c[0] / max(c[1], 1) > r[0] / max(r[1], 1) for c, r in zip(chosen, rejected)) / len(pairs)
+            if not adapter:
+                out["pref/implicit_reward_accuracy"], out["pref/implicit_ties"] = 0.0, len(pairs)
             if not adapter and start_logps is not None:
                 start_logps.update(chosen=chosen, rejected=rejected)
             out["pref/pairs"] = len(pairs)
@@ -67,7 +72,20 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
                 ref_rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
         margins = [beta * ((c[0] - rc[0]) - (r[0] - rr[0])) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
         out["pref/implicit_reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
+        out["pref/implicit_ties"] = sum(m == 0 for m in margins)
         out["pref/implicit_margin_mean"] = sum(margins) / len(margins)
     model.train(was_training)
     out["time_s"] = round(time.time() - started, 1)
     return out
+
+
+def before_after(before: dict, after: dict) -> str:
+    """The summary's before -> after numbers as lines a person reads at the end of a run."""
+    rows = [("held-out preference accuracy, DPO implicit reward", "pref/implicit_reward_accuracy"),
+            ("held-out preference accuracy, log-prob per token", "pref/mean_logp_accuracy"),
+            ("held-out preference accuracy, summed log-prob", "pref/logp_accuracy"),
+            ("verifier score on held-out eval prompts", "verifier/score"),
+            ("verifier strict (every constraint met)", "verifier/strict")]
+    lines = [f"  {label}: {before[key]:.3f} -> {after[key]:.3f}" for label, key in rows if key in before and key in after]
+    counts = f"{after.get('pref/pairs', 0)} pairs, {after.get('verifier/prompts', 0)} prompts"
+    return f"[align] starting model -> trained policy ({counts}):\n" + "\n".join(lines)

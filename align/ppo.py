@@ -138,7 +138,7 @@ class PPOArgs(ModelArgs):
     return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
     # ---- health checks (warn in the log and summary; stop the run under stop_on_health)
     stop_on_health: bool = arg(False, "stop the run (after a checkpoint) when a health check crosses its threshold")
-    health_min_kl: float = arg(-0.05, "warn when the mean KL per response is below this (a sampling/scoring mismatch)")
+    health_min_kl: float = arg(-0.05, "warn when the mean KL per response is below this and 2 standard errors below 0 (a sampling/scoring mismatch)")
     health_kl_budget: float = arg(10.0, "warn when the mean KL per response exceeds this (nats)")
     health_max_ratio: float = arg(10.0, "warn when the largest PPO ratio in an update exceeds this")
     health_eos_drop: float = arg(0.25, "warn when the share of responses ending with EOS falls this much below the run's start")
@@ -903,9 +903,11 @@ def health_checks(history: list[dict[str, float]], cfg: PPOArgs, reward_is_verif
     """
     metrics, warnings = history[-1], []
     kl = metrics["objective/kl"]
-    if kl < cfg.health_min_kl:
-        warnings.append(f"negative mean KL {kl:.4f}: the rollout log-probs are not those of the sampling distribution "
-                        "(a top-k/top-p/temperature mismatch or dropout?)")
+    # k1 is an unbiased estimate of a KL >= 0, but one response's sum can be well below 0: a mean under the
+    # threshold is flagged only when it is also more than two standard errors below 0
+    if kl < cfg.health_min_kl and kl + 2 * metrics.get("objective/kl_stderr", 0.0) < 0:
+        warnings.append(f"negative mean KL {kl:.4f} (standard error {metrics.get('objective/kl_stderr', 0.0):.4f}): the rollout "
+                        "log-probs are not those of the sampling distribution (a top-k/top-p/temperature mismatch or dropout?)")
     if kl > cfg.health_kl_budget:
         warnings.append(f"mean KL {kl:.3f} nats beyond the budget {cfg.health_kl_budget}: the policy is drifting far from the reference")
     if metrics["ppo/ratio_max"] > cfg.health_max_ratio:
@@ -1333,12 +1335,15 @@ class PPOTrainer:
         }
         if rollout.verifier is not None:
             per_row["objective/verifier"] = rollout.verifier
+        per_row["objective/kl_sq"] = kl.square()  # for the standard error of the mean KL (popped below)
         keys = list(per_row)
         local = [float(per_row[k].double().sum()) for k in keys]
         local += [float(len(rollout)), float(rollout.entropy[mask].double().sum()), float(mask.sum()), float(rollout.query_mask.sum())]
         totals = self.dist.sum(torch.tensor(local, dtype=torch.float64)).tolist()
         rows, entropy_sum, response_tokens, prompt_tokens = totals[len(keys):]
         metrics = {k: totals[i] / rows for i, k in enumerate(keys)}
+        kl_variance = max(metrics.pop("objective/kl_sq") - metrics["objective/kl"] ** 2, 0.0) * rows / max(rows - 1, 1)
+        metrics["objective/kl_stderr"] = (kl_variance / rows) ** 0.5  # over responses: k1 sums are noisy, can be < 0
         metrics["objective/entropy"] = entropy_sum / response_tokens
         metrics["objective/beta"] = kl_coef
         self.tokens += int(response_tokens + prompt_tokens)

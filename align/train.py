@@ -56,6 +56,8 @@ class RunArgs:
     resume: bool = arg(False, "continue from the last complete checkpoint in output_dir")
     min_free_gb: float = arg(1.0, "refuse to start with less free disk than this in output_dir")
     cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores idle when the run starts, at least 1; -1 = leave torch's setting")
+    compress_activations: bool = arg(True, "keep float32 activations saved for backward in bf16: about half their memory, gradients "
+                                           "within bf16 rounding, forward unchanged (align.activations); no effect on bf16 compute")
 
 
 def on_gpu() -> bool:

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 from align.config import arg, parse_config
 from align.data import DataArgs, load_prompts
+from align.activations import CompressActivationsMixin
 from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
 from align.errors import cli_main
 from align.models import ModelArgs, load_model
+from align.policy_report import before_after
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
 
 
@@ -55,7 +57,7 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
 @cli_main
 def main() -> None:
     cfg = parse_config(DPOArgs)
-    start_run(cfg, "dpo", cpu_max_steps=30)
+    start_run(cfg, "dpo", cpu_max_steps=24)
     if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run reads only the rows it trains on
         cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
     started = time.time()
@@ -88,6 +90,7 @@ def main() -> None:
             "wall_time_s": round(time.time() - started, 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
+        print(before_after(before, after), file=sys.stderr, flush=True)
 
 
 def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
@@ -98,8 +101,8 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
     if notes and is_main_process():
         print(f"[align] dpo: {'; '.join(notes)}", file=sys.stderr, flush=True)
 
-    class Trainer(FiniteLossMixin, FastDPOTrainer):
-        pass
+    class Trainer(FiniteLossMixin, CompressActivationsMixin, FastDPOTrainer):
+        compress_activations = cfg.compress_activations
 
     args = DPOConfig(
         **trainer_kwargs(cfg),

@@ -27,6 +27,10 @@ STAGES = ("sft", "reward", "dpo", "ppo", "compare")
 # Evaluation is most of the comparison's time on a CPU (generation at ~55 tokens/s on 2 cores): there the report
 # rests on fewer prompts and pairs, and its confidence intervals are wider (they are shown).
 CPU_EVAL = "--max_prompts 32 --max_pairs 32 --max_ppl_rows 16 --modes greedy,sample"
+# On a CPU the training stages are shortened too, so that the whole comparison takes about an hour on 2 cores
+# (measured: README). They go before the user's --<stage>_args, which override them (the last flag wins).
+CPU_STAGE_ARGS = {"sft": "--max_steps 20", "reward": "--max_steps 24", "dpo": "--max_steps 20 --summary_prompts 16",
+                  "ppo": "--total_updates 12"}
 GPU_EVAL = "--max_prompts 100 --max_pairs 100 --max_ppl_rows 50 --modes greedy,sample"
 
 
@@ -35,7 +39,8 @@ class PipelineArgs:
     output_root: str = arg("outputs", "folder that receives one subfolder per stage")
     stages: list[str] = arg(list(STAGES), "stages to run, in order (sft, reward, dpo, ppo, compare)")
     launcher: str = arg("accelerate launch", "how training recipes are started (e.g. 'python', or accelerate with --config_file)")
-    sft_args: str = arg("", "extra flags for recipes/sft.py (e.g. '--config recipes/configs/sft.yaml')")
+    sft_args: str = arg("", "extra flags for recipes/sft.py (e.g. '--config recipes/configs/sft.yaml'); on a CPU they follow "
+                            "(and override) the shortened defaults " + ", ".join(f"{k}: '{v}'" for k, v in CPU_STAGE_ARGS.items()))
     reward_args: str = arg("", "extra flags for recipes/reward.py")
     dpo_args: str = arg("", "extra flags for recipes/dpo.py")
     ppo_args: str = arg("", "extra flags for recipes/ppo.py")
@@ -72,21 +77,24 @@ def starting_model(root: Path) -> str:
 @cli_main
 def main() -> None:
     cfg = parse_config(PipelineArgs)
-    if cfg.eval_args == "auto":
-        import torch
+    import torch
 
-        cfg.eval_args = GPU_EVAL if torch.cuda.is_available() else CPU_EVAL
+    on_cpu = not torch.cuda.is_available()
+    if cfg.eval_args == "auto":
+        cfg.eval_args = CPU_EVAL if on_cpu else GPU_EVAL
+    stage_args = {stage: shlex.split(CPU_STAGE_ARGS[stage] if on_cpu else "") + shlex.split(extra) for stage, extra in
+                  (("sft", cfg.sft_args), ("reward", cfg.reward_args), ("dpo", cfg.dpo_args), ("ppo", cfg.ppo_args))}
     root = Path(cfg.output_root)
     sft_base = str(root / "sft" / "merged")
     recipes = Path(__file__).resolve().parent
     launch = shlex.split(cfg.launcher)
     resume = ["--resume"] if cfg.resume else []
     stage_cmds = {
-        "sft": [*launch, str(recipes / "sft.py"), "--output_dir", str(root / "sft"), "--merge", "true", *shlex.split(cfg.sft_args)],
-        "reward": [*launch, str(recipes / "reward.py"), "--model_name_or_path", sft_base, "--output_dir", str(root / "reward"), *shlex.split(cfg.reward_args)],
-        "dpo": [*launch, str(recipes / "dpo.py"), "--model_name_or_path", sft_base, "--output_dir", str(root / "dpo"), *shlex.split(cfg.dpo_args)],
+        "sft": [*launch, str(recipes / "sft.py"), "--output_dir", str(root / "sft"), "--merge", "true", *stage_args["sft"]],
+        "reward": [*launch, str(recipes / "reward.py"), "--model_name_or_path", sft_base, "--output_dir", str(root / "reward"), *stage_args["reward"]],
+        "dpo": [*launch, str(recipes / "dpo.py"), "--model_name_or_path", sft_base, "--output_dir", str(root / "dpo"), *stage_args["dpo"]],
         "ppo": [*launch, str(recipes / "ppo.py"), "--sft_dir", str(root / "sft"), "--reward_model", str(root / "reward"),
-                "--output_dir", str(root / "ppo"), *shlex.split(cfg.ppo_args)],
+                "--output_dir", str(root / "ppo"), *stage_args["ppo"]],
     }
     for stage in cfg.stages:
         if stage == "compare":

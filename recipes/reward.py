@@ -20,6 +20,7 @@ from align.data import DataArgs, to_hf_dataset
 from align.errors import cli_main
 from align.models import ModelArgs, load_model
 from align.reward_model import score_texts
+from align.activations import CompressActivationsMixin
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
 
@@ -61,8 +62,8 @@ def main() -> None:
 
     from trl import RewardConfig, RewardTrainer
 
-    class Trainer(FiniteLossMixin, RewardTrainer):
-        pass
+    class Trainer(FiniteLossMixin, CompressActivationsMixin, RewardTrainer):
+        compress_activations = cfg.compress_activations
 
     args = RewardConfig(
         **trainer_kwargs(cfg),

@@ -16,6 +16,7 @@ from align.config import arg, parse_config
 from align.data import DataArgs, to_hf_dataset
 from align.errors import cli_main
 from align.models import ModelArgs, load_model, merge_adapter
+from align.activations import CompressActivationsMixin
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
 
@@ -43,8 +44,8 @@ def main() -> None:
 
     from trl import SFTConfig, SFTTrainer
 
-    class Trainer(FiniteLossMixin, SFTTrainer):
-        pass
+    class Trainer(FiniteLossMixin, CompressActivationsMixin, SFTTrainer):
+        compress_activations = cfg.compress_activations
 
     args = SFTConfig(
         **trainer_kwargs(cfg),

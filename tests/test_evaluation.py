@@ -351,7 +351,10 @@ def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
     assert len(start["chosen"]) == len(start["rejected"]) == len(pairs)
     reused = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True, start_logps=start)
     recomputed = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True)
-    assert "pref/implicit_reward_accuracy" not in before
+    # the starting model is its own reference: every pair ties, TRL's strict accuracy is 0
+    assert before["pref/implicit_reward_accuracy"] == 0.0 and before["pref/implicit_ties"] == len(pairs)
+    assert 0.0 <= before["pref/mean_logp_accuracy"] <= 1.0
+    assert recomputed["pref/implicit_ties"] == 0
     assert reused["pref/implicit_reward_accuracy"] == recomputed["pref/implicit_reward_accuracy"]
     assert reused["pref/implicit_margin_mean"] == pytest.approx(recomputed["pref/implicit_margin_mean"], abs=1e-6)
     assert recomputed["pref/implicit_margin_mean"] != 0  # the adapter moved the policy: margins are not all 0

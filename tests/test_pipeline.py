@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from recipe_harness import REPO, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
@@ -48,6 +49,10 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
     for stage in ("reward", "dpo"):
         assert f"model_name_or_path: {root / 'sft' / 'merged'}" in (root / stage / "config.yaml").read_text()
     assert f"evaluate {tiny_model_dir}" in result.stdout
+    # on a CPU the shortened stage defaults come first and the user's flags after them (the last flag wins)
+    dpo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] dpo: "))
+    assert ("--max_steps 20 --summary_prompts 16" in dpo_cmd) == (not torch.cuda.is_available())
+    assert (root / "dpo" / "summary.json").is_file() and json.loads((root / "dpo" / "summary.json").read_text())["steps"] == 2
     report = json.loads((root / "report" / "summary.json").read_text())
     assert len(report["runs"]) == 4
     for name in ("report.md", "report.html"):

@@ -1,0 +1,112 @@
+"""Activations saved for backward, kept in 16 bits while the compute stays in float32.
+
+A LoRA forward in float32 saves, per layer and token, about a dozen hidden-size vectors for its
+backward (the inputs of every adapted projection, the MLP's gate and up outputs, the attention's
+inputs and outputs). On a CPU without native bf16 matmuls (most x86 CPUs before AVX512-BF16), training
+must compute in float32, and those saved tensors are most of the peak memory without gradient
+checkpointing. `compressed_saved_activations` stores each of them as bfloat16 and widens it back to
+float32 when backward needs it: half the activation memory for two memory-bound casts, instead of
+gradient checkpointing's second forward pass.
+
+What changes numerically: the forward pass (loss, logits, metrics) not at all; the gradients are those
+of float32 compute with the saved activations rounded to bfloat16 (8 bits of mantissa, the precision
+bf16 mixed-precision training keeps all of its activations in). Model weights are never compressed
+(neither the parameters nor views of them), nor are integer/bool tensors, float16/bf16 tensors or
+tensors under `min_numel` elements. A tensor saved by several operations (the normed hidden state feeds
+the q, k and v adapters) is compressed once and shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+class _Packed:
+    """A saved activation in 16 bits, with the dtype it is restored to."""
+
+    __slots__ = ("data", "dtype")
+
+    def __init__(self, data: Tensor, dtype: torch.dtype):
+        self.data, self.dtype = data, dtype
+
+
+@contextlib.contextmanager
+def compressed_saved_activations(
+    model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16, min_numel: int = 2**14, share_window_bytes: int = 2**27
+) -> Iterator[dict[str, int]]:
+    """Within this context, float32 tensors that autograd saves for backward are stored as `dtype`.
+
+    Yields a dict of counters, filled as the forward runs: `compressed` (tensors compressed), `shared`
+    (saves that reused a compressed copy), `kept` (saves left as they were), `compressed_bytes` (their
+    size before compression).
+
+    Args:
+        model: its parameters and buffers (and views of them) are never compressed.
+        dtype: the storage dtype (bfloat16: float32's range, so no overflow).
+        min_numel: smaller tensors are saved as they are (not worth a cast).
+        share_window_bytes: a tensor saved again while it is among the most recent saves totalling this many
+            float32 bytes reuses its compressed copy. Those originals are held until they leave the window,
+            so this bounds the extra memory held during the forward.
+
+    Only the forward must run inside the context; backward (anywhere) unpacks what it saved.
+    """
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+    recent: OrderedDict[tuple, tuple[Tensor, _Packed]] = OrderedDict()
+    held = 0
+    stats = {"compressed": 0, "shared": 0, "kept": 0, "compressed_bytes": 0}
+
+    def pack(t: Tensor):
+        nonlocal held
+        if t.dtype != torch.float32 or t.numel() < min_numel or t.untyped_storage().data_ptr() in weights:
+            stats["kept"] += 1
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+        if key in recent:
+            stats["shared"] += 1
+            return recent[key][1]
+        packed = _Packed(t.detach().to(dtype), t.dtype)
+        recent[key] = (t, packed)  # holding t keeps its address from being reused by another tensor
+        held += t.numel() * t.element_size()
+        stats["compressed"] += 1
+        stats["compressed_bytes"] += t.numel() * t.element_size()
+        while held > share_window_bytes and len(recent) > 1:
+            old, _ = recent.popitem(last=False)[1]
+            held -= old.numel() * old.element_size()
+        return packed
+
+    def unpack(saved):
+        return saved.data.to(saved.dtype) if isinstance(saved, _Packed) else saved
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield stats
+    finally:
+        recent.clear()
+
+
+class CompressActivationsMixin:
+    """Mixed into a transformers Trainer: with `compress_activations` True, the training forward
+    (`compute_loss` with gradients on) runs inside `compressed_saved_activations`.
+
+    Off under FSDP and DeepSpeed ZeRO-3, whose parameters are gathered into fresh storage for each forward
+    (they would be taken for activations and copied).
+    """
+
+    compress_activations: bool = False
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not (self.compress_activations and torch.is_grad_enabled() and model.training) or self._shards_parameters():
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        with compressed_saved_activations(model):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _shards_parameters(self) -> bool:
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "deepspeed_plugin", None)
+        return getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3
