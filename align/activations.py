@@ -12,7 +12,8 @@ What changes numerically: the forward pass (loss, logits, metrics) not at all; t
 of float32 compute with the saved activations rounded to bfloat16 (8 bits of mantissa, the precision
 bf16 mixed-precision training keeps all of its activations in). Model weights are never compressed
 (neither the parameters nor views of them), nor are integer/bool tensors, float16/bf16 tensors or
-tensors under `min_numel` elements. A tensor saved by several operations (the normed hidden state feeds
+tensors under `min_numel` elements, nor tensors with gaps or overlaps in memory (see `dense_layout`): a
+tensor comes back with the strides it was saved with. A tensor saved by several operations (the normed hidden state feeds
 the q, k and v adapters) is compressed once and shared.
 """
 
@@ -33,6 +34,20 @@ class _Packed:
 
     def __init__(self, data: Tensor, dtype: torch.dtype):
         self.data, self.dtype = data, dtype
+
+
+def dense_layout(t: Tensor) -> bool:
+    """Whether `t`'s elements fill its memory exactly, in some order of its dimensions: no gaps (a slice of a
+    padded tensor) and no overlap (an expanded tensor, stride 0). Casting such a tensor keeps its strides;
+    casting any other makes a contiguous copy with new strides, which kernels may refuse (CUDA's
+    memory-efficient attention needs its mask's rows padded to a multiple of 4 elements: seen on an H200)
+    and which, for an expanded tensor, is larger than what was saved."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda x: x[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 @contextlib.contextmanager
@@ -62,7 +77,8 @@ def compressed_saved_activations(
 
     def pack(t: Tensor):
         nonlocal held
-        if t.dtype != torch.float32 or t.numel() < min_numel or t.untyped_storage().data_ptr() in weights:
+        if (t.dtype != torch.float32 or t.numel() < min_numel or t.untyped_storage().data_ptr() in weights
+                or not dense_layout(t)):
             stats["kept"] += 1
             return t
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)

@@ -78,7 +78,12 @@ class EvalArgs:
     out: str | None = arg(None, "output directory; none = RUN/eval (outputs/base/eval for base)")
     max_prompts: int = arg(100, "use the first N prompts")
     max_new_tokens: int = arg(128, "longest reply, in tokens")
-    batch_size: int = arg(16, "prompts per generation or scoring batch")
+    generate_batch_size: int = arg(64, "prompts generated for together (larger batches generate faster; mode sample seeds each batch)")
+    batch_size: int = arg(16, "rows per scoring batch (log-probs, KL, reward model)")
+    merge_adapter: Literal["auto", "true", "false"] = arg(
+        "auto", "generate and score with the LoRA adapter folded into a copy of the weights (faster; the reference stays "
+                "the base with the adapter off); auto = on a CPU, where it is 1.2x faster, not on a GPU, where the copy "
+                "would double the weights' memory")
     modes: list[str] = arg(["greedy", "sample"], "sampling modes: greedy and/or sample (temperature, top_p, seed below)")
     temperature: float = arg(1.0, "sampling temperature of mode 'sample' (1 = the policy's own distribution)")
     top_p: float = arg(1.0, "nucleus sampling of mode 'sample' (1 = off; below 1 the KL estimate is biased)")
@@ -93,7 +98,7 @@ class EvalArgs:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto = bf16 where the hardware has it, else fp32")
 
     def validate(self) -> None:
-        for name in ("max_prompts", "max_new_tokens", "batch_size", "max_pairs", "max_ppl_rows"):
+        for name in ("max_prompts", "max_new_tokens", "generate_batch_size", "batch_size", "max_pairs", "max_ppl_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config: {name}: expected a positive number, got {getattr(self, name)}")
         if not self.modes:
@@ -156,9 +161,9 @@ def prompt_fingerprint(prompt_ids: list[str], prompts: list[list[Message]]) -> s
 class Policy:
     """A model to evaluate and how to get its reference.
 
-    kind: "model" (base or a model directory: its own reference), "adapter" (the reference is the same
-    model with the adapter disabled) or "merged" (the reference is `reference`, a separate model, or
-    None when unknown).
+    kind: "model" (base or a model directory: its own reference), "adapter" (the reference is the PEFT
+    model with the adapter disabled: `reference` when `model` is a merged copy of it, else `model` itself)
+    or "merged" (the reference is `reference`, a separate model, or None when unknown).
     """
 
     model: Any
@@ -183,8 +188,9 @@ class Policy:
 def reference_of(policy: Policy) -> Iterator[Any]:
     """Yield the reference model: the policy with its adapter disabled, or the separate reference."""
     if policy.kind == "adapter":
-        with policy.model.disable_adapter():
-            yield policy.model
+        peft_model = policy.reference if policy.reference is not None else policy.model
+        with peft_model.disable_adapter():
+            yield peft_model
     elif policy.kind == "merged" and policy.reference is not None:
         yield policy.reference
     else:
@@ -202,6 +208,13 @@ def _read_run_file(run: Path, name: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def should_merge(cfg: EvalArgs, model) -> bool:
+    """Whether to fold `model`'s adapter into a copy of its weights (cfg.merge_adapter; auto = on a CPU)."""
+    if cfg.merge_adapter == "auto":
+        return next(model.parameters()).device.type == "cpu"
+    return cfg.merge_adapter == "true"
+
+
 def is_run_dir(path: Path) -> bool:
     """A directory a recipe wrote: an adapter at its root or in adapter/, or a full model in merged/."""
     return (path / "adapter_config.json").is_file() or (path / "adapter" / "adapter_config.json").is_file() or (
@@ -215,13 +228,13 @@ def default_out_dir(run: str) -> Path:
 
 def load_policy(run: str, cfg: EvalArgs) -> Policy:
     """Load `run` (base, a model directory or a run directory) with its reference; see the module docstring."""
-    from align.models import DEFAULT_MODEL, ModelArgs, load_model, load_trained
+    from align.models import DEFAULT_MODEL, ModelArgs, load_model, load_trained, merged_copy
 
     if run == "base" or not Path(run).exists():
         name = DEFAULT_MODEL if run == "base" else run
         if name != DEFAULT_MODEL and "/" not in run:
             raise AlignError(f"{run}: no such run directory or model (expected a run directory, a model directory or 'base')")
-        model, tokenizer = load_model(ModelArgs(model_name_or_path=name, dtype=cfg.dtype), lora=False)
+        model, tokenizer = load_model(ModelArgs(model_name_or_path=name, dtype=cfg.dtype, quantization="none"), lora=False)
         model.eval()
         return Policy(model, tokenizer, "model", name, method="base")
     root = Path(run)
@@ -230,17 +243,19 @@ def load_policy(run: str, cfg: EvalArgs) -> Policy:
     if not is_run_dir(root):
         if not (root / "config.json").is_file():
             raise AlignError(f"{run}: not a run directory (no adapter/ or merged/) and not a model directory (no config.json)")
-        model, tokenizer = load_model(ModelArgs(model_name_or_path=str(root), dtype=cfg.dtype), lora=False)
+        model, tokenizer = load_model(ModelArgs(model_name_or_path=str(root), dtype=cfg.dtype, quantization="none"), lora=False)
         model.eval()
         return Policy(model, tokenizer, "model", str(root), method="base")
     model, tokenizer = load_trained(str(root), dtype=cfg.dtype)
     if hasattr(model, "disable_adapter"):
-        return Policy(model, tokenizer, "adapter", str(root), reference_name="the base model with the adapter disabled",
-                      run_config=run_config, method=method)
+        merged = merged_copy(model) if should_merge(cfg, model) else None
+        return Policy(merged if merged is not None else model, tokenizer, "adapter", str(root),
+                      reference=model if merged is not None else None,
+                      reference_name="the base model with the adapter disabled", run_config=run_config, method=method)
     ref_name = cfg.ref_model or run_config.get("model_name_or_path")
     reference = None
     if ref_name:
-        reference, _ = load_model(ModelArgs(model_name_or_path=str(ref_name), dtype=cfg.dtype), lora=False)
+        reference, _ = load_model(ModelArgs(model_name_or_path=str(ref_name), dtype=cfg.dtype, quantization="none"), lora=False)
         reference.eval()
     else:
         print(f"[eval] {run}: merged model with no --ref_model and no model_name_or_path in config.yaml: "
@@ -366,10 +381,11 @@ def _generation_config(mode: str, cfg: EvalArgs, tokenizer):
 
 @torch.no_grad()
 def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalArgs, log=None) -> list[Generation]:
-    """Replies to `prompts` in batches of cfg.batch_size with left padding; KL per reply in mode 'sample'.
+    """Replies to `prompts` in batches of cfg.generate_batch_size with left padding; KL per reply in mode
+    'sample', scored in chunks of cfg.batch_size rows.
 
     Batch i of mode 'sample' is drawn after torch.manual_seed(cfg.seed + i), so the same settings (seed,
-    batch size, prompt order) give the same replies.
+    generation batch size, prompt order) give the same replies.
     """
     from align.ppo_math import token_kl, truncate_after_eos
 
@@ -379,8 +395,8 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     results: list[Generation] = []
     start_time = time.time()
-    for batch_index, start in enumerate(range(0, len(prompts), cfg.batch_size)):
-        batch = prompts[start : start + cfg.batch_size]
+    for batch_index, start in enumerate(range(0, len(prompts), cfg.generate_batch_size)):
+        batch = prompts[start : start + cfg.generate_batch_size]
         prefixes = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                               add_special_tokens=False)["input_ids"] for p in batch]
         ids, mask = _left_pad(prefixes, pad)
@@ -398,11 +414,13 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
                 full_ids = torch.cat([ids, responses], dim=1)
                 full_mask = torch.cat([mask, response_mask.long()], dim=1)
                 n = responses.shape[1]
-                logps = last_token_logps(model, full_ids, full_mask, n, cfg.temperature)
-                with reference_of(policy) as reference:
-                    ref_logps = last_token_logps(reference, full_ids, full_mask, n, cfg.temperature)
-                kl_k1 = token_kl(logps, ref_logps, response_mask, "k1").sum(-1).tolist()
-                kl_k3 = token_kl(logps, ref_logps, response_mask, "k3").sum(-1).tolist()
+                kl_k1, kl_k3 = [], []
+                for rows in torch.arange(len(batch)).split(cfg.batch_size):  # logits are rows x n x vocab
+                    logps = last_token_logps(model, full_ids[rows], full_mask[rows], n, cfg.temperature)
+                    with reference_of(policy) as reference:
+                        ref_logps = last_token_logps(reference, full_ids[rows], full_mask[rows], n, cfg.temperature)
+                    kl_k1 += token_kl(logps, ref_logps, response_mask[rows], "k1").sum(-1).tolist()
+                    kl_k3 += token_kl(logps, ref_logps, response_mask[rows], "k3").sum(-1).tolist()
         for row in range(len(batch)):
             n_tokens = int(response_mask[row].sum()) - int(contains_eos[row])
             text = tokenizer.decode(responses[row, :n_tokens].tolist(), skip_special_tokens=True)
@@ -548,7 +566,8 @@ def settings_of(cfg: EvalArgs, prompt_ids: list[str], prompts: list[list[Message
         "prompts": cfg.prompts, "max_prompts": cfg.max_prompts, "n_prompts": len(prompts),
         "prompts_sha256": prompt_fingerprint(prompt_ids, prompts),
         "modes": list(cfg.modes), "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0, "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0, "seed": cfg.seed,
+        "generate_batch_size": cfg.generate_batch_size, "batch_size": cfg.batch_size, "merge_adapter": cfg.merge_adapter,
         "reward_model": str(Path(cfg.reward_model).resolve()) if cfg.reward_model else None,
         "pref_data": cfg.pref_data, "max_pairs": cfg.max_pairs, "ppl_data": cfg.ppl_data, "max_ppl_rows": cfg.max_ppl_rows,
         "beta": cfg.beta, "dtype": cfg.dtype, "ref_model": cfg.ref_model,
@@ -586,7 +605,13 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
     if cfg.reward_model:
         from align.reward_model import load_reward_model
 
-        rm = load_reward_model(cfg.reward_model, dtype=cfg.dtype)
+        rm_model, rm_tokenizer = load_reward_model(cfg.reward_model, dtype=cfg.dtype)
+        if should_merge(cfg, rm_model):
+            from align.models import merged_copy
+
+            merged = merged_copy(rm_model)
+            rm_model = rm_model if merged is None else merged
+        rm = (rm_model, rm_tokenizer)
 
     # Phase 1: generate.
     t_gen = time.time()

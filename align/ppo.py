@@ -542,7 +542,8 @@ def build_models(cfg: PPOArgs, plan_for: Callable[[BaseInfo], RewardPlan] | None
     base, tokenizer, info = load_base(cfg, dist)
     plan = (plan_for or (lambda b: plan_reward(cfg, b)))(info)
     quantized = resolve_quantization(cfg.quantization) != "none"
-    device = dist.device if dist is not None else torch.device("cpu")
+    # A quantized base is loaded onto its device (bitsandbytes places it); everything else follows it there.
+    device = next(base.parameters()).device if quantized else dist.device if dist is not None else torch.device("cpu")
     if not quantized:
         base.to(device)
     for p in base.parameters():

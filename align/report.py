@@ -7,6 +7,8 @@ report.html (plots embedded as base64 PNG, no external resources) and summary.js
 
 What it holds, each number computed from the JSON lines whose paths the report names:
 
+- which method: paired differences (same prompts) between PPO and DPO runs and against their SFT start,
+  with CIs, a plain reading, and how many prompts would resolve a verifier difference of 0.05;
 - a metrics table per sampling mode with percentile-bootstrap 95% confidence intervals over prompts
   (Efron & Tibshirani 1993, ch. 13), seeded, so that small differences are not over-read;
 - pairwise win rates judged by the verifier and by the reward model, ties counted apart;
@@ -364,6 +366,73 @@ def hacking_warnings(baseline: EvalResult, run: EvalResult, mode: str, n_resampl
 
 
 # --------------------------------------------------------------------------------------------------
+# Which method: paired differences between the runs a reader chooses between
+# --------------------------------------------------------------------------------------------------
+
+# (key, label, mode, resolution): the measures of the decision table, in this order. `resolution` is the
+# interval half-width the table says how many prompts would reach (None: the scale is the reward model's own).
+DECISION_MEASURES = (
+    ("verifier_score", "verifier score", "greedy", 0.05),
+    ("verifier_score", "verifier score", "sample", 0.05),
+    ("rm_score", "RM score", "greedy", None),
+    ("rm_score", "RM score", "sample", None),
+)
+
+
+def decision_pairs(results: list[EvalResult], baseline: EvalResult) -> list[tuple[EvalResult, EvalResult]]:
+    """(A, B) pairs whose difference A - B decides between methods: every PPO run against every DPO run, then
+    each of them against every SFT run (their common start); without PPO and DPO runs, each run against the
+    baseline."""
+    by_method: dict[str, list[EvalResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    ppo, dpo, sft = by_method.get("ppo", []), by_method.get("dpo", []), by_method.get("sft", [])
+    pairs = [(a, b) for a in ppo for b in dpo]
+    pairs += [(a, b) for a in [*dpo, *ppo] for b in sft]
+    if not pairs:
+        pairs = [(r, baseline) for r in results if r is not baseline]
+    return pairs
+
+
+def prompts_for_halfwidth(n: int, lo: float, hi: float, halfwidth: float) -> int | None:
+    """Prompts needed for a 95% interval of +-halfwidth, from one of +-(hi - lo) / 2 on n prompts (an
+    interval narrows as 1 / sqrt(n)); None when the interval is degenerate."""
+    current = (hi - lo) / 2
+    if n == 0 or current <= 0:
+        return None
+    return max(n, math.ceil(n * (current / halfwidth) ** 2))
+
+
+def read_difference(delta: dict[str, Any], a: str, b: str) -> str:
+    """Plain words for a paired difference A - B with its 95% CI."""
+    if delta["lo"] > 0:
+        return f"{a} higher"
+    if delta["hi"] < 0:
+        return f"{b} higher"
+    return f"no detectable difference (at most {max(abs(delta['lo']), abs(delta['hi'])):.3f} either way)"
+
+
+def decision_table(results: list[EvalResult], baseline: EvalResult, modes: list[str], n_resamples: int, seed: int) -> list[dict[str, Any]]:
+    """One row per (pair, measure, mode) both runs have: means, the paired difference A - B with its CI, the
+    reading, and the prompts a +-resolution interval would need."""
+    rows = []
+    for a, b in decision_pairs(results, baseline):
+        for key, label, mode, resolution in DECISION_MEASURES:
+            if mode not in modes:
+                continue
+            delta = paired_delta(b.rows(mode), a.rows(mode), key, n_resamples, seed)
+            if not delta["n"]:
+                continue
+            needed = prompts_for_halfwidth(delta["n"], delta["lo"], delta["hi"], resolution) if resolution else None
+            rows.append({"a": a.name, "b": b.name, "measure": label, "key": key, "mode": mode, "n": delta["n"],
+                         "a_mean": delta["run_mean"], "b_mean": delta["baseline_mean"],
+                         "difference": {k: delta[k] for k in ("mean", "lo", "hi", "n")},
+                         "reading": read_difference(delta, a.name, b.name), "resolution": resolution,
+                         "prompts_for_resolution": needed})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg backend: no display needed)
 # --------------------------------------------------------------------------------------------------
 
@@ -633,10 +702,26 @@ def build_report(results: list[EvalResult], out_dir: str | Path, args: ReportArg
              f"(fingerprint `{settings['prompts_sha256'][:12]}`), modes {', '.join(modes)}, at most "
              f"{settings['max_new_tokens']} new tokens; mode sample: temperature {settings['temperature']}, top-p "
              f"{settings['top_p']}, no top-k, seed {settings['seed']} (batch i seeded with seed + i, batch size "
-             f"{settings['batch_size']}). Reward model: `{settings.get('reward_model') or 'none'}`."),
+             f"{settings.get('generate_batch_size', settings['batch_size'])}). Reward model: `{settings.get('reward_model') or 'none'}`."),
         Para(f"Intervals are 95% percentile-bootstrap confidence intervals over prompts ({B} resamples, seed {seed}). "
              "Every number below is computed from the JSON lines listed in Sources; summary.json holds them all."),
     ]
+
+    # Which method: the paired differences first, since they are what a reader decides on.
+    decision = decision_table(results, baseline, modes, B, seed)
+    summary["decision"] = decision
+    if decision:
+        blocks.append(Heading("Which method? Paired differences"))
+        blocks.append(Para(
+            "Each row is one run against another on the same prompts: the mean over prompts of A's score minus B's, "
+            "with its 95% bootstrap CI. An interval that contains 0 means this evaluation cannot tell the two apart, "
+            "and its ends bound how large the true difference plausibly is; the last column is how many prompts "
+            "(`--max_prompts`) would narrow a verifier interval to +-0.05. KL, cost and the reward-hacking checks "
+            "below belong in the same decision: the same score at a lower KL or cost is the better trade."))
+        blocks.append(Table(
+            ["A", "B", "measure", "mode", "n", "A", "B", "A - B", "reading", "prompts for +-0.05"],
+            [[d["a"], d["b"], d["measure"], d["mode"], str(d["n"]), fmt(d["a_mean"]), fmt(d["b_mean"]), fmt_ci(d["difference"]),
+              d["reading"], fmt(d["prompts_for_resolution"]) if d["resolution"] else "-"] for d in decision]))
 
     # Metrics tables, one per mode.
     tables: dict[str, Any] = {}

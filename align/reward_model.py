@@ -46,6 +46,25 @@ def load_reward_model(path: str, *, dtype: str = "auto", quantization: str = "no
     return model, tokenizer
 
 
+def score_head_in_float32(model) -> int:
+    """Keep the trainable score head in float32 and feed it float32; returns the number of head layers changed.
+
+    With a quantized base, TRL's RewardTrainer casts every trainable parameter to bf16 (the QLoRA paper's
+    advice for adapters, whose inputs PEFT casts to match), the score head too; but the hidden states that
+    reach the head are float32 (float32 compute, or the norms that `prepare_model_for_kbit_training` keeps in
+    float32), and the head's matmul refuses the mix. Call after the trainer is built.
+    """
+    changed = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "score" in name.split(".") and not name.endswith("original_module"):
+            if not any(p.requires_grad for p in module.parameters()):
+                continue
+            module.float()
+            module.register_forward_pre_hook(lambda m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+            changed += 1
+    return changed
+
+
 def encode_conversations(tokenizer, prompts: list[list[Message]], replies: list[str], max_length: int | None = None) -> list[list[int]]:
     """Token ids of prompt + assistant reply under the chat template (as TRL's RewardTrainer builds them)."""
     out = []

@@ -86,3 +86,54 @@ def test_min_numel_keeps_small_tensors(lora_model):
     with compressed_saved_activations(lora_model, min_numel=10**9) as stats:
         lora_model(input_ids=ids, labels=ids).loss.backward()
     assert stats["compressed"] == 0 and stats["kept"] > 0
+
+
+class _SavesStrided(torch.autograd.Function):
+    """y = x * mask; backward checks that the mask comes back with the strides it was saved with."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        ctx.saved_stride = mask.stride()
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        assert mask.stride() == ctx.saved_stride, (mask.stride(), ctx.saved_stride)
+        return grad * mask, None
+
+
+@pytest.mark.parametrize("layout", ["padded rows", "expanded", "transposed"])
+def test_saved_tensors_come_back_with_their_strides(layout):
+    """CUDA's memory-efficient attention saves its mask with rows padded to a multiple of 4 elements (and
+    often expanded over heads, stride 0) and refuses it in backward otherwise ("attn_bias is not correctly
+    aligned"): seen on an H200 when a compressed mask came back as a plain contiguous copy. Such tensors are
+    kept as they are; a dense permuted one (a transpose) is compressed and keeps its strides."""
+    from align.activations import dense_layout
+
+    torch.manual_seed(0)
+    if layout == "padded rows":  # 66 columns in rows of 68, as sdpa pads an attention bias
+        mask = torch.randn(2, 3, 66, 68)[..., :66]
+    elif layout == "expanded":
+        mask = torch.randn(2, 1, 66, 66).expand(2, 3, 66, 66)
+    else:
+        mask = torch.randn(2, 3, 66, 66).transpose(-1, -2)
+    assert not mask.is_contiguous() and dense_layout(mask) == (layout == "transposed")
+    x = torch.randn(2, 3, 66, 66, requires_grad=True)
+    with compressed_saved_activations(torch.nn.Linear(1, 1), min_numel=1) as stats:
+        y = _SavesStrided.apply(x, mask)
+    y.sum().backward()
+    compressed = layout == "transposed"
+    assert stats["compressed"] == int(compressed) and stats["kept"] == int(not compressed)
+    expected = mask.to(torch.bfloat16).float() if compressed else mask
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
+
+
+def test_dense_layout_hand_cases():
+    from align.activations import dense_layout
+
+    assert dense_layout(torch.zeros(3, 4)) and dense_layout(torch.zeros(3, 4).t()) and dense_layout(torch.zeros(1, 5)[:, :5])
+    assert dense_layout(torch.zeros(2, 1, 4).expand(2, 1, 4)) and dense_layout(torch.zeros(()))
+    assert not dense_layout(torch.zeros(3, 4)[:, :3]) and not dense_layout(torch.zeros(3, 1).expand(3, 4))
+    assert not dense_layout(torch.zeros(6)[::2])

@@ -97,7 +97,7 @@ def zero_adapter_run(tiny_model_dir, tmp_path_factory) -> str:
 
 def small_args(data_files, **overrides) -> EvalArgs:
     values = dict(prompts=data_files["prompts"], pref_data=data_files["prefs"], ppl_data=data_files["sft"],
-                  max_new_tokens=6, batch_size=2, dtype="fp32")
+                  max_new_tokens=6, generate_batch_size=2, batch_size=2, dtype="fp32")
     values.update(overrides)
     cfg = EvalArgs(**values)
     cfg.validate()
@@ -233,7 +233,8 @@ def test_evaluate_script_on_a_tiny_model(tiny_model_dir, tiny_reward_dir, data_f
     out = tmp_path / "eval"
     code, err = run_script("evaluate", [
         tiny_model_dir, "--prompts", data_files["prompts"], "--pref_data", data_files["prefs"], "--ppl_data", data_files["sft"],
-        "--reward_model", tiny_reward_dir, "--max_new_tokens", "6", "--batch_size", "2", "--dtype", "fp32", "--out", str(out),
+        "--reward_model", tiny_reward_dir, "--max_new_tokens", "6", "--generate_batch_size", "2", "--batch_size", "2", "--dtype", "fp32",
+        "--out", str(out),
     ], capsys)
     assert code == 0, err[-3000:]
     assert "generate greedy: 2/3 prompts" in err and "generate sample: 3/3 prompts" in err
@@ -267,6 +268,33 @@ def test_evaluate_an_adapter_run(adapter_run, tiny_reward_dir, data_files, tmp_p
         assert p["implicit_chosen"] == pytest.approx(0.2 * (p["logp_chosen"] - p["ref_logp_chosen"]))
         assert p["implicit_chosen"] != 0.0
     assert summary["metrics"]["perplexity"]["n"] == 1
+
+
+def test_merging_the_adapter_changes_speed_only(adapter_run, tiny_reward_dir, data_files, tmp_path):
+    """The default folds the LoRA into a copy of the weights; against the adapter as trained (and KL scored
+    in one chunk instead of one row at a time): the same replies, and scores, KL, implicit rewards and
+    perplexity equal within float rounding; the reference is still the base with the adapter off."""
+    policy = load_policy(adapter_run, small_args(data_files))
+    assert policy.kind == "adapter" and not hasattr(policy.model, "disable_adapter") and hasattr(policy.reference, "disable_adapter")
+    rows = {}
+    for merge, batch_size in (("true", 1), ("false", 3)):
+        out = tmp_path / f"merge_{merge}"
+        cfg = small_args(data_files, reward_model=tiny_reward_dir, out=str(out), merge_adapter=merge, generate_batch_size=3,
+                         batch_size=batch_size)
+        evaluate(adapter_run, cfg, log=lambda msg: None)
+        rows[merge] = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+                       for name in ("generations", "prefs", "ppl")}
+    merged, unmerged = rows["true"], rows["false"]
+    assert [r["reply"] for r in merged["generations"]] == [r["reply"] for r in unmerged["generations"]]
+    for a, b in zip(merged["generations"], unmerged["generations"]):
+        for key in ("rm_score", "kl_k1", "kl_k3"):
+            assert (a[key] is None) == (b[key] is None) and (a[key] is None or a[key] == pytest.approx(b[key], abs=1e-4)), key
+    assert any(r["kl_k3"] and r["kl_k3"] > 1e-3 for r in merged["generations"])
+    for a, b in zip(merged["prefs"], unmerged["prefs"]):
+        for key in ("logp_chosen", "ref_logp_chosen", "implicit_rejected"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    for a, b in zip(merged["ppl"], unmerged["ppl"]):
+        assert a["tokens"] == b["tokens"] and a["nll_sum"] == pytest.approx(b["nll_sum"], abs=1e-4)
 
 
 def run_script(name: str, argv: list[str], capsys) -> tuple[int, str]:
@@ -342,7 +370,7 @@ def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
     from align.policy_report import summarize_policy
     from align.records import PreferencePair
 
-    policy = load_policy(adapter_run, EvalArgs(dtype="fp32"))
+    policy = load_policy(adapter_run, EvalArgs(dtype="fp32", merge_adapter="false"))  # the recipe's PEFT model
     pairs = [PreferencePair(prompt=[{"role": "user", "content": p["prompt"]}], chosen=p["chosen"], rejected=p["rejected"])
              for p in PAIRS]
     model, tokenizer = policy.model, policy.tokenizer

@@ -127,3 +127,36 @@ def test_4bit_with_zero3_is_a_contradiction(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ConfigError, match="ZeRO-3"):
         load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit"))
+
+
+def test_merged_copy_computes_what_the_adapter_does_and_leaves_it_alone(tiny_model_dir):
+    """Evaluation folds LoRA into a copy of the weights for speed: same logits (causal LM) and same scores
+    (reward model, whose trained head is a module saved beside the adapter); the adapter model keeps its
+    LoRA layers and its disabled-adapter output (the reference); a 4-bit base is not merged."""
+    from peft import LoraConfig, get_peft_model
+
+    from align.models import is_quantized, merged_copy
+
+    batch = {"input_ids": torch.tensor([[5, 9, 17, 33, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    for task, peft_task in (("causal_lm", "CAUSAL_LM"), ("reward", "SEQ_CLS")):
+        torch.manual_seed(0)
+        base, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32"), task=task, lora=False)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                                task_type=peft_task))
+        model.eval()
+        with torch.no_grad():
+            adapted = model(**batch).logits
+            with model.disable_adapter():
+                reference = model(**batch).logits
+            merged = merged_copy(model)
+            assert merged is not None and not hasattr(merged, "disable_adapter")
+            assert not any("lora" in n for n, _ in merged.named_parameters())
+            assert torch.allclose(merged(**batch).logits, adapted, atol=1e-5)
+            assert not torch.allclose(adapted, reference, atol=1e-3)  # the adapter does something
+            assert torch.equal(model(**batch).logits, adapted)
+            with model.disable_adapter():
+                assert torch.equal(model(**batch).logits, reference)
+    quantized, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit", lora_r=4))
+    assert is_quantized(quantized) and merged_copy(quantized) is None
+    plain, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32"), lora=False)
+    assert not is_quantized(model) and merged_copy(plain) is None  # nothing to fold

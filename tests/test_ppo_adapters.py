@@ -54,11 +54,15 @@ def reward_dir(tiny_model_dir, tmp_path_factory) -> str:
     return make_reward_adapter(tiny_model_dir, tmp_path_factory.mktemp("rm") / "adapter")
 
 
-@pytest.fixture()
-def stack(tiny_model_dir, reward_dir, tmp_path):
-    cfg = tiny_cfg(tiny_model_dir, tmp_path / "out", reward="model", reward_model=reward_dir)
+@pytest.fixture(params=["none", "4bit"])
+def stack(request, tiny_model_dir, reward_dir, tmp_path):
+    """The shared stack on a float32 base and on a 4-bit NF4 base (QLoRA: the recipe's default on a GPU;
+    bitsandbytes quantizes on the CPU too)."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "out", reward="model", reward_model=reward_dir, quantization=request.param)
     models, plan = build_models(cfg)
     assert plan.kind == "shared"
+    linear4bit = [m for m in models.model.modules() if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
+    assert bool(linear4bit) == (request.param == "4bit")
     return cfg, models, plan
 
 
@@ -119,15 +123,16 @@ def _logits(models, ids, name):
 
 
 def test_reference_is_the_base_with_adapters_disabled(stack, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
+    from align.models import ModelArgs, load_model
 
-    _, models, _ = stack
+    cfg, models, _ = stack
     with torch.no_grad():  # make the policy differ from the base
         for n, p in models.model.named_parameters():
             if f"lora_B.{POLICY}." in n:
                 p.normal_(0.0, 0.5)
     ids = torch.tensor([[5, 70, 71, 72, 73, 74, 75, 76]])
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    base, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization=cfg.quantization), lora=False)
+    base.eval()
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits[:, :-1]
     torch.testing.assert_close(_logits(models, ids, None), base_logits, rtol=1e-5, atol=1e-5)
@@ -140,7 +145,7 @@ def test_shared_reward_adapter_scores_like_the_reward_model(stack, reward_dir):
     cfg, models, plan = stack
     reward = reward_function(cfg, plan, models)
     replies = ["rain falls softly.", "SNOW", "the sun is out", "wind!", "", "hail hail", "mist", "ice ice baby"]
-    rm, rm_tokenizer = load_reward_model(reward_dir, dtype="fp32")
+    rm, rm_tokenizer = load_reward_model(reward_dir, dtype="fp32", quantization=cfg.quantization)
     expected = score_texts(rm, rm_tokenizer, [p.prompt for p in PROMPTS], replies)
     assert len(set(round(x, 4) for x in expected)) > 1, "the tiny reward model must tell replies apart"
     assert reward(PROMPTS, replies) == pytest.approx(expected, rel=1e-5, abs=1e-5)

@@ -16,9 +16,11 @@ from align.report import (
     ReportArgs,
     bootstrap_ci,
     build_report,
+    decision_table,
     hacking_warnings,
     load_eval,
     preference_table,
+    prompts_for_halfwidth,
     win_rate,
 )
 
@@ -202,6 +204,54 @@ def test_hacking_needs_the_rm_rise_to_be_clear(tmp_path):
     sft = load_eval(realistic_run(tmp_path / "sft", seed=1, verifier_p=0.6, rm_mean=0.0, length_mean=60))
     longer = load_eval(realistic_run(tmp_path / "long", seed=1, verifier_p=0.6, rm_mean=0.0, length_mean=200))
     assert hacking_warnings(sft, longer, "greedy", n_resamples=500) == []
+
+
+# ------------------------------------------------------------------------------------ which method
+
+
+def test_prompts_for_an_interval_scale_as_one_over_sqrt_n():
+    assert prompts_for_halfwidth(32, -0.1, 0.1, 0.05) == 128  # half the width: four times the prompts
+    assert prompts_for_halfwidth(32, 0.0, 0.02, 0.05) == 32  # already narrower: no more than were used
+    assert prompts_for_halfwidth(10, 0.3, 0.3, 0.05) is None and prompts_for_halfwidth(0, 0.0, 0.1, 0.05) is None
+
+
+def test_decision_rows_read_paired_differences(tmp_path):
+    """PPO meets every constraint where DPO meets all or none (alternating) and SFT half of them: PPO is
+    clearly above DPO on the verifier, DPO and SFT cannot be told apart; on the reward model PPO is one
+    point below the others on every prompt, which only a paired difference sees (the scores themselves
+    spread over +-2)."""
+    n = 40
+    rm = [((i * 37) % 17 - 8) / 4 for i in range(n)]
+    def rows(verifier, shift):
+        return [gen_row(f"p{i:03d}", m, verifier=verifier(i), rm=rm[i] + shift, length=10) for m in ("greedy", "sample") for i in range(n)]
+    runs = [load_eval(write_eval(tmp_path / "sft", rows(lambda i: 0.5, 0.0), method="sft")),
+            load_eval(write_eval(tmp_path / "dpo", rows(lambda i: float(i % 2), 0.0), method="dpo")),
+            load_eval(write_eval(tmp_path / "ppo", rows(lambda i: 1.0, -1.0), method="ppo"))]
+    table = decision_table(runs, runs[0], ["greedy", "sample"], 1000, 0)
+    assert [(d["a"], d["b"]) for d in table[::4]] == [("ppo", "dpo"), ("dpo", "sft"), ("ppo", "sft")]
+    by = {(d["a"], d["b"], d["key"], d["mode"]): d for d in table}
+    ppo_dpo = by["ppo", "dpo", "verifier_score", "greedy"]
+    assert ppo_dpo["difference"]["mean"] == pytest.approx(0.5) and ppo_dpo["reading"] == "ppo higher"
+    assert ppo_dpo["a_mean"] == 1.0 and ppo_dpo["b_mean"] == 0.5
+    dpo_sft = by["dpo", "sft", "verifier_score", "sample"]
+    assert dpo_sft["difference"]["lo"] < 0 < dpo_sft["difference"]["hi"]
+    assert dpo_sft["reading"].startswith("no detectable difference (at most 0.1")
+    # diffs of +-0.5: interval half-width about 1.96 * 0.5 / sqrt(40) = 0.155, so about 40 * (0.155 / 0.05)^2 = 384 prompts
+    assert 300 < dpo_sft["prompts_for_resolution"] < 480
+    rm_row = by["ppo", "dpo", "rm_score", "greedy"]
+    assert rm_row["difference"]["mean"] == pytest.approx(-1.0) and rm_row["reading"] == "dpo higher"
+    assert rm_row["prompts_for_resolution"] is None
+    summary = build_report(runs, tmp_path / "report", ReportArgs(n_bootstrap=300))
+    assert len(summary["decision"]) == 12
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.index("## Which method? Paired differences") < md.index("## Metrics, mode greedy")
+    assert "| ppo | dpo | verifier score | greedy | 40 | 1.000 | 0.500 | 0.500 [" in md
+    # DPO without PPO: DPO against SFT only; neither: each run against the baseline.
+    only = decision_table(runs[:2], runs[0], ["greedy"], 300, 0)
+    assert {(d["a"], d["b"]) for d in only} == {("dpo", "sft")} and len(only) == 2
+    other = load_eval(write_eval(tmp_path / "sft2", rows(lambda i: 1.0, 0.0), method="sft"))
+    fallback = decision_table([runs[0], other], runs[0], ["greedy"], 300, 0)
+    assert {(d["a"], d["b"]) for d in fallback} == {("sft2", "sft")}
 
 
 # ------------------------------------------------------------------------------------ the report
