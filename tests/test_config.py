@@ -86,3 +86,21 @@ def test_every_recipe_yaml_parses_strictly(path):
     class_name, module = _recipe_config_class(stage)
     cfg = parse_config(getattr(module, class_name), ["--config", str(path)])
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_pipeline_evaluation_flags_parse_strictly():
+    """The evaluation flags the pipeline passes (its CPU and GPU defaults, and each pipeline config's eval_args)
+    are valid eval/evaluate.py options: a renamed option fails here, not after an hour of training."""
+    import shlex
+
+    from align.evaluation import EvalArgs
+
+    _, module = _recipe_config_class("pipeline")
+    flag_sets = [module.CPU_EVAL, module.GPU_EVAL]
+    for path in sorted((REPO / "recipes" / "configs").glob("pipeline*.yaml")):
+        flag_sets.append(parse_config(module.PipelineArgs, ["--config", str(path)]).eval_args)
+    for flags in flag_sets:
+        cfg = parse_config(EvalArgs, shlex.split(flags))
+        assert cfg.max_prompts >= 32, flags
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_config(EvalArgs, ["--max_prompt", "3"])
