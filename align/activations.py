@@ -87,9 +87,10 @@ def compressed_saved_activations(
             return recent[key][1]
         packed = _Packed(t.detach().to(dtype), t.dtype)
         recent[key] = (t, packed)  # holding t keeps its address from being reused by another tensor
-        held += t.numel() * t.element_size()
+        nbytes = t.numel() * t.element_size()
+        held += nbytes
         stats["compressed"] += 1
-        stats["compressed_bytes"] += t.numel() * t.element_size()
+        stats["compressed_bytes"] += nbytes
         while held > share_window_bytes and len(recent) > 1:
             old, _ = recent.popitem(last=False)[1]
             held -= old.numel() * old.element_size()

@@ -500,7 +500,9 @@ def _align_trainer(stage: str, cfg, module, model, tokenizer, dataset, callbacks
         return SFT(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
     from trl import RewardConfig, RewardTrainer
 
-    class Reward(FiniteLossMixin, CompressActivationsMixin, RewardTrainer):
+    from align.reward_model import Float32ScoreHeadMixin
+
+    class Reward(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
         compress_activations = cfg.compress_activations
 
     args = RewardConfig(**trainer_kwargs(cfg), max_length=cfg.max_length,

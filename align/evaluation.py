@@ -208,11 +208,15 @@ def _read_run_file(run: Path, name: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def should_merge(cfg: EvalArgs, model) -> bool:
-    """Whether to fold `model`'s adapter into a copy of its weights (cfg.merge_adapter; auto = on a CPU)."""
-    if cfg.merge_adapter == "auto":
-        return next(model.parameters()).device.type == "cpu"
-    return cfg.merge_adapter == "true"
+def merged_for_eval(cfg: EvalArgs, model):
+    """`model` with its adapter folded into a copy of the weights (align.models.merged_copy) when
+    cfg.merge_adapter says so (auto = on a CPU); None when not merged."""
+    from align.models import merged_copy
+
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if cfg.merge_adapter == "true" or (cfg.merge_adapter == "auto" and on_cpu):
+        return merged_copy(model)
+    return None
 
 
 def is_run_dir(path: Path) -> bool:
@@ -228,7 +232,7 @@ def default_out_dir(run: str) -> Path:
 
 def load_policy(run: str, cfg: EvalArgs) -> Policy:
     """Load `run` (base, a model directory or a run directory) with its reference; see the module docstring."""
-    from align.models import DEFAULT_MODEL, ModelArgs, load_model, load_trained, merged_copy
+    from align.models import DEFAULT_MODEL, ModelArgs, load_model, load_trained
 
     if run == "base" or not Path(run).exists():
         name = DEFAULT_MODEL if run == "base" else run
@@ -248,7 +252,7 @@ def load_policy(run: str, cfg: EvalArgs) -> Policy:
         return Policy(model, tokenizer, "model", str(root), method="base")
     model, tokenizer = load_trained(str(root), dtype=cfg.dtype)
     if hasattr(model, "disable_adapter"):
-        merged = merged_copy(model) if should_merge(cfg, model) else None
+        merged = merged_for_eval(cfg, model)
         return Policy(merged if merged is not None else model, tokenizer, "adapter", str(root),
                       reference=model if merged is not None else None,
                       reference_name="the base model with the adapter disabled", run_config=run_config, method=method)
@@ -606,11 +610,8 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
         from align.reward_model import load_reward_model
 
         rm_model, rm_tokenizer = load_reward_model(cfg.reward_model, dtype=cfg.dtype)
-        if should_merge(cfg, rm_model):
-            from align.models import merged_copy
-
-            merged = merged_copy(rm_model)
-            rm_model = rm_model if merged is None else merged
+        merged = merged_for_eval(cfg, rm_model)
+        rm_model = rm_model if merged is None else merged
         rm = (rm_model, rm_tokenizer)
 
     # Phase 1: generate.

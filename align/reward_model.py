@@ -52,7 +52,7 @@ def score_head_in_float32(model) -> int:
     With a quantized base, TRL's RewardTrainer casts every trainable parameter to bf16 (the QLoRA paper's
     advice for adapters, whose inputs PEFT casts to match), the score head too; but the hidden states that
     reach the head are float32 (float32 compute, or the norms that `prepare_model_for_kbit_training` keeps in
-    float32), and the head's matmul refuses the mix. Call after the trainer is built.
+    float32), and the head's matmul refuses the mix. Call after the trainer is built (Float32ScoreHeadMixin).
     """
     changed = 0
     for name, module in model.named_modules():
@@ -63,6 +63,18 @@ def score_head_in_float32(model) -> int:
             module.register_forward_pre_hook(lambda m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
             changed += 1
     return changed
+
+
+class Float32ScoreHeadMixin:
+    """Mixed into TRL's RewardTrainer (before it): on a quantized model, `score_head_in_float32` right after
+    the trainer's own __init__, which is where TRL casts the head to bf16."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from align.models import is_quantized
+
+        if is_quantized(self.model):
+            score_head_in_float32(self.model)
 
 
 def encode_conversations(tokenizer, prompts: list[list[Message]], replies: list[str], max_length: int | None = None) -> list[list[int]]:

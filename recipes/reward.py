@@ -18,8 +18,8 @@ from pathlib import Path
 from align.config import arg, parse_config
 from align.data import DataArgs, to_hf_dataset
 from align.errors import cli_main
-from align.models import ModelArgs, load_model, resolve_quantization
-from align.reward_model import score_head_in_float32, score_texts
+from align.models import ModelArgs, load_model
+from align.reward_model import Float32ScoreHeadMixin, score_texts
 from align.activations import CompressActivationsMixin
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
@@ -62,7 +62,7 @@ def main() -> None:
 
     from trl import RewardConfig, RewardTrainer
 
-    class Trainer(FiniteLossMixin, CompressActivationsMixin, RewardTrainer):
+    class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
         compress_activations = cfg.compress_activations
 
     args = RewardConfig(
@@ -78,8 +78,6 @@ def main() -> None:
         processing_class=tokenizer,
         callbacks=guard_callbacks(cfg.output_dir),
     )
-    if resolve_quantization(cfg.quantization) != "none":
-        score_head_in_float32(trainer.model)  # after TRL's bf16 cast of a quantized model's trainable parameters
     result = train(trainer, cfg)
     after = held_out_accuracy(trainer.model.eval(), tokenizer, eval_pairs, cfg.per_device_train_batch_size)
 

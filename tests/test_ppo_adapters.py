@@ -61,8 +61,9 @@ def stack(request, tiny_model_dir, reward_dir, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "out", reward="model", reward_model=reward_dir, quantization=request.param)
     models, plan = build_models(cfg)
     assert plan.kind == "shared"
-    linear4bit = [m for m in models.model.modules() if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
-    assert bool(linear4bit) == (request.param == "4bit")
+    from align.models import is_quantized
+
+    assert is_quantized(models.model) == (request.param == "4bit")
     return cfg, models, plan
 
 
