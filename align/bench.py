@@ -287,7 +287,9 @@ class MemoryMeter:
             yield span
         finally:
             span["peak"] = max(span["peak"], self.peak_mb())
-            self.spans.remove(span)
+            # by identity: list.remove compares dicts by value, and a nested span whose peak equals its
+            # parent's would remove the parent instead
+            self.spans = [s for s in self.spans if s is not span]
 
 
 class Phases:

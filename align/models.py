@@ -199,6 +199,59 @@ def resolve_dtype(name: str = "auto") -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+def bnb_cpu_packs_4bit() -> bool:
+    """True when bitsandbytes repacks 4-bit weights for its avx512_bf16 CPU kernel on this machine.
+
+    bitsandbytes (0.49+) does this in `Linear4bit.forward` for CPU inference (eval mode, no grad) when its
+    native library reports avx512_bf16; training steps dequantize and matmul on every CPU. Reading it
+    imports bitsandbytes, so only ask when a model is quantized.
+    """
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def compute_note(dtype: str = "auto", quantization: str = "none") -> str:
+    """One line saying which numeric path this machine takes, so two machines' numbers can be told apart."""
+    resolved = resolve_dtype(dtype)
+    name = str(resolved).replace("torch.", "")
+    if torch.cuda.is_available():
+        where = f"CUDA {torch.cuda.get_device_name(0)}"
+    elif cpu_has_bf16():
+        where = "CPU with avx512_bf16/AMX: bf16 matmuls are native"
+    else:
+        where = "CPU without avx512_bf16: bf16 would be emulated, so float32"
+    note = f"dtype={name} ({'auto: ' if dtype == 'auto' else 'set: '}{where})"
+    if resolve_quantization(quantization) == "4bit" and not torch.cuda.is_available():
+        note += "; bitsandbytes 4-bit on CPU: dequantize + matmul"
+        if bnb_cpu_packs_4bit():
+            note += " (its avx512_bf16 inference kernel is kept off: see align.models.keep_4bit_trainable)"
+    return note
+
+
+def keep_4bit_trainable(model) -> int:
+    """Keep bitsandbytes' packed avx512_bf16 CPU kernel off for `model`; returns the number of 4-bit layers.
+
+    On avx512_bf16 CPUs bitsandbytes (0.49-0.50) repacks a Linear4bit's weights in place at its first inference
+    forward (eval mode, input without grad) and from then on computes every forward with that kernel, training
+    ones included. The kernel has no backward, so the gradient through the frozen base to earlier layers is
+    silently dropped (torch warns "an autograd kernel was not registered"), and the repacking rounds the
+    quantization scales to bf16, so it cannot be undone exactly. Measured on the tiny 4-bit LoRA model: after
+    one generate(), every LoRA gradient of the next step differed from the same step without it (up to 0.21);
+    unpacking before backward still left 1e-3 (the rounded scales). PPO generates before every update and
+    every recipe's summary generates before training, so the kernel stays off for the models we load; the
+    first inference would also fail inside bitsandbytes on layers narrower than its 64-wide blocks.
+    """
+    layers = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # Linear4bit.forward packs only when this is True
+            layers += 1
+    return layers
+
+
 def resolve_quantization(name: str) -> str:
     if name == "auto":
         return "4bit" if torch.cuda.is_available() else "none"
@@ -287,6 +340,8 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qconfig is not None and qconfig.load_in_4bit and not torch.cuda.is_available():
+        keep_4bit_trainable(model)
     if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if use_lora:

@@ -85,10 +85,9 @@ def apply_hardware_defaults(cfg: Any, cpu_max_steps: int) -> list[str]:
         notes.append(
             f"max_steps={cfg.max_steps} ({'GPU: full epochs' if on_gpu() else f'CPU: a short run of {cpu_max_steps} steps'})"
         )
-    from align.models import resolve_dtype
+    from align.models import compute_note
 
-    dtype = resolve_dtype(getattr(cfg, "dtype", "auto"))
-    notes.append(f"dtype={str(dtype).replace('torch.', '')} (bf16 where the hardware has it, else fp32)")
+    notes.append(compute_note(getattr(cfg, "dtype", "auto"), getattr(cfg, "quantization", "none")))
     return notes
 
 

@@ -28,7 +28,7 @@ from align.data import check_lengths, load_prompts
 from align.dpo_fast import return_freed_memory_to_os
 from align.errors import AlignError, ConfigError, cli_main
 from align.io import check_writable, write_run_info
-from align.models import resolve_dtype, resolve_quantization
+from align.models import compute_note, resolve_quantization
 from align.ppo import PPOArgs, PPOTrainer, build_models, init_distributed, list_checkpoints, reward_function, say
 from align.train import set_cpu_threads
 from align.verifier import verifier_reward
@@ -40,7 +40,7 @@ def hardware_notes(cfg: PPOArgs, world: int) -> list[str]:
     return [
         f"device={'cuda' if gpu else 'cpu'} x {world} process(es)",
         f"quantization={resolve_quantization(cfg.quantization)} ({'CUDA GPU: 4-bit QLoRA base' if gpu else 'CPU: full-precision base'})",
-        f"dtype={str(resolve_dtype(cfg.dtype)).replace('torch.', '')} (bf16 where the hardware has it, else fp32)",
+        compute_note(cfg.dtype, cfg.quantization),
         f"{cfg.total_updates} updates x {cfg.rollout_batch_size} prompts, responses <= {cfg.response_length} tokens",
     ]
 

@@ -29,9 +29,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"sft": REPO / "recipes" / "sft.py", "reward": REPO / "recipes" / "reward.py", "dpo": REPO / "recipes" / "dpo.py"}
 PRELOAD = ["torch", "transformers", "peft", "datasets", "trl", "align.train", "align.data", "align.models", "recipe_harness"]
-# Keys whose values depend on wall time; everything else a run logs must be reproducible.
-TIMING_KEYS = {"time_s", "train/train_runtime", "train/train_samples_per_second", "train/train_steps_per_second",
+# Keys whose values depend on wall time or the machine's load; everything else a run logs must be reproducible.
+TIMING_KEYS = {"time_s", "wall_time_s", "train/train_runtime", "train/train_samples_per_second", "train/train_steps_per_second",
                "train/train_tokens_per_second"}
+TIMING_PREFIXES = ("time/", "perf/")  # PPO's per-phase seconds, tokens per second, peak memory
 RUN_TIMEOUT_S = 300  # a hung run fails its test instead of stalling CI
 
 WORDS = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima".split()
@@ -226,9 +227,18 @@ def metric_records(output_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def reproducible(records: list[dict]) -> list[dict]:
-    """The records without their wall-time fields."""
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+def is_timing_key(key: str) -> bool:
+    return key in TIMING_KEYS or key.startswith(TIMING_PREFIXES)
+
+
+def reproducible(value):
+    """`value` (metrics records, a summary or any block of one) without its wall-time and load fields, at any
+    depth: the one filter every test that compares runs for equality uses."""
+    if isinstance(value, dict):
+        return {k: reproducible(v) for k, v in value.items() if not is_timing_key(k)}
+    if isinstance(value, list):
+        return [reproducible(v) for v in value]
+    return value
 
 
 def adapter_tensors(directory: str | Path) -> dict:
@@ -265,7 +275,7 @@ def assert_same_run(reference: str | Path, resumed: str | Path, steps: int) -> N
     ref_s, new_s = (json.loads((d / "summary.json").read_text()) for d in (reference, resumed))
     assert math.isclose(ref_s.pop("train_loss"), new_s.pop("train_loss"), rel_tol=1e-12)
     for key in ("steps", "tokens_processed", "before", "after", "eval_loss"):
-        assert ref_s.get(key) == new_s.get(key), key
+        assert reproducible(ref_s.get(key)) == reproducible(new_s.get(key)), key
 
 
 def assert_no_traceback(text: str) -> None:
@@ -273,8 +283,8 @@ def assert_no_traceback(text: str) -> None:
 
 
 __all__ = [
-    "REPO", "Run", "adapter_tensors", "assert_no_traceback", "assert_same_run", "complete_checkpoints", "metric_records", "recipe_args",
-    "reproducible", "run_cli", "run_recipe", "start_recipe", "tiny_data",
+    "REPO", "Run", "adapter_tensors", "assert_no_traceback", "assert_same_run", "complete_checkpoints", "is_timing_key", "metric_records",
+    "recipe_args", "reproducible", "run_cli", "run_recipe", "start_recipe", "tiny_data",
 ]
 
 

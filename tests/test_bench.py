@@ -65,6 +65,19 @@ def test_memory_meter_sees_an_allocation():
     assert small < outer["peak"]
 
 
+def test_nested_spans_with_equal_peaks_close_in_order(monkeypatch):
+    """A nested span whose peak equals its parent's (as on a machine whose memory readings coincide) must close
+    itself, not its parent: `python -m align.bench --stage ppo` failed with list.remove(x): x not in list."""
+    meter = MemoryMeter("cpu")
+    monkeypatch.setattr(meter, "peak_mb", lambda: 100.0)
+    monkeypatch.setattr(meter, "_clear", lambda: None)
+    with meter.span() as outer:
+        with meter.span() as inner:
+            assert meter.spans == [outer, inner]
+        assert len(meter.spans) == 1 and meter.spans[0] is outer
+    assert meter.spans == [] and outer["peak"] == inner["peak"] == 100.0
+
+
 def test_phases_pause_the_outer_clock():
     phases = Phases(MemoryMeter("cpu"), "cpu")
     with phases("init"):
@@ -108,7 +121,7 @@ def test_bench_runs_dpo_on_a_tiny_model(tiny_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "align.bench", "--stage", "dpo", "--compare", "trl-baseline,align", "--steps", "2",
            "--batch_size", "2", "--max_length", "1024", "--model_name_or_path", tiny_model_dir, "--threads", "1",
-           "--output_dir", str(tmp_path), "--data", "synthetic"]
+           "--output_dir", str(tmp_path), "--data", "synthetic", "--dtype", "fp32"]  # the loss tolerance below is float32's
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench_dpo.json").read_text())
@@ -132,7 +145,8 @@ def test_bench_runs_dpo_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert ours["steps"][0]["flops"] == 4 * 26_880 * ours["steps"][0]["tokens"]
     ratios = report["summary"]["ratios"]["align"]
     assert ratios["same_lora_init"] and ratios["loss_steps_compared"] == 2
-    assert ratios["loss_max_abs_diff"] < 1e-4  # the same training, computed two ways
+    # the same training computed two ways, in float32 (bf16, auto on avx512_bf16 CPUs, differed by 3.5e-4)
+    assert ratios["loss_max_abs_diff"] < 1e-4
     assert "train tok/s" in proc.stdout and "align / trl-baseline" in proc.stdout
 
 

@@ -14,8 +14,8 @@ from align.models import DEFAULT_MODEL, ModelArgs, cache_dir, count_parameters, 
 
 
 def test_fresh_lora_leaves_model_unchanged_and_one_step_trains_only_lora(tiny_model_dir):
-    plain, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir), lora=False)
-    model, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, lora_r=4, lora_dropout=0.0))
+    plain, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="none"), lora=False)
+    model, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="none", lora_r=4, lora_dropout=0.0))
     batch = tok(["hello there", "a longer piece of text"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(plain(**batch).logits, model(**batch).logits)  # B = 0 at init
@@ -31,8 +31,8 @@ def test_fresh_lora_leaves_model_unchanged_and_one_step_trains_only_lora(tiny_mo
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
 
 
-def test_4bit_nf4_on_cpu_with_lora_step(tiny_model_dir):
-    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit", lora_r=4))
+def test_4bit_nf4_on_cpu_with_lora_step(tiny_quant_model_dir):
+    model, tok = load_model(ModelArgs(model_name_or_path=tiny_quant_model_dir, quantization="4bit", lora_r=4))
     import bitsandbytes as bnb
 
     linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -46,6 +46,64 @@ def test_4bit_nf4_on_cpu_with_lora_step(tiny_model_dir):
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     after = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    # Inference (eval mode, no grad) is where bitsandbytes switches to its packed kernel on avx512_bf16 CPUs.
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def _lora_step_gradients(model_dir: str, generate_first: bool):
+    """LoRA gradients of one step on a fresh 4-bit model, with or without a generation before it."""
+    torch.manual_seed(0)
+    model, tok = load_model(ModelArgs(model_name_or_path=model_dir, quantization="4bit", lora_r=4, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)  # a fresh adapter's B is 0: no gradient would reach A
+    weights = {n: b.clone() for n, b in model.named_parameters() if b.dtype == torch.uint8}
+    batch = tok(["quantized hello there"], return_tensors="pt")
+    if generate_first:  # what PPO's rollout and every recipe's summary do before training
+        model.eval()
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert all(torch.equal(b, weights[n]) for n, b in model.named_parameters() if b.dtype == torch.uint8), \
+            "inference changed the stored 4-bit weights"
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    return model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_4bit_lora_gradients_are_the_same_after_a_generation(tiny_quant_model_dir):
+    """On avx512_bf16 CPUs bitsandbytes packs 4-bit weights at the first inference and then runs training
+    forwards through a kernel with no backward (align.models.keep_4bit_trainable). Before the fix, on such a
+    CPU, every one of these 28 gradients differed (by up to 0.21). Elsewhere bitsandbytes never packs, and the
+    flag checked last is what stops it where it would."""
+    _, plain = _lora_step_gradients(tiny_quant_model_dir, generate_first=False)
+    model, after = _lora_step_gradients(tiny_quant_model_dir, generate_first=True)
+    assert len(plain) == 28 and plain.keys() == after.keys()
+    differ = [n for n in plain if not torch.equal(plain[n], after[n])]
+    assert not differ, f"{len(differ)} LoRA gradients changed by a generation, e.g. {differ[0]}"
+    flags = [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(flags) == 14 and not any(flags)
+
+
+def test_compute_note_names_the_numeric_path(monkeypatch):
+    import align.models
+    from align.models import compute_note
+
+    monkeypatch.setattr(align.models, "cpu_has_bf16", lambda: True)
+    assert compute_note("auto", "none").startswith("dtype=bfloat16 (auto: CPU with avx512_bf16/AMX")
+    assert compute_note("fp32", "none").startswith("dtype=float32 (set: CPU with avx512_bf16/AMX")
+    monkeypatch.setattr(align.models, "cpu_has_bf16", lambda: False)
+    assert compute_note("auto", "none").startswith("dtype=float32 (auto: CPU without avx512_bf16")
+    assert "bitsandbytes" not in compute_note("auto", "none")
+    monkeypatch.setattr(align.models, "bnb_cpu_packs_4bit", lambda: True)
+    assert compute_note("auto", "4bit").endswith("4-bit on CPU: dequantize + matmul (its avx512_bf16 inference kernel is kept "
+                                                 "off: see align.models.keep_4bit_trainable)")
+    monkeypatch.setattr(align.models, "bnb_cpu_packs_4bit", lambda: False)
+    assert compute_note("auto", "4bit").endswith("4-bit on CPU: dequantize + matmul")
+
 
 
 def test_quantized_base_needs_lora(tiny_model_dir):
@@ -59,7 +117,7 @@ def test_dtype_policy():
 
 
 def test_reward_task_has_scalar_head(tiny_model_dir):
-    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, lora_r=4), task="reward")
+    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="none", lora_r=4), task="reward")
     out = model(**tok(["score me"], return_tensors="pt"))
     assert out.logits.shape == (1, 1)
 
@@ -87,7 +145,7 @@ def test_unknown_model_offline_fails_fast():
 
 
 def test_load_trained_adapter_roundtrip(tmp_path, tiny_model_dir):
-    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, lora_r=4))
+    model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="none", lora_r=4))
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p)
@@ -129,7 +187,7 @@ def test_4bit_with_zero3_is_a_contradiction(tiny_model_dir, monkeypatch):
         load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit"))
 
 
-def test_merged_copy_computes_what_the_adapter_does_and_leaves_it_alone(tiny_model_dir):
+def test_merged_copy_computes_what_the_adapter_does_and_leaves_it_alone(tiny_model_dir, tiny_quant_model_dir):
     """Evaluation folds LoRA into a copy of the weights for speed: same logits (causal LM) and same scores
     (reward model, whose trained head is a module saved beside the adapter); the adapter model keeps its
     LoRA layers and its disabled-adapter output (the reference); a 4-bit base is not merged."""
@@ -140,7 +198,7 @@ def test_merged_copy_computes_what_the_adapter_does_and_leaves_it_alone(tiny_mod
     batch = {"input_ids": torch.tensor([[5, 9, 17, 33, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     for task, peft_task in (("causal_lm", "CAUSAL_LM"), ("reward", "SEQ_CLS")):
         torch.manual_seed(0)
-        base, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32"), task=task, lora=False)
+        base, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none"), task=task, lora=False)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
                                                 task_type=peft_task))
         model.eval()
@@ -156,7 +214,7 @@ def test_merged_copy_computes_what_the_adapter_does_and_leaves_it_alone(tiny_mod
             assert torch.equal(model(**batch).logits, adapted)
             with model.disable_adapter():
                 assert torch.equal(model(**batch).logits, reference)
-    quantized, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="4bit", lora_r=4))
+    quantized, _ = load_model(ModelArgs(model_name_or_path=tiny_quant_model_dir, quantization="4bit", lora_r=4))
     assert is_quantized(quantized) and merged_copy(quantized) is None
-    plain, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32"), lora=False)
+    plain, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none"), lora=False)
     assert not is_quantized(model) and merged_copy(plain) is None  # nothing to fold

@@ -31,18 +31,20 @@ from align.ppo import (
 )
 from align.records import PromptRecord
 from align.train import NonFiniteError
+from recipe_harness import reproducible
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [PromptRecord(prompt=[{"role": "user", "content": f"say {w}"}], constraints=[{"type": "lowercase"}], source=f"p{i}")
            for i, w in enumerate(("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"))]
-TIMING_KEYS = ("time_s", "time/", "perf/tokens_per_s")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_cfg(model_dir: str, out_dir: Path, **overrides) -> PPOArgs:
-    values = dict(model_name_or_path=model_dir, sft_dir=None, reward="verifier", dtype="fp32", output_dir=str(out_dir),
+    # quantization none: these tests check CPU numerics with CPU tensors; auto would mean 4-bit on cuda:0 on a GPU
+    # machine (tests/test_ppo_adapters.py covers the 4-bit stack)
+    values = dict(model_name_or_path=model_dir, sft_dir=None, reward="verifier", dtype="fp32", quantization="none", output_dir=str(out_dir),
                   rollout_batch_size=8, minibatch_size=4, micro_batch_size=2, forward_batch_size=8, response_length=6,
                   total_updates=2, temperature=1.0, report_to="none", lora_r=4, lora_alpha=8, eval_prompts=None, save_steps=100,
                   learning_rate=1e-2, critic_learning_rate=1e-2)
@@ -64,10 +66,6 @@ def adapter_state(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
     state = {n: p.detach().clone() for n, p in trainer.models.model.named_parameters() if f".{POLICY}." in n or f".{CRITIC}." in n}
     state.update({f"value_head.{n}": p.detach().clone() for n, p in trainer.models.value_head.named_parameters()})
     return state
-
-
-def comparable(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if not any(k.startswith(t) for t in TIMING_KEYS)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +240,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert whole.kl_ctl.value == second.kl_ctl.value
-    metrics = [[comparable(json.loads(x)) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+    metrics = [[reproducible(json.loads(x)) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
                for d in (tmp_path / "whole", tmp_path / "split")]
     assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
     assert metrics[0] == metrics[1]
@@ -553,7 +551,7 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
         print(f"{sub}/{name}: max |2 processes - 1 process| = {worst:.2e}")
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4, msg=f"{sub}/{name}: {key}")
-    m1, m2 = ([comparable(json.loads(x)) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two"))
+    m1, m2 = ([reproducible(json.loads(x)) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two"))
     assert len(m1) == len(m2) == 2
     for r1, r2 in zip(m1, m2):
         assert r1.keys() == r2.keys()
@@ -609,7 +607,7 @@ def test_two_process_run_killed_then_resumed_matches_uninterrupted(tiny_model_di
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{sub}/{name}: {key}"
-    m_whole, m_split = ([comparable(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "whole", split))
+    m_whole, m_split = ([reproducible(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (tmp_path / "whole", split))
     assert [m["step"] for m in m_split] == [1, 2, 3, 4]
     assert m_whole == m_split
 
@@ -655,6 +653,6 @@ def test_kill_in_the_middle_of_a_checkpoint_then_resume_matches_uninterrupted(ti
     a, b = adapter_state(whole), adapter_state(resumed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    metrics = [[comparable(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "whole", out)]
+    metrics = [[reproducible(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "whole", out)]
     assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
     assert metrics[0] == metrics[1]

@@ -54,11 +54,20 @@ def reward_dir(tiny_model_dir, tmp_path_factory) -> str:
     return make_reward_adapter(tiny_model_dir, tmp_path_factory.mktemp("rm") / "adapter")
 
 
+@pytest.fixture(scope="module")
+def quant_reward_dir(tiny_quant_model_dir, tmp_path_factory) -> str:
+    return make_reward_adapter(tiny_quant_model_dir, tmp_path_factory.mktemp("rm_quant") / "adapter")
+
+
 @pytest.fixture(params=["none", "4bit"])
-def stack(request, tiny_model_dir, reward_dir, tmp_path):
+def stack(request, tmp_path):
     """The shared stack on a float32 base and on a 4-bit NF4 base (QLoRA: the recipe's default on a GPU;
-    bitsandbytes quantizes on the CPU too)."""
-    cfg = tiny_cfg(tiny_model_dir, tmp_path / "out", reward="model", reward_model=reward_dir, quantization=request.param)
+    bitsandbytes quantizes on the CPU too; the 4-bit stack on the 64-wide tiny model, see conftest.py).
+    Tests read the base and reward adapter from cfg.model_name_or_path and cfg.reward_model."""
+    quantized = request.param == "4bit"
+    base = request.getfixturevalue("tiny_quant_model_dir" if quantized else "tiny_model_dir")
+    reward = request.getfixturevalue("quant_reward_dir" if quantized else "reward_dir")
+    cfg = tiny_cfg(base, tmp_path / "out", reward="model", reward_model=reward, quantization=request.param)
     models, plan = build_models(cfg)
     assert plan.kind == "shared"
     from align.models import is_quantized
@@ -123,7 +132,7 @@ def _logits(models, ids, name):
         return models.lm_head(hidden)
 
 
-def test_reference_is_the_base_with_adapters_disabled(stack, tiny_model_dir):
+def test_reference_is_the_base_with_adapters_disabled(stack):
     from align.models import ModelArgs, load_model
 
     cfg, models, _ = stack
@@ -132,7 +141,7 @@ def test_reference_is_the_base_with_adapters_disabled(stack, tiny_model_dir):
             if f"lora_B.{POLICY}." in n:
                 p.normal_(0.0, 0.5)
     ids = torch.tensor([[5, 70, 71, 72, 73, 74, 75, 76]])
-    base, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization=cfg.quantization), lora=False)
+    base, _ = load_model(ModelArgs(model_name_or_path=cfg.model_name_or_path, dtype="fp32", quantization=cfg.quantization), lora=False)
     base.eval()
     with torch.no_grad():
         base_logits = base(input_ids=ids).logits[:, :-1]
@@ -140,13 +149,13 @@ def test_reference_is_the_base_with_adapters_disabled(stack, tiny_model_dir):
     assert not torch.allclose(_logits(models, ids, POLICY), base_logits, atol=1e-3)
 
 
-def test_shared_reward_adapter_scores_like_the_reward_model(stack, reward_dir):
+def test_shared_reward_adapter_scores_like_the_reward_model(stack):
     from align.reward_model import load_reward_model, score_texts
 
     cfg, models, plan = stack
     reward = reward_function(cfg, plan, models)
     replies = ["rain falls softly.", "SNOW", "the sun is out", "wind!", "", "hail hail", "mist", "ice ice baby"]
-    rm, rm_tokenizer = load_reward_model(reward_dir, dtype="fp32", quantization=cfg.quantization)
+    rm, rm_tokenizer = load_reward_model(cfg.reward_model, dtype="fp32", quantization=cfg.quantization)
     expected = score_texts(rm, rm_tokenizer, [p.prompt for p in PROMPTS], replies)
     assert len(set(round(x, 4) for x in expected)) > 1, "the tiny reward model must tell replies apart"
     assert reward(PROMPTS, replies) == pytest.approx(expected, rel=1e-5, abs=1e-5)

@@ -17,9 +17,9 @@ from recipe_harness import recipe_args, run_recipe, tiny_data  # noqa: F401  (ti
 
 
 @pytest.mark.parametrize("recipe", ["sft", "reward", "dpo"])
-def test_recipe_trains_on_a_4bit_base(recipe, tiny_model_dir, tiny_data, tmp_path):
+def test_recipe_trains_on_a_4bit_base(recipe, tiny_quant_model_dir, tiny_data, tmp_path):
     out = tmp_path / recipe
-    code, log = run_recipe(recipe, recipe_args(recipe, tiny_model_dir, tiny_data, out, quantization="4bit", max_steps=2,
+    code, log = run_recipe(recipe, recipe_args(recipe, tiny_quant_model_dir, tiny_data, out, quantization="4bit", max_steps=2,
                                                save_steps=10), tmp_path / "run.log")
     assert code == 0, log[-4000:]
     assert "quantization: 4bit" in (out / "config.yaml").read_text()

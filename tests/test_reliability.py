@@ -278,3 +278,18 @@ def test_unknown_dpo_loss_type_lists_the_valid_ones(runner, tmp_path):
     line = start_up_error("dpo", argv, tmp_path / "log")
     assert line.startswith("error: config: loss_type: unknown DPO loss 'sigmod'; expected one of ")
     assert "sigmoid" in line and "ipo" in line
+
+
+def test_reproducible_drops_wall_time_at_any_depth():
+    """A resumed run's summary `before` block held {"time_s": 0.6} against 0.0 uninterrupted: every equality check
+    of two runs goes through recipe_harness.reproducible, which drops timing fields wherever they are."""
+    from recipe_harness import reproducible
+
+    ran = {"steps": 4, "before": {"verifier": 0.5, "time_s": 0.0}, "metrics": [{"step": 1, "time/generate": 2.0, "perf/tokens_per_s": 9.0,
+                                                                                "ppo/kl": 0.1}], "wall_time_s": 12.0}
+    resumed = {"steps": 4, "before": {"verifier": 0.5, "time_s": 0.6}, "metrics": [{"step": 1, "time/generate": 2.5, "perf/tokens_per_s": 7.0,
+                                                                                    "ppo/kl": 0.1}], "wall_time_s": 30.0}
+    assert ran != resumed and reproducible(ran) == reproducible(resumed) == {"steps": 4, "before": {"verifier": 0.5},
+                                                                            "metrics": [{"step": 1, "ppo/kl": 0.1}]}
+    resumed["before"]["verifier"] = 0.25
+    assert reproducible(ran) != reproducible(resumed)
