@@ -106,6 +106,8 @@ class PPOArgs(ModelArgs):
     rollout_batch_size: int = arg(8, "prompts per update, over all processes")
     response_length: int = arg(64, "maximum new tokens per response")
     temperature: float = arg(0.7, "sampling temperature (pure sampling: no top-k, top-p or repetition penalty)")
+    reward_guard: bool = arg(True, "with the verifier reward: a degenerate reply (align.degeneration: a loop, a line repeated 3 times, "
+                                   "an instruction copied back) earns 0; false = the raw verifier score, for ablations")
     missing_eos_penalty: float | None = arg(None, "subtracted from the score of a response that hit the length limit without EOS")
     forward_batch_size: int = arg(8, "rows per no-grad forward pass (scoring) per process")
     # ---- PPO
@@ -506,8 +508,9 @@ class RewardPlan:
 
 def plan_reward(cfg: PPOArgs, base: BaseInfo) -> RewardPlan:
     choice = cfg.reward
+    guard = ", guarded: 0 for a degenerate reply" if cfg.reward_guard else ", unguarded (reward_guard false)"
     if choice == "verifier":
-        return RewardPlan("function", "the built-in verifier (align.verifier)", function="verifier")
+        return RewardPlan("function", f"the built-in verifier (align.verifier{guard})", function="verifier")
     if choice not in ("auto", "model"):
         if ":" not in choice:
             raise ConfigError(f"config: reward: expected auto, model, verifier, module.path:function or file.py:function, got {choice!r}")
@@ -518,7 +521,7 @@ def plan_reward(cfg: PPOArgs, base: BaseInfo) -> RewardPlan:
     if adapter_dir is None and model_dir is None:
         if choice == "model":
             raise ConfigError(f"config: reward_model: {cfg.reward_model} holds no reward model (adapter_config.json or config.json)")
-        return RewardPlan("function", f"the built-in verifier (no reward model at {cfg.reward_model}; --reward verifier to silence this)", function="verifier")
+        return RewardPlan("function", f"the built-in verifier{guard} (no reward model at {cfg.reward_model}; --reward verifier to silence this)", function="verifier")
     if adapter_dir is None:
         return RewardPlan("separate", f"the reward model {model_dir} (a separate full model)", path=str(model_dir))
     rm_base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or "?"
@@ -633,9 +636,9 @@ def reward_function(cfg: PPOArgs, plan: RewardPlan, models: PPOModels) -> Reward
 
     if plan.kind == "function":
         if plan.function == "verifier":
-            from align.verifier import verifier_reward
+            from align.verifier import guarded_verifier_reward, verifier_reward
 
-            return verifier_reward
+            return guarded_verifier_reward if cfg.reward_guard else verifier_reward
         return _import_function(str(plan.function))
     if plan.kind == "shared":
         scorer = models.reward_scorer()
