@@ -211,3 +211,35 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
 def degenerate_share(verdicts: Sequence[Degeneration]) -> float | None:
     """Share of degenerate replies; None for no replies."""
     return sum(v.degenerate for v in verdicts) / len(verdicts) if verdicts else None
+
+
+# A rise in the degenerate share this large between two held-out evaluations counts as "moving the wrong
+# way" for the hacking warning: one reply in 20. Coherent strict counts at any fall, since it is the
+# number the run is judged on; the warning prints the numbers so that a reader can weigh a small eval.
+DEGENERATE_RISE = 0.05
+
+
+def hacking_warning(reward_start: float | None, reward_end: float | None, heldout_start: dict[str, Any] | None,
+                    heldout_end: dict[str, Any] | None, *, where: str = "held-out prompts") -> str | None:
+    """One line when the training reward rose while the held-out replies got worse, else None.
+
+    Args:
+        reward_start, reward_end: the mean training reward early and late in the run.
+        heldout_start, heldout_end: held-out evaluations at those times, each with "coherent_strict"
+            and/or "degenerate_share" (means; a missing or None value is not compared).
+    Fires when reward_end > reward_start and either coherent strict fell or the degenerate share rose by
+    DEGENERATE_RISE or more: the reward is being bought with text a person would not accept (issue 23).
+    """
+    if None in (reward_start, reward_end) or not heldout_start or not heldout_end or not reward_end > reward_start:
+        return None
+    signs = []
+    cs0, cs1 = heldout_start.get("coherent_strict"), heldout_end.get("coherent_strict")
+    if cs0 is not None and cs1 is not None and cs1 < cs0:
+        signs.append(f"coherent strict fell {cs0:.3f} -> {cs1:.3f}")
+    dg0, dg1 = heldout_start.get("degenerate_share"), heldout_end.get("degenerate_share")
+    if dg0 is not None and dg1 is not None and dg1 - dg0 >= DEGENERATE_RISE:
+        signs.append(f"the degenerate share rose {dg0:.3f} -> {dg1:.3f}")
+    if not signs:
+        return None
+    return (f"reward hacking? the training reward rose {reward_start:.3f} -> {reward_end:.3f} while on the {where} "
+            + " and ".join(signs) + ": read the replies before trusting the verifier's gain")

@@ -158,3 +158,19 @@ def test_bad_input_is_a_clear_error():
         check_reply(None)
     with pytest.raises(DataError, match="prompt: expected a string or a list"):
         check_reply("hello there", prompt=[1, 2])
+
+
+def test_hacking_warning_fires_on_the_issue_23_run_and_not_on_an_honest_one():
+    """Issue 23's GRPO run, greedy on 128 prompts: training reward up, coherent strict 0.156 -> 0.109 and
+    4-gram loops 39 -> 86 of 128 (read here as the degenerate share, 0.305 -> 0.672)."""
+    from align.degeneration import DEGENERATE_RISE, hacking_warning
+
+    start = {"coherent_strict": 0.156, "degenerate_share": 39 / 128}
+    end = {"coherent_strict": 0.109, "degenerate_share": 86 / 128}
+    line = hacking_warning(0.36, 0.47, start, end)
+    assert "coherent strict fell 0.156 -> 0.109" in line and "degenerate share rose 0.305 -> 0.672" in line
+    assert hacking_warning(0.36, 0.47, start, {"coherent_strict": 0.20, "degenerate_share": 0.305 + DEGENERATE_RISE / 2}) is None
+    assert hacking_warning(0.47, 0.36, start, end) is None
+    assert hacking_warning(None, 0.47, start, end) is None and hacking_warning(0.36, 0.47, None, end) is None
+    only_degenerate = hacking_warning(0.36, 0.47, {"degenerate_share": 0.1}, {"degenerate_share": 0.2})
+    assert only_degenerate is not None and "coherent" not in only_degenerate
