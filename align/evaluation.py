@@ -18,8 +18,9 @@ What is evaluated (the policy) and against what (its reference, for KL and DPO's
 Written to OUT (default RUN/eval; for `base`, outputs/base/eval):
 
     generations.jsonl  one line per (prompt, sampling mode): prompt id and messages, the reply, mode, seed,
-                       temperature, the verifier's per-constraint results, score and strict pass, the
-                       reward-model score, length in tokens and words, whether it ended with EOS,
+                       temperature, coherent_strict (the headline: strict pass AND not degenerate),
+                       degenerate and its reasons (align.degeneration), the verifier's per-constraint
+                       results, score and strict pass, the reward-model score, length in tokens and words, whether it ended with EOS,
                        distinct-1/2, the share of repeated 4-grams, and the per-sequence KL estimates
     prefs.jsonl        one line per held-out preference pair: reward-model scores of chosen and rejected,
                        policy and reference log-probs of both, and DPO's implicit rewards
@@ -57,6 +58,7 @@ import torch
 import yaml
 
 from align.config import arg
+from align.degeneration import Degeneration, check_reply
 from align.errors import AlignError, ConfigError
 from align.io import atomic_write_json, atomic_write_text
 from align.records import Message
@@ -144,6 +146,12 @@ def repeated_ngram_share(tokens: list[str], n: int = REPEAT_N) -> float | None:
     """Share of n-grams that repeat an earlier n-gram of the same text (seq-rep-n = 1 - distinct-n)."""
     d = distinct_n(tokens, n)
     return None if d is None else 1.0 - d
+
+
+def coherent_strict(strict: bool | None, degeneration: Degeneration) -> bool | None:
+    """The headline pass: every constraint met (IFEval strict) AND the reply is not degenerate text
+    (align.degeneration); None when the prompt has no constraints."""
+    return None if strict is None else bool(strict and not degeneration.degenerate)
 
 
 def prompt_fingerprint(prompt_ids: list[str], prompts: list[list[Message]]) -> str:
@@ -456,8 +464,10 @@ def generation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over one mode's generation rows (align.report adds confidence intervals)."""
     return {
         "n": len(rows),
-        "verifier_score": _mean([r["verifier_score"] for r in rows]),
+        "coherent_strict": _mean([r["coherent_strict"] for r in rows]),
         "verifier_strict": _mean([r["verifier_strict"] for r in rows]),
+        "degenerate_share": _mean([r["degenerate"] for r in rows]),
+        "verifier_score": _mean([r["verifier_score"] for r in rows]),
         "n_with_constraints": sum(r["verifier_score"] is not None for r in rows),
         "rm_score": _mean([r["rm_score"] for r in rows]),
         "length_tokens": _mean([r["length_tokens"] for r in rows]),
@@ -627,12 +637,15 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
         rm_scores = _rm_scores(rm[0], rm[1], prompts, replies, cfg.batch_size) if rm else [None] * len(replies)
         for record, pid, gen, rm_score in zip(records, prompt_ids, generations[mode], rm_scores):
             passed, score, strict = _verdict(gen.reply, record.constraints, f"{record.source}: field 'constraints'")
+            degeneration = check_reply(gen.reply, record.prompt, record.constraints, ended=gen.eos)
             tokens = words(gen.reply)
             rows.append({
                 "prompt_id": pid, "prompt": record.prompt, "constraints": record.constraints,
                 "mode": mode, "seed": gen.seed, "temperature": cfg.temperature if mode == "sample" else None,
                 "top_p": cfg.top_p if mode == "sample" else None,
                 "reply": gen.reply, "length_tokens": gen.length_tokens, "length_words": len(tokens), "eos": gen.eos,
+                "coherent_strict": coherent_strict(strict, degeneration),
+                "degenerate": degeneration.degenerate, "degenerate_reasons": list(degeneration.reasons),
                 "verifier_passed": passed, "verifier_score": score, "verifier_strict": strict, "rm_score": rm_score,
                 "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2),
                 "repeated_4gram_share": repeated_ngram_share(tokens), "kl_k1": gen.kl_k1, "kl_k3": gen.kl_k3,

@@ -140,6 +140,8 @@ class BuildArgs:
                                          "(greedy and sampled) and write their verifier scores here; none = skip")
     baseline_max_new_tokens: int = arg(128, "token limit of the baseline replies")
     skip_build: bool = arg(False, "only generate (and score the baseline); do not write the splits")
+    refilter: bool = arg(False, "no generation: drop degenerate target replies from the splits already in `out` and "
+                                "renumber them (what a full build now does; cheap, for data built before the check)")
 
 
 def _cache_key(model: str, prompt: list[dict], temperature: float, max_new_tokens: int, seed: int) -> str:
@@ -686,6 +688,15 @@ KIND_WEIGHTS = {"raw": 2.0, "drop_edit": 1.0, "untrimmed": 1.0, "truncated": 1.0
 
 
 def build_splits(bases: list[dict], replies: list[dict], cfg: BuildArgs) -> dict[str, list[dict]]:
+    """The splits: drafted, degenerate target replies dropped (drop_degenerate), numbered."""
+    splits = draft_splits(bases, replies, cfg)
+    drop_degenerate(splits)
+    number_rows(splits)
+    return splits
+
+
+def draft_splits(bases: list[dict], replies: list[dict], cfg: BuildArgs) -> dict[str, list[dict]]:
+    """Every SFT row and preference pair the base replies give, in order, without ids."""
     rng = random.Random(f"ifprefs-build-{cfg.seed}")
     n_train = len(bases) - cfg.test_bases
     splits: dict[str, list[dict]] = {"sft": [], "sft_test": [], "prefs_train": [], "prefs_test": []}
@@ -726,11 +737,40 @@ def build_splits(bases: list[dict], replies: list[dict], cfg: BuildArgs) -> dict
                 "rejected": [{"role": "assistant", "content": rejected}],
                 "constraints": constraints,
                 "meta": {**meta, "layout": layout, "kind": kind, "chosen_score": chosen_score, "rejected_score": rejected_score}})
+    return splits
+
+
+def number_rows(splits: dict[str, list[dict]]) -> None:
+    """Give every row its id, ifprefs-SPLIT-NNNNN in file order, as the first key."""
     for name, rows in splits.items():
         for i, row in enumerate(rows):
-            row["id"] = f"ifprefs-{name}-{i:05d}"
-            rows[i] = {"id": row.pop("id"), **row}
-    return splits
+            row.pop("id", None)
+            rows[i] = {"id": f"ifprefs-{name}-{i:05d}", **row}
+
+
+def target_reply(row: dict) -> tuple[list[dict], str]:
+    """(prompt messages, the reply a model is trained towards): an SFT row's last assistant message, a
+    preference row's chosen reply."""
+    if "messages" in row:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        return row["messages"][:last], row["messages"][last]["content"]
+    return row["prompt"], row["chosen"][-1]["content"]
+
+
+def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
+    """Drop, in place, every training row whose target reply (SFT reply, chosen reply) is degenerate text
+    (align.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
+    SFT replies and DPO moves towards its chosen ones. Returns the rows dropped per split. Rejected replies
+    may be degenerate; that is what they are for."""
+    from align.degeneration import check_reply
+
+    dropped = {}
+    for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
+        rows = splits.get(name, [])
+        kept = [r for r in rows if not check_reply(target_reply(r)[1], target_reply(r)[0], r["constraints"]).degenerate]
+        dropped[name] = len(rows) - len(kept)
+        rows[:] = kept
+    return dropped
 
 
 def eval_prompts(seed: int, n_eval: int) -> list[dict]:
@@ -807,19 +847,35 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.test_bases >= cfg.n_bases:
         raise DataError(f"test_bases: must be below n_bases ({cfg.n_bases}), got {cfg.test_bases}")
     out = Path(cfg.out)
+    if cfg.refilter:
+        splits = {name: [json.loads(line) for line in open(out / f"{name}.jsonl", encoding="utf-8")]
+                  for name in ("sft", "sft_test", "prefs_train", "prefs_test", "eval")}
+        dropped = drop_degenerate(splits)
+        number_rows(splits)
+        for name, rows in splits.items():
+            _write_jsonl(out / f"{name}.jsonl", rows)
+        old_stats = json.loads((out / "meta" / "stats.json").read_text(encoding="utf-8"))
+        stats = {**dataset_stats(splits), **{k: old_stats[k] for k in ("usable_base_replies", "base_prompts") if k in old_stats}}
+        stats["dropped_degenerate"] = dropped
+        atomic_write_json(out / "meta" / "stats.json", stats)
+        log(f"dropped degenerate target replies: {json.dumps(dropped)}; now {json.dumps(stats['sizes'])}")
+        return
     if not cfg.skip_build:
         bases = base_prompts(cfg.seed, cfg.n_bases)
         log(f"{len(bases)} base prompts; replies cached in {cfg.cache}")
         replies = generate_replies([[{"role": "user", "content": b["task"]}] for b in bases], model_name=cfg.model,
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                    batch_size=cfg.batch_size, cache_path=cfg.cache, threads=cfg.threads, log=log)
-        splits = build_splits(bases, replies, cfg)
+        splits = draft_splits(bases, replies, cfg)
+        dropped = drop_degenerate(splits)
+        number_rows(splits)
         splits["eval"] = eval_prompts(cfg.seed, cfg.n_eval)
         for name, rows in splits.items():
             _write_jsonl(out / f"{name}.jsonl", rows)
         stats = dataset_stats(splits)
         stats["usable_base_replies"] = sum(clean_reply(g["reply"], g["eos"]) is not None for g in replies)
         stats["base_prompts"] = len(bases)
+        stats["dropped_degenerate"] = dropped
         atomic_write_json(out / "meta" / "stats.json", stats)  # a subfolder: not a split to the data loader
         log(f"wrote {', '.join(f'{k} {v}' for k, v in stats['sizes'].items())} to {out}")
     if cfg.baseline_out:

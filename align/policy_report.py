@@ -21,7 +21,12 @@ def _starting_model(model, adapter: bool):
 
 def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: list[PromptRecord], *, beta: float,
                      adapter: bool, max_new_tokens: int = 128, batch_size: int = 16, start_logps: dict | None = None) -> dict:
-    """{"pref/logp_accuracy", "pref/implicit_reward_accuracy", "verifier/score", "verifier/strict", ...}.
+    """{"pref/logp_accuracy", "pref/implicit_reward_accuracy", "verifier/coherent_strict", "verifier/score",
+    "verifier/strict", "gen/degenerate_share", "rows", ...}.
+
+    verifier/coherent_strict: share of prompts with constraints whose greedy reply meets every constraint
+    AND is not degenerate (align.degeneration); gen/degenerate_share over all prompts. `rows` holds the
+    per-prompt values so that before_after can report a paired interval.
 
     logp_accuracy: share of pairs where the policy gives the chosen reply a higher log-probability than the
     rejected one; meaningful for the starting model too, but biased towards the shorter reply (a summed
@@ -30,7 +35,8 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     above rejected (TRL's rewards/accuracies). For the starting model (adapter=False) the policy is its own
     reference, so every pair ties: 0.0, with pref/implicit_ties = the number of pairs.
     """
-    from align.evaluation import EvalArgs, Policy, generate, reply_logps
+    from align.degeneration import check_reply
+    from align.evaluation import EvalArgs, Policy, coherent_strict, generate, reply_logps
     from align.verifier import verify
 
     started = time.time()
@@ -56,11 +62,22 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             label = "trained policy" if adapter else "starting model"
             gens = generate(policy, [p.prompt for p in prompts], "greedy", cfg,
                             log=lambda msg: print(f"[align] summary ({label}): {msg}", file=sys.stderr, flush=True))
-            verdicts = [verify(g.reply, p.constraints) for g, p in zip(gens, prompts) if p.constraints]
-            if verdicts:  # prompts without constraints have nothing to verify
+            rows, verdicts = [], []
+            for i, (g, p) in enumerate(zip(gens, prompts)):
+                verdict = verify(g.reply, p.constraints) if p.constraints else None  # none: nothing to verify
+                degeneration = check_reply(g.reply, p.prompt, p.constraints, ended=g.eos)
+                rows.append({"prompt_id": p.id if p.id is not None else str(i), "mode": "greedy",
+                             "coherent_strict": coherent_strict(verdict.strict if verdict else None, degeneration),
+                             "verifier_strict": verdict.strict if verdict else None, "degenerate": degeneration.degenerate})
+                verdicts += [verdict] if verdict else []
+            if verdicts:
+                out["verifier/coherent_strict"] = sum(bool(r["coherent_strict"]) for r in rows) / len(verdicts)
                 out["verifier/score"] = sum(v.score for v in verdicts) / len(verdicts)
                 out["verifier/strict"] = sum(v.strict for v in verdicts) / len(verdicts)
             out["verifier/prompts"] = len(verdicts)
+            out["gen/degenerate_share"] = sum(r["degenerate"] for r in rows) / len(rows)
+            # per prompt, so that before -> after is a paired difference with an interval (before_after)
+            out["rows"] = rows
             out["gen/mean_length"] = sum(g.length_tokens for g in gens) / len(gens)
             out["gen/eos_rate"] = sum(g.eos for g in gens) / len(gens)
     if pairs and adapter and hasattr(model, "disable_adapter"):
@@ -79,13 +96,36 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     return out
 
 
-def before_after(before: dict, after: dict) -> str:
-    """The summary's before -> after numbers as lines a person reads at the end of a run."""
+def before_after(before: dict, after: dict, n_resamples: int = 1000, seed: int = 0) -> str:
+    """The summary's before -> after numbers as lines a person reads at the end of a run.
+
+    Coherent strict comes first, with the paired 95% bootstrap interval of after - before over the same
+    prompts (align.report.paired_delta), then IFEval strict and the degenerate share, then the rest.
+    """
+    lines = []
+    if "rows" in before and "rows" in after:
+        lines += [paired_line(label, before["rows"], after["rows"], key, n_resamples, seed) for label, key in (
+            ("coherent strict (strict and not degenerate)", "coherent_strict"),
+            ("verifier strict (IFEval rules, every constraint met)", "verifier_strict"),
+            ("degenerate replies (share)", "degenerate"))]
+        lines = [line for line in lines if line]
     rows = [("held-out preference accuracy, DPO implicit reward", "pref/implicit_reward_accuracy"),
             ("held-out preference accuracy, log-prob per token", "pref/mean_logp_accuracy"),
             ("held-out preference accuracy, summed log-prob", "pref/logp_accuracy"),
-            ("verifier score on held-out eval prompts", "verifier/score"),
-            ("verifier strict (every constraint met)", "verifier/strict")]
-    lines = [f"  {label}: {before[key]:.3f} -> {after[key]:.3f}" for label, key in rows if key in before and key in after]
+            ("verifier score on held-out eval prompts", "verifier/score")]
+    if not lines:  # summaries written before per-prompt rows existed
+        rows += [("verifier strict (every constraint met)", "verifier/strict")]
+    lines += [f"  {label}: {before[key]:.3f} -> {after[key]:.3f}" for label, key in rows if key in before and key in after]
     counts = f"{after.get('pref/pairs', 0)} pairs, {after.get('verifier/prompts', 0)} prompts"
     return f"[align] starting model -> trained policy ({counts}):\n" + "\n".join(lines)
+
+
+def paired_line(label: str, before_rows: list[dict], after_rows: list[dict], key: str, n_resamples: int = 1000, seed: int = 0) -> str | None:
+    """"  label: 0.156 -> 0.109 (-0.047, paired 95% CI [-0.117, +0.023], 128 prompts)"; None without pairs."""
+    from align.report import paired_delta
+
+    delta = paired_delta(before_rows, after_rows, key, n_resamples, seed)
+    if not delta["n"]:
+        return None
+    return (f"  {label}: {delta['baseline_mean']:.3f} -> {delta['run_mean']:.3f} ({delta['mean']:+.3f}, paired 95% CI "
+            f"[{delta['lo']:+.3f}, {delta['hi']:+.3f}], {delta['n']} prompts)")

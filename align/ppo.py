@@ -106,6 +106,8 @@ class PPOArgs(ModelArgs):
     rollout_batch_size: int = arg(8, "prompts per update, over all processes")
     response_length: int = arg(64, "maximum new tokens per response")
     temperature: float = arg(0.7, "sampling temperature (pure sampling: no top-k, top-p or repetition penalty)")
+    reward_guard: bool = arg(True, "with the verifier reward: a degenerate reply (align.degeneration: a loop, a line repeated 3 times, "
+                                   "an instruction copied back) earns 0; false = the raw verifier score, for ablations")
     missing_eos_penalty: float | None = arg(None, "subtracted from the score of a response that hit the length limit without EOS")
     forward_batch_size: int = arg(8, "rows per no-grad forward pass (scoring) per process")
     # ---- PPO
@@ -506,8 +508,9 @@ class RewardPlan:
 
 def plan_reward(cfg: PPOArgs, base: BaseInfo) -> RewardPlan:
     choice = cfg.reward
+    guard = ", guarded: 0 for a degenerate reply" if cfg.reward_guard else ", unguarded (reward_guard false)"
     if choice == "verifier":
-        return RewardPlan("function", "the built-in verifier (align.verifier)", function="verifier")
+        return RewardPlan("function", f"the built-in verifier (align.verifier{guard})", function="verifier")
     if choice not in ("auto", "model"):
         if ":" not in choice:
             raise ConfigError(f"config: reward: expected auto, model, verifier, module.path:function or file.py:function, got {choice!r}")
@@ -518,7 +521,7 @@ def plan_reward(cfg: PPOArgs, base: BaseInfo) -> RewardPlan:
     if adapter_dir is None and model_dir is None:
         if choice == "model":
             raise ConfigError(f"config: reward_model: {cfg.reward_model} holds no reward model (adapter_config.json or config.json)")
-        return RewardPlan("function", f"the built-in verifier (no reward model at {cfg.reward_model}; --reward verifier to silence this)", function="verifier")
+        return RewardPlan("function", f"the built-in verifier{guard} (no reward model at {cfg.reward_model}; --reward verifier to silence this)", function="verifier")
     if adapter_dir is None:
         return RewardPlan("separate", f"the reward model {model_dir} (a separate full model)", path=str(model_dir))
     rm_base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or "?"
@@ -633,9 +636,9 @@ def reward_function(cfg: PPOArgs, plan: RewardPlan, models: PPOModels) -> Reward
 
     if plan.kind == "function":
         if plan.function == "verifier":
-            from align.verifier import verifier_reward
+            from align.verifier import guarded_verifier_reward, verifier_reward
 
-            return verifier_reward
+            return guarded_verifier_reward if cfg.reward_guard else verifier_reward
         return _import_function(str(plan.function))
     if plan.kind == "shared":
         scorer = models.reward_scorer()
@@ -1136,6 +1139,10 @@ class PPOTrainer:
             if self.eval_prompts and self.update_index >= cfg.total_updates:
                 self.eval_after = self.evaluate()
                 say(f"held-out prompts after training: {json.dumps(self.eval_after)}", dist)
+                warning = self.hacking_warning()
+                if warning:
+                    say(f"health warning at update {self.update_index}: {warning}", dist)
+                    self.health_log.append({"update": self.update_index, "warning": warning})
         finally:
             self._restore_signal_handlers(handlers)
             self.elapsed_before = self.elapsed()
@@ -1143,6 +1150,18 @@ class PPOTrainer:
             if self._writer is not None:
                 self._writer.flush()
         return self.summary()
+
+    def hacking_warning(self) -> str | None:
+        """align.degeneration.hacking_warning on this run: the mean reward of the first and of the last
+        health_window / 2 updates, and the held-out evaluations before and after training."""
+        from align.degeneration import hacking_warning
+
+        k = max(1, self.cfg.health_window // 2)
+        if len(self.history) < 2 * k:
+            return None
+        return hacking_warning(_mean(self.history[:k], "objective/scores"), _mean(self.history[-k:], "objective/scores"),
+                               self.eval_before, self.eval_after,
+                               where=f"{self.eval_before.get('prompts') if self.eval_before else '?'} held-out prompts (sampled)")
 
     def _saved_now(self) -> bool:
         return self.last_good_checkpoint is not None and self.last_good_checkpoint.name == f"{CHECKPOINT_PREFIX}{self.update_index:06d}"
@@ -1382,14 +1401,23 @@ class PPOTrainer:
         """Mean verifier score (and reward) of one sampled response per held-out prompt; the same sampling
         seeds before and after, so the difference is the policy's."""
         cfg, dist = self.cfg, self.dist
+        from align.degeneration import check_reply
+        from align.verifier import verify
+
         indices = list(range(dist.rank, len(self.eval_prompts), dist.world))
-        totals = torch.zeros(3, dtype=torch.float64)
+        # verifier score sum, reward sum, prompts, coherent strict passes, degenerate replies
+        totals = torch.zeros(5, dtype=torch.float64)
         for start in range(0, len(indices), cfg.forward_batch_size):
             chunk = indices[start:start + cfg.forward_batch_size]
             batch = [self.eval_prompts[i] for i in chunk]
             seeds = [row_seed(cfg.seed, _EVAL_STREAM, i) for i in chunk]
-            _, _, responses, response_mask, _ = generate(self.models, batch, seeds, temperature=cfg.temperature, max_new_tokens=cfg.response_length)
+            _, _, responses, response_mask, contains_eos = generate(self.models, batch, seeds, temperature=cfg.temperature, max_new_tokens=cfg.response_length)
             texts = decode_responses(self.models.tokenizer, responses, response_mask)
+            for record, text, ended in zip(batch, texts, contains_eos.tolist()):
+                degenerate = check_reply(text, record.prompt, record.constraints, ended=bool(ended)).degenerate
+                totals[4] += degenerate
+                if self.eval_verifier_fn is not None:
+                    totals[3] += verify(text, record.constraints).strict and not degenerate
             if self.eval_verifier_fn is not None:
                 totals[0] += sum(self.eval_verifier_fn(batch, texts))
             if not self.reward_is_verifier:
@@ -1398,7 +1426,9 @@ class PPOTrainer:
         totals = dist.sum(totals)
         out: dict[str, float] = {"prompts": int(totals[2]), "temperature": cfg.temperature}
         if self.eval_verifier_fn is not None:
+            out["coherent_strict"] = float(totals[3] / totals[2])
             out["verifier"] = float(totals[0] / totals[2])
+        out["degenerate_share"] = float(totals[4] / totals[2])
         if not self.reward_is_verifier:
             out["reward"] = float(totals[1] / totals[2])
         return out

@@ -8,7 +8,8 @@ report.html (plots embedded as base64 PNG, no external resources) and summary.js
 What it holds, each number computed from the JSON lines whose paths the report names:
 
 - which method: paired differences (same prompts) between PPO and DPO runs and against their SFT start,
-  with CIs, a plain reading, and how many prompts would resolve a verifier difference of 0.05;
+  with CIs, a plain reading, and how many prompts would resolve a difference of 0.05; coherent strict
+  (strict AND not degenerate, align.degeneration) first, then IFEval strict and the degenerate share;
 - a metrics table per sampling mode with percentile-bootstrap 95% confidence intervals over prompts
   (Efron & Tibshirani 1993, ch. 13), seeded, so that small differences are not over-read;
 - pairwise win rates judged by the verifier and by the reward model, ties counted apart;
@@ -16,8 +17,9 @@ What it holds, each number computed from the JSON lines whose paths the report n
   DPO paper compares DPO with PPO (Rafailov et al. 2023, arXiv:2305.18290, Figure 2);
 - training curves from each run's metrics.jsonl and each run's cost from its summary.json;
 - sample replies to the same prompts side by side;
-- reward-hacking warnings: a run whose reward-model score rises over the baseline while the verifier
-  score falls, or replies grow much longer, repeat themselves more, or stop ending.
+- reward-hacking warnings: a run whose training reward rose while coherent strict fell or the degenerate
+  share rose; a run whose reward-model score rises over the baseline while the verifier score falls, or
+  replies grow much longer, repeat themselves more, or stop ending.
 
 Runs are compared only when they were evaluated on the same prompts with the same sampling settings
 (`check_comparable`); otherwise the comparison stops with an error naming the setting and the runs.
@@ -45,8 +47,10 @@ from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text, i
 
 # Generation metrics of the tables: (key in generations.jsonl, label, higher is better or None).
 GENERATION_METRICS = (
-    ("verifier_score", "verifier score", True),
+    ("coherent_strict", "coherent strict", True),
     ("verifier_strict", "verifier strict", True),
+    ("degenerate", "degenerate share", False),
+    ("verifier_score", "verifier score", True),
     ("rm_score", "RM score", True),
     ("length_tokens", "length (tokens)", None),
     ("eos", "EOS rate", True),
@@ -365,6 +369,40 @@ def hacking_warnings(baseline: EvalResult, run: EvalResult, mode: str, n_resampl
     ]
 
 
+# Training-reward keys read for the degeneration hacking warning, the first a run's metrics.jsonl has: our
+# PPO's reward, then DPO's (TRL) margin between chosen and rejected implicit rewards.
+TRAINING_REWARD_KEYS = ("objective/scores", "rewards/margins")
+
+
+def training_reward_trend(train_metrics: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(mean over the first quarter of the logged steps, mean over the last quarter) of the first of
+    TRAINING_REWARD_KEYS logged; None with fewer than 2 logged values."""
+    for key in TRAINING_REWARD_KEYS:
+        values = [float(m[key]) for m in train_metrics if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+        if len(values) >= 2:
+            k = max(1, len(values) // 4)
+            return float(np.mean(values[:k])), float(np.mean(values[-k:]))
+    return None
+
+
+def degeneration_warnings(baseline: EvalResult, run: EvalResult, mode: str) -> list[str]:
+    """align.degeneration.hacking_warning for `run` against `baseline` (its start) on the prompts both
+    answered: its training reward rose (metrics.jsonl) while coherent strict fell or the degenerate share rose."""
+    from align.degeneration import hacking_warning
+
+    trend = training_reward_trend(run.train_metrics)
+    if trend is None:
+        return []
+    means = {}
+    for key, name in (("coherent_strict", "coherent_strict"), ("degenerate", "degenerate_share")):
+        delta = paired_delta(baseline.rows(mode), run.rows(mode), key)
+        means[name] = (delta["baseline_mean"], delta["run_mean"]) if delta["n"] else (None, None)
+    start = {name: pair[0] for name, pair in means.items()}
+    end = {name: pair[1] for name, pair in means.items()}
+    line = hacking_warning(trend[0], trend[1], start, end, where=f"eval prompts ({mode}) against {baseline.name}")
+    return [f"{run.name} ({mode}): {line}"] if line else []
+
+
 # --------------------------------------------------------------------------------------------------
 # Which method: paired differences between the runs a reader chooses between
 # --------------------------------------------------------------------------------------------------
@@ -372,6 +410,14 @@ def hacking_warnings(baseline: EvalResult, run: EvalResult, mode: str, n_resampl
 # (key, label, mode, resolution): the measures of the decision table, in this order. `resolution` is the
 # interval half-width the table says how many prompts would reach (None: the scale is the reward model's own).
 DECISION_MEASURES = (
+    # coherent strict decides (strict AND not degenerate, align.degeneration); the degenerate share sits
+    # next to every verifier number, since a verifier gain bought with loops shows up there
+    ("coherent_strict", "coherent strict", "greedy", 0.05),
+    ("coherent_strict", "coherent strict", "sample", 0.05),
+    ("verifier_strict", "verifier strict", "greedy", 0.05),
+    ("degenerate", "degenerate share", "greedy", 0.05),
+    ("verifier_strict", "verifier strict", "sample", 0.05),
+    ("degenerate", "degenerate share", "sample", 0.05),
     ("verifier_score", "verifier score", "greedy", 0.05),
     ("verifier_score", "verifier score", "sample", 0.05),
     ("rm_score", "RM score", "greedy", None),
@@ -713,6 +759,9 @@ def build_report(results: list[EvalResult], out_dir: str | Path, args: ReportArg
     if decision:
         blocks.append(Heading("Which method? Paired differences"))
         blocks.append(Para(
+            "Decide on coherent strict: every constraint met (IFEval strict) AND the reply is not degenerate text (no "
+            "repetition loop, no line three times, no instruction copied back; align.degeneration). The verifier's strict "
+            "score and the degenerate share follow it, so that a verifier gain bought with degenerate text shows. "
             "Each row is one run against another on the same prompts: the mean over prompts of A's score minus B's, "
             "with its 95% bootstrap CI. An interval that contains 0 means this evaluation cannot tell the two apart, "
             "and its ends bound how large the true difference plausibly is; the last column is how many prompts "
@@ -797,22 +846,32 @@ def build_report(results: list[EvalResult], out_dir: str | Path, args: ReportArg
 
     # Reward hacking.
     warnings: list[str] = []
+    degenerate_lines: list[str] = []
     for r in results:
         if r is not baseline:
             for mode in modes:
                 warnings.extend(hacking_warnings(baseline, r, mode, B, seed))
+                degenerate_lines.extend(degeneration_warnings(baseline, r, mode))
+    warnings = degenerate_lines + warnings
     summary["warnings"] = warnings
     blocks.append(Heading("Reward-hacking checks"))
+    blocks.append(Para(f"Degenerate text, each run against the baseline {baseline.name}: a warning when the run's training "
+                       f"reward ({' or '.join(TRAINING_REWARD_KEYS)} in metrics.jsonl, last quarter against first) rose while "
+                       "coherent strict fell or the degenerate share rose by 0.05 or more."))
+    blocks.extend(Para(f"Warning: {w}") for w in degenerate_lines)
+    if not degenerate_lines:
+        blocks.append(Para("No degeneration warnings."))
     if not has_rm:
-        blocks.append(Para("Not checked: no run has reward-model scores (evaluate with `--reward_model DIR`)."))
+        blocks.append(Para("Reward model: not checked: no run has reward-model scores (evaluate with `--reward_model DIR`)."))
     else:
         blocks.append(Para(f"Each run against the baseline {baseline.name}: a warning when the RM score rises (95% CI above 0) "
                            f"while the verifier score falls, replies grow {LENGTH_RATIO}x longer, the repeated 4-gram share "
                            f"rises by {REPETITION_RISE} or more, or the EOS rate falls by {EOS_DROP} or more (each with 95% "
                            "confidence)."))
-        blocks.extend(Para(f"Warning: {w}") for w in warnings)
-        if not warnings:
-            blocks.append(Para("No warnings."))
+        rm_lines = warnings[len(degenerate_lines):]
+        blocks.extend(Para(f"Warning: {w}") for w in rm_lines)
+        if not rm_lines:
+            blocks.append(Para("No reward-model warnings."))
 
     # Training curves and cost.
     blocks.append(Heading("Training curves and cost"))

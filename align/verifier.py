@@ -594,6 +594,31 @@ def verifier_reward(prompts: Sequence[Any], responses: Sequence[str]) -> list[fl
     return rewards
 
 
+# What a degenerate reply earns under the guarded reward: nothing, the score of a reply that meets no
+# constraint. Not negative: a penalty below every honest reply would also teach the policy to avoid
+# whatever the check catches by accident (a short refrain sung a third time) more than to comply.
+GUARD_REWARD = 0.0
+
+
+def guarded_verifier_reward(prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
+    """`verifier_reward`, except that a degenerate reply (align.degeneration.check_reply: a repetition
+    loop, a repeated tail or line, an instruction copied from the prompt) earns GUARD_REWARD.
+
+    The raw verifier pays 1.0 for `*Important*` forty times on "mark at least 2 key phrases"; a policy
+    optimised against it learns such text (issue 23). `prompts` as in `verifier_reward`; a prompt's
+    `.prompt` messages (or dict "prompt") are what its instructions are read from.
+    """
+    from align.degeneration import check_reply
+
+    rewards = verifier_reward(prompts, responses)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        messages = prompt.get("prompt") if isinstance(prompt, dict) else getattr(prompt, "prompt", None)
+        constraints = prompt.get("constraints") if isinstance(prompt, dict) else getattr(prompt, "constraints", None)
+        if check_reply(response, messages or "", constraints).degenerate:
+            rewards[i] = GUARD_REWARD
+    return rewards
+
+
 def phrasings(constraint: dict) -> list[str]:
     """All natural phrasings of the constraint's instruction; the first is the canonical one."""
     ctype, args = check_constraint(constraint)

@@ -110,6 +110,12 @@ def main() -> None:
     summary = trainer.write_summary()
     if dist.is_main:
         print(json.dumps(summary, indent=2), flush=True)
+        before, after = summary["heldout_before"] or {}, summary["heldout_after"] or {}
+        lines = [f"  {label}: {before[key]:.3f} -> {after[key]:.3f}" for label, key in (
+            ("coherent strict (strict and not degenerate)", "coherent_strict"), ("verifier score", "verifier"),
+            ("degenerate replies (share)", "degenerate_share")) if key in before and key in after]
+        if lines:  # one sampled reply per prompt: for paired intervals, run eval/evaluate.py (greedy, 128+ prompts)
+            say(f"held-out prompts before -> after ({after.get('prompts')} prompts, one sample each):\n" + "\n".join(lines))
         say(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: python eval/evaluate.py {cfg.output_dir})")
 
 

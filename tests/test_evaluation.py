@@ -268,6 +268,14 @@ def test_evaluate_an_adapter_run(adapter_run, tiny_reward_dir, data_files, tmp_p
         assert p["implicit_chosen"] == pytest.approx(0.2 * (p["logp_chosen"] - p["ref_logp_chosen"]))
         assert p["implicit_chosen"] != 0.0
     assert summary["metrics"]["perplexity"]["n"] == 1
+    # every reply carries the degeneration verdict, and coherent strict is strict AND not degenerate
+    gens = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    for g in gens:
+        assert g["degenerate"] == bool(g["degenerate_reasons"])
+        assert g["coherent_strict"] == (None if g["verifier_strict"] is None else g["verifier_strict"] and not g["degenerate"])
+    greedy = [g for g in gens if g["mode"] == "greedy"]
+    assert summary["metrics"]["greedy"]["degenerate_share"] == pytest.approx(sum(g["degenerate"] for g in greedy) / len(greedy))
+    assert list(summary["metrics"]["greedy"])[1:4] == ["coherent_strict", "verifier_strict", "degenerate_share"]
 
 
 def test_merging_the_adapter_changes_speed_only(adapter_run, tiny_reward_dir, data_files, tmp_path):
@@ -386,3 +394,22 @@ def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
     assert reused["pref/implicit_reward_accuracy"] == recomputed["pref/implicit_reward_accuracy"]
     assert reused["pref/implicit_margin_mean"] == pytest.approx(recomputed["pref/implicit_margin_mean"], abs=1e-6)
     assert recomputed["pref/implicit_margin_mean"] != 0  # the adapter moved the policy: margins are not all 0
+
+
+def test_before_after_leads_with_coherent_strict_and_its_paired_interval():
+    """4 prompts: coherent strict 1/4 -> 3/4 (+0.5; every bootstrap resample of the per-prompt differences
+    (0, 1, 1, 0) lies in [0, 1]), strict 2/4 -> 4/4, degenerate 2/4 -> 1/4."""
+    from align.policy_report import before_after
+
+    def rows(coherent, strict, degenerate):
+        return [{"prompt_id": f"p{i}", "mode": "greedy", "coherent_strict": c, "verifier_strict": s, "degenerate": d}
+                for i, (c, s, d) in enumerate(zip(coherent, strict, degenerate))]
+
+    before = {"rows": rows([1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0]), "verifier/score": 0.5, "verifier/prompts": 4}
+    after = {"rows": rows([1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]), "verifier/score": 0.9, "verifier/prompts": 4}
+    lines = before_after(before, after).splitlines()
+    assert lines[1].startswith("  coherent strict (strict and not degenerate): 0.250 -> 0.750 (+0.500, paired 95% CI [+")
+    assert lines[1].endswith("4 prompts)")
+    assert lines[2].startswith("  verifier strict (IFEval rules, every constraint met): 0.500 -> 1.000 (+0.500")
+    assert lines[3].startswith("  degenerate replies (share): 0.500 -> 0.250 (-0.250")
+    assert lines[4] == "  verifier score on held-out eval prompts: 0.500 -> 0.900"

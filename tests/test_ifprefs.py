@@ -306,3 +306,34 @@ def test_the_splits_load_through_the_data_layer():
     assert load_sft("ifprefs:sft", max_rows=50)
     prompts = load_prompts("ifprefs:eval")
     assert len(prompts) >= 300 and all(p.constraints for p in prompts)
+
+
+def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
+    """Every SFT reply and chosen reply passes align.degeneration (drop_degenerate ran on the shipped
+    files); stats.json records what was dropped: 2,484 - 35 = 2,449 SFT rows, 3,273 - 43 = 3,230 pairs."""
+    from align.degeneration import check_reply
+
+    for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
+        for row in data[name]:
+            prompt, reply = ifprefs.target_reply(row)
+            assert not check_reply(reply, prompt, row["constraints"]).degenerate, row["id"]
+    stats = json.loads((DATA / "meta" / "stats.json").read_text())
+    assert stats["dropped_degenerate"] == {"sft": 35, "sft_test": 0, "prefs_train": 43, "prefs_test": 0}
+    assert {k: len(v) for k, v in data.items()} == stats["sizes"]
+    assert (len(data["sft"]), len(data["prefs_train"])) == (2484 - 35, 3273 - 43)
+
+
+def test_drop_degenerate_keeps_ordinary_rows_and_renumbers():
+    looping = "In every corner, a message left. " + "A message left, a message left. " * 8
+    ordinary = "Bird migration is a long journey. Many birds fly south each autumn and return in spring."
+    user = [{"role": "user", "content": "Write a short poem about street art."}]
+    sft = [{"messages": user + [{"role": "assistant", "content": reply}], "constraints": [{"type": "no_comma"}], "meta": {}}
+           for reply in (ordinary, looping, ordinary)]
+    pairs = [{"prompt": user, "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": r}],
+              "constraints": [{"type": "no_comma"}], "meta": {}} for c, r in ((looping, ordinary), (ordinary, looping))]
+    splits = {"sft": sft, "sft_test": [], "prefs_train": pairs, "prefs_test": []}
+    assert ifprefs.drop_degenerate(splits) == {"sft": 1, "sft_test": 0, "prefs_train": 1, "prefs_test": 0}
+    ifprefs.number_rows(splits)
+    assert [r["id"] for r in splits["sft"]] == ["ifprefs-sft-00000", "ifprefs-sft-00001"]
+    # a degenerate rejected reply is what a rejected reply is for: the pair stays
+    assert splits["prefs_train"][0]["rejected"][0]["content"] == looping

@@ -324,6 +324,29 @@ def test_health_checks_name_each_problem(tmp_path):
     assert check(honest) == ""
 
 
+def test_hacking_warning_from_the_reward_history_and_the_heldout_evals(tmp_path):
+    """The trainer's one-line warning (align.degeneration.hacking_warning) on constructed runs: the mean
+    reward of the first 3 updates 0.1 (0.0, 0.1, 0.2) and of the last 3 0.4 (0.3, 0.4, 0.5)."""
+    from types import SimpleNamespace
+
+    cfg = tiny_cfg("unused", tmp_path)  # health_window 6
+    rising = [_metrics(**{"objective/scores": 0.1 * i}) for i in range(6)]
+    before = {"prompts": 16, "coherent_strict": 0.25, "verifier": 0.40, "degenerate_share": 0.30}
+
+    def warning(history, after):
+        return PPOTrainer.hacking_warning(SimpleNamespace(cfg=cfg, history=history, eval_before=before, eval_after=after))
+
+    gamed = {"prompts": 16, "coherent_strict": 0.125, "verifier": 0.60, "degenerate_share": 0.6875}
+    line = warning(rising, gamed)
+    assert line.startswith("reward hacking? the training reward rose 0.100 -> 0.400 while on the 16 held-out prompts (sampled) "
+                           "coherent strict fell 0.250 -> 0.125 and the degenerate share rose 0.300 -> 0.688")
+    assert "\n" not in line
+    honest = {"prompts": 16, "coherent_strict": 0.3125, "verifier": 0.50, "degenerate_share": 0.3125}
+    assert warning(rising, honest) is None, "a degenerate share up 0.0125 (under DEGENERATE_RISE) with coherent strict up is no sign"
+    assert warning(list(reversed(rising)), gamed) is None, "a falling reward is not being hacked"
+    assert warning(rising[:5], gamed) is None, "fewer than health_window updates: no start and end to compare"
+
+
 def test_stop_on_health_saves_a_checkpoint_and_stops(tiny_model_dir, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=4, stop_on_health=True, health_kl_budget=-1.0)
     trainer = trainer_for(cfg)
@@ -395,7 +418,10 @@ def test_recipe_end_to_end_with_the_verifier(tiny_model_dir, tmp_path):
         assert all(math.isfinite(m[key]) for m in metrics), key
     summary = json.loads((out / "summary.json").read_text())
     assert summary["updates"] == 2 and summary["peak_memory_mb"] > 0 and summary["method"] == "ppo"
-    assert set(summary["heldout_before"]) >= {"verifier", "prompts"} and summary["heldout_after"]["prompts"] == 4
+    assert set(summary["heldout_before"]) >= {"coherent_strict", "verifier", "degenerate_share", "prompts"}
+    assert summary["heldout_after"]["prompts"] == 4
+    assert "guarded: 0 for a degenerate reply" in summary["reward"]
+    assert "coherent strict (strict and not degenerate):" in result.stderr
     model, _ = load_trained(str(out), dtype="fp32")  # the policy loads like any other adapter
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
 

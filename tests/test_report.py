@@ -34,8 +34,11 @@ SETTINGS = {
 }
 
 
-def gen_row(pid: str, mode: str, *, verifier: float, rm: float, length: int, eos: bool = True, rep: float = 0.0, kl: float | None = None) -> dict:
+def gen_row(pid: str, mode: str, *, verifier: float, rm: float, length: int, eos: bool = True, rep: float = 0.0, kl: float | None = None,
+            degenerate: bool = False) -> dict:
     return {
+        "coherent_strict": verifier == 1.0 and not degenerate, "degenerate": degenerate,
+        "degenerate_reasons": ["repetition loop: (constructed)"] if degenerate else [],
         "prompt_id": pid, "prompt": [{"role": "user", "content": f"Prompt {pid}: answer in lowercase."}],
         "constraints": [{"type": "lowercase"}, {"type": "no_comma"}], "mode": mode, "seed": 0 if mode == "sample" else None,
         "temperature": 1.0 if mode == "sample" else None, "top_p": 1.0 if mode == "sample" else None,
@@ -228,7 +231,9 @@ def test_decision_rows_read_paired_differences(tmp_path):
             load_eval(write_eval(tmp_path / "dpo", rows(lambda i: float(i % 2), 0.0), method="dpo")),
             load_eval(write_eval(tmp_path / "ppo", rows(lambda i: 1.0, -1.0), method="ppo"))]
     table = decision_table(runs, runs[0], ["greedy", "sample"], 1000, 0)
-    assert [(d["a"], d["b"]) for d in table[::4]] == [("ppo", "dpo"), ("dpo", "sft"), ("ppo", "sft")]
+    # per pair: coherent strict, verifier strict, degenerate share (greedy and sample each), verifier score, RM score
+    assert [(d["a"], d["b"]) for d in table[::10]] == [("ppo", "dpo"), ("dpo", "sft"), ("ppo", "sft")]
+    assert [d["key"] for d in table[:3]] == ["coherent_strict", "coherent_strict", "verifier_strict"]
     by = {(d["a"], d["b"], d["key"], d["mode"]): d for d in table}
     ppo_dpo = by["ppo", "dpo", "verifier_score", "greedy"]
     assert ppo_dpo["difference"]["mean"] == pytest.approx(0.5) and ppo_dpo["reading"] == "ppo higher"
@@ -242,16 +247,56 @@ def test_decision_rows_read_paired_differences(tmp_path):
     assert rm_row["difference"]["mean"] == pytest.approx(-1.0) and rm_row["reading"] == "dpo higher"
     assert rm_row["prompts_for_resolution"] is None
     summary = build_report(runs, tmp_path / "report", ReportArgs(n_bootstrap=300))
-    assert len(summary["decision"]) == 12
+    assert len(summary["decision"]) == 30
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.index("## Which method? Paired differences") < md.index("## Metrics, mode greedy")
     assert "| ppo | dpo | verifier score | greedy | 40 | 1.000 | 0.500 | 0.500 [" in md
     # DPO without PPO: DPO against SFT only; neither: each run against the baseline.
     only = decision_table(runs[:2], runs[0], ["greedy"], 300, 0)
-    assert {(d["a"], d["b"]) for d in only} == {("dpo", "sft")} and len(only) == 2
+    assert {(d["a"], d["b"]) for d in only} == {("dpo", "sft")} and len(only) == 5
     other = load_eval(write_eval(tmp_path / "sft2", rows(lambda i: 1.0, 0.0), method="sft"))
     fallback = decision_table([runs[0], other], runs[0], ["greedy"], 300, 0)
     assert {(d["a"], d["b"]) for d in fallback} == {("sft2", "sft")}
+
+
+def test_coherent_strict_decides_where_the_verifier_is_gamed(tmp_path):
+    """PPO meets every constraint on all 40 prompts but 30 of its replies are degenerate; DPO meets them on
+    20 prompts with ordinary text. The verifier says PPO (+0.5), coherent strict says DPO (10/40 - 20/40 =
+    -0.25), and the degenerate share (+0.75) sits in the table next to it."""
+    n = 40
+    dpo_rows = [gen_row(f"p{i:03d}", "greedy", verifier=float(i % 2), rm=0.0, length=10) for i in range(n)]
+    ppo_rows = [gen_row(f"p{i:03d}", "greedy", verifier=1.0, rm=0.0, length=10, degenerate=i < 30) for i in range(n)]
+    runs = [load_eval(write_eval(tmp_path / "dpo", dpo_rows, method="dpo", settings={"modes": ["greedy"]})),
+            load_eval(write_eval(tmp_path / "ppo", ppo_rows, method="ppo", settings={"modes": ["greedy"]}))]
+    table = decision_table(runs, runs[0], ["greedy"], 1000, 0)
+    assert [d["key"] for d in table] == ["coherent_strict", "verifier_strict", "degenerate", "verifier_score", "rm_score"]
+    coherent, strict, degenerate = table[:3]
+    assert coherent["difference"]["mean"] == pytest.approx(-0.25) and coherent["reading"] == "dpo higher"
+    assert strict["difference"]["mean"] == pytest.approx(0.5) and strict["reading"] == "ppo higher"
+    assert degenerate["difference"]["mean"] == pytest.approx(0.75)
+    build_report(runs, tmp_path / "report", ReportArgs(n_bootstrap=300))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.index("| ppo | dpo | coherent strict | greedy |") < md.index("| ppo | dpo | verifier strict | greedy |")
+
+
+def test_degeneration_warning_when_the_training_reward_rises_and_the_text_degenerates(tmp_path):
+    """PPO's objective/scores rise 0.2 -> 0.8 (first quarter 0.2, last quarter 0.8 of 8 logged steps) while
+    its coherent strict falls 0.5 -> 0.25 and its degenerate share rises 0 -> 0.75 against the SFT start."""
+    n = 40
+    sft_rows = [gen_row(f"p{i:03d}", "greedy", verifier=float(i % 2), rm=0.0, length=10) for i in range(n)]
+    ppo_rows = [gen_row(f"p{i:03d}", "greedy", verifier=1.0, rm=0.0, length=10, degenerate=i < 30) for i in range(n)]
+    metrics = [{"step": s, "objective/scores": 0.2 if s <= 4 else 0.8} for s in range(1, 9)]
+    runs = [load_eval(write_eval(tmp_path / "sft", sft_rows, method="sft", settings={"modes": ["greedy"]})),
+            load_eval(write_eval(tmp_path / "ppo", ppo_rows, method="ppo", settings={"modes": ["greedy"]}, metrics=metrics))]
+    summary = build_report(runs, tmp_path / "report", ReportArgs(n_bootstrap=300))
+    expected = ("ppo (greedy): reward hacking? the training reward rose 0.200 -> 0.800 while on the eval prompts (greedy) against sft "
+                "coherent strict fell 0.500 -> 0.250 and the degenerate share rose 0.000 -> 0.750")
+    assert [w for w in summary["warnings"] if w.startswith(expected)] == summary["warnings"][:1]
+    assert "Warning: " + expected in (tmp_path / "report" / "report.md").read_text()
+    # the same text from a run whose reward did not rise: no warning
+    flat = [{"step": s, "objective/scores": 0.5} for s in range(1, 9)]
+    runs[1] = load_eval(write_eval(tmp_path / "ppo_flat", ppo_rows, method="ppo", settings={"modes": ["greedy"]}, metrics=flat))
+    assert not any("reward hacking?" in w for w in build_report(runs, tmp_path / "report2", ReportArgs(n_bootstrap=300))["warnings"])
 
 
 # ------------------------------------------------------------------------------------ the report

@@ -343,3 +343,47 @@ def test_any_response_and_valid_constraints_give_bools(response, constraints):
 
 def test_json_check_matches_json_module():
     assert ok(json.dumps({"x": "a, b"}), {"type": "json_format"})
+
+
+# ---- the guarded reward (issue 23) -------------------------------------------------------------------
+
+
+def _guard_cases():
+    """The four kinds of issue 23 with the constraints they game, and what the raw verifier pays them."""
+    from test_degeneration import (
+        BRIGHT_PROMPT, BRIGHT_REPLY, IMPORTANT_PROMPT, IMPORTANT_REPLY, PS_CONSTRAINTS, PS_PROMPT, PS_REPLY, SECTION_PROMPT,
+        SECTION_REPLY,
+    )
+
+    return [
+        (IMPORTANT_PROMPT, [{"type": "num_highlights", "num_highlights": 2}], IMPORTANT_REPLY),
+        (PS_PROMPT, PS_CONSTRAINTS, PS_REPLY),
+        (BRIGHT_PROMPT, [{"type": "include_keywords", "keywords": ["bright"]}], BRIGHT_REPLY),
+        (SECTION_PROMPT, [{"type": "num_sections", "num_sections": 2}], SECTION_REPLY),
+    ]
+
+
+def test_guarded_reward_pays_nothing_for_the_four_kinds_the_raw_verifier_pays_for():
+    from align.verifier import GUARD_REWARD, guarded_verifier_reward
+
+    cases = _guard_cases()
+    records = [PromptRecord([{"role": "user", "content": p}], f"t.jsonl:{i}", constraints=c) for i, (p, c, _) in enumerate(cases)]
+    replies = [r for _, _, r in cases]
+    raw = verifier_reward(records, replies)
+    assert min(raw) >= 0.5 and sum(raw) / len(raw) >= 0.75  # the hack pays under the raw verifier
+    assert guarded_verifier_reward(records, replies) == [GUARD_REWARD] * 4
+    # dicts with "prompt" and "constraints" work the same
+    dicts = [{"prompt": r.prompt, "constraints": r.constraints} for r in records]
+    assert guarded_verifier_reward(dicts, replies) == [GUARD_REWARD] * 4
+
+
+def test_guarded_reward_keeps_the_full_score_of_an_ordinary_compliant_reply():
+    from align.verifier import guarded_verifier_reward
+
+    prompt = "Write a short cover letter for a volunteer job related to octopuses. Mark at least 2 key phrases with single asterisks, e.g. *important*."
+    record = PromptRecord([{"role": "user", "content": prompt}], "t.jsonl:1", constraints=[{"type": "num_highlights", "num_highlights": 2}])
+    reply = ("Dear Hiring Manager,\n\nI would like to volunteer at the aquarium's octopus exhibit. I have *three years of "
+             "experience* caring for marine animals and I am *comfortable explaining* cephalopod behaviour to visitors.\n\n"
+             "Thank you for your time,\nSam")
+    assert verifier_reward([record], [reply]) == [1.0]
+    assert guarded_verifier_reward([record], [reply]) == [1.0]
