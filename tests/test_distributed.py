@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,9 +64,13 @@ def launch(recipe: str, argv: list[str], port: int) -> list[str]:
 
 
 def run_launch(recipe: str, argv: list[str], port: int) -> subprocess.CompletedProcess:
+    """Run a 2-process launch; its whole stderr is kept beside the output dir (launch-PORT.log): a failing rank's
+    first lines are often beyond the 4,000 characters an assertion message shows."""
     result = subprocess.run(launch(recipe, argv, port), cwd=REPO, env=launch_env(), capture_output=True, text=True,
                             timeout=LAUNCH_TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-4000:]
+    log = Path(argv[argv.index("--output_dir") + 1]).parent / f"launch-{port}.log"
+    log.write_text(result.stderr)
+    assert result.returncode == 0, f"whole log: {log}\n{result.stderr[-4000:]}"
     return result
 
 
