@@ -154,6 +154,28 @@ def coherent_strict(strict: bool | None, degeneration: Degeneration) -> bool | N
     return None if strict is None else bool(strict and not degeneration.degenerate)
 
 
+def pass_rates_by_constraint(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per constraint type, how many of its instances the replies met: {type: {"passed", "total", "rate"}}.
+
+    rows: one per reply, with "constraints" (list of {"type": ...}) and "verifier_passed" (one bool per
+    constraint, in the same order; None for a prompt without constraints). Types in order of first
+    appearance; a prompt with two constraints of one type counts twice. Shows what a run learned and what
+    it did not ("capitals 0/15 -> 9/15") where the strict score moves by a few prompts.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        passed = row.get("verifier_passed")
+        if passed is None:
+            continue
+        for constraint, ok in zip(row["constraints"], passed, strict=True):
+            tally = out.setdefault(constraint["type"], {"passed": 0, "total": 0})
+            tally["passed"] += bool(ok)
+            tally["total"] += 1
+    for tally in out.values():
+        tally["rate"] = tally["passed"] / tally["total"]
+    return out
+
+
 def prompt_fingerprint(prompt_ids: list[str], prompts: list[list[Message]]) -> str:
     """sha256 of the prompt ids and messages in order: equal fingerprints mean the same prompt set."""
     blob = json.dumps([[i, p] for i, p in zip(prompt_ids, prompts)], sort_keys=True, ensure_ascii=True)
@@ -477,6 +499,7 @@ def generation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "repeated_4gram_share": _mean([r["repeated_4gram_share"] for r in rows]),
         "kl_k1": _mean([r["kl_k1"] for r in rows]),
         "kl_k3": _mean([r["kl_k3"] for r in rows]),
+        "by_constraint": pass_rates_by_constraint(rows),
     }
 
 

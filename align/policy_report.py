@@ -36,7 +36,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     reference, so every pair ties: 0.0, with pref/implicit_ties = the number of pairs.
     """
     from align.degeneration import check_reply
-    from align.evaluation import EvalArgs, Policy, coherent_strict, generate, reply_logps
+    from align.evaluation import EvalArgs, Policy, coherent_strict, generate, pass_rates_by_constraint, reply_logps
     from align.verifier import verify
 
     started = time.time()
@@ -68,13 +68,16 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
                 degeneration = check_reply(g.reply, p.prompt, p.constraints, ended=g.eos)
                 rows.append({"prompt_id": p.id if p.id is not None else str(i), "mode": "greedy",
                              "coherent_strict": coherent_strict(verdict.strict if verdict else None, degeneration),
-                             "verifier_strict": verdict.strict if verdict else None, "degenerate": degeneration.degenerate})
+                             "verifier_strict": verdict.strict if verdict else None, "degenerate": degeneration.degenerate,
+                             "constraints": [{"type": c["type"]} for c in p.constraints or []],
+                             "verifier_passed": [bool(x) for x in verdict.passed] if verdict else None})
                 verdicts += [verdict] if verdict else []
             if verdicts:
                 out["verifier/coherent_strict"] = sum(bool(r["coherent_strict"]) for r in rows) / len(verdicts)
                 out["verifier/score"] = sum(v.score for v in verdicts) / len(verdicts)
                 out["verifier/strict"] = sum(v.strict for v in verdicts) / len(verdicts)
             out["verifier/prompts"] = len(verdicts)
+            out["verifier/by_constraint"] = pass_rates_by_constraint(rows)
             out["gen/degenerate_share"] = sum(r["degenerate"] for r in rows) / len(rows)
             # per prompt, so that before -> after is a paired difference with an interval (before_after)
             out["rows"] = rows
@@ -116,6 +119,8 @@ def before_after(before: dict, after: dict, n_resamples: int = 1000, seed: int =
     if not lines:  # summaries written before per-prompt rows existed
         rows += [("verifier strict (every constraint met)", "verifier/strict")]
     lines += [f"  {label}: {before[key]:.3f} -> {after[key]:.3f}" for label, key in rows if key in before and key in after]
+    if "verifier/by_constraint" in before and "verifier/by_constraint" in after:
+        lines.append("  constraints met, by type: " + by_constraint_line(before["verifier/by_constraint"], after["verifier/by_constraint"]))
     counts = f"{after.get('pref/pairs', 0)} pairs, {after.get('verifier/prompts', 0)} prompts"
     return f"[align] starting model -> trained policy ({counts}):\n" + "\n".join(lines)
 
@@ -129,3 +134,11 @@ def paired_line(label: str, before_rows: list[dict], after_rows: list[dict], key
         return None
     return (f"  {label}: {delta['baseline_mean']:.3f} -> {delta['run_mean']:.3f} ({delta['mean']:+.3f}, paired 95% CI "
             f"[{delta['lo']:+.3f}, {delta['hi']:+.3f}], {delta['n']} prompts)")
+
+
+def by_constraint_line(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """"capitals 0/15 -> 9/15, lowercase 1/18 -> 2/18, ..." for the types both summaries counted, the largest
+    change in pass rate first (align.evaluation.pass_rates_by_constraint gives each side)."""
+    types = [t for t in before if t in after]
+    types.sort(key=lambda t: -abs(after[t]["rate"] - before[t]["rate"]))
+    return ", ".join(f"{t} {before[t]['passed']}/{before[t]['total']} -> {after[t]['passed']}/{after[t]['total']}" for t in types)

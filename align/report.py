@@ -42,7 +42,7 @@ import numpy as np
 
 from align.config import arg
 from align.errors import AlignError, ConfigError
-from align.evaluation import COMPARABLE_SETTINGS
+from align.evaluation import COMPARABLE_SETTINGS, pass_rates_by_constraint
 from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text, inside
 
 # Generation metrics of the tables: (key in generations.jsonl, label, higher is better or None).
@@ -785,6 +785,19 @@ def build_report(results: list[EvalResult], out_dir: str | Path, args: ReportArg
         rows = [[r.name, r.method, str(len(r.rows(mode)))] + [fmt_ci(tables[mode][r.name][k]) for k, _ in keys] for r in results]
         blocks.append(Table(header, rows))
     summary["metrics"] = tables
+
+    # What was learned and what was not: pass rate per constraint type, greedy where evaluated.
+    by_mode = "greedy" if "greedy" in modes else modes[0]
+    by_constraint = {r.name: pass_rates_by_constraint(r.rows(by_mode)) for r in results}
+    summary["by_constraint"] = {"mode": by_mode, "runs": by_constraint}
+    types = list(dict.fromkeys(t for rates in by_constraint.values() for t in rates))
+    if types:
+        blocks.append(Heading(f"Constraints met, by type (mode {by_mode})"))
+        blocks.append(Para("Instances of each constraint type met / instances asked for, over the same prompts. A per-type "
+                           "count this small moves by chance too; read it for what changed by many, not by one or two."))
+        blocks.append(Table(["type"] + [r.name for r in results],
+                            [[t] + [f"{by_constraint[r.name][t]['passed']}/{by_constraint[r.name][t]['total']}"
+                                    if t in by_constraint[r.name] else "-" for r in results] for t in types]))
 
     pref = {r.name: preference_table(r.prefs, r.ppl, B, seed) for r in results}
     summary["preferences_and_perplexity"] = pref

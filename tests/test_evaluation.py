@@ -413,3 +413,32 @@ def test_before_after_leads_with_coherent_strict_and_its_paired_interval():
     assert lines[2].startswith("  verifier strict (IFEval rules, every constraint met): 0.500 -> 1.000 (+0.500")
     assert lines[3].startswith("  degenerate replies (share): 0.500 -> 0.250 (-0.250")
     assert lines[4] == "  verifier score on held-out eval prompts: 0.500 -> 0.900"
+    before["verifier/by_constraint"] = {"capitals": {"passed": 0, "total": 4, "rate": 0.0}}
+    after["verifier/by_constraint"] = {"capitals": {"passed": 3, "total": 4, "rate": 0.75}}
+    assert before_after(before, after).splitlines()[-1] == "  constraints met, by type: capitals 0/4 -> 3/4"
+
+
+def test_pass_rates_by_constraint_count_instances_per_type():
+    from align.evaluation import pass_rates_by_constraint
+
+    rows = [
+        {"constraints": [{"type": "capitals"}, {"type": "end_phrase", "end_phrase": "Bye."}], "verifier_passed": [False, True]},
+        {"constraints": [{"type": "capitals"}], "verifier_passed": [True]},
+        {"constraints": None, "verifier_passed": None},  # nothing asked: not counted
+        {"constraints": [{"type": "keyword_frequency"}, {"type": "keyword_frequency"}], "verifier_passed": [True, False]},
+    ]
+    assert pass_rates_by_constraint(rows) == {
+        "capitals": {"passed": 1, "total": 2, "rate": 0.5}, "end_phrase": {"passed": 1, "total": 1, "rate": 1.0},
+        "keyword_frequency": {"passed": 1, "total": 2, "rate": 0.5}}
+    with pytest.raises(ValueError):  # a verdict per constraint, or the rows are broken
+        pass_rates_by_constraint([{"constraints": [{"type": "capitals"}], "verifier_passed": [True, True]}])
+
+
+def test_before_after_lists_constraint_types_biggest_change_first():
+    from align.policy_report import by_constraint_line
+
+    before = {"capitals": {"passed": 0, "total": 15, "rate": 0.0}, "lowercase": {"passed": 1, "total": 18, "rate": 1 / 18},
+              "json_format": {"passed": 1, "total": 5, "rate": 0.2}}
+    after = {"capitals": {"passed": 9, "total": 15, "rate": 0.6}, "lowercase": {"passed": 1, "total": 18, "rate": 1 / 18},
+             "json_format": {"passed": 0, "total": 5, "rate": 0.0}}
+    assert by_constraint_line(before, after) == "capitals 0/15 -> 9/15, json_format 1/5 -> 0/5, lowercase 1/18 -> 1/18"

@@ -53,6 +53,9 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
     dpo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] dpo: "))
     assert ("--max_steps 20 --summary_prompts 16" in dpo_cmd) == (not torch.cuda.is_available())
     assert (root / "dpo" / "summary.json").is_file() and json.loads((root / "dpo" / "summary.json").read_text())["steps"] == 2
+    dpo_after = json.loads((root / "dpo" / "summary.json").read_text())["after"]
+    counted = dpo_after["verifier/by_constraint"]  # the 2 summary prompts' constraints, each counted once
+    assert sum(t["total"] for t in counted.values()) == sum(len(r["constraints"]) for r in dpo_after["rows"]) > 0
     report = json.loads((root / "report" / "summary.json").read_text())
     assert len(report["runs"]) == 4
     for name in ("report.md", "report.html"):

@@ -333,6 +333,13 @@ def test_report_files_and_traceable_numbers(tmp_path):
     assert html.count("data:image/png;base64,") == 2
     assert "http://" not in html and "https://" not in html and "<script" not in html
     assert [c["wall_time_s"] for c in on_disk["costs"]] == [61.0, 61.0, 61.0]
+    # Constraints met, by type: counted from the same generation rows (greedy), and shown as passed/total.
+    by_type = on_disk["by_constraint"]["runs"]["dpo"]
+    greedy = [r for r in rows if r["mode"] == "greedy"]
+    assert by_type["no_comma"]["passed"] == sum(r["verifier_passed"][1] for r in greedy)
+    assert by_type["lowercase"]["total"] == by_type["no_comma"]["total"] == len(greedy)
+    assert f"| no_comma | {on_disk['by_constraint']['runs']['sft']['no_comma']['passed']}/{len(greedy)} | " \
+           f"{by_type['no_comma']['passed']}/{len(greedy)} |" in md
 
 
 def test_report_escapes_replies_in_html(tmp_path):
