@@ -29,8 +29,9 @@ STAGES = ("sft", "reward", "dpo", "ppo", "compare")
 # (they are shown, and its first table says how many prompts would resolve a difference of 0.05).
 CPU_EVAL = "--max_prompts 64 --max_pairs 32 --max_ppl_rows 16 --modes greedy,sample"
 # On a CPU the training stages are shortened too, so that the whole comparison takes about an hour on 2 cores
-# (measured: README). They go before the user's --<stage>_args, which override them (the last flag wins).
-CPU_STAGE_ARGS = {"sft": "--max_steps 20", "reward": "--max_steps 24", "dpo": "--max_steps 20 --summary_prompts 16",
+# (measured: README). They go before the user's --<stage>_args, which override them (the last flag wins). SFT writes no
+# summary block here: the pipeline evaluates the SFT model on its own eval prompts.
+CPU_STAGE_ARGS = {"sft": "--max_steps 20 --summary_prompts 0", "reward": "--max_steps 24", "dpo": "--max_steps 20 --summary_prompts 16",
                   "ppo": "--total_updates 12"}
 GPU_EVAL = "--max_prompts 100 --max_pairs 100 --max_ppl_rows 50 --modes greedy,sample"
 

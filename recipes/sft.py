@@ -8,14 +8,16 @@ Writes output_dir/adapter (and output_dir/merged with --merge), config.yaml, run
 metrics.jsonl, tensorboard/ and summary.json. The merged model is the base for reward, DPO and PPO.
 """
 
+import sys
 import time
 from dataclasses import dataclass
 
 from align.chat import training_chat_template
 from align.config import arg, parse_config
-from align.data import DataArgs, to_hf_dataset
+from align.data import DataArgs, load_prompts, to_hf_dataset
 from align.errors import cli_main
 from align.models import ModelArgs, load_model, merge_adapter
+from align.policy_report import before_after, summarize_policy
 from align.activations import CompressActivationsMixin
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
@@ -29,6 +31,8 @@ class SFTArgs(RunArgs, ModelArgs, DataArgs):
     assistant_only_loss: bool = arg(True, "loss on assistant turns only (every one of them in multi-turn chats)")
     packing: bool = arg(False, "pack several examples into each max_length sequence (no cross-example attention)")
     merge: bool = arg(True, "also save output_dir/merged: base + adapter merged, the base for later stages")
+    summary_prompts: int = arg(32, "held-out eval prompts generated greedily before and after training for the summary (0 = skip)")
+    summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
 
 @cli_main
@@ -41,6 +45,10 @@ def main() -> None:
     if cfg.assistant_only_loss:
         tokenizer.chat_template = training_chat_template(tokenizer)  # renders the same, marks replies
     train_records, eval_records = load_records(cfg, "sft", tokenizer)
+    # The same before -> after block as DPO's (greedy, same prompts and keys): coherent strict first, per constraint type
+    prompts = load_prompts("ifprefs:eval", max_rows=cfg.summary_prompts) if cfg.summary_prompts else []
+    before = summarize_policy(model, tokenizer, [], prompts, beta=0.0, adapter=False,
+                              max_new_tokens=cfg.summary_max_new_tokens) if prompts else None
 
     from trl import SFTConfig, SFTTrainer
 
@@ -67,6 +75,8 @@ def main() -> None:
     eval_metrics = trainer.evaluate() if eval_records else {}
 
     save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
+    after = summarize_policy(trainer.model, tokenizer, [], prompts, beta=0.0, adapter=True,
+                             max_new_tokens=cfg.summary_max_new_tokens) if prompts else None
     if cfg.merge and trainer.is_world_process_zero():
         merge_adapter(f"{cfg.output_dir}/adapter", f"{cfg.output_dir}/merged", dtype=cfg.dtype)
     if trainer.is_world_process_zero():
@@ -75,10 +85,14 @@ def main() -> None:
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
             "eval_loss": eval_metrics.get("eval_loss"),
+            "before": before,
+            "after": after,
             "tokens_processed": trainer.state.num_input_tokens_seen,
             "wall_time_s": round(time.time() - started, 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
+        if before and after:
+            print(before_after(before, after), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

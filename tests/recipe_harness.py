@@ -72,6 +72,7 @@ def recipe_args(recipe: str, model_dir: str, data: dict[str, str], output_dir: s
         args["summary_prompts"] = 0
     if recipe == "sft":
         args["merge"] = "false"
+        args["summary_prompts"] = 0
     args.update(overrides)
     out = []
     for key, value in args.items():

@@ -9,6 +9,7 @@ import pytest
 from align.chat import has_generation_markers, training_chat_template
 from align.errors import ConfigError
 from align.train import MARKER, MetricsFile, last_complete_checkpoint, out_of_memory_advice
+from recipe_harness import recipe_args, run_recipe, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -80,3 +81,20 @@ def test_template_without_known_markup_is_a_config_error():
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(ConfigError, match="generation"):
         training_chat_template(tok)
+
+
+def test_sft_summary_has_the_before_after_block_of_dpo(tiny_model_dir, tiny_data, tmp_path):
+    """SFT ends with the same block as DPO: greedy replies to the first held-out eval prompts before (adapter off)
+    and after training, coherent strict first, per-prompt rows for the paired interval, constraint types."""
+    out = tmp_path / "sft"
+    code, log = run_recipe("sft", recipe_args("sft", tiny_model_dir, tiny_data, out, max_steps=1, save_steps=10, summary_prompts=2,
+                                              summary_max_new_tokens=8), tmp_path / "run.log")
+    assert code == 0, log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for side in ("before", "after"):
+        block = summary[side]
+        assert len(block["rows"]) == 2 and block["verifier/prompts"] == 2
+        assert {"verifier/coherent_strict", "verifier/strict", "gen/degenerate_share", "verifier/by_constraint"} <= block.keys()
+    assert [r["prompt_id"] for r in summary["before"]["rows"]] == [r["prompt_id"] for r in summary["after"]["rows"]]
+    assert "[align] starting model -> trained policy (0 pairs, 2 prompts):" in log
+    assert "  coherent strict (strict and not degenerate): " in log and "  constraints met, by type: " in log
