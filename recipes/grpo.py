@@ -110,9 +110,12 @@ def main() -> None:
                               max_new_tokens=cfg.summary_max_new_tokens, batch_size=16) if eval_prompts else {}
 
     # Rewards as TRL reward functions, reading each reply's PromptRecord through the dataset's `record` column
+    from accelerate import PartialState
+
+    device = PartialState(cpu=not on_gpu()).device  # where the trainer will put the policy (this process's GPU)
     quantization = resolve_quantization(cfg.quantization)
     reward_funcs = [trl_reward_func(load_reward(s, guard=cfg.reward_guard, dtype=cfg.dtype, quantization=quantization,
-                                                device=model.device, batch_size=cfg.reward_batch_size), s.name, records)
+                                                device=device, batch_size=cfg.reward_batch_size), s.name, records)
                     for s in rewards]
     trainer = build_trainer(cfg, model, tokenizer, prompt_dataset(records), reward_funcs, guard_callbacks(cfg.output_dir))
     result = train(trainer, cfg)
