@@ -27,11 +27,12 @@ from typing import Callable
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPES = {"sft": REPO / "recipes" / "sft.py", "reward": REPO / "recipes" / "reward.py", "dpo": REPO / "recipes" / "dpo.py"}
+RECIPES = {"sft": REPO / "recipes" / "sft.py", "reward": REPO / "recipes" / "reward.py", "dpo": REPO / "recipes" / "dpo.py",
+           "grpo": REPO / "recipes" / "grpo.py"}
 PRELOAD = ["torch", "transformers", "peft", "datasets", "trl", "align.train", "align.data", "align.models", "recipe_harness"]
 # Keys whose values depend on wall time or the machine's load; everything else a run logs must be reproducible.
 TIMING_KEYS = {"time_s", "wall_time_s", "train/train_runtime", "train/train_samples_per_second", "train/train_steps_per_second",
-               "train/train_tokens_per_second"}
+               "train/train_tokens_per_second", "train/step_time"}
 TIMING_PREFIXES = ("time/", "perf/")  # PPO's per-phase seconds, tokens per second, peak memory
 RUN_TIMEOUT_S = 300  # a hung run fails its test instead of stalling CI
 
@@ -47,9 +48,10 @@ def _phrase(i: int, n: int) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
-    """16 preference pairs and 16 one-turn chats, short enough that a step takes milliseconds."""
+    """16 preference pairs, 16 one-turn chats and 8 prompts with verifier constraints, short enough that a step
+    takes milliseconds."""
     root = tmp_path_factory.mktemp("tiny_data")
-    prefs, sft = root / "prefs.jsonl", root / "sft.jsonl"
+    prefs, sft, prompts = root / "prefs.jsonl", root / "sft.jsonl", root / "prompts.jsonl"
     with prefs.open("w") as f:
         for i in range(16):
             f.write(json.dumps({"prompt": f"Q{i}: {_phrase(i, 3)}?", "chosen": _phrase(i + 1, 3), "rejected": _phrase(i + 5, 2)}) + "\n")
@@ -57,7 +59,10 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
         for i in range(16):
             messages = [{"role": "user", "content": f"Q{i}: {_phrase(i, 3)}?"}, {"role": "assistant", "content": _phrase(i + 2, 4)}]
             f.write(json.dumps({"messages": messages}) + "\n")
-    return {"prefs": str(prefs), "sft": str(sft)}
+    with prompts.open("w") as f:  # lowercase: a random tiny model meets it about a quarter of the time, so rewards vary
+        for i in range(8):
+            f.write(json.dumps({"prompt": f"Q{i}: {_phrase(i, 3)}?", "constraints": [{"type": "lowercase"}]}) + "\n")
+    return {"prefs": str(prefs), "sft": str(sft), "prompts": str(prompts)}
 
 
 def recipe_args(recipe: str, model_dir: str, data: dict[str, str], output_dir: str | Path, **overrides) -> list[str]:
@@ -66,8 +71,10 @@ def recipe_args(recipe: str, model_dir: str, data: dict[str, str], output_dir: s
     args = dict(
         model_name_or_path=model_dir, output_dir=str(output_dir), max_steps=4, save_steps=1, save_total_limit=2,
         per_device_train_batch_size=2, max_length=128, dtype="fp32", report_to="none", seed=7, cpu_threads=1,
-        train_data=data["sft" if recipe == "sft" else "prefs"], eval_data="none",
+        train_data=data["sft" if recipe == "sft" else "prompts" if recipe == "grpo" else "prefs"], eval_data="none",
     )
+    if recipe == "grpo":  # 2 prompts x 2 replies of 8 tokens per step
+        args.update(num_generations=2, per_device_train_batch_size=4, max_completion_length=8, summary_prompts=0)
     if recipe == "dpo":
         args["summary_prompts"] = 0
     if recipe == "sft":

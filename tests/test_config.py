@@ -75,7 +75,7 @@ def _recipe_config_class(stage: str):
     spec = importlib.util.spec_from_file_location(f"recipe_{stage}", REPO / "recipes" / f"{stage}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return {"sft": "SFTArgs", "reward": "RewardArgs", "dpo": "DPOArgs", "ppo": "PPOArgs", "pipeline": "PipelineArgs"}[stage], module
+    return {"sft": "SFTArgs", "reward": "RewardArgs", "dpo": "DPOArgs", "ppo": "PPOArgs", "grpo": "GRPOArgs", "pipeline": "PipelineArgs"}[stage], module
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)

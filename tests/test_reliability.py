@@ -30,7 +30,7 @@ from recipe_harness import (  # noqa: F401  (tiny_data is a fixture)
     tiny_data,
 )
 
-RECIPES = ["sft", "reward", "dpo"]
+RECIPES = ["sft", "reward", "dpo", "grpo"]
 MAX_STEPS = 6
 SAVE_STEPS = 2
 
