@@ -125,6 +125,7 @@ def refusal(folder: str | os.PathLike, found: list[str], dir_flag: str, resumabl
 
 
 _held: dict[str, int] = {}  # lock path -> open descriptor holding the flock, in this process
+_found: dict[str, bytes | None] = {}  # lock path -> its bytes before this process took it (None: no file)
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
@@ -176,6 +177,7 @@ def acquire_lock(folder: str | os.PathLike) -> str | None:
     path = Path(folder) / LOCK_NAME
     if str(path) in _held:
         return None
+    existed = path.is_file()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -183,6 +185,8 @@ def acquire_lock(folder: str | os.PathLike) -> str | None:
         holder = _read_holder(fd)
         os.close(fd)
         raise RunInUseError(in_use_message(folder, holder)) from None
+    os.lseek(fd, 0, os.SEEK_SET)
+    _found[str(path)] = os.read(fd, 1 << 16) if existed else None
     previous = _read_holder(fd)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv)[:500]}
@@ -199,6 +203,7 @@ def acquire_lock(folder: str | os.PathLike) -> str | None:
 def release_lock(folder: str | os.PathLike) -> None:
     """Empty and unlock `folder`'s lock file. The file stays: unlinking it would let a process that opened it
     just before lock a file no one else can see."""
+    _found.pop(str(Path(folder) / LOCK_NAME), None)
     fd = _held.pop(str(Path(folder) / LOCK_NAME), None)
     if fd is None:
         return
@@ -259,12 +264,17 @@ def take_folder(folder: str | os.PathLike, found: list[str], *, overwrite: bool)
         # Locked first, so no run starts in the folder between the check and the move. The flock moves with the
         # renamed folder's lock file; it is dropped once the new folder is locked.
         os.rename(folder, aside)
-        moved_fd = _held.pop(str(folder / LOCK_NAME))
+        moved_fd, found_bytes = _held.pop(str(folder / LOCK_NAME)), _found.pop(str(folder / LOCK_NAME))
         folder.mkdir()
         acquire_lock(folder)
+        # the moved run's lock file as it was before this run wrote its pid in it (or gone, if this run made it)
+        if found_bytes is None:
+            (aside / LOCK_NAME).unlink(missing_ok=True)
+        else:
+            os.ftruncate(moved_fd, 0)
+            os.pwrite(moved_fd, found_bytes, 0)
         fcntl.flock(moved_fd, fcntl.LOCK_UN)
         os.close(moved_fd)
-        (aside / LOCK_NAME).unlink(missing_ok=True)  # this run's own lock file, not part of the earlier run
         notes.append(f"--overwrite: moved the earlier run ({', '.join(found)}) to {aside}; nothing was deleted")
     return notes
 

@@ -222,3 +222,16 @@ def test_lock_free_after_the_holder_exits_normally(tmp_path):
     t0 = time.time()
     assert acquire_lock(tmp_path) is None and time.time() - t0 < 5
     release_lock(tmp_path)
+
+
+def test_overwrite_keeps_the_earlier_runs_own_lock_file_as_it_was(tmp_path):
+    out = earlier_run(tmp_path / "run")
+    (out / LOCK_NAME).write_text('{"pid": 1, "host": "elsewhere"}\n')  # left by a killed run
+    before = folder_hash(out)
+    try:
+        notes = take_folder(out, check_folder(out, resume=False, overwrite=True), overwrite=True)
+        (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+        assert folder_hash(aside) == before
+        assert notes[0].startswith("took over the run lock of pid 1 on elsewhere")
+    finally:
+        release_lock(out)
