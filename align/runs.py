@@ -113,11 +113,11 @@ def _step(path: Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
-def refusal(folder: str | os.PathLike, found: list[str], dir_flag: str, resumable: bool) -> str:
+def refusal(folder: str | os.PathLike, found: list[str], dir_flag: str, resumable: bool, what: str = "an earlier run") -> str:
     """The one line that says what is in `folder` and the ways on."""
     ways = (["--resume true to continue it"] if resumable else []) + [
         f"--overwrite true to move it aside to {folder}.old-<time>", f"another {dir_flag}"]
-    return (f"{dir_flag} {folder} holds an earlier run ({', '.join(found)}); nothing was changed. Use "
+    return (f"{dir_flag} {folder} holds {what} ({', '.join(found)}); nothing was changed. Use "
             + ", or ".join(ways))
 
 
@@ -238,7 +238,7 @@ def moved_aside_name(folder: Path, now: float | None = None) -> Path:
 
 
 def check_folder(folder: str | os.PathLike, *, resume: bool, overwrite: bool, names: Iterable[str] = TRAINING_ARTEFACTS,
-                 dir_flag: str = "--output_dir", resumable: bool = True) -> list[str]:
+                 dir_flag: str = "--output_dir", resumable: bool = True, what: str = "an earlier run") -> list[str]:
     """The read-only half of claiming `folder`: refuse a live run's folder, or an earlier run's without
     --resume / --overwrite. Returns the earlier artefacts found. Writes nothing."""
     if resume and overwrite:
@@ -249,7 +249,7 @@ def check_folder(folder: str | os.PathLike, *, resume: bool, overwrite: bool, na
         raise RunInUseError(in_use_message(folder, holder))
     found = earlier_artefacts(folder, names)
     if found and not resume and not overwrite:
-        raise AlignError(refusal(folder, found, dir_flag, resumable))
+        raise AlignError(refusal(folder, found, dir_flag, resumable, what))
     return found
 
 
@@ -275,7 +275,7 @@ def take_folder(folder: str | os.PathLike, found: list[str], *, overwrite: bool)
             os.pwrite(moved_fd, found_bytes, 0)
         fcntl.flock(moved_fd, fcntl.LOCK_UN)
         os.close(moved_fd)
-        notes.append(f"--overwrite: moved the earlier run ({', '.join(found)}) to {aside}; nothing was deleted")
+        notes.append(f"--overwrite: moved what was there ({', '.join(found)}) to {aside}; nothing was deleted")
     return notes
 
 

@@ -413,3 +413,24 @@ def test_before_after_leads_with_coherent_strict_and_its_paired_interval():
     assert lines[2].startswith("  verifier strict (IFEval rules, every constraint met): 0.500 -> 1.000 (+0.500")
     assert lines[3].startswith("  degenerate replies (share): 0.500 -> 0.250 (-0.250")
     assert lines[4] == "  verifier score on held-out eval prompts: 0.500 -> 0.900"
+
+
+def test_evaluate_refuses_an_earlier_evaluation_before_loading_anything(tmp_path, capsys):
+    """--out holding an evaluation: exit 2, one line, every byte kept, nothing loaded (the run does not even exist);
+    with --overwrite true the earlier evaluation is moved aside before the (here failing) load."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.json").write_text('{"metrics": {}}\n')
+    (out / "generations.jsonl").write_text('{"reply": "x"}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = run_script("evaluate", [str(tmp_path / "no_such_run"), "--out", str(out)], capsys)
+    assert code == 2
+    assert err == (f"error: --out {out} holds an earlier evaluation (summary.json, generations.jsonl); nothing was changed. "
+                   f"Use --overwrite true to move it aside to {out}.old-<time>, or another --out\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    code, err = run_script("evaluate", [str(tmp_path / "no_such_run"), "--out", str(out), "--overwrite", "true",
+                                        "--prompts", str(tmp_path / "no_prompts.jsonl")], capsys)
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("eval.old-")]
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    assert f"moved what was there (summary.json, generations.jsonl) to {aside}; nothing was deleted" in err
+    assert code == 2 and "no_prompts.jsonl" in err

@@ -147,7 +147,7 @@ def test_fresh_start_then_sigterm_then_nan_then_resume_match_uninterrupted(recip
     run.signal(signal.SIGTERM)
     assert run.wait() == 143, run.text()[-3000:]
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
-    assert f"--overwrite: moved the earlier run (checkpoint-4/, checkpoint-6/) to {aside}; nothing was deleted" in run.text()
+    assert f"--overwrite: moved what was there (checkpoint-4/, checkpoint-6/) to {aside}; nothing was deleted" in run.text()
     assert folder_hash(aside) == earlier
     assert complete_checkpoints(out) == [1] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert logged_steps(out) == [1]  # the earlier run's records went with it

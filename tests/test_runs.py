@@ -157,7 +157,7 @@ def test_overwrite_moves_the_earlier_run_aside_intact(tmp_path):
         notes = take_folder(out, found, overwrite=True)
         aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
         assert len(aside) == 1 and folder_hash(aside[0]) == before  # every byte, and no lock file left in it
-        assert notes == [f"--overwrite: moved the earlier run (checkpoint-4/, checkpoint-6/, adapter/, summary.json) to "
+        assert notes == [f"--overwrite: moved what was there (checkpoint-4/, checkpoint-6/, adapter/, summary.json) to "
                          f"{aside[0]}; nothing was deleted"]
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # a fresh folder, locked by this process
         assert lock_holder(out)["pid"] == os.getpid()
