@@ -128,6 +128,10 @@ _held: dict[str, int] = {}  # lock path -> open descriptor holding the flock, in
 _found: dict[str, bytes | None] = {}  # lock path -> its bytes before this process took it (None: no file)
 
 
+def _key(folder: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.join(folder, LOCK_NAME))
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     os.lseek(fd, 0, os.SEEK_SET)
     raw = os.read(fd, 4096)
@@ -147,7 +151,7 @@ def _who(holder: Mapping[str, Any]) -> str:
 def lock_holder(folder: str | os.PathLike) -> dict[str, Any] | None:
     """Who holds `folder`'s run lock now ({} when unknown), or None when nobody does. Reads only."""
     path = Path(folder) / LOCK_NAME
-    if str(path) in _held:
+    if _key(folder) in _held:
         return {"pid": os.getpid(), "host": socket.gethostname()}
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -175,7 +179,7 @@ def acquire_lock(folder: str | os.PathLike) -> str | None:
     Returns a note when the lock file names an earlier holder that is gone (a killed run's lock, taken over);
     raises RunInUseError when a live process holds it."""
     path = Path(folder) / LOCK_NAME
-    if str(path) in _held:
+    if _key(folder) in _held:
         return None
     existed = path.is_file()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -186,7 +190,7 @@ def acquire_lock(folder: str | os.PathLike) -> str | None:
         os.close(fd)
         raise RunInUseError(in_use_message(folder, holder)) from None
     os.lseek(fd, 0, os.SEEK_SET)
-    _found[str(path)] = os.read(fd, 1 << 16) if existed else None
+    _found[_key(folder)] = os.read(fd, 1 << 16) if existed else None
     previous = _read_holder(fd)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv)[:500]}
@@ -194,7 +198,7 @@ def acquire_lock(folder: str | os.PathLike) -> str | None:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(me) + "\n").encode("utf-8"))
     os.fsync(fd)
-    _held[str(path)] = fd
+    _held[_key(folder)] = fd
     if previous:  # a run that ended normally empties the file (release_locks): this one was killed
         return f"took over the run lock of {_who(previous)}, which is no longer running"
     return None
@@ -203,8 +207,8 @@ def acquire_lock(folder: str | os.PathLike) -> str | None:
 def release_lock(folder: str | os.PathLike) -> None:
     """Empty and unlock `folder`'s lock file. The file stays: unlinking it would let a process that opened it
     just before lock a file no one else can see."""
-    _found.pop(str(Path(folder) / LOCK_NAME), None)
-    fd = _held.pop(str(Path(folder) / LOCK_NAME), None)
+    _found.pop(_key(folder), None)
+    fd = _held.pop(_key(folder), None)
     if fd is None:
         return
     try:
@@ -216,8 +220,8 @@ def release_lock(folder: str | os.PathLike) -> None:
 
 
 def release_locks() -> None:
-    for path in list(_held):
-        release_lock(Path(path).parent)
+    for key in list(_held):
+        release_lock(os.path.dirname(key))
 
 
 atexit.register(release_locks)
@@ -264,7 +268,7 @@ def take_folder(folder: str | os.PathLike, found: list[str], *, overwrite: bool)
         # Locked first, so no run starts in the folder between the check and the move. The flock moves with the
         # renamed folder's lock file; it is dropped once the new folder is locked.
         os.rename(folder, aside)
-        moved_fd, found_bytes = _held.pop(str(folder / LOCK_NAME)), _found.pop(str(folder / LOCK_NAME))
+        moved_fd, found_bytes = _held.pop(_key(folder)), _found.pop(_key(folder))
         folder.mkdir()
         acquire_lock(folder)
         # the moved run's lock file as it was before this run wrote its pid in it (or gone, if this run made it)
@@ -335,7 +339,11 @@ def claim_output_dir(cfg: Any, min_free_gb: float) -> tuple[list[str], dict[str,
     found = check_folder(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
     extra: dict[str, Any] = {}
     notes: list[str] = []
-    if cfg.resume and any(name.startswith("checkpoint") for name in found):
+    if cfg.resume and found and not any(name.startswith("checkpoint") for name in found):
+        # nothing to continue from, and starting from scratch would write over what is there
+        raise AlignError(f"--resume: {cfg.output_dir} holds {', '.join(found)} but no checkpoint to continue from; nothing "
+                         "was changed. Use --overwrite true to move it aside and start over, or another --output_dir")
+    if cfg.resume and found:
         changes = check_resume_config(cfg.output_dir, cfg)
         extra["resumes"] = resume_history(cfg.output_dir, changes)
         if changes.allowed:

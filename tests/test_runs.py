@@ -235,3 +235,27 @@ def test_overwrite_keeps_the_earlier_runs_own_lock_file_as_it_was(tmp_path):
         assert notes[0].startswith("took over the run lock of pid 1 on elsewhere")
     finally:
         release_lock(out)
+
+
+def test_resume_with_nothing_to_continue_from_refuses_to_write_over_the_outputs(tmp_path):
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"w")
+    (out / "summary.json").write_text("{}\n")
+    before = folder_hash(out)
+    with pytest.raises(AlignError) as err:
+        claim_output_dir(Cfg(str(out)), min_free_gb=0)
+    assert str(err.value) == (f"--resume: {out} holds adapter/, summary.json but no checkpoint to continue from; nothing was "
+                              "changed. Use --overwrite true to move it aside and start over, or another --output_dir")
+    assert folder_hash(out) == before
+
+
+def test_a_relative_and_an_absolute_name_are_one_lock(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    acquire_lock("run")
+    try:
+        assert acquire_lock(tmp_path / "run") is None and lock_holder(tmp_path / "run")["pid"] == os.getpid()
+    finally:
+        release_lock(str(tmp_path / "run"))
+    assert lock_holder("run") is None
