@@ -28,7 +28,7 @@ class DataError(AlignError):
 
 
 def cli_main(fn: F) -> F:
-    """Run `fn`; turn an AlignError into `error: <message>` on stderr and exit code 2."""
+    """Run `fn`; turn an AlignError into `error: <message>` on stderr and exit code 2; release run locks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,5 +37,10 @@ def cli_main(fn: F) -> F:
         except AlignError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
+        finally:
+            # A run's folder lock, released before the process ends (align.runs; a killed one's the kernel drops)
+            runs = sys.modules.get("align.runs")
+            if runs is not None:
+                runs.release_locks()
 
     return wrapper  # type: ignore[return-value]

@@ -98,6 +98,7 @@ class EvalArgs:
     max_ppl_rows: int = arg(50, "use the first N conversations of ppl_data")
     beta: float | None = arg(None, "DPO beta of the implicit reward; none = the run's config.yaml beta, else 0.1")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto = bf16 where the hardware has it, else fp32")
+    overwrite: bool = arg(False, "out holds an earlier evaluation (or report): move it aside to <out>.old-<time> first")
 
     def validate(self) -> None:
         for name in ("max_prompts", "max_new_tokens", "generate_batch_size", "batch_size", "max_pairs", "max_ppl_rows"):
@@ -612,16 +613,32 @@ def settings_of(cfg: EvalArgs, prompt_ids: list[str], prompts: list[list[Message
 
 
 def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
-    """Evaluate `run` (see the module docstring) and write its outputs; returns summary.json's content."""
-    from align.data import load_prompts
-    from align.train import peak_memory_mb
+    """Evaluate `run` (see the module docstring) and write its outputs; returns summary.json's content.
+
+    An out directory holding an earlier evaluation is refused before anything is loaded, or moved aside under
+    --overwrite true; one evaluation at a time writes there (align.runs)."""
+    from align.runs import EVAL_ARTEFACTS, check_folder, release_lock, take_folder
 
     def say(msg: str) -> None:
         print(f"[eval] {msg}", file=sys.stderr, flush=True)
 
     log = log or say
-    t0 = time.time()
     out = Path(cfg.out) if cfg.out else default_out_dir(run)
+    found = check_folder(out, resume=False, overwrite=cfg.overwrite, names=EVAL_ARTEFACTS, dir_flag="--out", resumable=False,
+                         what="an earlier evaluation")
+    for note in take_folder(out, found, overwrite=cfg.overwrite):
+        log(note)
+    try:
+        return _evaluate(run, cfg, out, log)
+    finally:
+        release_lock(out)
+
+
+def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
+    from align.data import load_prompts
+    from align.train import peak_memory_mb
+
+    t0 = time.time()
     records = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)
     if not records:
         raise AlignError(f"{cfg.prompts}: no prompts")

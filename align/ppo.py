@@ -133,7 +133,8 @@ class PPOArgs(ModelArgs):
     seed: int = arg(0, "seed for the prompt order, sampling and minibatch shuffles")
     save_steps: int = arg(4, "checkpoint every N updates (and at the end, and on SIGTERM/Ctrl-C)")
     save_total_limit: int = arg(2, "checkpoints kept (older ones are deleted)")
-    resume: bool = arg(False, "continue from the last checkpoint in output_dir")
+    resume: bool = arg(False, "continue from the last checkpoint in output_dir (the training settings must match it)")
+    overwrite: bool = arg(False, "output_dir holds an earlier run: move it aside to <output_dir>.old-<time> and start over")
     report_to: Literal["tensorboard", "none"] = arg("tensorboard", "TensorBoard logs in output_dir/tensorboard, or none")
     min_free_gb: float = arg(1.0, "refuse to start with less free disk than this in output_dir")
     cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores idle when the run starts, at least 1; -1 = leave torch's setting")
@@ -1454,12 +1455,18 @@ class PPOTrainer:
                 "eval_before": json.dumps(self.eval_before),
                 "world": dist.world,
             }
-            with atomic_dir(path) as tmp:
-                save_adapter(self.models, POLICY, tmp / "policy")
-                save_adapter(self.models, CRITIC, tmp / "critic")
-                torch.save(state, tmp / "state.pt")
-                for rank, rng in enumerate(rng_states):
-                    torch.save(rng, tmp / f"rng-rank{rank}.pt")
+            try:
+                with atomic_dir(path) as tmp:
+                    save_adapter(self.models, POLICY, tmp / "policy")
+                    save_adapter(self.models, CRITIC, tmp / "critic")
+                    torch.save(state, tmp / "state.pt")
+                    for rank, rng in enumerate(rng_states):
+                        torch.save(rng, tmp / f"rng-rank{rank}.pt")
+            except (OSError, RuntimeError) as err:  # a full disk, an I/O error (torch.save says RuntimeError)
+                # atomic_dir removed the partial copy; the previous checkpoint was never touched
+                from align.runs import checkpoint_write_error
+
+                raise checkpoint_write_error(path, err, self.last_good_checkpoint) from err
             for old in list_checkpoints(self.out)[: -self.cfg.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()

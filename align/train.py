@@ -53,7 +53,8 @@ class RunArgs:
     save_total_limit: int = arg(2, "checkpoints kept (older ones are deleted)")
     eval_rows: int = arg(64, "held-out rows used for evaluation at the end of training")
     report_to: str = arg("tensorboard", "trackers: tensorboard, wandb, trackio, none (comma-separated)")
-    resume: bool = arg(False, "continue from the last complete checkpoint in output_dir")
+    resume: bool = arg(False, "continue from the last complete checkpoint in output_dir (the training settings must match it)")
+    overwrite: bool = arg(False, "output_dir holds an earlier run: move it aside to <output_dir>.old-<time> and start over")
     min_free_gb: float = arg(1.0, "refuse to start with less free disk than this in output_dir")
     cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores idle when the run starts, at least 1; -1 = leave torch's setting")
     compress_activations: bool = arg(True, "keep float32 activations saved for backward in bf16: about half their memory, gradients "
@@ -287,6 +288,21 @@ class FiniteLossMixin:
             self._nan_grad_hook = self._inject_nan_grad(int(os.environ["ALIGN_INJECT_NAN_GRAD_AT_STEP"]))
         return out
 
+    def _save_checkpoint(self, model, trial):
+        # A full disk or an I/O error mid-save: one line naming the checkpoint, not a traceback. The partial
+        # checkpoint has no MARKER (it is removed on --resume), and HF's rotation runs only after a save that
+        # returned, so the previous complete checkpoint is still there. torch.save reports a failed write as a
+        # RuntimeError, safetensors as a SafetensorError; other exceptions are bugs and keep their traceback.
+        try:
+            return super()._save_checkpoint(model, trial)
+        except Exception as err:
+            if not isinstance(err, (OSError, RuntimeError)) and type(err).__name__ != "SafetensorError":
+                raise
+            from align.runs import checkpoint_write_error
+
+            target = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            raise checkpoint_write_error(target, err, _last_marked(self.args.output_dir)) from err
+
     def _clip_grad_norm(self, model):
         # Before clipping: with one NaN gradient the total norm is NaN and clipping scales every gradient by it,
         # so afterwards the first tensor in the model would be named instead of the one that went bad. Under
@@ -304,6 +320,12 @@ class FiniteLossMixin:
 
 
 # ------------------------------------------------------------------------------------------ resume
+
+
+def _last_marked(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint-N with a completion marker (reads only)."""
+    marked = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / MARKER).is_file()]
+    return max(marked, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
@@ -324,17 +346,11 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def resume_checkpoint(cfg: Any) -> str | None:
-    """What to pass as resume_from_checkpoint, and an error when --resume has nothing to resume."""
+    """What to pass as resume_from_checkpoint, and an error when --resume has nothing to resume.
+
+    Without --resume the output_dir holds no earlier checkpoint: start_run refused it, or --overwrite moved it
+    aside (align.runs)."""
     if not cfg.resume:
-        # Starting over removes an earlier run's checkpoints (as recipes/ppo.py does): left in place, HF's rotation
-        # (save_total_limit) would delete this run's lower-numbered checkpoints as the oldest, and a later --resume
-        # would continue the earlier run from its last one.
-        existing = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        if existing and is_main_process():
-            print(f"[align] {cfg.output_dir} holds checkpoints of an earlier run; starting over and removing them "
-                  "(use --resume to continue it instead)", file=sys.stderr)
-            for old in existing:
-                shutil.rmtree(old, ignore_errors=True)
         return None
     ckpt = last_complete_checkpoint(cfg.output_dir)
     if ckpt is None:
@@ -400,8 +416,10 @@ def set_cpu_threads(requested: int) -> str:
 
 
 def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
-    """Hardware defaults, a writable output dir (checked now, not after an hour), resolved config saved."""
-    from align.io import check_writable, write_run_info
+    """Hardware defaults; the output dir claimed (align.runs: an earlier run refused or moved aside, --resume's
+    settings checked, the folder locked, the disk checked now, not after an hour); resolved config saved."""
+    from align.io import write_run_info
+    from align.runs import claim_output_dir
 
     if cfg.save_total_limit < 2:
         # HF deletes the older checkpoint before the new one is marked complete: keep two so a kill in between
@@ -413,10 +431,18 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
 
     set_seed(cfg.seed)  # before the model is built: LoRA initialisation follows --seed
     notes = apply_hardware_defaults(cfg, cpu_max_steps) + [set_cpu_threads(cfg.cpu_threads)]
-    check_writable(cfg.output_dir, cfg.min_free_gb)
     if is_main_process():
+        claimed, extra = claim_output_dir(cfg, cfg.min_free_gb)
+        for line in claimed:
+            print(f"[align] {line}", file=sys.stderr, flush=True)
         print(f"[align] {stage}: " + "; ".join(notes), file=sys.stderr, flush=True)
-        write_run_info(cfg, cfg.output_dir, {"stage": stage, "hardware_defaults": notes})
+        write_run_info(cfg, cfg.output_dir, {"stage": stage, "hardware_defaults": notes, **extra})
+    if world_size() > 1:
+        # The other processes of this launch touch output_dir only once the main one has claimed it (moved an
+        # earlier run aside, say); when it refused, they wait here until the launcher stops them.
+        from accelerate import PartialState
+
+        PartialState(cpu=not on_gpu()).wait_for_everyone()
     return notes
 
 

@@ -10,7 +10,8 @@ is evaluated first (align.evaluation), with the settings of the runs that have o
 sees the same prompts and sampling; with none evaluated yet, with the evaluation flags given here. Runs
 evaluated with different prompts or sampling are refused with an error naming the setting.
 
-Writes OUT/report.md, OUT/report.html (self-contained; opens offline), OUT/summary.json and the plots.
+Writes OUT/report.md, OUT/report.html (self-contained; opens offline), OUT/summary.json and the plots. An OUT
+holding an earlier report is refused; --overwrite true moves it aside to OUT.old-<time> first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from align.config import arg, parse_config  # noqa: E402
 from align.errors import AlignError, ConfigError, cli_main  # noqa: E402
 from align.evaluation import COMPARABLE_SETTINGS, EvalArgs, evaluate  # noqa: E402
 from align.io import inside  # noqa: E402
-from align.report import ReportArgs, build_report, checkpoint_dirs, eval_dir_of, has_eval, load_eval, unique_names  # noqa: E402
+from align.runs import REPORT_ARTEFACTS, check_folder, take_folder  # noqa: E402
+from align.report import ReportArgs, build_report, check_comparable, checkpoint_dirs, eval_dir_of, has_eval, load_eval, unique_names  # noqa: E402
 
 
 @dataclass
@@ -50,6 +52,7 @@ def eval_settings(cfg: CompareArgs, evaluated: list[str], given: set[str]) -> Ev
     """The EvalArgs for runs still to evaluate: those of the evaluated runs, unless the command line differs."""
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalArgs)}
     values["out"] = None
+    values["overwrite"] = False  # compare's --overwrite is about its report; an evaluation is only run where none is
     if evaluated:
         existing = load_eval(evaluated[0]).summary["settings"]
         for key in COMPARABLE_SETTINGS + ("reward_model",):
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         raise ConfigError("command line: expected one or more RUN directories first (or base); see --help")
     cfg = parse_config(CompareArgs, argv)
+    # An earlier report in --out is refused before any evaluation, or moved aside under --overwrite true (align.runs)
+    claim = dict(resume=False, overwrite=cfg.overwrite, names=REPORT_ARTEFACTS, dir_flag="--out", resumable=False,
+                 what="an earlier report")
+    check_folder(cfg.out, **claim)
     evaluated = [r for r in runs if has_eval(r)]
     todo = [r for r in runs if not has_eval(r)]
     if cfg.checkpoints:
@@ -92,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.checkpoints:
         for run, result in zip(runs, results):
             result.checkpoints = [(step, load_eval(d, f"{result.name}@{step}")) for step, d in checkpoint_dirs(Path(run))]
+    check_comparable(results)  # before --out is created
+    # checked again: the evaluations took a while, and another run may have written there meanwhile
+    for note in take_folder(cfg.out, check_folder(cfg.out, **claim), overwrite=cfg.overwrite):
+        print(f"[compare] {note}", file=sys.stderr, flush=True)
     summary = build_report(results, cfg.out, cfg)
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

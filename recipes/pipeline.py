@@ -4,6 +4,7 @@ then evaluation of every policy and the PPO-vs-DPO report.
     python recipes/pipeline.py                                       # embedded default on CPU (about an hour)
     python recipes/pipeline.py --config recipes/configs/pipeline_qlora_8b.yaml   # 7-8B QLoRA on a 24 GB GPU
     python recipes/pipeline.py --resume                              # skip stages that already finished
+    python recipes/pipeline.py --overwrite true                      # start over; the earlier outputs are moved aside
 
 Each stage is its own recipe process (launched with `launcher`), reading what the previous one wrote:
   sft     -> {root}/sft/merged           the base of every later stage
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from align.config import arg, parse_config
 from align.errors import AlignError, ConfigError, cli_main
+from align.runs import check_folder, take_folder
 
 STAGES = ("sft", "reward", "dpo", "ppo", "compare")
 # Evaluation is a third of the comparison's time on a CPU (2 cores: generation at about 40 tokens/s, scoring
@@ -48,7 +50,9 @@ class PipelineArgs:
     ppo_args: str = arg("", "extra flags for recipes/ppo.py")
     eval_args: str = arg("auto", "flags for eval/evaluate.py (same for every policy); auto = CPU: "
                                  f"'{CPU_EVAL}', GPU: '{GPU_EVAL}'")
-    resume: bool = arg(False, "skip stages whose summary.json exists; resume interrupted ones from their checkpoints")
+    resume: bool = arg(False, "skip stages whose summary.json exists; resume interrupted ones from their checkpoints (each "
+                              "stage checks its settings against its checkpoint's)")
+    overwrite: bool = arg(False, "output_root holds an earlier pipeline: move it aside to <output_root>.old-<time> and start over")
 
     def validate(self) -> None:
         for stage in self.stages:
@@ -79,6 +83,13 @@ def starting_model(root: Path) -> str:
 @cli_main
 def main() -> None:
     cfg = parse_config(PipelineArgs)
+    # What the stages to run would write over (an earlier pipeline's) is refused, continued (--resume) or moved
+    # aside with the whole folder (--overwrite true) before any stage starts; one pipeline per folder (align.runs).
+    # Each stage then claims its own subfolder the same way. Running later stages on a finished SFT is no overwrite.
+    written = [s for s in cfg.stages if s != "compare"] + (["base", "report"] if "compare" in cfg.stages else [])
+    found = check_folder(cfg.output_root, resume=cfg.resume, overwrite=cfg.overwrite, names=written, dir_flag="--output_root")
+    for note in take_folder(cfg.output_root, found, overwrite=cfg.overwrite):
+        print(f"[pipeline] {note}", flush=True)
     import torch
 
     on_cpu = not torch.cuda.is_available()
@@ -110,12 +121,19 @@ def main() -> None:
         evaluate = str(recipes.parent / "eval" / "evaluate.py")
         runs = [starting_model(root)] + [str(root / s) for s in ("sft", "dpo", "ppo") if (root / s / "summary.json").is_file()]
         for run_dir in runs:
-            out = ["--out", str(root / "base" / "eval")] if run_dir == runs[0] else []
+            eval_dir = root / "base" / "eval" if run_dir == runs[0] else Path(run_dir) / "eval"
+            if cfg.resume and (eval_dir / "summary.json").is_file():
+                print(f"[pipeline] evaluate {run_dir}: {eval_dir}/summary.json exists; skipped", flush=True)
+                continue
+            out = ["--out", str(eval_dir)] if run_dir == runs[0] else []
             extra = ["--reward_model", str(root / "reward")] if (root / "reward" / "adapter").is_dir() else []
             run([sys.executable, evaluate, run_dir, *out, *extra, *shlex.split(cfg.eval_args)], f"evaluate {run_dir}")
         eval_dirs = [str(root / "base")] + runs[1:]
         extra = ["--reward_model", str(root / "reward")] if (root / "reward" / "adapter").is_dir() else []
-        run([sys.executable, str(recipes.parent / "eval" / "compare.py"), *eval_dirs, "--out", str(root / "report"), *extra], "compare")
+        # a resumed pipeline rebuilds its report from every evaluation: the earlier one is moved aside (compare says where)
+        again = ["--overwrite", "true"] if cfg.resume and (root / "report" / "summary.json").is_file() else []
+        run([sys.executable, str(recipes.parent / "eval" / "compare.py"), *eval_dirs, "--out", str(root / "report"), *extra, *again],
+            "compare")
         print(f"\n[pipeline] report: {root / 'report' / 'report.html'}", flush=True)
 
 

@@ -17,7 +17,6 @@ config.yaml, run_info.json, metrics.jsonl, tensorboard/ and summary.json.
 
 import json
 import random
-import shutil
 import sys
 
 import numpy as np
@@ -27,8 +26,9 @@ from align.config import parse_config
 from align.data import check_lengths, load_prompts
 from align.dpo_fast import return_freed_memory_to_os
 from align.errors import AlignError, ConfigError, cli_main
-from align.io import check_writable, write_run_info
+from align.io import write_run_info
 from align.models import compute_note, resolve_quantization
+from align.runs import claim_output_dir
 from align.ppo import PPOArgs, PPOTrainer, build_models, init_distributed, list_checkpoints, reward_function, say
 from align.train import set_cpu_threads
 from align.verifier import verifier_reward
@@ -64,10 +64,14 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     notes = [set_cpu_threads(cfg.cpu_threads)] + ([return_freed_memory_to_os()] if cfg.return_freed_memory else [])
     notes += hardware_notes(cfg, dist.world)
-    check_writable(cfg.output_dir, cfg.min_free_gb)
+    if dist.is_main:  # an earlier run refused or moved aside, --resume's settings checked, the folder locked
+        claimed, extra = claim_output_dir(cfg, cfg.min_free_gb)
+        for line in claimed:
+            say(line)
+    dist.barrier()  # the other processes touch output_dir once it is claimed (when refused, the launcher stops them)
     say("; ".join(notes), dist)
     if dist.is_main:
-        write_run_info(cfg, cfg.output_dir, {"stage": "ppo", "hardware_defaults": notes})
+        write_run_info(cfg, cfg.output_dir, {"stage": "ppo", "hardware_defaults": notes, **extra})
 
     # Prompts: the prompt part of any supported data (read before the models: bad data fails fast)
     prompts = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)
@@ -94,14 +98,10 @@ def main() -> None:
     if cfg.resume and checkpoints:
         say(f"resuming from {checkpoints[-1]}", dist)
         trainer.load_checkpoint(checkpoints[-1])
-    else:
+    else:  # without --resume there are no checkpoints here: claim_output_dir refused them or moved them aside
         if cfg.resume:
             say(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints; starting from scratch", dist)
-        elif checkpoints and dist.is_main:
-            say(f"{cfg.output_dir} holds checkpoints of an earlier run; starting over and removing them (use --resume to continue)", dist)
-            for old in checkpoints:
-                shutil.rmtree(old, ignore_errors=True)
-        if dist.is_main:
+        if dist.is_main:  # a run stopped before its first checkpoint: its records would mix with this run's
             (trainer.out / "metrics.jsonl").unlink(missing_ok=True)
         dist.barrier()
 

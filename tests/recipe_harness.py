@@ -101,6 +101,24 @@ def _kill_during_first_save() -> None:
     Trainer._save_optimizer_and_scheduler = die
 
 
+def _disk_full_in_save_at_step(step: int) -> None:
+    """Raise ENOSPC inside the Trainer's checkpoint save at optimizer step `step`, after the adapter weights are
+    written and before the optimizer, scheduler, RNG and trainer state are: a disk that fills up mid-save. The
+    error comes from the write path itself (the Trainer's own save method), not from the recipe."""
+    import errno
+
+    from transformers import Trainer
+
+    original = Trainer._save_optimizer_and_scheduler
+
+    def full(self, output_dir):
+        if self.state.global_step == step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(output_dir) / "optimizer.pt"))
+        return original(self, output_dir)
+
+    Trainer._save_optimizer_and_scheduler = full
+
+
 def _hold_until_signal_after_step(step: int) -> None:
     """At the end of optimizer step `step`, wait (up to 60 s) for a signal before StopOnSignal looks for one, so a
     signal the test sends lands at a known step whatever the machine's load. It is still a real signal, sent by
@@ -121,7 +139,7 @@ def _hold_until_signal_after_step(step: int) -> None:
 
 
 def _child(recipe_path: str, argv: list[str], env: dict[str, str], log_path: str, kill_in_save: bool,
-           hold_after_step: int | None) -> None:
+           hold_after_step: int | None, disk_full_at_step: int | None = None) -> None:
     """Fork-server child: send stdout/stderr to the log, then run the recipe as the interpreter would."""
     import gc
     import runpy
@@ -141,6 +159,8 @@ def _child(recipe_path: str, argv: list[str], env: dict[str, str], log_path: str
         _kill_during_first_save()
     if hold_after_step is not None:
         _hold_until_signal_after_step(hold_after_step)
+    if disk_full_at_step is not None:
+        _disk_full_in_save_at_step(disk_full_at_step)
     sys.argv = [recipe_path, *argv]
     try:
         runpy.run_path(recipe_path, run_name="__main__")
@@ -198,24 +218,26 @@ class Run:
 
 
 def start_recipe(recipe: str, argv: list[str], log: str | Path, env: dict[str, str] | None = None,
-                 kill_in_save: bool = False, hold_after_step: int | None = None) -> Run:
+                 kill_in_save: bool = False, hold_after_step: int | None = None, disk_full_at_step: int | None = None) -> Run:
     """Start `recipes/<recipe>.py argv` as a forked process (see the module docstring).
 
     kill_in_save: the process SIGKILLs itself in the middle of its first checkpoint save.
-    hold_after_step: the process waits at the end of that step until it receives a signal."""
+    hold_after_step: the process waits at the end of that step until it receives a signal.
+    disk_full_at_step: the checkpoint save at that step fails with ENOSPC half-way (see _disk_full_in_save_at_step)."""
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "ALIGN_INJECT_NAN_AT_STEP": "", "ALIGN_INJECT_NAN_GRAD_AT_STEP": "", "ALIGN_FAIL_ON_RANK": "",
            **(env or {})}
     log = Path(log)
-    process = _context().Process(target=_child, args=(str(RECIPES[recipe]), argv, env, str(log), kill_in_save, hold_after_step),
+    process = _context().Process(target=_child, args=(str(RECIPES[recipe]), argv, env, str(log), kill_in_save, hold_after_step,
+                                                         disk_full_at_step),
                                  daemon=True)
     process.start()
     return Run(process, log)
 
 
 def run_recipe(recipe: str, argv: list[str], log: str | Path, env: dict[str, str] | None = None,
-               kill_in_save: bool = False) -> tuple[int, str]:
-    run = start_recipe(recipe, argv, log, env, kill_in_save)
+               kill_in_save: bool = False, disk_full_at_step: int | None = None) -> tuple[int, str]:
+    run = start_recipe(recipe, argv, log, env, kill_in_save, disk_full_at_step=disk_full_at_step)
     code = run.wait()
     return code, run.text()
 

@@ -442,3 +442,26 @@ def test_before_after_lists_constraint_types_biggest_change_first():
     after = {"capitals": {"passed": 9, "total": 15, "rate": 0.6}, "lowercase": {"passed": 1, "total": 18, "rate": 1 / 18},
              "json_format": {"passed": 0, "total": 5, "rate": 0.0}}
     assert by_constraint_line(before, after) == "capitals 0/15 -> 9/15, json_format 1/5 -> 0/5, lowercase 1/18 -> 1/18"
+
+
+
+
+def test_evaluate_refuses_an_earlier_evaluation_before_loading_anything(tmp_path, capsys):
+    """--out holding an evaluation: exit 2, one line, every byte kept, nothing loaded (the run does not even exist);
+    with --overwrite true the earlier evaluation is moved aside before the (here failing) load."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.json").write_text('{"metrics": {}}\n')
+    (out / "generations.jsonl").write_text('{"reply": "x"}\n')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, err = run_script("evaluate", [str(tmp_path / "no_such_run"), "--out", str(out)], capsys)
+    assert code == 2
+    assert err == (f"error: --out {out} holds an earlier evaluation (summary.json, generations.jsonl); nothing was changed. "
+                   f"Use --overwrite true to move it aside to {out}.old-<time>, or another --out\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    code, err = run_script("evaluate", [str(tmp_path / "no_such_run"), "--out", str(out), "--overwrite", "true",
+                                        "--prompts", str(tmp_path / "no_prompts.jsonl")], capsys)
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("eval.old-")]
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    assert f"moved what was there (summary.json, generations.jsonl) to {aside}; nothing was deleted" in err
+    assert code == 2 and "no_prompts.jsonl" in err

@@ -65,3 +65,37 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("summary.json exists; skipped") == 4
+
+
+def test_pipeline_refuses_an_earlier_pipeline_and_overwrite_moves_it_aside(tmp_path):
+    """A root holding an earlier pipeline's stage: refused before any stage starts (exit 2, one line, every byte
+    kept); --overwrite true moves the whole root aside and starts the stages in a fresh one (here the launcher is
+    `false`, so the first stage fails at once: what matters is what happened to the earlier outputs)."""
+    import hashlib
+
+    root = tmp_path / "out"
+    (root / "sft" / "adapter").mkdir(parents=True)
+    (root / "sft" / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (root / "sft" / "summary.json").write_text('{"steps": 20}\n')
+
+    def digest(folder):
+        return {str(p.relative_to(folder)): p.is_dir() or hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))}
+
+    before = digest(root)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "recipes/pipeline.py", "--output_root", str(root), "--stages", "sft,dpo", "--launcher", "false"]
+    refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr == (f"error: --output_root {root} holds an earlier run (sft/); nothing was changed. Use --resume true to "
+                              f"continue it, or --overwrite true to move it aside to {root}.old-<time>, or another --output_root\n")
+    assert digest(root) == before and "[pipeline] sft:" not in refused.stdout
+    # only the stages to run count: DPO alone on the finished SFT overwrites nothing (it fails here: launcher false)
+    alone = subprocess.run(cmd[:-4] + ["--stages", "dpo", "--launcher", "false"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert "error: stage dpo failed" in alone.stderr and digest(root) == {**before, ".align-run.lock": digest(root)[".align-run.lock"]}
+
+    moved = subprocess.run(cmd + ["--overwrite", "true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert "error: stage sft failed" in moved.stderr
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert f"[pipeline] --overwrite: moved what was there (sft/) to {aside}; nothing was deleted" in moved.stdout
+    assert {k: v for k, v in digest(aside).items() if k != ".align-run.lock"} == before

@@ -682,3 +682,47 @@ def test_kill_in_the_middle_of_a_checkpoint_then_resume_matches_uninterrupted(ti
     metrics = [[reproducible(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "whole", out)]
     assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
     assert metrics[0] == metrics[1]
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one_then_resume_matches(tiny_model_dir, tmp_path, monkeypatch):
+    """ENOSPC from torch.save while checkpoint 3 is written (its policy and critic adapters already on disk): a
+    CheckpointWriteError whose one line names the checkpoint and the one kept; no partial copy is left (the
+    checkpoint is written to a temporary directory and renamed); resuming from update 2 then equals an
+    uninterrupted run, bitwise."""
+    import errno
+
+    from align.runs import CheckpointWriteError
+
+    options = dict(total_updates=4, save_steps=1, kl_target=1.0, lr_scheduler="linear")
+    whole = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "whole", **options))
+    whole.train()
+
+    out = tmp_path / "full"
+    cfg = tiny_cfg(tiny_model_dir, out, **options)
+    failing = trainer_for(cfg)
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if Path(f).name == "state.pt" and failing.update_index == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(CheckpointWriteError) as err:
+        failing.train()
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = out / "checkpoints" / "update-000002"
+    assert str(err.value) == (f"could not write checkpoint {out / 'checkpoints' / 'update-000003'}: No space left on device "
+                              f"(free some space); the last complete checkpoint {kept} is kept; rerun with --resume true to "
+                              "continue from it")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["update-000001", "update-000002"]  # no .tmp-* left
+
+    resumed = trainer_for(cfg)
+    resumed.load_checkpoint(list_checkpoints(out)[-1])
+    assert resumed.update_index == 2
+    resumed.train()
+    a, b = adapter_state(whole), adapter_state(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    metrics = [[reproducible(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "whole", out)]
+    assert metrics[0] == metrics[1]

@@ -1,5 +1,7 @@
-"""The recipes survive failures: kills, a kill mid-checkpoint, SIGTERM, a NaN loss, a fresh start over an
-earlier run, an unwritable output directory and bad config. Each run is a real process of
+"""The recipes survive failures and never destroy a user's work: kills, a kill mid-checkpoint, SIGTERM, a NaN
+loss, a full disk mid-checkpoint, a rerun into an earlier run's folder (refused; --overwrite moves it aside),
+--resume with other settings (refused), two runs into one folder (refused; a killed run's lock taken over),
+an unwritable output directory and bad config. Each run is a real process of
 recipes/{sft,reward,dpo}.py on a tiny model (see recipe_harness: forked from a server that imported
 torch/transformers/TRL once, so a run costs seconds, not a cold start).
 
@@ -66,6 +68,14 @@ def uninterrupted(tmp_path_factory, runner):
     return get
 
 
+def folder_hash(root: Path) -> dict[str, str]:
+    """Every file under root (relative path -> sha256) and every directory (-> "dir"): "every byte unchanged"."""
+    import hashlib
+
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
 def logged_steps(output_dir: Path) -> list[int]:
     path = output_dir / "metrics.jsonl"
     if not path.is_file():
@@ -118,21 +128,29 @@ def test_kill_and_kill_mid_checkpoint_then_resume_match_uninterrupted(recipe, ru
 def test_fresh_start_then_sigterm_then_nan_then_resume_match_uninterrupted(recipe, runner, uninterrupted, tmp_path):
     out = tmp_path / "run"
 
-    # 0. The output_dir holds an earlier run (checkpoints 4 and 6, metrics). A run without --resume starts over:
-    #    those checkpoints must go, or HF's rotation (save_total_limit) deletes the new run's checkpoint-1 as the
-    #    oldest and a later --resume would continue the earlier run.
+    # 0. The output_dir holds an earlier run (checkpoints 4 and 6, metrics, config). A run without --resume is
+    #    refused before it loads anything, every byte left as it was; with --overwrite true the earlier run is
+    #    moved, intact, to a sibling <out>.old-<time>, and this run starts in an empty folder.
     shutil.copytree(uninterrupted(recipe), out, ignore=shutil.ignore_patterns("adapter", "summary.json"))
     assert complete_checkpoints(out) == [4, 6]
+    earlier = folder_hash(out)
+    line = start_up_error(recipe, runner(recipe, out), tmp_path / "0.log")
+    assert line == (f"error: --output_dir {out} holds an earlier run (checkpoint-4/, checkpoint-6/); nothing was changed. "
+                    f"Use --resume true to continue it, or --overwrite true to move it aside to {out}.old-<time>, or "
+                    "another --output_dir")
+    assert folder_hash(out) == earlier and sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]
 
     # 1. SIGTERM at the end of step 1 (the run holds there until the signal arrives, see recipe_harness): the step
     #    is saved although it is off the save_steps grid, and the run exits 143.
-    run = start_recipe(recipe, runner(recipe, out), tmp_path / "1.log", hold_after_step=1)
+    run = start_recipe(recipe, runner(recipe, out, overwrite="true"), tmp_path / "1.log", hold_after_step=1)
     run.wait_for(lambda: "[harness] holding after step 1" in run.text(), "step 1")
     run.signal(signal.SIGTERM)
     assert run.wait() == 143, run.text()[-3000:]
-    assert "holds checkpoints of an earlier run; starting over and removing them" in run.text()
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert f"--overwrite: moved what was there (checkpoint-4/, checkpoint-6/) to {aside}; nothing was deleted" in run.text()
+    assert folder_hash(aside) == earlier
     assert complete_checkpoints(out) == [1] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert logged_steps(out) == [1]  # the earlier run's records are gone too
+    assert logged_steps(out) == [1]  # the earlier run's records went with it
     assert "SIGTERM: saving a checkpoint after this step" in run.text() and "rerun with --resume" in run.text()
     assert_no_traceback(run.text())
 
@@ -181,6 +199,67 @@ def test_nan_gradient_stops_naming_step_and_tensor_then_resume_matches(recipe, r
     assert code == 0, log[-3000:]
     assert f"resuming from {out / 'checkpoint-2'}" in log
     assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_disk_full_mid_checkpoint_keeps_the_last_good_one_then_resume_matches(recipe, runner, uninterrupted, tmp_path):
+    """ENOSPC inside the checkpoint save at step 4 (adapter weights written, optimizer not; recipe_harness raises it
+    in the Trainer's own write path): one line naming the checkpoint and the one kept, exit 2, no traceback;
+    checkpoint-2 complete and byte-identical, checkpoint-4 unmarked; a resume then matches the uninterrupted run."""
+    out = tmp_path / "run"
+    code, log = run_recipe(recipe, runner(recipe, out), tmp_path / "1.log", disk_full_at_step=4)
+    assert code == 2, log[-3000:]
+    assert_no_traceback(log)
+    errors = [line[line.index("error: "):] for line in log.splitlines() if "error: " in line]
+    assert errors == [f"error: could not write checkpoint {out / 'checkpoint-4'}: No space left on device (free some space); "
+                      f"the last complete checkpoint {out / 'checkpoint-2'} is kept; rerun with --resume true to continue "
+                      "from it"], log[-3000:]
+    assert complete_checkpoints(out) == [2] and (out / "checkpoint-4").is_dir()
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log")
+    assert code == 0, log[-3000:]
+    assert f"removing incomplete checkpoint {out / 'checkpoint-4'}" in log
+    assert f"resuming from {out / 'checkpoint-2'}" in log
+    assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
+
+
+@pytest.mark.slow
+def test_second_run_into_a_live_runs_folder_is_refused_and_a_killed_runs_lock_taken_over(runner, uninterrupted, tmp_path):
+    """Run A holds after step 1. Run B into the same folder: exit 2, one line naming A's pid, A's files untouched.
+    A is SIGKILLed (its lock file still names it); run C takes the lock over and, resumed, matches the
+    uninterrupted run."""
+    recipe, out = "dpo", tmp_path / "run"
+    first = start_recipe(recipe, runner(recipe, out), tmp_path / "a.log", hold_after_step=1)
+    first.wait_for(lambda: "[harness] holding after step 1" in first.text(), "step 1")
+    before = folder_hash(out)
+    line = start_up_error(recipe, runner(recipe, out, resume="true"), tmp_path / "b.log")
+    assert line.startswith(f"error: output folder {out} is in use by another run (pid {first.pid} on "), line
+    assert folder_hash(out) == before
+    first.signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    assert json.loads((out / ".align-run.lock").read_text())["pid"] == first.pid
+
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "c.log")
+    assert code == 0, log[-3000:]
+    assert f"took over the run lock of pid {first.pid} on " in log and "which is no longer running" in log
+    assert "--resume: no complete checkpoint" in log  # killed before its first checkpoint (step 2)
+    assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_resume_with_other_training_settings_is_refused_naming_the_fields(recipe, runner, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted(recipe), out)
+    before = folder_hash(out)
+    line = start_up_error(recipe, runner(recipe, out, resume="true", learning_rate=3e-4, seed=8, logging_steps=2),
+                          tmp_path / "log")
+    assert line.startswith(f"error: --resume: the checkpoint in {out} was trained with other settings, and continuing "
+                           f"it with these would train something else: learning_rate {2e-4 if recipe == 'sft' else 1e-4} -> 0.0003, "
+                           "seed 7 -> 8 ("), line
+    assert "logging_steps" not in line  # allowed to change
+    assert folder_hash(out) == before
 
 
 def test_run_train_loss_adds_back_the_steps_before_the_resume():

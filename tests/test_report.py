@@ -430,3 +430,37 @@ def test_run_files_are_found_where_the_evaluated_run_is(tmp_path):
     result = load_eval(tmp_path / "elsewhere")
     assert result.run_dir == tmp_path / "runs" / "dpo" and result.name == "dpo"
     assert len(result.train_metrics) == 40 and result.run_summary["wall_time_s"] == 61.0
+
+
+def test_compare_refuses_an_earlier_report_and_overwrite_moves_it_aside(tmp_path, capsys):
+    """--out holding a report: exit 2, one line, every byte kept; --overwrite true moves it to a sibling and says so."""
+    import hashlib
+    import importlib.util
+
+    rows = [gen_row("p0", "greedy", verifier=1.0, rm=0.0, length=3)]
+    write_eval(tmp_path / "a", rows)
+    write_eval(tmp_path / "b", rows)
+    spec = importlib.util.spec_from_file_location("_compare_script_out", REPO / "eval" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compare
+    spec.loader.exec_module(compare)
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--n_bootstrap", "100"]
+    compare.main(argv)
+    capsys.readouterr()
+
+    def digest(root):
+        return {str(p.relative_to(root)): p.is_dir() or hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))}
+
+    before = digest(out)
+    with pytest.raises(SystemExit) as exit_:
+        compare.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {out} holds an earlier report (summary.json, report.md, report.html); nothing was changed. "
+                   f"Use --overwrite true to move it aside to {out}.old-<time>, or another --out\n")
+    assert digest(out) == before
+    compare.main(argv + ["--overwrite", "true"])
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert digest(aside) == before and (out / "report.html").is_file()
+    assert f"moved what was there (summary.json, report.md, report.html) to {aside}; nothing was deleted" in capsys.readouterr().err
