@@ -21,7 +21,8 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   whitespace is collapsed) repeated TAIL_MIN_REPEATS (3) or more times back to back over at least
   TAIL_MIN_CHARS (40) characters. This catches a loop the 4-gram rule can miss because the unit has no
   spaces (`**Bright****Bright**...`) or because the reply is short. 40 characters is longer than a
-  spoken "ha ha ha" or a short "la la la" refrain.
+  spoken "ha ha ha" or a short "la la la" refrain. A unit without a letter must run on for
+  PUNCT_TAIL_MIN_CHARS (100): a markdown rule passes, `*<<<<<<...` to the token limit does not.
 - **repeated line**: one line (lower-cased, whitespace collapsed) occurs LINE_MIN_COUNT (3) or more
   times. Lines without a letter ("***", "---", "```", blank) and one-word lines ("Ingredients:") are
   structure, not content, and are not counted. A refrain sung twice passes; a third identical line
@@ -54,6 +55,7 @@ LOOP_MIN_SHARE = 0.2
 TAIL_MAX_UNIT = 200
 TAIL_MIN_REPEATS = 3
 TAIL_MIN_CHARS = 40
+PUNCT_TAIL_MIN_CHARS = 100  # a rule or an underline is rarely longer than one 80-column line
 LINE_MIN_COUNT = 3
 COPY_MIN_WORDS = 5
 
@@ -100,7 +102,9 @@ def repetition_loop(reply: str) -> str | None:
 def repeated_tail(reply: str) -> tuple[str, int] | None:
     """(unit, repeats) when the reply ends in a unit repeated >= TAIL_MIN_REPEATS times back to back over
     >= TAIL_MIN_CHARS characters (whitespace collapsed to one space); the shortest such unit; else None.
-    A unit without a letter (a rule of 40 dashes, "!!!") is punctuation, not a loop."""
+    A unit without a letter is punctuation (a rule of 40 dashes, "!!!") unless it runs on for at least
+    PUNCT_TAIL_MIN_CHARS characters: `*<<<<<<...` to the token limit (a DPO policy's reply to "use markdown to
+    highlight ...") is a loop, a markdown rule is not."""
     text = " ".join(reply.split())
     n = len(text)
     for unit in range(1, min(TAIL_MAX_UNIT, n // TAIL_MIN_REPEATS) + 1):
@@ -109,7 +113,8 @@ def repeated_tail(reply: str) -> tuple[str, int] | None:
         while run < n - unit and text[n - 1 - run] == text[n - 1 - run - unit]:
             run += 1
         span = run + unit  # characters covered by whole or partial repeats of the unit
-        if span >= TAIL_MIN_REPEATS * unit and span >= TAIL_MIN_CHARS and _LETTER_RE.search(text[n - unit :]):
+        long_enough = span >= (TAIL_MIN_CHARS if _LETTER_RE.search(text[n - unit :]) else PUNCT_TAIL_MIN_CHARS)
+        if span >= TAIL_MIN_REPEATS * unit and long_enough:
             return text[n - unit :], span // unit
     return None
 

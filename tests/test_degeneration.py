@@ -153,6 +153,15 @@ def test_punctuation_runs_are_not_a_repeated_tail():
     assert repeated_tail("ok " + "la " * 30) is not None
 
 
+def test_a_run_of_punctuation_to_the_token_limit_is_a_loop():
+    """A real reply of a DPO policy trained at learning rate 5e-4 (48 steps) to "Write the text of a museum plaque
+    about honey. Use markdown to highlight at least 1 part of the reply, like *this*. ...": 254 '<' after one '*'.
+    It has no letter, so the letter-free allowance above must end somewhere."""
+    reply = "*" + "<" * 254
+    assert check_reply(reply, ended=False).reasons == ("repeated tail: '<' 254 times at the end until the token limit",)
+    assert not check_reply("Thanks\n\n" + "=" * 99).degenerate  # a rule or underline up to 99 characters passes
+
+
 def test_bad_input_is_a_clear_error():
     with pytest.raises(DataError, match="reply: expected a string"):
         check_reply(None)
