@@ -638,6 +638,19 @@ def test_two_process_run_killed_then_resumed_matches_uninterrupted(tiny_model_di
     assert m_whole == m_split
 
 
+def resume_from_update_2_matches(whole: PPOTrainer, cfg: PPOArgs, whole_dir: Path, out: Path) -> list[list[dict]]:
+    """Resume `cfg`'s run from its last checkpoint (update 2), train to the end, and check the adapters are bitwise
+    those of the uninterrupted trainer `whole`; returns both runs' reproducible metrics, whole's first."""
+    resumed = trainer_for(cfg)
+    resumed.load_checkpoint(list_checkpoints(out)[-1])
+    assert resumed.update_index == 2
+    resumed.train()
+    a, b = adapter_state(whole), adapter_state(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    return [[reproducible(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (whole_dir, out)]
+
+
 KILL_MID_CHECKPOINT = """
 import os, signal, sys
 from pathlib import Path
@@ -672,14 +685,7 @@ def test_kill_in_the_middle_of_a_checkpoint_then_resume_matches_uninterrupted(ti
     assert [p.name for p in list_checkpoints(out)] == ["update-000001", "update-000002"]  # save_total_limit 2
 
     cfg = tiny_cfg(tiny_model_dir, out, **options)
-    resumed = trainer_for(cfg)
-    resumed.load_checkpoint(list_checkpoints(out)[-1])
-    assert resumed.update_index == 2
-    resumed.train()
-    a, b = adapter_state(whole), adapter_state(resumed)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    metrics = [[reproducible(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "whole", out)]
+    metrics = resume_from_update_2_matches(whole, cfg, tmp_path / "whole", out)
     assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
     assert metrics[0] == metrics[1]
 
@@ -717,12 +723,5 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one_then_resum
                               "continue from it")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["update-000001", "update-000002"]  # no .tmp-* left
 
-    resumed = trainer_for(cfg)
-    resumed.load_checkpoint(list_checkpoints(out)[-1])
-    assert resumed.update_index == 2
-    resumed.train()
-    a, b = adapter_state(whole), adapter_state(resumed)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    metrics = [[reproducible(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "whole", out)]
+    metrics = resume_from_update_2_matches(whole, cfg, tmp_path / "whole", out)
     assert metrics[0] == metrics[1]

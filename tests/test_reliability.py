@@ -116,7 +116,13 @@ def test_kill_and_kill_mid_checkpoint_then_resume_match_uninterrupted(recipe, ru
     assert max(logged_steps(out)) == good + SAVE_STEPS  # logged, then killed while saving
 
     # 3. Resume again: the partial checkpoint is not trusted (removed), training continues from the last good one.
-    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "3.log")
+    resume_past_a_partial_checkpoint(recipe, runner, uninterrupted, out, partial, good, tmp_path / "3.log")
+
+
+def resume_past_a_partial_checkpoint(recipe, runner, uninterrupted, out: Path, partial: Path, good: int, log_path: Path) -> None:
+    """--resume: the partial checkpoint is not trusted (removed), training continues from checkpoint-`good`, and the
+    finished run equals the uninterrupted one."""
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), log_path)
     assert code == 0, log[-3000:]
     assert f"removing incomplete checkpoint {partial}" in log
     assert f"resuming from {out / f'checkpoint-{good}'}" in log
@@ -218,11 +224,7 @@ def test_disk_full_mid_checkpoint_keeps_the_last_good_one_then_resume_matches(re
     assert complete_checkpoints(out) == [2] and (out / "checkpoint-4").is_dir()
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
 
-    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log")
-    assert code == 0, log[-3000:]
-    assert f"removing incomplete checkpoint {out / 'checkpoint-4'}" in log
-    assert f"resuming from {out / 'checkpoint-2'}" in log
-    assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
+    resume_past_a_partial_checkpoint(recipe, runner, uninterrupted, out, out / "checkpoint-4", 2, tmp_path / "2.log")
 
 
 @pytest.mark.slow
