@@ -34,6 +34,15 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   compliance. Five words: "Respond in all caps." (4) could be a reply's own words; "Make it at least 3
   sentences long." (7) is not.
 
+- **no answer**: fewer than ANSWER_MIN_WORDS (15) words and not one sentence of at least
+  SENTENCE_MIN_WORDS (4) words ending in `.`, `!` or `?`: a title alone (`"Lunar Eclipse: The Night of the
+  Moon's Eclipse"` for "write a fairy tale ... in double quotation marks"), a JSON object whose story is a
+  name, an empty reply. Every ifprefs task asks for writing (a letter, a story, an ad), and the tightest
+  length limit in its data still leaves a sentence; such replies meet constraints like `quotation`,
+  `lowercase` or `no_comma` without doing the task (a DPO + SFT policy earned 3 of its new strict passes
+  so), so they are not counted as a gain. A one-sentence answer ("*Important: fires* are a critical issue
+  that requires immediate attention.") passes.
+
 `ended` (did the reply end with EOS before the token limit) is not a reason on its own: the starting
 model ends only about a third of its greedy replies within 128 tokens, and a reply cut off in the
 middle of ordinary text is a budget artefact that the EOS rate reports already. When a reply did not
@@ -55,6 +64,8 @@ LOOP_MIN_SHARE = 0.2
 TAIL_MAX_UNIT = 200
 TAIL_MIN_REPEATS = 3
 TAIL_MIN_CHARS = 40
+ANSWER_MIN_WORDS = 15
+SENTENCE_MIN_WORDS = 4
 PUNCT_TAIL_MIN_CHARS = 100  # a rule or an underline is rarely longer than one 80-column line
 LINE_MIN_COUNT = 3
 COPY_MIN_WORDS = 5
@@ -182,6 +193,19 @@ def prompt_text(prompt: str | Sequence[dict[str, Any]]) -> str:
         raise DataError(f"degeneration: prompt: expected a string or a list of {{role, content}} messages, got {prompt!r:.80}") from None
 
 
+_SENTENCE_RE = re.compile(r"[^.!?]+[.!?]")
+
+
+def no_answer(reply: str) -> str | None:
+    """The no-answer reason, or None: under ANSWER_MIN_WORDS words and no sentence of SENTENCE_MIN_WORDS words."""
+    words = _WORD_RE.findall(reply)
+    if len(words) >= ANSWER_MIN_WORDS:
+        return None
+    if any(len(_WORD_RE.findall(sentence)) >= SENTENCE_MIN_WORDS for sentence in _SENTENCE_RE.findall(reply)):
+        return None
+    return f"no answer: {len(words)} words and no sentence"
+
+
 def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constraints: Sequence[dict] | None = None,
                 ended: bool | None = None) -> Degeneration:
     """Whether `reply` is degenerate and why (see the module docstring for the rules and thresholds).
@@ -210,6 +234,9 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
     copied = copied_instruction(reply, prompt_text(prompt), constraints) if prompt else None
     if copied:
         reasons.append(f"instruction copied from the prompt: {_shorten(copied, 60)!r}")
+    empty = no_answer(reply)
+    if empty:
+        reasons.append(empty)
     return Degeneration(tuple(reasons))
 
 

@@ -856,9 +856,12 @@ def main(argv: list[str] | None = None) -> None:
             _write_jsonl(out / f"{name}.jsonl", rows)
         old_stats = json.loads((out / "meta" / "stats.json").read_text(encoding="utf-8"))
         stats = {**dataset_stats(splits), **{k: old_stats[k] for k in ("usable_base_replies", "base_prompts") if k in old_stats}}
-        stats["dropped_degenerate"] = dropped
+        # totals since the build: a refilter after the check gains a rule adds to what earlier passes dropped
+        earlier = old_stats.get("dropped_degenerate", {})
+        stats["dropped_degenerate"] = {k: earlier.get(k, 0) + n for k, n in dropped.items()}
         atomic_write_json(out / "meta" / "stats.json", stats)
-        log(f"dropped degenerate target replies: {json.dumps(dropped)}; now {json.dumps(stats['sizes'])}")
+        log(f"dropped degenerate target replies: {json.dumps(dropped)} (since the build: {json.dumps(stats['dropped_degenerate'])}); "
+            f"now {json.dumps(stats['sizes'])}")
         return
     if not cfg.skip_build:
         bases = base_prompts(cfg.seed, cfg.n_bases)

@@ -7,11 +7,12 @@ with
     python eval/evaluate.py base --modes greedy --max_prompts 80 --pref_data none --ppl_data none
 
 (128 new tokens at most, dtype auto: bf16 on this avx512_bf16 CPU, code of commit 38c524a; strict 0.2375). Every reply was read by a
-person. base_replies.jsonl keeps the 38 that are ordinary text (some cut off at the token limit, some
+person. base_replies.jsonl keeps the 37 that are ordinary text (some cut off at the token limit, some
 failing their constraints, none looping); base_replies_degenerate.jsonl keeps the 26 a reader strikes as
 loops, repeated blocks or read-back instructions (`SECTION 1 / SECTION 2 / SECTION 3` cycling, `P.S.`
 fifteen times, `*important*` to the token limit, "Your reply must be less than 150 words long." as the
-postscript). The other 16 were borderline (a sentence said twice, a heading repeated once) and are in
+postscript), and one that is no answer: `"Spread the love: Sea Turtles Day"` for a radio advertisement in
+exactly 2 bullets (first filed as ordinary; moved when the no-answer rule was added). The other 16 were borderline (a sentence said twice, a heading repeated once) and are in
 neither file.
 
 The four kinds of issue 23 (a GRPO run on the raw verifier score) are written from the issue's
@@ -27,7 +28,7 @@ import pytest
 
 from align.degeneration import (
     COPY_MIN_WORDS, LINE_MIN_COUNT, check_reply, copied_instruction, degenerate_share, repeated_line, repeated_tail,
-    repetition_loop,
+    no_answer, repetition_loop,
 )
 from align.errors import DataError
 
@@ -100,10 +101,10 @@ def test_degenerate_base_replies_are_flagged():
 
 
 def test_degenerate_share_of_the_80_base_replies():
-    """26 of the 64 replies kept (the 16 borderline ones are left out): 26 / 64 = 0.406."""
+    """27 of the 64 replies kept (the 16 borderline ones are left out): 27 / 64 = 0.422."""
     verdicts = [check_reply(r["reply"], r["prompt"], r["constraints"], ended=r["eos"])
                 for name in ("base_replies.jsonl", "base_replies_degenerate.jsonl") for r in _rows(name)]
-    assert degenerate_share(verdicts) == pytest.approx(26 / 64)
+    assert degenerate_share(verdicts) == pytest.approx(27 / 64)
     assert degenerate_share([]) is None
 
 
@@ -153,13 +154,25 @@ def test_punctuation_runs_are_not_a_repeated_tail():
     assert repeated_tail("ok " + "la " * 30) is not None
 
 
+def test_a_title_or_an_empty_reply_is_no_answer():
+    """Real replies of the DPO + SFT probe (learning rate 5e-4, 48 steps) that met every constraint of their prompt
+    without doing the task; a one-sentence answer and a short poem are answers."""
+    for reply in ('"Lunar Eclipse: The Night of the Moon\'s Eclipse"',  # "Write a fairy tale ... in double quotation marks"
+                  '```json\n{\n  "name": "Wolfie-the-Caper",\n  "story": "Wolfie-the-Caper"\n}\n```', ""):
+        assert check_reply(reply).reasons[-1].startswith("no answer: "), reply
+    assert no_answer('"Lunar Eclipse: The Night of the Moon\'s Eclipse"') == "no answer: 9 words and no sentence"  # Moon's: 2
+    assert no_answer("*Important: *fires* are a critical issue that requires immediate attention.") is None
+    assert no_answer("roses climb the garden wall\nbees hum in the warm still air\nsummer takes its time") is None  # 16 words
+
+
 def test_a_run_of_punctuation_to_the_token_limit_is_a_loop():
     """A real reply of a DPO policy trained at learning rate 5e-4 (48 steps) to "Write the text of a museum plaque
     about honey. Use markdown to highlight at least 1 part of the reply, like *this*. ...": 254 '<' after one '*'.
     It has no letter, so the letter-free allowance above must end somewhere."""
     reply = "*" + "<" * 254
-    assert check_reply(reply, ended=False).reasons == ("repeated tail: '<' 254 times at the end until the token limit",)
-    assert not check_reply("Thanks\n\n" + "=" * 99).degenerate  # a rule or underline up to 99 characters passes
+    assert check_reply(reply, ended=False).reasons == ("repeated tail: '<' 254 times at the end until the token limit",
+                                                       "no answer: 0 words and no sentence")
+    assert not check_reply("Thank you for reading, and see you all next week.\n\n" + "=" * 99).degenerate  # a rule up to 99 passes
 
 
 def test_bad_input_is_a_clear_error():
