@@ -465,3 +465,27 @@ def test_evaluate_refuses_an_earlier_evaluation_before_loading_anything(tmp_path
     assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
     assert f"moved what was there (summary.json, generations.jsonl) to {aside}; nothing was deleted" in err
     assert code == 2 and "no_prompts.jsonl" in err
+
+
+def test_rescore_judges_saved_replies_again_with_the_current_check(tmp_path):
+    """eval/rescore.py: the stored `degenerate` flags are ignored and recomputed (a title alone is no answer now), and
+    coherent strict is paired against the baseline over the same prompts."""
+    from recipe_harness import run_cli
+
+    def write(name, replies):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"prompt_id": f"p{i}", "mode": "greedy", "prompt": [{"role": "user", "content": "Write a fairy tale. Wrap it in quotes."}],
+                 "constraints": [{"type": "quotation"}], "reply": reply, "eos": True, "verifier_strict": True, "degenerate": False,
+                 "coherent_strict": True} for i, reply in enumerate(replies)]
+        (d / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+
+    story = '"Once upon a time a fox lived by the river. She told the moon her plans every night, and one night it answered."'
+    base = write("base", [story, story])
+    run = write("run", [story, '"The Night of the Moon"'])  # stored as coherent; a title alone is no answer
+    proc = run_cli(["eval/rescore.py", base, run])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["coherent_strict"]["baseline_mean"] == 1.0 and result["coherent_strict"]["run_mean"] == 0.5
+    assert result["degenerate"]["mean"] == 0.5 and result["coherent_strict"]["n"] == 2

@@ -91,14 +91,16 @@ def test_reward_specs(tmp_path, tiny_reward_dir):
 
 def test_grpo_with_the_verifier(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "run"
+    # The raw verifier score: the tiny random model writes a few bytes, which the guard pays 0 as no answer, and a
+    # reward of 0 everywhere would leave nothing to learn (the guard is the default: test_the_verifier_reward_is_guarded_by_default)
     argv = recipe_args("grpo", tiny_model_dir, tiny_data, out, eval_data=tiny_data["prompts"], summary_prompts=4,
-                       summary_max_new_tokens=8)
+                       summary_max_new_tokens=8, reward_guard="false")
     code, log = run_recipe("grpo", argv, tmp_path / "run.log")
     assert code == 0, log[-3000:]
     for name in ("adapter/adapter_model.safetensors", "config.yaml", "run_info.json", "metrics.jsonl", "summary.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "run_info.json").read_text())["stage"] == "grpo"
-    assert "grpo: reward 1 x the built-in verifier (align.verifier, guarded: 0 for a degenerate reply)" in log
+    assert "grpo: reward 1 x the built-in verifier (align.verifier, unguarded)" in log
 
     steps = _steps(out)
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
@@ -195,3 +197,12 @@ def test_bad_reward_specs_and_vllm_on_a_cpu_end_with_one_line_and_exit_2(tiny_mo
         assert message in err, err[-2000:]
         assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]]
         assert_no_traceback(err)
+
+
+def test_the_verifier_reward_is_guarded_by_default():
+    """GRPOArgs.reward_guard defaults to true (tests/test_config.py parses the recipe configs strictly)."""
+    from align.grpo import load_reward, parse_rewards
+    from align.verifier import guarded_verifier_reward
+    (spec,) = parse_rewards(["verifier"])
+    assert spec.describe(True) == "the built-in verifier (align.verifier, guarded: 0 for a degenerate reply)"
+    assert load_reward(spec, guard=True) is guarded_verifier_reward

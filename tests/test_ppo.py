@@ -402,7 +402,9 @@ def test_recipe_end_to_end_with_the_verifier(tiny_model_dir, tmp_path):
 
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
-    result = run_recipe(recipe_args(tiny_model_dir, out, prompts, "--reward", "verifier"))
+    # raw verifier score: the tiny random model's few bytes are no answer to the guard (0 everywhere, nothing to learn);
+    # the guard is the default (test_verifier_reward_is_guarded_by_default)
+    result = run_recipe(recipe_args(tiny_model_dir, out, prompts, "--reward", "verifier", "--reward_guard", "false"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reward: the built-in verifier" in result.stderr
     assert "sft_dir is none: the base is the plain model" in result.stderr
@@ -420,7 +422,7 @@ def test_recipe_end_to_end_with_the_verifier(tiny_model_dir, tmp_path):
     assert summary["updates"] == 2 and summary["peak_memory_mb"] > 0 and summary["method"] == "ppo"
     assert set(summary["heldout_before"]) >= {"coherent_strict", "verifier", "degenerate_share", "prompts"}
     assert summary["heldout_after"]["prompts"] == 4
-    assert "guarded: 0 for a degenerate reply" in summary["reward"]
+    assert "unguarded (reward_guard false)" in summary["reward"]
     assert "coherent strict (strict and not degenerate):" in result.stderr
     model, _ = load_trained(str(out), dtype="fp32")  # the policy loads like any other adapter
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
@@ -725,3 +727,14 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one_then_resum
 
     metrics = resume_from_update_2_matches(whole, cfg, tmp_path / "whole", out)
     assert metrics[0] == metrics[1]
+
+
+def test_verifier_reward_is_guarded_by_default(tiny_model_dir, tmp_path):
+    from align.ppo import reward_function
+    from align.verifier import guarded_verifier_reward
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, reward="verifier")
+    assert cfg.reward_guard is True and PPOArgs().reward_guard is True
+    models, plan = build_models(cfg)
+    assert plan.description == "the built-in verifier (align.verifier, guarded: 0 for a degenerate reply)"
+    assert reward_function(cfg, plan, models) is guarded_verifier_reward

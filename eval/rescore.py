@@ -1,0 +1,46 @@
+"""Re-score saved evaluations with the current degeneration check, paired against a baseline; no generation.
+
+    python eval/rescore.py outputs/base/eval outputs/dpo/eval [more eval dirs ...]
+
+When align.degeneration gains a rule, replies already generated (generations.jsonl of eval/evaluate.py) can be
+judged again in seconds: coherent strict and the degenerate share of each run, greedy replies, with the paired
+95% bootstrap interval of run - baseline over the same prompts (align.report.paired_delta).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from align.degeneration import check_reply
+from align.errors import cli_main
+from align.evaluation import coherent_strict
+from align.report import paired_delta, read_jsonl
+
+
+def rescored(eval_dir: str, mode: str) -> list[dict]:
+    rows = [r for r in read_jsonl(Path(eval_dir) / "generations.jsonl") if r["mode"] == mode]
+    for r in rows:
+        verdict = check_reply(r["reply"], r["prompt"], r["constraints"], ended=r["eos"])
+        r["degenerate"], r["coherent_strict"] = verdict.degenerate, coherent_strict(r["verifier_strict"], verdict)
+    return rows
+
+
+@cli_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("baseline", help="eval directory of the starting model")
+    parser.add_argument("runs", nargs="+", help="eval directories to compare with it")
+    parser.add_argument("--mode", default="greedy", choices=["greedy", "sample"])
+    args = parser.parse_args()
+    base = rescored(args.baseline, args.mode)
+    for run in args.runs:
+        rows = rescored(run, args.mode)
+        out = {key: paired_delta(base, rows, key, 2000, 0) for key in ("coherent_strict", "verifier_strict", "degenerate")}
+        print(json.dumps({"run": run, "mode": args.mode, **{k: {m: round(v[m], 3) for m in ("baseline_mean", "run_mean", "mean", "lo", "hi")}
+                                                             | {"n": v["n"]} for k, v in out.items()}}))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
