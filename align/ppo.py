@@ -1417,10 +1417,10 @@ class PPOTrainer:
             for record, text, ended in zip(batch, texts, contains_eos.tolist()):
                 degenerate = check_reply(text, record.prompt, record.constraints, ended=bool(ended)).degenerate
                 totals[4] += degenerate
-                if self.eval_verifier_fn is not None:
-                    totals[3] += verify(text, record.constraints).strict and not degenerate
-            if self.eval_verifier_fn is not None:
-                totals[0] += sum(self.eval_verifier_fn(batch, texts))
+                if self.eval_verifier_fn is not None:  # one verdict gives the score and strict (verifier_reward's score)
+                    verdict = verify(text, record.constraints, f"{record.source}: field 'constraints'")
+                    totals[0] += verdict.score
+                    totals[3] += verdict.strict and not degenerate
             if not self.reward_is_verifier:
                 totals[1] += sum(self.reward_fn(batch, texts))
             totals[2] += len(batch)

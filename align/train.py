@@ -322,10 +322,16 @@ class FiniteLossMixin:
 # ------------------------------------------------------------------------------------------ resume
 
 
+def _numbered_checkpoints(output_dir: str | Path) -> list[Path]:
+    """output_dir's checkpoint-N folders, oldest first (reads only)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
 def _last_marked(output_dir: str | Path) -> Path | None:
     """The newest checkpoint-N with a completion marker (reads only)."""
-    marked = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / MARKER).is_file()]
-    return max(marked, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    marked = [p for p in _numbered_checkpoints(output_dir) if (p / MARKER).is_file()]
+    return marked[-1] if marked else None
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
@@ -333,15 +339,11 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     root = Path(output_dir)
     if not root.is_dir():
         return None
-    best = None
-    for ckpt in sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1):
-        if not ckpt.name.split("-")[-1].isdigit():
-            continue
-        if (ckpt / MARKER).is_file():
-            best = ckpt
-        else:
+    for ckpt in _numbered_checkpoints(root):
+        if not (ckpt / MARKER).is_file():
             print(f"[align] removing incomplete checkpoint {ckpt} (no {MARKER})", file=sys.stderr)
             shutil.rmtree(ckpt, ignore_errors=True)
+    best = _last_marked(root)
     return str(best) if best else None
 
 
