@@ -227,7 +227,7 @@ def resolve_arch(model: str) -> Arch:
 @dataclass
 class PlanArgs:
     model: str = arg("SmolLM2-135M-Instruct", "a preset (--list_models), a directory with config.json, or a Hub id whose config.json is in the local HF cache")
-    stage: Literal["sft", "reward", "dpo", "ppo"] = arg("dpo", "training stage")
+    stage: Literal["sft", "reward", "dpo", "ppo", "grpo"] = arg("dpo", "training stage (grpo: GRPO and RLOO, one policy adapter, no critic)")
     quantization: Literal["none", "8bit", "4bit"] = arg("4bit", "bitsandbytes quantization of the frozen base")
     dtype: Literal["bf16", "fp16", "fp32"] = arg("bf16", "compute dtype of the base and the activations")
     lora_r: int = arg(16, "LoRA rank (the planner models LoRA training; full fine-tuning is not modelled)")
@@ -237,9 +237,11 @@ class PlanArgs:
     micro_batch: int = arg(1, "rows per forward/backward: sequences (SFT), pairs (reward, DPO) or rollouts (PPO)")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward")
     dpo_reference: Literal["precomputed", "adapter_disabled"] = arg("precomputed", "DPO reference log-probs: computed once before training, or by an adapter-disabled forward every step")
-    ppo_response_len: int = arg(256, "PPO: generated tokens per rollout (part of seq_len)")
-    ppo_rollout_batch: int = arg(8, "PPO: prompts generated at once per process (KV cache batch)")
+    ppo_response_len: int = arg(256, "PPO and GRPO: generated tokens per reply (part of seq_len)")
+    ppo_rollout_batch: int = arg(8, "PPO: prompts generated at once per process; GRPO: replies generated at once per process "
+                                    "(prompts x num_generations; the KV cache batch)")
     ppo_forward_batch: int = arg(8, "PPO: rows per no-grad scoring forward")
+    grpo_beta: float = arg(0.05, "GRPO: KL coefficient (recipes/grpo.py's default); > 0 adds the reference forward (adapter disabled)")
     gpu_gb: float = arg(24.0, "GPU memory in GB as sold (a 24 GB card has 24 GiB)")
     cuda_overhead_gb: float = arg(1.0, "CUDA context plus caching-allocator slack, outside max_memory_allocated (an assumed margin, not measured here)")
     target: Literal["cuda", "cpu"] = arg("cuda", "cuda: GPU memory; cpu: process RSS over its start (with the CPU calibration)")
@@ -256,7 +258,9 @@ class PlanArgs:
             raise ConfigError(f"config: cuda_overhead_gb: expected >= 0, got {self.cuda_overhead_gb}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"config: lora_dropout: expected a number in [0, 1), got {self.lora_dropout}")
-        if self.stage == "ppo" and not 1 <= self.ppo_response_len < self.seq_len:
+        if self.grpo_beta < 0:
+            raise ConfigError(f"config: grpo_beta: expected >= 0, got {self.grpo_beta}")
+        if self.stage in ("ppo", "grpo") and not 1 <= self.ppo_response_len < self.seq_len:
             raise ConfigError(
                 f"config: ppo_response_len: expected 1 <= ppo_response_len < seq_len ({self.seq_len}), got {self.ppo_response_len}"
             )
@@ -406,6 +410,15 @@ def _fused_head_bytes(arch: Arch, num: Numerics, positions: int, target: str) ->
     return tile * per_tile + positions * arch.hidden * (num.resid + 4)
 
 
+def _generation(arch: Arch, args: PlanArgs, num: Numerics) -> dict[str, float]:
+    """Generation (PPO rollouts, GRPO replies): the KV cache of prompt + response for the ppo_rollout_batch rows
+    generated at once, the prefill's no-grad working set and the last-position logits (fp32 in the sampler)."""
+    G, T, R = args.ppo_rollout_batch, args.seq_len, args.ppo_response_len
+    return {"kv_cache": 2 * arch.layers * arch.kv_heads * arch.head_dim * num.act * G * T,
+            "activations": _activations(arch, args, num, G * (T - R), 0.0)[1],
+            "logits": G * arch.vocab * 4 * 3}
+
+
 def estimate(args: PlanArgs) -> Estimate:
     """Expected peak memory of one training step of `args.stage` (see the module docstring for the model)."""
     args.validate()
@@ -463,25 +476,28 @@ def estimate(args: PlanArgs) -> Estimate:
         score_in = tokens * arch.hidden * num.resid  # the trainable score head saves its input
         phases["train step"] = {**components, "activations": act + score_in, "transient": dequant}
         notes.append("reward: chosen and rejected are one batch of 2 x micro_batch rows; no vocabulary logits")
-    else:
+    elif args.stage == "ppo":
         R = args.ppo_response_len
         # update: policy then critic, each backpropagated on its own; the policy (with logits) is the larger
         act, _ = _activations(arch, args, num, B * T, 0.0)
         chunk = min(B * R, PPO_LOGPROB_CHUNK) * arch.vocab * 4 * 3  # a float32 chunk, its exp and its gradient
         logits = 2 * B * R * arch.vocab * num.head + chunk  # the response logits saved for backward, their gradient
         phases["update"] = {**components, "activations": act, "logits": logits, "transient": dequant}
-        # generation: KV cache of prompt + response for the rollout batch; the prefill's no-grad working set
-        G = args.ppo_rollout_batch
-        kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * num.act * G * T
-        prefill = _activations(arch, args, num, G * (T - R), 0.0)[1]
-        step_logits = G * arch.vocab * 4 * 3  # last-position logits, processed in fp32 by the sampler
-        phases["generation"] = {**no_grads, "kv_cache": kv, "activations": prefill, "logits": step_logits, "transient": dequant}
+        phases["generation"] = {**no_grads, **_generation(arch, args, num), "transient": dequant}
         # scoring: old and reference log-probs, values; no grad, ppo_forward_batch rows at a time
         F = args.ppo_forward_batch
         _, no_grad = _activations(arch, args, num, F * T, 0.0)
         score_logits = F * R * arch.vocab * num.head + min(F * R, PPO_LOGPROB_CHUNK) * arch.vocab * 4 * 3
         phases["scoring"] = {**no_grads, "activations": no_grad, "logits": score_logits, "transient": dequant}
         notes.append("PPO: one base with policy, critic and reward adapters; value and reward heads")
+    else:  # grpo: TRL's GRPOTrainer/RLOOTrainer, one policy adapter; its log-probs use the fused LM head like SFT
+        act, no_grad = _activations(arch, args, num, B * T, args.lora_dropout)
+        logits = _fused_head_bytes(arch, num, B * args.ppo_response_len, args.target)
+        phases["train step"] = {**components, "activations": act, "logits": logits, "transient": dequant}
+        phases["generation"] = {**no_grads, **_generation(arch, args, num), "transient": dequant}
+        if args.grpo_beta > 0:
+            phases["reference forward"] = {**no_grads, "activations": no_grad, "logits": logits, "transient": dequant}
+        notes.append("GRPO/RLOO: one policy adapter, no critic or value head; micro_batch counts replies")
 
     mapped = 0.0
     if args.target == "cpu" and args.quantization != "none":
@@ -520,7 +536,7 @@ def _largest(args: PlanArgs, name: str, upper: int) -> int:
         trial = PlanArgs(**{**asdict(args), name: value})
         return estimate(trial).fits
 
-    lo = 1 if args.stage != "ppo" or name != "seq_len" else args.ppo_response_len + 1
+    lo = 1 if args.stage not in ("ppo", "grpo") or name != "seq_len" else args.ppo_response_len + 1
     if not fits(lo):
         return 0
     hi = upper
@@ -572,7 +588,7 @@ COMPONENT_HELP = {
     "activations": "saved for backward",
     "logits": "LM head (fused tile / PPO response logits)",
     "transient": "dequantized projection",
-    "kv_cache": "PPO generation",
+    "kv_cache": "KV cache of generation (PPO, GRPO)",
     "runtime_overhead": "CUDA context + allocator slack (assumed margin)",
     "mapped_checkpoint": "cpu only: checkpoint pages still mapped",
 }
@@ -586,7 +602,7 @@ def format_report(report: dict) -> str:
         f"intermediate {arch['intermediate']}, vocab {arch['vocab']}, {'tied' if arch['tied_embeddings'] else 'untied'} embeddings",
         f"stage {a['stage']}, {a['quantization']} base, {a['dtype']}, LoRA r={a['lora_r']} on {','.join(a['lora_targets'])}, "
         f"seq_len {a['seq_len']}, micro_batch {a['micro_batch']}, gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}"
-        + (f", response {a['ppo_response_len']}, rollout batch {a['ppo_rollout_batch']}" if a["stage"] == "ppo" else ""),
+        + (f", response {a['ppo_response_len']}, rollout batch {a['ppo_rollout_batch']}" if a["stage"] in ("ppo", "grpo") else ""),
         f"trainable parameters: {report['trainable_params'] / 1e6:.2f} M",
         "",
         f"{'component':<18}{'GiB':>8}   what",

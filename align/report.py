@@ -425,16 +425,21 @@ DECISION_MEASURES = (
 )
 
 
+ONLINE_RL_METHODS = ("ppo", "grpo", "rloo")  # the methods that generate while they train, in the table's order
+
+
 def decision_pairs(results: list[EvalResult], baseline: EvalResult) -> list[tuple[EvalResult, EvalResult]]:
-    """(A, B) pairs whose difference A - B decides between methods: every PPO run against every DPO run, then
-    each of them against every SFT run (their common start); without PPO and DPO runs, each run against the
-    baseline."""
+    """(A, B) pairs whose difference A - B decides between methods: every online-RL run (PPO, GRPO, RLOO)
+    against every DPO run, online-RL runs of different kinds against each other, then each of them against
+    every SFT run (their common start); without such runs, each run against the baseline."""
     by_method: dict[str, list[EvalResult]] = {}
     for r in results:
         by_method.setdefault(r.method, []).append(r)
-    ppo, dpo, sft = by_method.get("ppo", []), by_method.get("dpo", []), by_method.get("sft", [])
-    pairs = [(a, b) for a in ppo for b in dpo]
-    pairs += [(a, b) for a in [*dpo, *ppo] for b in sft]
+    online = [r for method in ONLINE_RL_METHODS for r in by_method.get(method, [])]
+    dpo, sft = by_method.get("dpo", []), by_method.get("sft", [])
+    pairs = [(a, b) for a in online for b in dpo]
+    pairs += [(a, b) for i, a in enumerate(online) for b in online[i + 1 :] if a.method != b.method]
+    pairs += [(a, b) for a in [*dpo, *online] for b in sft]
     if not pairs:
         pairs = [(r, baseline) for r in results if r is not baseline]
     return pairs

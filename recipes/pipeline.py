@@ -1,17 +1,22 @@
-"""The whole comparison in one command: SFT, then a reward model, DPO and PPO from the same SFT base,
-then evaluation of every policy and the PPO-vs-DPO report.
+"""The whole comparison in one command: SFT, then a reward model, DPO and PPO (and GRPO or RLOO, on request)
+from the same SFT base, then evaluation of every policy and the PPO-vs-DPO report.
 
     python recipes/pipeline.py                                       # embedded default on CPU (about an hour)
     python recipes/pipeline.py --config recipes/configs/pipeline_qlora_8b.yaml   # 7-8B QLoRA on a 24 GB GPU
     python recipes/pipeline.py --resume                              # skip stages that already finished
     python recipes/pipeline.py --overwrite true                      # start over; the earlier outputs are moved aside
+    python recipes/pipeline.py --stages sft,reward,dpo,ppo,grpo,compare   # GRPO too (--grpo_args '--algorithm rloo': RLOO)
 
 Each stage is its own recipe process (launched with `launcher`), reading what the previous one wrote:
   sft     -> {root}/sft/merged           the base of every later stage
   reward  -> {root}/reward               Bradley-Terry reward model on the SFT base
   dpo     -> {root}/dpo                  DPO adapter on the SFT base
   ppo     -> {root}/ppo                  PPO adapter on the SFT base, rewarded by {root}/reward
-  compare -> {root}/report               eval/evaluate.py on base, sft, dpo, ppo, then eval/compare.py
+  grpo    -> {root}/grpo                 GRPO (or RLOO) adapter on the SFT base, rewarded by {root}/reward like PPO
+  compare -> {root}/report               eval/evaluate.py on base, sft, dpo, ppo, grpo, then eval/compare.py
+
+GRPO is not among the default stages: on a CPU it would add about as much time as PPO (it gets PPO's budget
+in wall time) to a comparison that already takes over an hour.
 """
 
 import shlex
@@ -25,29 +30,33 @@ from align.config import arg, parse_config
 from align.errors import AlignError, ConfigError, cli_main
 from align.runs import check_folder, take_folder
 
-STAGES = ("sft", "reward", "dpo", "ppo", "compare")
+STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "compare")
+DEFAULT_STAGES = ["sft", "reward", "dpo", "ppo", "compare"]
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")  # the stages whose model is evaluated and compared
 # Evaluation is a third of the comparison's time on a CPU (2 cores: generation at about 40 tokens/s, scoring
 # compute-bound): there the report rests on fewer prompts and pairs, and its confidence intervals are wider
 # (they are shown, and its first table says how many prompts would resolve a difference of 0.05).
 CPU_EVAL = "--max_prompts 64 --max_pairs 32 --max_ppl_rows 16 --modes greedy,sample"
 # On a CPU the training stages are shortened too, so that the whole comparison takes about an hour on 2 cores
 # (measured: README). They go before the user's --<stage>_args, which override them (the last flag wins). SFT writes no
-# summary block here: the pipeline evaluates the SFT model on its own eval prompts.
+# summary block here: the pipeline evaluates the SFT model on its own eval prompts. GRPO's 24 steps are about PPO's
+# 12 updates in wall time (a step, 2 prompts x 4 replies of up to 64 tokens, took 36-47 s; PPO's 12 updates 974 s).
 CPU_STAGE_ARGS = {"sft": "--max_steps 20 --summary_prompts 0", "reward": "--max_steps 24", "dpo": "--max_steps 20 --summary_prompts 16",
-                  "ppo": "--total_updates 12"}
+                  "ppo": "--total_updates 12", "grpo": "--max_steps 24 --summary_prompts 0"}
 GPU_EVAL = "--max_prompts 100 --max_pairs 100 --max_ppl_rows 50 --modes greedy,sample"
 
 
 @dataclass
 class PipelineArgs:
     output_root: str = arg("outputs", "folder that receives one subfolder per stage")
-    stages: list[str] = arg(list(STAGES), "stages to run, in order (sft, reward, dpo, ppo, compare)")
+    stages: list[str] = arg(list(DEFAULT_STAGES), f"stages to run, in order (any of {', '.join(STAGES)})")
     launcher: str = arg("accelerate launch", "how training recipes are started (e.g. 'python', or accelerate with --config_file)")
     sft_args: str = arg("", "extra flags for recipes/sft.py (e.g. '--config recipes/configs/sft.yaml'); on a CPU they follow "
                             "(and override) the shortened defaults " + ", ".join(f"{k}: '{v}'" for k, v in CPU_STAGE_ARGS.items()))
     reward_args: str = arg("", "extra flags for recipes/reward.py")
     dpo_args: str = arg("", "extra flags for recipes/dpo.py")
     ppo_args: str = arg("", "extra flags for recipes/ppo.py")
+    grpo_args: str = arg("", "extra flags for recipes/grpo.py (e.g. '--algorithm rloo', '--reward verifier')")
     eval_args: str = arg("auto", "flags for eval/evaluate.py (same for every policy); auto = CPU: "
                                  f"'{CPU_EVAL}', GPU: '{GPU_EVAL}'")
     resume: bool = arg(False, "skip stages whose summary.json exists; resume interrupted ones from their checkpoints (each "
@@ -96,7 +105,8 @@ def main() -> None:
     if cfg.eval_args == "auto":
         cfg.eval_args = CPU_EVAL if on_cpu else GPU_EVAL
     stage_args = {stage: shlex.split(CPU_STAGE_ARGS[stage] if on_cpu else "") + shlex.split(extra) for stage, extra in
-                  (("sft", cfg.sft_args), ("reward", cfg.reward_args), ("dpo", cfg.dpo_args), ("ppo", cfg.ppo_args))}
+                  (("sft", cfg.sft_args), ("reward", cfg.reward_args), ("dpo", cfg.dpo_args), ("ppo", cfg.ppo_args),
+                   ("grpo", cfg.grpo_args))}
     root = Path(cfg.output_root)
     sft_base = str(root / "sft" / "merged")
     recipes = Path(__file__).resolve().parent
@@ -108,6 +118,8 @@ def main() -> None:
         "dpo": [*launch, str(recipes / "dpo.py"), "--model_name_or_path", sft_base, "--output_dir", str(root / "dpo"), *stage_args["dpo"]],
         "ppo": [*launch, str(recipes / "ppo.py"), "--sft_dir", str(root / "sft"), "--reward_model", str(root / "reward"),
                 "--output_dir", str(root / "ppo"), *stage_args["ppo"]],
+        "grpo": [*launch, str(recipes / "grpo.py"), "--model_name_or_path", sft_base, "--reward", str(root / "reward"),
+                 "--output_dir", str(root / "grpo"), *stage_args["grpo"]],
     }
     for stage in cfg.stages:
         if stage == "compare":
@@ -119,7 +131,7 @@ def main() -> None:
 
     if "compare" in cfg.stages:
         evaluate = str(recipes.parent / "eval" / "evaluate.py")
-        runs = [starting_model(root)] + [str(root / s) for s in ("sft", "dpo", "ppo") if (root / s / "summary.json").is_file()]
+        runs = [starting_model(root)] + [str(root / s) for s in POLICY_STAGES if (root / s / "summary.json").is_file()]
         for run_dir in runs:
             eval_dir = root / "base" / "eval" if run_dir == runs[0] else Path(run_dir) / "eval"
             if cfg.resume and (eval_dir / "summary.json").is_file():

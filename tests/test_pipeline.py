@@ -36,18 +36,24 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
         "--ppo_args", flags(prompts=tiny_data["prefs"], eval_prompts=str(prompts), num_eval_prompts=2, dtype="fp32",
                             report_to="none", cpu_threads=1, rollout_batch_size=4, minibatch_size=2, micro_batch_size=2,
                             forward_batch_size=4, response_length=6, total_updates=2, lora_r=4, lora_alpha=8),
+        "--grpo_args", flags(train_data=str(prompts), eval_data="none", num_generations=2, per_device_train_batch_size=4,
+                             max_completion_length=6, summary_prompts=0, dtype="fp32", report_to="none", cpu_threads=1,
+                             max_steps=2, save_steps=10, lora_r=4, lora_alpha=8, algorithm="rloo"),
+        "--stages", "sft,reward,dpo,ppo,grpo,compare",
         "--eval_args", flags(prompts=str(prompts), max_prompts=4, max_new_tokens=6, batch_size=4, pref_data=tiny_data["prefs"],
                              max_pairs=4, ppl_data=tiny_data["sft"], max_ppl_rows=4, dtype="fp32"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    for stage in ("sft", "reward", "dpo", "ppo"):
+    for stage in ("sft", "reward", "dpo", "ppo", "grpo"):
         assert (root / stage / "summary.json").is_file(), stage
     assert (root / "sft" / "merged" / "config.json").is_file()
     # reward, DPO and PPO started from the SFT model; the starting model evaluated as `base` is the SFT stage's own
-    for stage in ("reward", "dpo"):
+    for stage in ("reward", "dpo", "grpo"):
         assert f"model_name_or_path: {root / 'sft' / 'merged'}" in (root / stage / "config.yaml").read_text()
+    # GRPO (here RLOO) is rewarded by the pipeline's reward model, as PPO is
+    assert f"reward:\n- {root / 'reward'}\n" in (root / "grpo" / "config.yaml").read_text()
     assert f"evaluate {tiny_model_dir}" in result.stdout
     # on a CPU the shortened stage defaults come first and the user's flags after them (the last flag wins)
     dpo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] dpo: "))
@@ -57,14 +63,15 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
     counted = dpo_after["verifier/by_constraint"]  # the 2 summary prompts' constraints, each counted once
     assert sum(t["total"] for t in counted.values()) == sum(len(r["constraints"]) for r in dpo_after["rows"]) > 0
     report = json.loads((root / "report" / "summary.json").read_text())
-    assert len(report["runs"]) == 4
+    assert [r["method"] for r in report["runs"]][1:] == ["sft", "dpo", "ppo", "rloo"]
+    assert {("grpo", "dpo"), ("ppo", "grpo"), ("grpo", "sft")} <= {(d["a"], d["b"]) for d in report["decision"]}  # run names
     for name in ("report.md", "report.html"):
         assert (root / "report" / name).stat().st_size > 1000
     # a second call with --resume skips every training stage
-    again = subprocess.run(cmd + ["--resume", "true", "--stages", "sft,reward,dpo,ppo"], cwd=REPO, env=env, capture_output=True,
+    again = subprocess.run(cmd + ["--resume", "true", "--stages", "sft,reward,dpo,ppo,grpo"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("summary.json exists; skipped") == 4
+    assert again.stdout.count("summary.json exists; skipped") == 5
 
 
 def test_pipeline_refuses_an_earlier_pipeline_and_overwrite_moves_it_aside(tmp_path):

@@ -133,7 +133,7 @@ def _peak(**kw) -> float:
     return estimate(PlanArgs(**kw)).peak_bytes
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo", "grpo"])
 def test_more_batch_or_longer_sequences_need_more_memory(stage):
     base = dict(model="Llama-3.1-8B", stage=stage, quantization="4bit", seq_len=512, micro_batch=2, ppo_response_len=128)
     assert _peak(**{**base, "micro_batch": 4}) > _peak(**base)
@@ -153,6 +153,24 @@ def test_dpo_doubles_the_batch_of_sft():
     sft = estimate(PlanArgs(model="Qwen2.5-7B", stage="sft", micro_batch=2, gradient_checkpointing=False))
     dpo_1 = estimate(PlanArgs(model="Qwen2.5-7B", stage="dpo", micro_batch=1, gradient_checkpointing=False))
     assert dpo_1.components["activations"] == pytest.approx(sft.components["activations"])
+
+
+def test_grpo_is_an_sft_step_on_replies_plus_generation_and_no_critic(tiny_dir):
+    """GRPO (TRL) trains one adapter with the fused LM head, like SFT over the same rows; its generation phase is
+    PPO's (same KV cache for the same batch and lengths); it keeps no critic or reward adapter, so its persistent
+    memory is SFT's and below PPO's; beta 0 drops the reference forward."""
+    training = dict(model=tiny_dir, quantization="none", seq_len=96, micro_batch=16, ppo_response_len=32, ppo_rollout_batch=1)
+    grpo, sft, ppo = (estimate(PlanArgs(stage=stage, **training)) for stage in ("grpo", "sft", "ppo"))
+    assert grpo.peak_phase == "train step" and set(grpo.phases) == {"train step", "generation", "reference forward"}
+    assert grpo.trainable_params == sft.trainable_params < ppo.trainable_params
+    for part in ("weights", "adapters", "gradients", "optimizer", "activations"):
+        assert grpo.components[part] == sft.components[part], part
+    generating = dict(training, micro_batch=1, ppo_rollout_batch=64)
+    grpo_gen = estimate(PlanArgs(stage="grpo", **generating))
+    assert grpo_gen.peak_phase == "generation"
+    # by hand: 2 (K and V) x 2 layers x 2 KV heads x 16 head_dim x 2 bytes (bf16) x 64 rows x 96 tokens
+    assert grpo_gen.components["kv_cache"] == 2 * 2 * 2 * 16 * 2 * 64 * 96
+    assert "reference forward" not in estimate(PlanArgs(stage="grpo", grpo_beta=0.0, **training)).phases
 
 
 # ------------------------------------------------------------------------------------------ searches

@@ -259,6 +259,19 @@ def test_decision_rows_read_paired_differences(tmp_path):
     assert {(d["a"], d["b"]) for d in fallback} == {("sft2", "sft")}
 
 
+def test_grpo_and_rloo_runs_are_decided_on_like_ppo(tmp_path):
+    """Online RL without a critic (GRPO, RLOO) is a choice next to PPO and DPO: each is paired with every DPO run,
+    with PPO and with each other, and with SFT, their common start."""
+    rows = [gen_row(f"p{i:03d}", "greedy", verifier=float(i % 2), rm=0.0, length=10) for i in range(8)]
+    runs = [load_eval(write_eval(tmp_path / name, rows, method=method, settings={"modes": ["greedy"]}))
+            for name, method in (("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo"), ("rloo", "rloo"))]
+    pairs = [(d["a"], d["b"]) for d in decision_table(runs, runs[0], ["greedy"], 100, 0) if d["key"] == "verifier_score"]
+    assert pairs == [("ppo", "dpo"), ("grpo", "dpo"), ("rloo", "dpo"), ("ppo", "grpo"), ("ppo", "rloo"), ("grpo", "rloo"),
+                     ("dpo", "sft"), ("ppo", "sft"), ("grpo", "sft"), ("rloo", "sft")]
+    alone = decision_table([runs[0], runs[3]], runs[0], ["greedy"], 100, 0)  # GRPO from SFT, no DPO or PPO
+    assert {(d["a"], d["b"]) for d in alone} == {("grpo", "sft")}
+
+
 def test_coherent_strict_decides_where_the_verifier_is_gamed(tmp_path):
     """PPO meets every constraint on all 40 prompts but 30 of its replies are degenerate; DPO meets them on
     20 prompts with ordinary text. The verifier says PPO (+0.5), coherent strict says DPO (10/40 - 20/40 =

@@ -1,0 +1,182 @@
+"""Learning curve of one training recipe: held-out verifier scores against training tokens and wall time.
+
+    python bench/learning_curve.py --recipe sft --steps 32,64,128 --out bench/results/curve_sft \
+        -- --learning_rate 1e-3
+    python bench/learning_curve.py --recipe dpo --steps 24,48 --out bench/results/curve_dpo --eval_prompts 128
+
+One run of `accelerate launch recipes/<recipe>.py` with a constant learning rate (so the checkpoint at step k
+is the model a k-step run would give) saves a checkpoint at every step count in --steps; each checkpoint and
+the starting model answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py,
+128 new tokens). For every checkpoint the JSON gives coherent strict (every constraint met and not degenerate,
+align.degeneration), IFEval strict, verifier score, the degenerate share and EOS rate, each as the paired
+difference from the starting model with its 95% bootstrap interval (align.report.paired_delta, 2,000
+resamples), and the training tokens and seconds spent to reach it. Written to OUT/learning_curve.json and
+plotted to OUT/learning_curve.png; arguments after `--` go to the recipe unchanged.
+
+A part already done (the starting model's evaluation, the run, a checkpoint's evaluation) is reused when the
+script runs again with the same OUT, so an interrupted curve continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from functools import reduce
+from math import gcd
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from align.errors import ConfigError, cli_main  # noqa: E402
+from align.io import atomic_write_json  # noqa: E402
+from align.report import paired_delta, read_jsonl  # noqa: E402
+
+METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "eos")
+RECIPES = ("sft", "dpo")  # recipes with TrainArgs (constant schedule, checkpoints by step)
+
+
+def cpu_description() -> str:
+    """The CPU model and whether it has bf16 matmul instructions (numbers differ between machine kinds)."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16) if bf16 else 'no bf16 matmul (AVX2 only)'}"
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run `cmd` from the repository root, its output appended to `log`; a failure names the log."""
+    print("$", " ".join(cmd), f"  (log: {log})", flush=True)
+    with open(log, "a") as f:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"error: {' '.join(cmd[:4])} ... exited with {code}; see {log}")
+
+
+def evaluate(model: str, out: Path, n_prompts: int, log: Path) -> list[dict]:
+    """Greedy replies of `model` to the first n_prompts held-out prompts (reused when out/summary.json exists)."""
+    if not (out / "summary.json").exists():
+        run([sys.executable, "eval/evaluate.py", model, "--modes", "greedy", "--max_prompts", str(n_prompts),
+             "--pref_data", "none", "--ppl_data", "none", "--out", str(out)], log)
+    rows = [r for r in read_jsonl(out / "generations.jsonl") if r["mode"] == "greedy"]
+    if len(rows) != n_prompts:
+        raise ConfigError(f"{out}/generations.jsonl: expected {n_prompts} greedy replies, found {len(rows)}; "
+                          "evaluate into another --out")
+    for r in rows:
+        r["eos"] = float(r["eos"])
+    return rows
+
+
+def checkpoint_cost(checkpoint: Path) -> dict:
+    """Training tokens and seconds at a checkpoint, from its trainer_state.json (None where not logged)."""
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    last = history[-1] if history else {}
+    return {"step": int(checkpoint.name.split("-")[-1]), "tokens": last.get("num_input_tokens_seen"),
+            "train_seconds": last.get("train_runtime")}
+
+
+def point(base: list[dict], rows: list[dict], cost: dict) -> dict:
+    deltas = {}
+    for key in METRICS:
+        d = paired_delta(base, rows, key, 2000, 0)
+        deltas[key] = {k: round(d[k], 4) for k in ("baseline_mean", "run_mean", "mean", "lo", "hi")} | {"n": d["n"]}
+    return cost | {"metrics": deltas}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = [p["tokens"] if p["tokens"] is not None else p["step"] for p in points]
+    xlabel = "training tokens" if all(p["tokens"] is not None for p in points) else "optimizer steps"
+    for ax, keys, title in ((axes[0], ("coherent_strict", "verifier_strict"), "strict score (held-out, greedy)"),
+                            (axes[1], ("degenerate", "eos"), "degenerate share / EOS rate")):
+        for key in keys:
+            base = points[0]["metrics"][key]["baseline_mean"] if points else 0
+            y = [base] + [p["metrics"][key]["run_mean"] for p in points]
+            lo = [base] + [base + p["metrics"][key]["lo"] for p in points]
+            hi = [base] + [base + p["metrics"][key]["hi"] for p in points]
+            xs = [0] + x
+            ax.plot(xs, y, marker="o", label=key.replace("_", " "))
+            ax.fill_between(xs, lo, hi, alpha=0.2)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['recipe']} {' '.join(result['recipe_args'])}: {result['eval_prompts']} held-out prompts, "
+                 f"95% paired intervals\n{result['cpu']}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+@cli_main
+def main() -> None:
+    argv = sys.argv[1:]
+    recipe_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", required=True, choices=RECIPES)
+    parser.add_argument("--steps", required=True, help="comma-separated optimizer step counts to evaluate at")
+    parser.add_argument("--out", required=True, help="directory for the run, the evaluations and the results")
+    parser.add_argument("--eval_prompts", type=int, default=320, help="first N held-out ifprefs:eval prompts (all: 320)")
+    parser.add_argument("--base_eval", default=None, help="an existing greedy evaluation of the starting model to reuse")
+    args = parser.parse_args(argv)
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
+    except ValueError:
+        raise ConfigError(f"--steps: expected comma-separated step counts, got {args.steps!r}") from None
+    if not steps or steps[0] < 1:
+        raise ConfigError(f"--steps: expected positive step counts, got {args.steps!r}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "learning_curve.log"
+    run_dir = out / "run"
+
+    # The starting model: the recipe's --model_name_or_path where given, else its default (the embedded model).
+    start = recipe_args[recipe_args.index("--model_name_or_path") + 1] if "--model_name_or_path" in recipe_args[:-1] else "base"
+    base = evaluate(start, Path(args.base_eval) if args.base_eval else out / "eval-base", args.eval_prompts, log)
+    started = time.time()
+    if not (run_dir / "summary.json").exists():
+        interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
+        run(["accelerate", "launch", f"recipes/{args.recipe}.py", "--output_dir", str(run_dir),
+             "--max_steps", str(steps[-1]), "--save_steps", str(interval), "--lr_scheduler_type", "constant",
+             "--save_total_limit", str(max(2, steps[-1] // interval)),
+             "--summary_prompts", "0", *recipe_args], log)
+    points = []
+    for step in steps:
+        checkpoint = run_dir / f"checkpoint-{step}"
+        if not checkpoint.exists():
+            raise ConfigError(f"{checkpoint}: missing; the run did not save step {step} (see {log})")
+        rows = evaluate(str(checkpoint), out / f"eval-step-{step}", args.eval_prompts, log)
+        points.append(point(base, rows, checkpoint_cost(checkpoint)))
+        m = points[-1]["metrics"]["coherent_strict"]
+        print(f"step {step}: coherent strict {m['baseline_mean']:.3f} -> {m['run_mean']:.3f} "
+              f"({m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}])", flush=True)
+    result = {"recipe": args.recipe, "recipe_args": recipe_args, "lr_scheduler_type": "constant",
+              "eval_prompts": args.eval_prompts, "decoding": "greedy, 128 new tokens", "cpu": cpu_description(),
+              "wall_seconds_this_call": round(time.time() - started, 1), "points": points}
+    atomic_write_json(out / "learning_curve.json", result)
+    plot(result, out / "learning_curve.png")
+    print(f"wrote {out / 'learning_curve.json'} and {out / 'learning_curve.png'}")
+
+
+if __name__ == "__main__":
+    main()
