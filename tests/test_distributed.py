@@ -294,3 +294,20 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_then_resume_matches(tin
     result = run_launch("dpo", dpo_args(tiny_model_dir, tiny_data, out, batch=2, resume="true"), port=29547)
     assert f"resuming from {out / f'checkpoint-{stopped_at}'}" in result.stderr
     assert_same_run(two_process_dpo[0], out, steps=4)
+
+
+def test_grpo_on_two_processes(tiny_model_dir, tiny_data, tmp_path):
+    """GRPO (TRL) on 2 processes: each rank generates and scores its own replies (4 replies per rank, groups of 2),
+    the step's metrics are gathered over both, one adapter and one summary are written. Not compared with one
+    process: each rank samples its replies from its own generator, so the replies themselves differ."""
+    out = tmp_path / "grpo_two"
+    argv = recipe_args("grpo", tiny_model_dir, tiny_data, out, max_steps=2, reward_guard="false")
+    run_launch("grpo", argv, port=29548)
+    metrics = [m for m in metric_records(out) if "train/reward" in m]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert 0 <= m["train/reward"] <= 1 and math.isfinite(m["train/loss"])
+    assert metrics[0]["train/kl"] == 0.0  # the reference is the base, adapter disabled, on both ranks
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "grpo" and summary["steps"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
