@@ -275,3 +275,39 @@ def hacking_warning(reward_start: float | None, reward_end: float | None, heldou
         return None
     return (f"reward hacking? the training reward rose {reward_start:.3f} -> {reward_end:.3f} while on the {where} "
             + " and ".join(signs) + ": read the replies before trusting the verifier's gain")
+
+
+# --------------------------------------------------------------------------------------------------
+# Formats nobody asked for
+# --------------------------------------------------------------------------------------------------
+
+# (name, the constraint types that ask for it, the pattern that finds it). Each is a format the ifprefs SFT
+# data adds by a minimal edit (align/ifprefs.py); a policy that learns the edit without the instruction writes
+# it everywhere: a learning-curve SFT run (issue 18) put `[date]`-style placeholders into 69 of 320 replies
+# that asked for none (the starting model: 9). Not part of `check_reply`: the text can still be good, but a
+# person would call it a wrong reply, and a real instruction-following benchmark would too.
+UNASKED_FORMATS: tuple[tuple[str, frozenset[str], re.Pattern], ...] = (
+    ("placeholders", frozenset({"num_placeholders"}), re.compile(r"\[[^\[\]\n]{1,40}\]")),
+    ("quoted reply", frozenset({"quotation"}), re.compile(r'\A\s*".*"\s*\Z', re.S)),
+    ("SECTION markers", frozenset({"num_sections"}), re.compile(r"\bSECTION\s+\d")),
+    ("postscript", frozenset({"postscript"}), re.compile(r"(?m)^\s*P\.\s?S\.")),
+    ("*** dividers", frozenset({"num_paragraphs"}), re.compile(r"(?m)^\s*\*\*\*\s*$")),
+    ("<<title>>", frozenset({"title"}), re.compile(r"<<[^<>\n]+>>")),
+    ("JSON", frozenset({"json_format"}), re.compile(r"\A\s*(```json|\{)")),
+)
+CAPITALS_MIN_LETTERS, CAPITALS_MIN_SHARE = 20, 0.8
+
+
+def unasked_formats(reply: str, constraints: Sequence[dict[str, Any]]) -> list[str]:
+    """The formats of UNASKED_FORMATS (and all capitals) that `reply` uses while no constraint asks for them.
+
+    >>> unasked_formats('"Dear [name], thanks."', [{"type": "quotation"}])
+    ['placeholders']
+    """
+    asked = {c.get("type") for c in constraints}
+    found = [name for name, licensed_by, pattern in UNASKED_FORMATS if not asked & licensed_by and pattern.search(reply)]
+    letters = [ch for ch in reply if ch.isalpha()]
+    if "capitals" not in asked and len(letters) >= CAPITALS_MIN_LETTERS and \
+            sum(ch.isupper() for ch in letters) >= CAPITALS_MIN_SHARE * len(letters):
+        found.append("all capitals")
+    return found

@@ -8,13 +8,15 @@ One run of `accelerate launch recipes/<recipe>.py` with a constant learning rate
 is the model a k-step run would give) saves a checkpoint at every step count in --steps; each checkpoint and
 the starting model answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py,
 128 new tokens). For every checkpoint the JSON gives coherent strict (every constraint met and not degenerate,
-align.degeneration), IFEval strict, verifier score, the degenerate share and EOS rate, each as the paired
+align.degeneration), IFEval strict, verifier score, the degenerate share, the share of replies with a format
+no constraint asked for (align.degeneration.unasked_formats) and the EOS rate, each as the paired
 difference from the starting model with its 95% bootstrap interval (align.report.paired_delta, 2,000
 resamples), and the training tokens and seconds spent to reach it. Written to OUT/learning_curve.json and
 plotted to OUT/learning_curve.png; arguments after `--` go to the recipe unchanged.
 
-A part already done (the starting model's evaluation, the run, a checkpoint's evaluation) is reused when the
-script runs again with the same OUT, so an interrupted curve continues where it stopped.
+A part already done (the starting model's evaluation, the run, a checkpoint's evaluation and its cost) is reused
+when the script runs again with the same OUT: an interrupted curve continues where it stopped, and a curve asked
+for with more steps continues the run (`--resume true`) from its last checkpoint instead of starting over.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from align.degeneration import unasked_formats  # noqa: E402
 from align.errors import ConfigError, cli_main  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
 from align.report import paired_delta, read_jsonl  # noqa: E402
 
-METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "eos")
+METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
 RECIPES = ("sft", "dpo")  # recipes with TrainArgs (constant schedule, checkpoints by step)
 
 
@@ -76,15 +79,33 @@ def evaluate(model: str, out: Path, n_prompts: int, log: Path) -> list[dict]:
                           "evaluate into another --out")
     for r in rows:
         r["eos"] = float(r["eos"])
+        r["unasked_format"] = float(bool(unasked_formats(r["reply"], r["constraints"])))
     return rows
 
 
 def checkpoint_cost(checkpoint: Path) -> dict:
-    """Training tokens and seconds at a checkpoint, from its trainer_state.json (None where not logged)."""
+    """Training tokens and seconds at a checkpoint, from its trainer_state.json (None where not logged).
+
+    A resumed run logs train_runtime from 0 again: the seconds are summed over the segments of the run."""
     history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    seconds, segment = None, 0.0
+    for entry in history:
+        runtime = entry.get("train_runtime")
+        if runtime is None:
+            continue
+        if seconds is not None and runtime < segment:  # a new segment started (the run was resumed)
+            seconds += segment
+        seconds = seconds or 0.0
+        segment = float(runtime)
     last = history[-1] if history else {}
     return {"step": int(checkpoint.name.split("-")[-1]), "tokens": last.get("num_input_tokens_seen"),
-            "train_seconds": last.get("train_runtime")}
+            "train_seconds": None if seconds is None else round(seconds + segment, 1)}
+
+
+def last_checkpoint(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint-N in run_dir (0 if none)."""
+    return max((int(c.name.split("-")[-1]) for c in run_dir.glob("checkpoint-*") if (c / "align_complete.json").exists()),
+               default=0)
 
 
 def point(base: list[dict], rows: list[dict], cost: dict) -> dict:
@@ -106,7 +127,7 @@ def plot(result: dict, path: Path) -> None:
     x = [p["tokens"] if p["tokens"] is not None else p["step"] for p in points]
     xlabel = "training tokens" if all(p["tokens"] is not None for p in points) else "optimizer steps"
     for ax, keys, title in ((axes[0], ("coherent_strict", "verifier_strict"), "strict score (held-out, greedy)"),
-                            (axes[1], ("degenerate", "eos"), "degenerate share / EOS rate")):
+                            (axes[1], ("degenerate", "unasked_format", "eos"), "degenerate / unasked format / EOS")):
         for key in keys:
             base = points[0]["metrics"][key]["baseline_mean"] if points else 0
             y = [base] + [p["metrics"][key]["run_mean"] for p in points]
@@ -119,7 +140,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['recipe']} {' '.join(result['recipe_args'])}: {result['eval_prompts']} held-out prompts, "
+    fig.suptitle(f"{result['recipe']} {' '.join(result['recipe_args'])}, constant LR: {result['eval_prompts']} held-out prompts, "
                  f"95% paired intervals\n{result['cpu']}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -154,19 +175,25 @@ def main() -> None:
     start = recipe_args[recipe_args.index("--model_name_or_path") + 1] if "--model_name_or_path" in recipe_args[:-1] else "base"
     base = evaluate(start, Path(args.base_eval) if args.base_eval else out / "eval-base", args.eval_prompts, log)
     started = time.time()
-    if not (run_dir / "summary.json").exists():
+    done = {s for s in steps if (out / f"eval-step-{s}" / "cost.json").exists()}
+    if not (run_dir / "summary.json").exists() or last_checkpoint(run_dir) < max(set(steps) - done, default=0):
+        # A new run, or one to continue: interrupted, or extended to a longer curve (the schedule is constant, so
+        # an extended run is the run a longer one would have been); --resume checks that nothing else changed.
         interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
         run(["accelerate", "launch", f"recipes/{args.recipe}.py", "--output_dir", str(run_dir),
              "--max_steps", str(steps[-1]), "--save_steps", str(interval), "--lr_scheduler_type", "constant",
-             "--save_total_limit", str(max(2, steps[-1] // interval)),
-             "--summary_prompts", "0", *recipe_args], log)
+             "--save_total_limit", str(max(2, steps[-1] // interval)), "--summary_prompts", "0",
+             *(["--resume", "true"] if run_dir.exists() else []), *recipe_args], log)
     points = []
     for step in steps:
-        checkpoint = run_dir / f"checkpoint-{step}"
-        if not checkpoint.exists():
-            raise ConfigError(f"{checkpoint}: missing; the run did not save step {step} (see {log})")
-        rows = evaluate(str(checkpoint), out / f"eval-step-{step}", args.eval_prompts, log)
-        points.append(point(base, rows, checkpoint_cost(checkpoint)))
+        checkpoint, eval_dir = run_dir / f"checkpoint-{step}", out / f"eval-step-{step}"
+        if step not in done:
+            if not (checkpoint / "align_complete.json").exists():
+                raise ConfigError(f"{checkpoint}: missing; the run did not save step {step} (see {log})")
+            evaluate(str(checkpoint), eval_dir, args.eval_prompts, log)
+            atomic_write_json(eval_dir / "cost.json", checkpoint_cost(checkpoint))  # kept where the checkpoint may not be
+        rows = evaluate(str(checkpoint), eval_dir, args.eval_prompts, log)
+        points.append(point(base, rows, json.loads((eval_dir / "cost.json").read_text())))
         m = points[-1]["metrics"]["coherent_strict"]
         print(f"step {step}: coherent strict {m['baseline_mean']:.3f} -> {m['run_mean']:.3f} "
               f"({m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}])", flush=True)

@@ -196,3 +196,24 @@ def test_hacking_warning_fires_on_the_issue_23_run_and_not_on_an_honest_one():
     assert hacking_warning(None, 0.47, start, end) is None and hacking_warning(0.36, 0.47, None, end) is None
     only_degenerate = hacking_warning(0.36, 0.47, {"degenerate_share": 0.1}, {"degenerate_share": 0.2})
     assert only_degenerate is not None and "coherent" not in only_degenerate
+
+
+def test_unasked_formats_name_each_format_no_constraint_asked_for():
+    from align.degeneration import unasked_formats
+
+    # the learning-curve SFT run's leaks: a placeholder line, a whole reply in quotes, SECTION markers
+    leaked = '"Ladakh: Kite flying\n***\nIn the 19th century a festival was held.\nSign up by [date] with [name]."'
+    assert unasked_formats(leaked, [{"type": "include_keywords", "keywords": ["bright"]}]) == [
+        "placeholders", "quoted reply", "*** dividers"]
+    assert unasked_formats(leaked, [{"type": "quotation"}, {"type": "num_paragraphs", "num_paragraphs": 2},
+                                    {"type": "num_placeholders", "num_placeholders": 1}]) == []
+    assert unasked_formats("SECTION 1\nHello.\nP.S. Bye.", []) == ["SECTION markers", "postscript"]
+    assert unasked_formats('```json\n{"a": 1}\n```', []) == ["JSON"]
+    assert unasked_formats("<<A Title>>\nText.", [{"type": "title"}]) == []
+    # all capitals: asked for by `capitals` only; a lowercase prompt answered in capitals is a leak
+    shout = "ONCE UPON A TIME THERE WAS A WOLF WHO TALKED."
+    assert unasked_formats(shout, [{"type": "lowercase"}]) == ["all capitals"]
+    assert unasked_formats(shout, [{"type": "capitals"}]) == []
+    assert unasked_formats("NASA and the ESA launched it.", []) == []  # a few acronyms are not all capitals
+    # ordinary text, a quotation inside a reply, markdown emphasis: nothing
+    assert unasked_formats('She said "hello" and left. *Important* point.', []) == []

@@ -3,7 +3,7 @@ against the starting model, the JSON and the plot; a second call reuses everythi
 
 import json
 
-from recipe_harness import recipe_args, run_cli, tiny_data  # noqa: F401  (tiny_data is a fixture)
+from recipe_harness import REPO, recipe_args, run_cli, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
 def test_sft_curve_on_the_tiny_model(tiny_model_dir, tiny_data, tmp_path):
@@ -19,7 +19,7 @@ def test_sft_curve_on_the_tiny_model(tiny_model_dir, tiny_data, tmp_path):
     assert curve["points"][0]["tokens"] > 0 and curve["points"][1]["tokens"] > curve["points"][0]["tokens"]
     assert curve["points"][1]["train_seconds"] > 0
     for p in curve["points"]:
-        for key in ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "eos"):
+        for key in ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos"):
             m = p["metrics"][key]
             assert m["n"] == 2 and m["lo"] <= m["mean"] <= m["hi"]
             assert abs(m["run_mean"] - m["baseline_mean"] - m["mean"]) < 1e-3
@@ -35,8 +35,32 @@ def test_sft_curve_on_the_tiny_model(tiny_model_dir, tiny_data, tmp_path):
     assert "$ " not in again.stdout  # nothing launched or evaluated again
     assert json.loads((out / "learning_curve.json").read_text())["points"] == curve["points"]
 
+    # a longer curve continues the run from its last checkpoint (same constant schedule) and evaluates only step 3
+    longer = run_cli([*cmd[:4], "1,2,3", *cmd[5:]], timeout=600)
+    assert longer.returncode == 0, longer.stdout + longer.stderr
+    launched = [line for line in longer.stdout.splitlines() if line.startswith("$ ")]
+    assert len(launched) == 2 and "--resume true" in launched[0] and "checkpoint-3 " in launched[1]
+    extended = json.loads((out / "learning_curve.json").read_text())["points"]
+    assert extended[:2] == curve["points"] and extended[2]["step"] == 3
+    assert extended[2]["tokens"] > extended[1]["tokens"]
+
 
 def test_bad_steps_are_one_clear_error(tmp_path):
     result = run_cli(["bench/learning_curve.py", "--recipe", "sft", "--steps", "10,x", "--out", str(tmp_path / "c")])
     assert result.returncode != 0
     assert "--steps: expected comma-separated step counts, got '10,x'" in result.stderr
+
+
+def test_seconds_of_a_resumed_run_add_up(tmp_path):
+    """trainer_state.json of a resumed run logs train_runtime from 0 again; the cost sums the segments."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from learning_curve import checkpoint_cost
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    history = [{"step": 1, "train_runtime": 10.0}, {"step": 2, "train_runtime": 20.0}, {"step": 2, "eval": 1},
+               {"step": 3, "train_runtime": 4.0}, {"step": 4, "train_runtime": 9.5, "num_input_tokens_seen": 400}]
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert checkpoint_cost(checkpoint) == {"step": 4, "tokens": 400, "train_seconds": 29.5}
