@@ -298,13 +298,13 @@ UNASKED_FORMATS: tuple[tuple[str, frozenset[str], re.Pattern], ...] = (
 CAPITALS_MIN_LETTERS, CAPITALS_MIN_SHARE = 20, 0.8
 
 
-def unasked_formats(reply: str, constraints: Sequence[dict[str, Any]]) -> list[str]:
+def unasked_formats(reply: str, constraints: Sequence[dict[str, Any]] | None) -> list[str]:
     """The formats of UNASKED_FORMATS (and all capitals) that `reply` uses while no constraint asks for them.
 
     >>> unasked_formats('"Dear [name], thanks."', [{"type": "quotation"}])
     ['placeholders']
     """
-    asked = {c.get("type") for c in constraints}
+    asked = {c.get("type") for c in constraints or ()}
     found = [name for name, licensed_by, pattern in UNASKED_FORMATS if not asked & licensed_by and pattern.search(reply)]
     letters = [ch for ch in reply if ch.isalpha()]
     if "capitals" not in asked and len(letters) >= CAPITALS_MIN_LETTERS and \

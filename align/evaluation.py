@@ -19,7 +19,8 @@ Written to OUT (default RUN/eval; for `base`, outputs/base/eval):
 
     generations.jsonl  one line per (prompt, sampling mode): prompt id and messages, the reply, mode, seed,
                        temperature, coherent_strict (the headline: strict pass AND not degenerate),
-                       degenerate and its reasons (align.degeneration), the verifier's per-constraint
+                       degenerate and its reasons (align.degeneration), unasked_format(s) (formats no
+                       constraint asked for: align.degeneration.unasked_formats), the verifier's per-constraint
                        results, score and strict pass, the reward-model score, length in tokens and words, whether it ended with EOS,
                        distinct-1/2, the share of repeated 4-grams, and the per-sequence KL estimates
     prefs.jsonl        one line per held-out preference pair: reward-model scores of chosen and rejected,
@@ -58,7 +59,7 @@ import torch
 import yaml
 
 from align.config import arg
-from align.degeneration import Degeneration, check_reply
+from align.degeneration import Degeneration, check_reply, unasked_formats
 from align.errors import AlignError, ConfigError
 from align.io import atomic_write_json, atomic_write_text
 from align.records import Message
@@ -490,6 +491,7 @@ def generation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "coherent_strict": _mean([r["coherent_strict"] for r in rows]),
         "verifier_strict": _mean([r["verifier_strict"] for r in rows]),
         "degenerate_share": _mean([r["degenerate"] for r in rows]),
+        "unasked_format_share": _mean([r.get("unasked_format") for r in rows]),
         "verifier_score": _mean([r["verifier_score"] for r in rows]),
         "n_with_constraints": sum(r["verifier_score"] is not None for r in rows),
         "rm_score": _mean([r["rm_score"] for r in rows]),
@@ -678,6 +680,7 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
         for record, pid, gen, rm_score in zip(records, prompt_ids, generations[mode], rm_scores):
             passed, score, strict = _verdict(gen.reply, record.constraints, f"{record.source}: field 'constraints'")
             degeneration = check_reply(gen.reply, record.prompt, record.constraints, ended=gen.eos)
+            unasked = unasked_formats(gen.reply, record.constraints)
             tokens = words(gen.reply)
             rows.append({
                 "prompt_id": pid, "prompt": record.prompt, "constraints": record.constraints,
@@ -686,6 +689,7 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
                 "reply": gen.reply, "length_tokens": gen.length_tokens, "length_words": len(tokens), "eos": gen.eos,
                 "coherent_strict": coherent_strict(strict, degeneration),
                 "degenerate": degeneration.degenerate, "degenerate_reasons": list(degeneration.reasons),
+                "unasked_format": bool(unasked), "unasked_formats": unasked,
                 "verifier_passed": passed, "verifier_score": score, "verifier_strict": strict, "rm_score": rm_score,
                 "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2),
                 "repeated_4gram_share": repeated_ngram_share(tokens), "kl_k1": gen.kl_k1, "kl_k3": gen.kl_k3,

@@ -50,6 +50,7 @@ GENERATION_METRICS = (
     ("coherent_strict", "coherent strict", True),
     ("verifier_strict", "verifier strict", True),
     ("degenerate", "degenerate share", False),
+    ("unasked_format", "format nobody asked for", False),  # align.degeneration.unasked_formats
     ("verifier_score", "verifier score", True),
     ("rm_score", "RM score", True),
     ("length_tokens", "length (tokens)", None),

@@ -272,6 +272,7 @@ def test_evaluate_an_adapter_run(adapter_run, tiny_reward_dir, data_files, tmp_p
     gens = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
     for g in gens:
         assert g["degenerate"] == bool(g["degenerate_reasons"])
+        assert g["unasked_format"] == bool(g["unasked_formats"]) and isinstance(g["unasked_formats"], list)
         assert g["coherent_strict"] == (None if g["verifier_strict"] is None else g["verifier_strict"] and not g["degenerate"])
     greedy = [g for g in gens if g["mode"] == "greedy"]
     assert summary["metrics"]["greedy"]["degenerate_share"] == pytest.approx(sum(g["degenerate"] for g in greedy) / len(greedy))
@@ -489,3 +490,18 @@ def test_rescore_judges_saved_replies_again_with_the_current_check(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["coherent_strict"]["baseline_mean"] == 1.0 and result["coherent_strict"]["run_mean"] == 0.5
     assert result["degenerate"]["mean"] == 0.5 and result["coherent_strict"]["n"] == 2
+
+
+def test_rows_and_summary_carry_formats_nobody_asked_for():
+    """generation_summary's unasked_format_share is the share of rows with a format no constraint asked for; rows
+    written before the measure existed (no key) are left out rather than counted as clean."""
+    from align.evaluation import generation_summary
+
+    def row(unasked):
+        r = {"coherent_strict": True, "verifier_strict": True, "degenerate": False, "verifier_score": 1.0, "rm_score": None,
+             "length_tokens": 5, "eos": True, "distinct_1": 1.0, "distinct_2": 1.0, "repeated_4gram_share": 0.0,
+             "kl_k1": None, "kl_k3": None, "constraints": [{"type": "lowercase"}], "verifier_passed": [True]}
+        return r if unasked is None else {**r, "unasked_format": unasked}
+
+    assert generation_summary([row(True), row(False), row(False), row(None)])["unasked_format_share"] == pytest.approx(1 / 3)
+    assert generation_summary([row(None)])["unasked_format_share"] is None

@@ -477,3 +477,23 @@ def test_compare_refuses_an_earlier_report_and_overwrite_moves_it_aside(tmp_path
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
     assert digest(aside) == before and (out / "report.html").is_file()
     assert f"moved what was there (summary.json, report.md, report.html) to {aside}; nothing was deleted" in capsys.readouterr().err
+
+
+def test_metrics_table_shows_formats_nobody_asked_for_when_the_rows_have_them(tmp_path):
+    """Evaluations written since the measure existed carry unasked_format per reply: the metrics table gets the column;
+    older ones (no key) leave it out rather than show zeros."""
+    def rows(flag):
+        out = [gen_row(f"p{i:03d}", "greedy", verifier=1.0, rm=0.0, length=10) for i in range(10)]
+        if flag is not None:
+            for i, r in enumerate(out):
+                r["unasked_format"] = flag(i)
+        return out
+    new = [load_eval(write_eval(tmp_path / name, rows(flag), method=method, settings={"modes": ["greedy"]}))
+           for name, method, flag in (("sft", "sft", lambda i: False), ("dpo", "dpo", lambda i: i < 4))]
+    summary = build_report(new, tmp_path / "report", ReportArgs(n_bootstrap=200))
+    assert summary["metrics"]["greedy"]["dpo"]["unasked_format"]["mean"] == pytest.approx(0.4)
+    assert "format nobody asked for" in (tmp_path / "report" / "report.md").read_text()
+    old = [load_eval(write_eval(tmp_path / f"old_{name}", rows(None), method=name, settings={"modes": ["greedy"]}))
+           for name in ("sft", "dpo")]
+    build_report(old, tmp_path / "old_report", ReportArgs(n_bootstrap=200))
+    assert "format nobody asked for" not in (tmp_path / "old_report" / "report.md").read_text()
