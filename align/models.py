@@ -178,13 +178,18 @@ def resolve_model_path(name: str = DEFAULT_MODEL, verbose: bool = True) -> str:
 # ---------------------------------------------------------------- dtype, quantization, LoRA
 
 
+def cpu_bf16_flags() -> list[str]:
+    """The native bf16 matmul instructions this CPU reports (of avx512_bf16, amx_bf16; [] without /proc/cpuinfo)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+
+
 def cpu_has_bf16() -> bool:
     """bf16 matmul is only fast on CPUs with native bf16 (AVX512-BF16 or AMX); elsewhere it is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_bf16_flags())
 
 
 def resolve_dtype(name: str = "auto") -> torch.dtype:

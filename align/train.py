@@ -301,7 +301,7 @@ class FiniteLossMixin:
             from align.runs import checkpoint_write_error
 
             target = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            raise checkpoint_write_error(target, err, _last_marked(self.args.output_dir)) from err
+            raise checkpoint_write_error(target, err, last_marked_checkpoint(self.args.output_dir)) from err
 
     def _clip_grad_norm(self, model):
         # Before clipping: with one NaN gradient the total norm is NaN and clipping scales every gradient by it,
@@ -328,7 +328,7 @@ def _numbered_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def _last_marked(output_dir: str | Path) -> Path | None:
+def last_marked_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest checkpoint-N with a completion marker (reads only)."""
     marked = [p for p in _numbered_checkpoints(output_dir) if (p / MARKER).is_file()]
     return marked[-1] if marked else None
@@ -343,7 +343,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
         if not (ckpt / MARKER).is_file():
             print(f"[align] removing incomplete checkpoint {ckpt} (no {MARKER})", file=sys.stderr)
             shutil.rmtree(ckpt, ignore_errors=True)
-    best = _last_marked(root)
+    best = last_marked_checkpoint(root)
     return str(best) if best else None
 
 

@@ -22,6 +22,7 @@ for with more steps continues the run (`--resume true`) from its last checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -38,24 +39,21 @@ sys.path.insert(0, str(ROOT))
 from align.degeneration import unasked_formats  # noqa: E402
 from align.errors import ConfigError, cli_main  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
+from align.models import cpu_bf16_flags  # noqa: E402
 from align.report import paired_delta, read_jsonl  # noqa: E402
+from align.train import MARKER, last_marked_checkpoint  # noqa: E402
 
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
 RECIPES = ("sft", "dpo")  # recipes with TrainArgs (constant schedule, checkpoints by step)
 
 
 def cpu_description() -> str:
-    """The CPU model and whether it has bf16 matmul instructions (numbers differ between machine kinds)."""
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    """The CPU model and its native bf16 instructions (numbers differ between machine kinds)."""
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    bf16 = cpu_bf16_flags()
     return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16) if bf16 else 'no bf16 matmul (AVX2 only)'}"
 
 
@@ -77,10 +75,13 @@ def evaluate(model: str, out: Path, n_prompts: int, log: Path) -> list[dict]:
     if len(rows) != n_prompts:
         raise ConfigError(f"{out}/generations.jsonl: expected {n_prompts} greedy replies, found {len(rows)}; "
                           "evaluate into another --out")
-    for r in rows:
-        r["eos"] = float(r["eos"])
-        r["unasked_format"] = float(bool(unasked_formats(r["reply"], r["constraints"])))
+    for r in rows:  # evaluations written before eval/evaluate.py recorded it
+        r.setdefault("unasked_format", bool(unasked_formats(r["reply"], r["constraints"])))
     return rows
+
+
+def _step(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
 
 
 def checkpoint_cost(checkpoint: Path) -> dict:
@@ -98,14 +99,8 @@ def checkpoint_cost(checkpoint: Path) -> dict:
         seconds = seconds or 0.0
         segment = float(runtime)
     last = history[-1] if history else {}
-    return {"step": int(checkpoint.name.split("-")[-1]), "tokens": last.get("num_input_tokens_seen"),
+    return {"step": _step(checkpoint), "tokens": last.get("num_input_tokens_seen"),
             "train_seconds": None if seconds is None else round(seconds + segment, 1)}
-
-
-def last_checkpoint(run_dir: Path) -> int:
-    """The step of the newest complete checkpoint-N in run_dir (0 if none)."""
-    return max((int(c.name.split("-")[-1]) for c in run_dir.glob("checkpoint-*") if (c / "align_complete.json").exists()),
-               default=0)
 
 
 def point(base: list[dict], rows: list[dict], cost: dict) -> dict:
@@ -176,7 +171,7 @@ def main() -> None:
     base = evaluate(start, Path(args.base_eval) if args.base_eval else out / "eval-base", args.eval_prompts, log)
     started = time.time()
     done = {s for s in steps if (out / f"eval-step-{s}" / "cost.json").exists()}
-    if not (run_dir / "summary.json").exists() or last_checkpoint(run_dir) < max(set(steps) - done, default=0):
+    if not (run_dir / "summary.json").exists() or _step(last_marked_checkpoint(run_dir)) < max(set(steps) - done, default=0):
         # A new run, or one to continue: interrupted, or extended to a longer curve (the schedule is constant, so
         # an extended run is the run a longer one would have been); --resume checks that nothing else changed.
         interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
@@ -187,12 +182,11 @@ def main() -> None:
     points = []
     for step in steps:
         checkpoint, eval_dir = run_dir / f"checkpoint-{step}", out / f"eval-step-{step}"
-        if step not in done:
-            if not (checkpoint / "align_complete.json").exists():
-                raise ConfigError(f"{checkpoint}: missing; the run did not save step {step} (see {log})")
-            evaluate(str(checkpoint), eval_dir, args.eval_prompts, log)
-            atomic_write_json(eval_dir / "cost.json", checkpoint_cost(checkpoint))  # kept where the checkpoint may not be
+        if step not in done and not (checkpoint / MARKER).exists():
+            raise ConfigError(f"{checkpoint}: missing; the run did not save step {step} (see {log})")
         rows = evaluate(str(checkpoint), eval_dir, args.eval_prompts, log)
+        if step not in done:
+            atomic_write_json(eval_dir / "cost.json", checkpoint_cost(checkpoint))  # kept where the checkpoint may not be
         points.append(point(base, rows, json.loads((eval_dir / "cost.json").read_text())))
         m = points[-1]["metrics"]["coherent_strict"]
         print(f"step {step}: coherent strict {m['baseline_mean']:.3f} -> {m['run_mean']:.3f} "
