@@ -22,7 +22,7 @@ def _starting_model(model, adapter: bool):
 def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: list[PromptRecord], *, beta: float,
                      adapter: bool, max_new_tokens: int = 128, batch_size: int = 16, start_logps: dict | None = None) -> dict:
     """{"pref/logp_accuracy", "pref/implicit_reward_accuracy", "verifier/coherent_strict", "verifier/score",
-    "verifier/strict", "gen/degenerate_share", "rows", ...}.
+    "verifier/strict", "gen/degenerate_share", "gen/unasked_format_share", "rows", ...}.
 
     verifier/coherent_strict: share of prompts with constraints whose greedy reply meets every constraint
     AND is not degenerate (align.degeneration); gen/degenerate_share over all prompts. `rows` holds the
@@ -35,7 +35,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     above rejected (TRL's rewards/accuracies). For the starting model (adapter=False) the policy is its own
     reference, so every pair ties: 0.0, with pref/implicit_ties = the number of pairs.
     """
-    from align.degeneration import check_reply
+    from align.degeneration import check_reply, unasked_formats
     from align.evaluation import EvalArgs, Policy, coherent_strict, generate, pass_rates_by_constraint, reply_logps
     from align.verifier import verify
 
@@ -66,9 +66,11 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             for i, (g, p) in enumerate(zip(gens, prompts)):
                 verdict = verify(g.reply, p.constraints) if p.constraints else None  # none: nothing to verify
                 degeneration = check_reply(g.reply, p.prompt, p.constraints, ended=g.eos)
+                unasked = unasked_formats(g.reply, p.constraints)
                 rows.append({"prompt_id": p.id if p.id is not None else str(i), "mode": "greedy",
                              "coherent_strict": coherent_strict(verdict.strict if verdict else None, degeneration),
                              "verifier_strict": verdict.strict if verdict else None, "degenerate": degeneration.degenerate,
+                             "unasked_format": bool(unasked), "unasked_formats": unasked,
                              "constraints": [{"type": c["type"]} for c in p.constraints or []],
                              "verifier_passed": [bool(x) for x in verdict.passed] if verdict else None})
                 verdicts += [verdict] if verdict else []
@@ -79,6 +81,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             out["verifier/prompts"] = len(verdicts)
             out["verifier/by_constraint"] = pass_rates_by_constraint(rows)
             out["gen/degenerate_share"] = sum(r["degenerate"] for r in rows) / len(rows)
+            out["gen/unasked_format_share"] = sum(r["unasked_format"] for r in rows) / len(rows)
             # per prompt, so that before -> after is a paired difference with an interval (before_after)
             out["rows"] = rows
             out["gen/mean_length"] = sum(g.length_tokens for g in gens) / len(gens)
@@ -110,7 +113,8 @@ def before_after(before: dict, after: dict, n_resamples: int = 1000, seed: int =
         lines += [paired_line(label, before["rows"], after["rows"], key, n_resamples, seed) for label, key in (
             ("coherent strict (strict and not degenerate)", "coherent_strict"),
             ("verifier strict (IFEval rules, every constraint met)", "verifier_strict"),
-            ("degenerate replies (share)", "degenerate"))]
+            ("degenerate replies (share)", "degenerate"),
+            ("formats nobody asked for (share)", "unasked_format"))]
         lines = [line for line in lines if line]
     rows = [("held-out preference accuracy, DPO implicit reward", "pref/implicit_reward_accuracy"),
             ("held-out preference accuracy, log-prob per token", "pref/mean_logp_accuracy"),

@@ -3,7 +3,8 @@
     python eval/rescore.py outputs/base/eval outputs/dpo/eval [more eval dirs ...]
 
 When align.degeneration gains a rule, replies already generated (generations.jsonl of eval/evaluate.py) can be
-judged again in seconds: coherent strict and the degenerate share of each run, greedy replies, with the paired
+judged again in seconds: coherent strict, the degenerate share and the share of formats nobody asked for
+(align.degeneration.unasked_formats) of each run, greedy replies, with the paired
 95% bootstrap interval of run - baseline over the same prompts (align.report.paired_delta).
 """
 
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from align.degeneration import check_reply
+from align.degeneration import check_reply, unasked_formats
 from align.errors import cli_main
 from align.evaluation import coherent_strict
 from align.report import paired_delta, read_jsonl
@@ -23,6 +24,7 @@ def rescored(eval_dir: str, mode: str) -> list[dict]:
     for r in rows:
         verdict = check_reply(r["reply"], r["prompt"], r["constraints"], ended=r["eos"])
         r["degenerate"], r["coherent_strict"] = verdict.degenerate, coherent_strict(r["verifier_strict"], verdict)
+        r["unasked_format"] = bool(unasked_formats(r["reply"], r["constraints"]))
     return rows
 
 
@@ -36,7 +38,7 @@ def main() -> None:
     base = rescored(args.baseline, args.mode)
     for run in args.runs:
         rows = rescored(run, args.mode)
-        out = {key: paired_delta(base, rows, key, 2000, 0) for key in ("coherent_strict", "verifier_strict", "degenerate")}
+        out = {key: paired_delta(base, rows, key, 2000, 0) for key in ("coherent_strict", "verifier_strict", "degenerate", "unasked_format")}
         print(json.dumps({"run": run, "mode": args.mode, **{k: {m: round(v[m], 3) for m in ("baseline_mean", "run_mean", "mean", "lo", "hi")}
                                                              | {"n": v["n"]} for k, v in out.items()}}))
     sys.stdout.flush()

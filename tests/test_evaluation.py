@@ -399,21 +399,22 @@ def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
 
 def test_before_after_leads_with_coherent_strict_and_its_paired_interval():
     """4 prompts: coherent strict 1/4 -> 3/4 (+0.5; every bootstrap resample of the per-prompt differences
-    (0, 1, 1, 0) lies in [0, 1]), strict 2/4 -> 4/4, degenerate 2/4 -> 1/4."""
+    (0, 1, 1, 0) lies in [0, 1]), strict 2/4 -> 4/4, degenerate 2/4 -> 1/4, formats nobody asked for 0/4 -> 2/4."""
     from align.policy_report import before_after
 
-    def rows(coherent, strict, degenerate):
-        return [{"prompt_id": f"p{i}", "mode": "greedy", "coherent_strict": c, "verifier_strict": s, "degenerate": d}
-                for i, (c, s, d) in enumerate(zip(coherent, strict, degenerate))]
+    def rows(coherent, strict, degenerate, unasked):
+        return [{"prompt_id": f"p{i}", "mode": "greedy", "coherent_strict": c, "verifier_strict": s, "degenerate": d,
+                 "unasked_format": u} for i, (c, s, d, u) in enumerate(zip(coherent, strict, degenerate, unasked))]
 
-    before = {"rows": rows([1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0]), "verifier/score": 0.5, "verifier/prompts": 4}
-    after = {"rows": rows([1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]), "verifier/score": 0.9, "verifier/prompts": 4}
+    before = {"rows": rows([1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]), "verifier/score": 0.5, "verifier/prompts": 4}
+    after = {"rows": rows([1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1], [0, 1, 1, 0]), "verifier/score": 0.9, "verifier/prompts": 4}
     lines = before_after(before, after).splitlines()
     assert lines[1].startswith("  coherent strict (strict and not degenerate): 0.250 -> 0.750 (+0.500, paired 95% CI [+")
     assert lines[1].endswith("4 prompts)")
     assert lines[2].startswith("  verifier strict (IFEval rules, every constraint met): 0.500 -> 1.000 (+0.500")
     assert lines[3].startswith("  degenerate replies (share): 0.500 -> 0.250 (-0.250")
-    assert lines[4] == "  verifier score on held-out eval prompts: 0.500 -> 0.900"
+    assert lines[4].startswith("  formats nobody asked for (share): 0.000 -> 0.500 (+0.500")
+    assert lines[5] == "  verifier score on held-out eval prompts: 0.500 -> 0.900"
     before["verifier/by_constraint"] = {"capitals": {"passed": 0, "total": 4, "rate": 0.0}}
     after["verifier/by_constraint"] = {"capitals": {"passed": 3, "total": 4, "rate": 0.75}}
     assert before_after(before, after).splitlines()[-1] == "  constraints met, by type: capitals 0/4 -> 3/4"
@@ -490,6 +491,7 @@ def test_rescore_judges_saved_replies_again_with_the_current_check(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["coherent_strict"]["baseline_mean"] == 1.0 and result["coherent_strict"]["run_mean"] == 0.5
     assert result["degenerate"]["mean"] == 0.5 and result["coherent_strict"]["n"] == 2
+    assert result["unasked_format"]["run_mean"] == 0.0  # quotes, and only quotes, were asked for
 
 
 def test_rows_and_summary_carry_formats_nobody_asked_for():
