@@ -35,9 +35,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     above rejected (TRL's rewards/accuracies). For the starting model (adapter=False) the policy is its own
     reference, so every pair ties: 0.0, with pref/implicit_ties = the number of pairs.
     """
-    from align.degeneration import check_reply, unasked_formats
-    from align.evaluation import EvalArgs, Policy, coherent_strict, generate, pass_rates_by_constraint, reply_logps
-    from align.verifier import verify
+    from align.evaluation import EvalArgs, Policy, generate, reply_logps
 
     started = time.time()
     out: dict = {}
@@ -62,30 +60,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             label = "trained policy" if adapter else "starting model"
             gens = generate(policy, [p.prompt for p in prompts], "greedy", cfg,
                             log=lambda msg: print(f"[align] summary ({label}): {msg}", file=sys.stderr, flush=True))
-            rows, verdicts = [], []
-            for i, (g, p) in enumerate(zip(gens, prompts)):
-                verdict = verify(g.reply, p.constraints) if p.constraints else None  # none: nothing to verify
-                degeneration = check_reply(g.reply, p.prompt, p.constraints, ended=g.eos)
-                unasked = unasked_formats(g.reply, p.constraints)
-                rows.append({"prompt_id": p.id if p.id is not None else str(i), "mode": "greedy",
-                             "coherent_strict": coherent_strict(verdict.strict if verdict else None, degeneration),
-                             "verifier_strict": verdict.strict if verdict else None, "degenerate": degeneration.degenerate,
-                             "unasked_format": bool(unasked), "unasked_formats": unasked,
-                             "constraints": [{"type": c["type"]} for c in p.constraints or []],
-                             "verifier_passed": [bool(x) for x in verdict.passed] if verdict else None})
-                verdicts += [verdict] if verdict else []
-            if verdicts:
-                out["verifier/coherent_strict"] = sum(bool(r["coherent_strict"]) for r in rows) / len(verdicts)
-                out["verifier/score"] = sum(v.score for v in verdicts) / len(verdicts)
-                out["verifier/strict"] = sum(v.strict for v in verdicts) / len(verdicts)
-            out["verifier/prompts"] = len(verdicts)
-            out["verifier/by_constraint"] = pass_rates_by_constraint(rows)
-            out["gen/degenerate_share"] = sum(r["degenerate"] for r in rows) / len(rows)
-            out["gen/unasked_format_share"] = sum(r["unasked_format"] for r in rows) / len(rows)
-            # per prompt, so that before -> after is a paired difference with an interval (before_after)
-            out["rows"] = rows
-            out["gen/mean_length"] = sum(g.length_tokens for g in gens) / len(gens)
-            out["gen/eos_rate"] = sum(g.eos for g in gens) / len(gens)
+            out.update(generation_block(reply_rows(prompts, [(g.reply, g.eos, g.length_tokens) for g in gens])))
     if pairs and adapter and hasattr(model, "disable_adapter"):
         if start_logps and "chosen" in start_logps:
             ref_chosen, ref_rejected = start_logps["chosen"], start_logps["rejected"]
@@ -99,6 +74,52 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
         out["pref/implicit_margin_mean"] = sum(margins) / len(margins)
     model.train(was_training)
     out["time_s"] = round(time.time() - started, 1)
+    return out
+
+
+def reply_rows(prompts: list[PromptRecord], replies: list[tuple[str, bool, int]]) -> list[dict]:
+    """One row per prompt for its reply (text, ended by EOS, length in tokens): the verifier's verdict per
+    constraint, IFEval strict, coherent strict (strict and not degenerate: align.degeneration), degenerate,
+    formats nobody asked for. A prompt without constraints has None for the verifier's fields."""
+    from align.degeneration import check_reply, unasked_formats
+    from align.evaluation import coherent_strict
+    from align.verifier import verify
+
+    rows = []
+    for i, (p, (reply, ended, length)) in enumerate(zip(prompts, replies, strict=True)):
+        verdict = verify(reply, p.constraints) if p.constraints else None  # none: nothing to verify
+        degeneration = check_reply(reply, p.prompt, p.constraints, ended=ended)
+        unasked = unasked_formats(reply, p.constraints)
+        rows.append({"prompt_id": p.id if p.id is not None else str(i), "mode": "greedy",
+                     "coherent_strict": coherent_strict(verdict.strict if verdict else None, degeneration),
+                     "verifier_strict": verdict.strict if verdict else None,
+                     "verifier_score": verdict.score if verdict else None, "degenerate": degeneration.degenerate,
+                     "unasked_format": bool(unasked), "unasked_formats": unasked, "eos": bool(ended), "length_tokens": int(length),
+                     "constraints": [{"type": c["type"]} for c in p.constraints or []],
+                     "verifier_passed": [bool(x) for x in verdict.passed] if verdict else None})
+    return rows
+
+
+def generation_block(rows: list[dict]) -> dict:
+    """The summary's numbers over reply_rows: coherent strict, verifier score and strict over the prompts with
+    constraints; degenerate and unasked-format shares, mean length and EOS rate over all; pass rates per
+    constraint type; and the rows themselves, so that before -> after is a paired difference (before_after)."""
+    from align.evaluation import pass_rates_by_constraint
+
+    verified = [r for r in rows if r["verifier_strict"] is not None]
+    out: dict = {}
+    if verified:
+        out["verifier/coherent_strict"] = sum(bool(r["coherent_strict"]) for r in verified) / len(verified)
+        out["verifier/score"] = sum(r["verifier_score"] for r in verified) / len(verified)
+        out["verifier/strict"] = sum(bool(r["verifier_strict"]) for r in verified) / len(verified)
+    out["verifier/prompts"] = len(verified)
+    out["verifier/by_constraint"] = pass_rates_by_constraint(rows)
+    if rows:
+        out["gen/degenerate_share"] = sum(r["degenerate"] for r in rows) / len(rows)
+        out["gen/unasked_format_share"] = sum(r["unasked_format"] for r in rows) / len(rows)
+        out["gen/mean_length"] = sum(r["length_tokens"] for r in rows) / len(rows)
+        out["gen/eos_rate"] = sum(r["eos"] for r in rows) / len(rows)
+    out["rows"] = rows
     return out
 
 

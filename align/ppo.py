@@ -101,7 +101,8 @@ class PPOArgs(ModelArgs):
     max_prompts: int | None = arg(None, "use at most this many training prompts; none = all")
     max_prompt_length: int = arg(256, "prompts longer than this many tokens (with the chat template) are skipped and counted")
     eval_prompts: str | None = arg("ifprefs:eval", "held-out prompts for the verifier score before/after training; none = skip")
-    num_eval_prompts: int = arg(16, "how many held-out prompts to score before and after (0 = skip)")
+    num_eval_prompts: int = arg(32, "how many held-out prompts to answer greedily before and after training (0 = skip)")
+    summary_max_new_tokens: int = arg(96, "longest held-out reply generated before and after training (as the other recipes' summaries)")
     # ---- rollout
     rollout_batch_size: int = arg(8, "prompts per update, over all processes")
     response_length: int = arg(64, "maximum new tokens per response")
@@ -1019,6 +1020,13 @@ def _lr_lambda(kind: str, total_steps: int) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
+def _heldout_line(block: dict[str, Any]) -> str:
+    """"coherent strict 0.156, verifier strict 0.188, degenerate 0.250, 32 prompts" from PPOTrainer.evaluate's block."""
+    parts = [f"{label} {block[key]:.3f}" for label, key in (("coherent strict", "verifier/coherent_strict"), ("verifier strict", "verifier/strict"),
+                                                              ("degenerate", "gen/degenerate_share"), ("reward", "reward")) if key in block]
+    return ", ".join(parts + [f"{len(block['rows'])} prompts"])
+
+
 class PPOTrainer:
     """The PPO loop over `prompts` for `models` with reward `reward_fn` (see the module docstring).
 
@@ -1093,7 +1101,7 @@ class PPOTrainer:
         try:
             if self.eval_before is None and self.eval_prompts:
                 self.eval_before = self.evaluate()
-                say(f"held-out prompts before training: {json.dumps(self.eval_before)}", dist)
+                say(f"held-out prompts before training (greedy): {_heldout_line(self.eval_before)}", dist)
             done_here = 0
             while self.update_index < cfg.total_updates and (stop_after is None or done_here < stop_after):
                 update = self.update_index
@@ -1139,7 +1147,7 @@ class PPOTrainer:
                 self._after_update_checks(metrics)
             if self.eval_prompts and self.update_index >= cfg.total_updates:
                 self.eval_after = self.evaluate()
-                say(f"held-out prompts after training: {json.dumps(self.eval_after)}", dist)
+                say(f"held-out prompts after training (greedy): {_heldout_line(self.eval_after)}", dist)
                 warning = self.hacking_warning()
                 if warning:
                     say(f"health warning at update {self.update_index}: {warning}", dist)
@@ -1160,9 +1168,13 @@ class PPOTrainer:
         k = max(1, self.cfg.health_window // 2)
         if len(self.history) < 2 * k:
             return None
+
+        def heldout(block: dict[str, Any] | None) -> dict[str, Any] | None:
+            return block and {"coherent_strict": block.get("verifier/coherent_strict"), "degenerate_share": block.get("gen/degenerate_share")}
+
+        prompts = len(self.eval_before["rows"]) if self.eval_before else "?"
         return hacking_warning(_mean(self.history[:k], "objective/scores"), _mean(self.history[-k:], "objective/scores"),
-                               self.eval_before, self.eval_after,
-                               where=f"{self.eval_before.get('prompts') if self.eval_before else '?'} held-out prompts (sampled)")
+                               heldout(self.eval_before), heldout(self.eval_after), where=f"{prompts} held-out prompts (greedy)")
 
     def _saved_now(self) -> bool:
         return self.last_good_checkpoint is not None and self.last_good_checkpoint.name == f"{CHECKPOINT_PREFIX}{self.update_index:06d}"
@@ -1398,41 +1410,39 @@ class PPOTrainer:
 
     # ---- held-out prompts: the verifier (and the reward) before and after training
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean verifier score (and reward) of one sampled response per held-out prompt; the same sampling
-        seeds before and after, so the difference is the policy's."""
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy replies of the policy to the held-out prompts, scored as every recipe's summary scores them
+        (align.policy_report: coherent strict first, the verifier, degenerate and unasked-format shares, per-prompt
+        rows for the paired interval), plus the run's reward of those replies where the reward is not the
+        verifier. Prompts are split over the processes and the rows gathered back in prompt order."""
         cfg, dist = self.cfg, self.dist
-        from align.degeneration import check_reply
-        from align.verifier import verify
+        from align.evaluation import EvalArgs, Policy, generate as generate_replies
+        from align.policy_report import generation_block, reply_rows
 
         indices = list(range(dist.rank, len(self.eval_prompts), dist.world))
-        # verifier score sum, reward sum, prompts, coherent strict passes, degenerate replies
-        totals = torch.zeros(5, dtype=torch.float64)
-        for start in range(0, len(indices), cfg.forward_batch_size):
-            chunk = indices[start:start + cfg.forward_batch_size]
-            batch = [self.eval_prompts[i] for i in chunk]
-            seeds = [row_seed(cfg.seed, _EVAL_STREAM, i) for i in chunk]
-            _, _, responses, response_mask, contains_eos = generate(self.models, batch, seeds, temperature=cfg.temperature, max_new_tokens=cfg.response_length)
-            texts = decode_responses(self.models.tokenizer, responses, response_mask)
-            for record, text, ended in zip(batch, texts, contains_eos.tolist()):
-                degenerate = check_reply(text, record.prompt, record.constraints, ended=bool(ended)).degenerate
-                totals[4] += degenerate
-                if self.eval_verifier_fn is not None:  # one verdict gives the score and strict (verifier_reward's score)
-                    verdict = verify(text, record.constraints, f"{record.source}: field 'constraints'")
-                    totals[0] += verdict.score
-                    totals[3] += verdict.strict and not degenerate
-            if not self.reward_is_verifier:
-                totals[1] += sum(self.reward_fn(batch, texts))
-            totals[2] += len(batch)
-        totals = dist.sum(totals)
-        out: dict[str, float] = {"prompts": int(totals[2]), "temperature": cfg.temperature}
-        if self.eval_verifier_fn is not None:
-            out["coherent_strict"] = float(totals[3] / totals[2])
-            out["verifier"] = float(totals[0] / totals[2])
-        out["degenerate_share"] = float(totals[4] / totals[2])
+        mine = [self.eval_prompts[i] for i in indices]
+        model, tokenizer = self.models.model, self.models.tokenizer
+        eval_cfg = EvalArgs(max_new_tokens=cfg.summary_max_new_tokens, batch_size=cfg.forward_batch_size, modes=["greedy"])
+        was_training = model.training
+        model.eval()
+        try:
+            with adapter_phase(model, POLICY):
+                gens = generate_replies(Policy(model=model, tokenizer=tokenizer, kind="model", path=POLICY),
+                                        [p.prompt for p in mine], "greedy", eval_cfg) if mine else []
+        finally:
+            model.train(was_training)
+        rows = reply_rows(mine, [(g.reply, g.eos, g.length_tokens) for g in gens])
+        reward = 0.0
         if not self.reward_is_verifier:
-            out["reward"] = float(totals[1] / totals[2])
-        return out
+            for start in range(0, len(mine), cfg.forward_batch_size):
+                chunk = slice(start, start + cfg.forward_batch_size)
+                reward += float(sum(self.reward_fn(mine[chunk], [g.reply for g in gens[chunk]])))
+        gathered = dist.gather_objects((indices, rows, reward))
+        by_index = {i: row for part_indices, part_rows, _ in gathered for i, row in zip(part_indices, part_rows)}
+        block = generation_block([by_index[i] for i in range(len(self.eval_prompts))])
+        if not self.reward_is_verifier:
+            block["reward"] = sum(part[2] for part in gathered) / len(self.eval_prompts)
+        return block
 
     # ---- checkpoints
     def save_checkpoint(self) -> Path:

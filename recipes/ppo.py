@@ -28,6 +28,7 @@ from align.dpo_fast import return_freed_memory_to_os
 from align.errors import AlignError, ConfigError, cli_main
 from align.io import write_run_info
 from align.models import compute_note, resolve_quantization
+from align.policy_report import before_after
 from align.runs import claim_output_dir
 from align.ppo import PPOArgs, PPOTrainer, build_models, init_distributed, list_checkpoints, reward_function, say
 from align.train import set_cpu_threads
@@ -109,13 +110,12 @@ def main() -> None:
     trainer.save_final()
     summary = trainer.write_summary()
     if dist.is_main:
-        print(json.dumps(summary, indent=2), flush=True)
-        before, after = summary["heldout_before"] or {}, summary["heldout_after"] or {}
-        lines = [f"  {label}: {before[key]:.3f} -> {after[key]:.3f}" for label, key in (
-            ("coherent strict (strict and not degenerate)", "coherent_strict"), ("verifier score", "verifier"),
-            ("degenerate replies (share)", "degenerate_share")) if key in before and key in after]
-        if lines:  # one sampled reply per prompt: for paired intervals, run eval/evaluate.py (greedy, 128+ prompts)
-            say(f"held-out prompts before -> after ({after.get('prompts')} prompts, one sample each):\n" + "\n".join(lines))
+        shown = {k: {n: v for n, v in block.items() if n != "rows"} if k.startswith("heldout_") and block else block
+                 for k, block in summary.items()}  # per-prompt rows: in summary.json
+        print(json.dumps(shown, indent=2), flush=True)
+        before, after = summary["heldout_before"], summary["heldout_after"]
+        if before and after:  # greedy, the same block as the other recipes' summaries (align.policy_report)
+            say(before_after(before, after).removeprefix("[align] "))
         say(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: python eval/evaluate.py {cfg.output_dir})")
 
 

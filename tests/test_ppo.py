@@ -331,17 +331,20 @@ def test_hacking_warning_from_the_reward_history_and_the_heldout_evals(tmp_path)
 
     cfg = tiny_cfg("unused", tmp_path)  # health_window 6
     rising = [_metrics(**{"objective/scores": 0.1 * i}) for i in range(6)]
-    before = {"prompts": 16, "coherent_strict": 0.25, "verifier": 0.40, "degenerate_share": 0.30}
+    def block(coherent, degenerate):  # PPOTrainer.evaluate's keys (align.policy_report.generation_block), 16 prompts
+        return {"verifier/coherent_strict": coherent, "gen/degenerate_share": degenerate, "rows": [{}] * 16}
+
+    before = block(0.25, 0.30)
 
     def warning(history, after):
         return PPOTrainer.hacking_warning(SimpleNamespace(cfg=cfg, history=history, eval_before=before, eval_after=after))
 
-    gamed = {"prompts": 16, "coherent_strict": 0.125, "verifier": 0.60, "degenerate_share": 0.6875}
+    gamed = block(0.125, 0.6875)
     line = warning(rising, gamed)
-    assert line.startswith("reward hacking? the training reward rose 0.100 -> 0.400 while on the 16 held-out prompts (sampled) "
+    assert line.startswith("reward hacking? the training reward rose 0.100 -> 0.400 while on the 16 held-out prompts (greedy) "
                            "coherent strict fell 0.250 -> 0.125 and the degenerate share rose 0.300 -> 0.688")
     assert "\n" not in line
-    honest = {"prompts": 16, "coherent_strict": 0.3125, "verifier": 0.50, "degenerate_share": 0.3125}
+    honest = block(0.3125, 0.3125)
     assert warning(rising, honest) is None, "a degenerate share up 0.0125 (under DEGENERATE_RISE) with coherent strict up is no sign"
     assert warning(list(reversed(rising)), gamed) is None, "a falling reward is not being hacked"
     assert warning(rising[:5], gamed) is None, "fewer than health_window updates: no start and end to compare"
@@ -420,8 +423,11 @@ def test_recipe_end_to_end_with_the_verifier(tiny_model_dir, tmp_path):
         assert all(math.isfinite(m[key]) for m in metrics), key
     summary = json.loads((out / "summary.json").read_text())
     assert summary["updates"] == 2 and summary["peak_memory_mb"] > 0 and summary["method"] == "ppo"
-    assert set(summary["heldout_before"]) >= {"coherent_strict", "verifier", "degenerate_share", "prompts"}
-    assert summary["heldout_after"]["prompts"] == 4
+    for side in ("heldout_before", "heldout_after"):  # greedy, the block of the other recipes' summaries
+        assert set(summary[side]) >= {"verifier/coherent_strict", "verifier/strict", "verifier/score", "gen/degenerate_share",
+                                      "gen/unasked_format_share", "verifier/by_constraint", "rows"}
+        assert [r["prompt_id"] for r in summary[side]["rows"]] == [r["prompt_id"] for r in summary["heldout_before"]["rows"]]
+    assert len(summary["heldout_after"]["rows"]) == 4
     assert "unguarded (reward_guard false)" in summary["reward"]
     assert "coherent strict (strict and not degenerate):" in result.stderr
     model, _ = load_trained(str(out), dtype="fp32")  # the policy loads like any other adapter
@@ -438,7 +444,7 @@ def test_recipe_end_to_end_with_a_reward_adapter(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert "on the shared base" in summary["reward"]
-    assert set(summary["heldout_before"]) >= {"verifier", "reward"}
+    assert set(summary["heldout_before"]) >= {"verifier/score", "reward"}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("objective/verifier" in m for m in metrics), "the verifier is logged next to a learned reward"
 
