@@ -3,9 +3,11 @@
     python bench/learning_curve.py --recipe sft --steps 32,64,128 --out bench/results/curve_sft \
         -- --learning_rate 1e-3
     python bench/learning_curve.py --recipe dpo --steps 24,48 --out bench/results/curve_dpo --eval_prompts 128
+    python bench/learning_curve.py --recipe ppo --steps 6,12,24 --out bench/results/curve_ppo -- --reward verifier --sft_dir none
 
 One run of `accelerate launch recipes/<recipe>.py` with a constant learning rate (so the checkpoint at step k
-is the model a k-step run would give) saves a checkpoint at every step count in --steps; each checkpoint and
+is the model a k-step run would give) saves a checkpoint at every step count in --steps (PPO: its updates,
+checkpoints/update-N, whose policy adapter is evaluated); each checkpoint and
 the starting model answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py,
 128 new tokens). For every checkpoint the JSON gives coherent strict (every constraint met and not degenerate,
 align.degeneration), IFEval strict, verifier score, the degenerate share, the share of replies with a format
@@ -44,7 +46,7 @@ from align.report import paired_delta, read_jsonl  # noqa: E402
 from align.train import MARKER, last_marked_checkpoint  # noqa: E402
 
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
-RECIPES = ("sft", "dpo")  # recipes with TrainArgs (constant schedule, checkpoints by step)
+RECIPES = ("sft", "dpo", "ppo")  # sft, dpo: TrainArgs (HF checkpoint-N); ppo: align.ppo (checkpoints/update-N)
 
 
 def cpu_description() -> str:
@@ -82,6 +84,63 @@ def evaluate(model: str, out: Path, n_prompts: int, log: Path) -> list[dict]:
 
 def _step(checkpoint: Path | None) -> int:
     return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def starting_model(recipe: str, recipe_args: list[str]) -> str:
+    """What the run starts from: the recipe's --model_name_or_path where given, else the embedded default ("base");
+    PPO starts from its --sft_dir, which must be given (its default, outputs/sft, may or may not exist)."""
+    def flag(name: str) -> str | None:
+        return recipe_args[recipe_args.index(name) + 1] if name in recipe_args[:-1] else None
+
+    if recipe == "ppo":
+        sft_dir = flag("--sft_dir")
+        if sft_dir is None:
+            raise ConfigError("--recipe ppo: give the starting model after --: --sft_dir DIR (an SFT run) or --sft_dir none "
+                              "(--model_name_or_path, else the embedded default)")
+        if sft_dir.lower() != "none":
+            return sft_dir
+    return flag("--model_name_or_path") or "base"
+
+
+def last_step(recipe: str, run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0: none). PPO's are written whole and renamed."""
+    if recipe == "ppo":
+        from align.ppo import list_checkpoints
+
+        found = list_checkpoints(run_dir)
+        return _step(found[-1]) if found else 0
+    return _step(last_marked_checkpoint(run_dir))
+
+
+def checkpoint_at(recipe: str, run_dir: Path, step: int) -> tuple[Path, Path | None]:
+    """(the checkpoint directory of `step`, the model in it to evaluate; None when the checkpoint is missing)."""
+    if recipe == "ppo":
+        from align.ppo import CHECKPOINT_PREFIX
+
+        checkpoint = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+        return checkpoint, checkpoint / "policy" if (checkpoint / "state.pt").exists() else None
+    checkpoint = run_dir / f"checkpoint-{step}"
+    return checkpoint, checkpoint if (checkpoint / MARKER).exists() else None
+
+
+def launch_args(recipe: str, run_dir: Path, steps: list[int]) -> list[str]:
+    """The recipe's flags for one constant-LR run that saves every step in `steps`, without its summary."""
+    interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
+    keep = str(max(2, steps[-1] // interval))
+    if recipe == "ppo":
+        return ["--output_dir", str(run_dir), "--total_updates", str(steps[-1]), "--save_steps", str(interval),
+                "--lr_scheduler", "constant", "--save_total_limit", keep, "--num_eval_prompts", "0"]
+    return ["--output_dir", str(run_dir), "--max_steps", str(steps[-1]), "--save_steps", str(interval),
+            "--lr_scheduler_type", "constant", "--save_total_limit", keep, "--summary_prompts", "0"]
+
+
+def ppo_checkpoint_cost(checkpoint: Path) -> dict:
+    """Training tokens (prompt and response tokens of the rollouts) and seconds at a PPO checkpoint (its state.pt;
+    the seconds are summed over resumed sessions by the trainer)."""
+    import torch
+
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    return {"step": _step(checkpoint), "tokens": int(state["tokens"]), "train_seconds": round(float(state["elapsed_s"]), 1)}
 
 
 def checkpoint_cost(checkpoint: Path) -> dict:
@@ -166,27 +225,25 @@ def main() -> None:
     log = out / "learning_curve.log"
     run_dir = out / "run"
 
-    # The starting model: the recipe's --model_name_or_path where given, else its default (the embedded model).
-    start = recipe_args[recipe_args.index("--model_name_or_path") + 1] if "--model_name_or_path" in recipe_args[:-1] else "base"
+    start = starting_model(args.recipe, recipe_args)
     base = evaluate(start, Path(args.base_eval) if args.base_eval else out / "eval-base", args.eval_prompts, log)
     started = time.time()
     done = {s for s in steps if (out / f"eval-step-{s}" / "cost.json").exists()}
-    if not (run_dir / "summary.json").exists() or _step(last_marked_checkpoint(run_dir)) < max(set(steps) - done, default=0):
+    if not (run_dir / "summary.json").exists() or last_step(args.recipe, run_dir) < max(set(steps) - done, default=0):
         # A new run, or one to continue: interrupted, or extended to a longer curve (the schedule is constant, so
         # an extended run is the run a longer one would have been); --resume checks that nothing else changed.
-        interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
-        run(["accelerate", "launch", f"recipes/{args.recipe}.py", "--output_dir", str(run_dir),
-             "--max_steps", str(steps[-1]), "--save_steps", str(interval), "--lr_scheduler_type", "constant",
-             "--save_total_limit", str(max(2, steps[-1] // interval)), "--summary_prompts", "0",
+        run(["accelerate", "launch", f"recipes/{args.recipe}.py", *launch_args(args.recipe, run_dir, steps),
              *(["--resume", "true"] if run_dir.exists() else []), *recipe_args], log)
     points = []
     for step in steps:
-        checkpoint, eval_dir = run_dir / f"checkpoint-{step}", out / f"eval-step-{step}"
-        if step not in done and not (checkpoint / MARKER).exists():
+        eval_dir = out / f"eval-step-{step}"
+        checkpoint, model = checkpoint_at(args.recipe, run_dir, step)
+        if step not in done and model is None:
             raise ConfigError(f"{checkpoint}: missing; the run did not save step {step} (see {log})")
-        rows = evaluate(str(checkpoint), eval_dir, args.eval_prompts, log)
-        if step not in done:
-            atomic_write_json(eval_dir / "cost.json", checkpoint_cost(checkpoint))  # kept where the checkpoint may not be
+        rows = evaluate(str(model), eval_dir, args.eval_prompts, log)
+        if step not in done:  # kept where the checkpoint may not be
+            cost = ppo_checkpoint_cost(checkpoint) if args.recipe == "ppo" else checkpoint_cost(checkpoint)
+            atomic_write_json(eval_dir / "cost.json", cost)
         points.append(point(base, rows, json.loads((eval_dir / "cost.json").read_text())))
         m = points[-1]["metrics"]["coherent_strict"]
         print(f"step {step}: coherent strict {m['baseline_mean']:.3f} -> {m['run_mean']:.3f} "

@@ -64,3 +64,30 @@ def test_seconds_of_a_resumed_run_add_up(tmp_path):
                {"step": 3, "train_runtime": 4.0}, {"step": 4, "train_runtime": 9.5, "num_input_tokens_seen": 400}]
     (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": history}))
     assert checkpoint_cost(checkpoint) == {"step": 4, "tokens": 400, "train_seconds": 29.5}
+
+
+def test_ppo_curve_evaluates_the_policy_adapter_of_each_update(tiny_model_dir, tmp_path):
+    """--recipe ppo: one constant-LR PPO run with checkpoints/update-N at every step asked for; each checkpoint's
+    policy adapter answers the held-out prompts; tokens and seconds come from the checkpoint's state."""
+    from tests.test_ppo import recipe_args as ppo_args, write_prompts
+
+    out = tmp_path / "curve"
+    drop = {"--output_dir", "--total_updates", "--num_eval_prompts"}
+    flags = ppo_args(tiny_model_dir, "unused", write_prompts(tmp_path / "prompts.jsonl"), "--reward", "verifier")
+    flags = [f for i, f in enumerate(flags) if f not in drop and flags[i - 1] not in drop]
+    result = run_cli(["bench/learning_curve.py", "--recipe", "ppo", "--steps", "1,2", "--out", str(out), "--eval_prompts", "2",
+                      "--", *flags], timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [1, 2]
+    assert 0 < curve["points"][0]["tokens"] < curve["points"][1]["tokens"]
+    assert 0 < curve["points"][0]["train_seconds"] <= curve["points"][1]["train_seconds"]
+    evaluated = [line for line in result.stdout.splitlines() if line.startswith("$ ") and "eval/evaluate.py" in line]
+    assert evaluated[0].split()[3] == tiny_model_dir and evaluated[2].split()[3].endswith("checkpoints/update-000002/policy")
+    assert "lr_scheduler: constant" in (out / "run" / "config.yaml").read_text()
+
+
+def test_ppo_curve_needs_an_explicit_starting_model(tmp_path):
+    result = run_cli(["bench/learning_curve.py", "--recipe", "ppo", "--steps", "2", "--out", str(tmp_path / "c"), "--", "--reward", "verifier"])
+    assert result.returncode != 0
+    assert "--recipe ppo: give the starting model after --: --sft_dir DIR (an SFT run) or --sft_dir none" in result.stderr
