@@ -5,16 +5,19 @@
     prompts = load_prompts("hf:Anthropic/hh-rlhf:test")              # list[PromptRecord]
     python -m align.data check my_prefs.csv                           # row count and format, or `error: ...`
 
-Sources: a .jsonl, .json, .csv or .parquet file; a folder of such files (one file type; with `split=`,
-the file or subfolder named after the split); `hf:NAME` or `hf:NAME:SPLIT` (datasets.load_dataset, split
-"train" unless given); a built-in `NAME:SPLIT` such as `ifprefs:prefs_train`, which is the folder
-`<repo>/datasets/NAME` (or $ALIGN_DATASETS_DIR/NAME) with that split; or an in-memory list of row dicts.
-JSONL, CSV and Parquet are streamed; a JSON array file is read whole (use JSONL for big data), and a
-.json file that does not start with `[` is read as JSON lines.
+Sources: a .jsonl, .json, .csv or .parquet file, the first three also compressed (.jsonl.gz, .csv.bz2,
+.json.xz, .jsonl.zst, ...; .zst needs the `zstandard` package); a folder of such files (one file type,
+compression included; with `split=`, the file or subfolder named after the split); `hf:NAME` or
+`hf:NAME:SPLIT` (datasets.load_dataset, split "train" unless given); a built-in `NAME:SPLIT` such as
+`ifprefs:prefs_train`, which is the folder `<repo>/datasets/NAME` (or $ALIGN_DATASETS_DIR/NAME) with that
+split; or an in-memory list of row dicts.
+JSONL, CSV and Parquet are streamed, compressed ones too (decompressed as they are read, with the same
+line numbers); a JSON array file is read whole (use JSONL for big data), and a .json file that does not
+start with `[` is read as JSON lines.
 
 Row formats, detected per row from its fields (`format="auto"`) or forced with `format=`:
 
-    strings            {"prompt": str, "chosen": str, "rejected": str}
+    strings            {"prompt": str | [msgs], "chosen": str, "rejected": str}
     conversational     {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}   TRL's format; the prompt
                        may also be a string, chosen/rejected may repeat the prompt as a prefix, and without
                        a prompt field they are whole conversations whose shared prefix is the prompt
@@ -35,25 +38,31 @@ constraints, meta, responses, scores, ranking) hold JSON, and prompt/chosen/reje
 hold a JSON list of messages.
 
 Bad rows raise DataError naming the file, the line or row, the field and what was expected
-(`on_bad_rows="error"`), or are skipped with a count per reason on stderr (`on_bad_rows="skip"`). A
-problem with the file as a whole (empty, unreadable, a CSV quote left open to the end of the file) is
-always an error. `max_rows` caps the number of records returned (pairs, for ranked rows) and stops
-reading there.
+(`on_bad_rows="error"`; the message goes on with how many more rows of that file are bad, of each kind,
+from a scan of the rest of the file), or are skipped with a count per reason on stderr
+(`on_bad_rows="skip"`). A problem with the file as a whole (empty, unreadable, a CSV quote left open to
+the end of the file, compressed data cut short) is always an error. `max_rows` caps the number of
+records returned (pairs, for ranked rows) and stops reading there.
 """
 
 from __future__ import annotations
 
 import argparse
+import bz2
 import csv
+import gzip
+import io
 import itertools
 import json
+import lzma
 import os
 import re
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal, Union
 
 from align.config import arg
 from align.errors import AlignError, ConfigError, DataError, cli_main
@@ -79,6 +88,8 @@ RANK_FIELDS = ("scores", "ranking")
 _OPTIONAL_FIELDS = {"conversational": ("prompt",), "ranked": RANK_FIELDS}
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+COMPRESSED_SUFFIXES = (".jsonl", ".json", ".csv")  # Parquet compresses inside the file
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 DEFAULT_HF_SPLIT = "train"
 
 Kind = Literal["prefs", "sft", "prompts"]
@@ -111,17 +122,127 @@ class DataArgs:
 
 @dataclass
 class _RawRow:
-    """One row as read from a source: its parsed value, or why it could not be read."""
+    """One row as read from a source: its parsed value, or why it could not be read. `origin` is the file
+    (or hf: dataset, or in-memory list) it came from, set by the reader of that origin."""
 
     where: str
     data: Any = None
     error: str | None = None
+    origin: str = ""
 
 
 def datasets_dir() -> Path:
     """Where built-in datasets live: $ALIGN_DATASETS_DIR, else `datasets/` next to the align package."""
     env = os.environ.get("ALIGN_DATASETS_DIR")
     return Path(env) if env else Path(__file__).resolve().parent.parent / "datasets"
+
+
+def _file_type(path: Path) -> tuple[str, str | None]:
+    """(data suffix, compression suffix or None), lower-cased: ('.jsonl', '.gz') for `a.b.jsonl.gz`."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS:
+        return Path(path.stem).suffix.lower(), suffix
+    return suffix, None
+
+
+def _type_label(path: Path) -> str:
+    data_suffix, compression = _file_type(path)
+    return data_suffix + (compression or "")
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, one chunk at a time, across frames. zstandard's own
+    stream_reader returns the data so far when the file ends inside a frame; this raises EOFError, as
+    gzip, bz2 and lzma do for a truncated file."""
+
+    def __init__(self, f: BinaryIO, zstandard: Any):
+        self._f, self._zstandard = f, zstandard
+        self._frame: Any = None  # the decompressor of the current frame
+        self._pending, self._offset = b"", 0  # decompressed bytes not yet handed out start at _offset
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._offset == len(self._pending):
+            # Small input chunks keep the output of one call small (zstd ratios can exceed 100x).
+            chunk = self._f.read(1 << 14)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            out = []
+            while chunk:
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._zstandard.ZstdDecompressor().decompressobj()
+                out.append(self._frame.decompress(chunk))
+                chunk = self._frame.unused_data if self._frame.eof else b""
+            self._pending, self._offset = b"".join(out), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = memoryview(self._pending)[self._offset : self._offset + n]
+        self._offset += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _zstandard(path: Path) -> Any:
+    try:
+        import zstandard
+    except ImportError:
+        raise AlignError(
+            f"{path}: reading .zst files needs the zstandard package: pip install zstandard "
+            "(or decompress it first: zstd -d)"
+        ) from None
+    return zstandard
+
+
+def _open_bytes(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed as they are read when its name ends in .gz, .bz2, .xz or .zst."""
+    compression = _file_type(path)[1]
+    if compression == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if compression == ".bz2":
+        return bz2.open(path, "rb")  # type: ignore[return-value]
+    if compression == ".xz":
+        return lzma.open(path, "rb")  # type: ignore[return-value]
+    if compression == ".zst":
+        zstandard = _zstandard(path)
+        return io.BufferedReader(_ZstdReader(open(path, "rb"), zstandard))  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def _decompression_problem(path: Path, err: Exception) -> str | None:
+    """What to say when reading a compressed file raised `err` because its data is corrupt or cut short;
+    None for any other error. gzip and bz2 raise OSError for bad data, but without an errno, which tells
+    it from a system error (permission denied, a disk error)."""
+    compression = _file_type(path)[1]
+    zstandard = sys.modules.get("zstandard")
+    bad_data = (EOFError, zlib.error, lzma.LZMAError) + ((zstandard.ZstdError,) if zstandard else ())
+    if compression is None or not (isinstance(err, bad_data) or (isinstance(err, OSError) and err.errno is None)):
+        return None
+    return f"cannot decompress the {compression} data ({err}); the file is cut short, corrupt or not {compression} data"
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the file, decompressed on the way; a corrupt or cut-short compressed file
+    is a DataError at the line it breaks."""
+    lineno = 0
+    with _open_bytes(path) as f:
+        while True:
+            try:
+                raw = f.readline()
+            except Exception as err:
+                problem = _decompression_problem(path, err)
+                if problem is None:
+                    raise
+                raise DataError(f"{path} line {lineno + 1}: {problem}") from None
+            if not raw:
+                return
+            lineno += 1
+            yield lineno, raw
 
 
 def _utf8_error(raw: bytes, err: UnicodeDecodeError) -> str:
@@ -160,27 +281,27 @@ def _parse_json_line(text: str, where: str, *, truncated: bool, json_suffix: boo
 def _read_jsonl(path: Path) -> Iterator[_RawRow]:
     # Binary lines, decoded one at a time: a bad byte is reported at its line and memory stays flat.
     seen_content = False
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path} line {lineno}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                seen_content = True
-                yield _RawRow(where, error=_utf8_error(raw, err))
-                continue
-            if lineno == 1:
-                text = text.removeprefix("\ufeff")
-            if not text.strip():
-                continue  # a blank line holds no row
+    json_suffix = _file_type(path)[0] == ".json"
+    for lineno, raw in _numbered_lines(path):
+        where = f"{path} line {lineno}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
             seen_content = True
-            yield _parse_json_line(text, where, truncated=not raw.endswith(b"\n"), json_suffix=path.suffix == ".json")
+            yield _RawRow(where, error=_utf8_error(raw, err))
+            continue
+        if lineno == 1:
+            text = text.removeprefix("\ufeff")
+        if not text.strip():
+            continue  # a blank line holds no row
+        seen_content = True
+        yield _parse_json_line(text, where, truncated=not raw.endswith(b"\n"), json_suffix=json_suffix)
     if not seen_content:
         raise DataError(f"{path}: the file is empty (no rows)")
 
 
 def _first_char(path: Path) -> str:
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         while chunk := f.read(4096):
             text = chunk.lstrip(b" \t\r\n").removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
             if text:
@@ -192,7 +313,8 @@ def _read_json(path: Path) -> Iterator[_RawRow]:
     if _first_char(path) != "[":
         yield from _read_jsonl(path)
         return
-    raw = path.read_bytes()
+    with _open_bytes(path) as f:
+        raw = f.read()
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
@@ -244,10 +366,10 @@ def _decode_csv_cells(row: dict[str, str]) -> dict[str, Any]:
 def _read_csv(path: Path) -> Iterator[_RawRow]:
     bad_lines: dict[int, str] = {}
 
-    def lines(f) -> Iterator[str]:
+    def lines() -> Iterator[str]:
         # Undecodable lines are decoded with replacement so the CSV structure survives, and remembered,
         # so the row they belong to is reported (and can be skipped) instead of failing the whole file.
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in _numbered_lines(path):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -257,49 +379,48 @@ def _read_csv(path: Path) -> Iterator[_RawRow]:
 
     # The csv module refuses fields over 128 KiB by default; long replies are legitimate data.
     csv.field_size_limit(2**31 - 1)
-    with open(path, "rb") as f:
-        reader = csv.reader(lines(f), strict=True)
-        header: list[str] | None = None
-        rownum = 0
-        while True:
-            start = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as err:
-                if "unexpected end of data" in str(err):
-                    # An open quote swallows every later line, so no row after it can be trusted.
-                    raise DataError(
-                        f"{path} line {start}: a quoted field opened here is never closed (broken quote); "
-                        "every later row would be read into it"
-                    ) from None
-                rownum += 1
-                yield _RawRow(f"{path} row {rownum} (line {start})", error=f"broken CSV quoting: {err}")
-                continue
-            if not cells:
-                continue  # a blank line holds no row
-            if header is None:
-                if start in bad_lines:
-                    raise DataError(f"{path} line {start}: header: {bad_lines[start]}")
-                header = [c.strip() for c in cells]
-                duplicated = sorted({c for c in header if header.count(c) > 1})
-                if "" in header or duplicated:
-                    raise DataError(f"{path} line {start}: header: expected unique, non-empty column names, got {cells}")
-                continue
+    reader = csv.reader(lines(), strict=True)
+    header: list[str] | None = None
+    rownum = 0
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            if "unexpected end of data" in str(err):
+                # An open quote swallows every later line, so no row after it can be trusted.
+                raise DataError(
+                    f"{path} line {start}: a quoted field opened here is never closed (broken quote); "
+                    "every later row would be read into it"
+                ) from None
             rownum += 1
-            where = f"{path} row {rownum} (line {start})"
-            bad = [bad_lines[n] for n in range(start, reader.line_num + 1) if n in bad_lines]
-            if bad:
-                yield _RawRow(where, error=bad[0])
-            elif len(cells) != len(header):
-                yield _RawRow(where, error=f"expected {len(header)} columns ({', '.join(header)}), got {len(cells)}")
-            else:
-                try:
-                    decoded = _RawRow(where, data=_decode_csv_cells(dict(zip(header, cells))))
-                except DataError as err:
-                    decoded = _RawRow(where, error=str(err))
-                yield decoded
+            yield _RawRow(f"{path} row {rownum} (line {start})", error=f"broken CSV quoting: {err}")
+            continue
+        if not cells:
+            continue  # a blank line holds no row
+        if header is None:
+            if start in bad_lines:
+                raise DataError(f"{path} line {start}: header: {bad_lines[start]}")
+            header = [c.strip() for c in cells]
+            duplicated = sorted({c for c in header if header.count(c) > 1})
+            if "" in header or duplicated:
+                raise DataError(f"{path} line {start}: header: expected unique, non-empty column names, got {cells}")
+            continue
+        rownum += 1
+        where = f"{path} row {rownum} (line {start})"
+        bad = [bad_lines[n] for n in range(start, reader.line_num + 1) if n in bad_lines]
+        if bad:
+            yield _RawRow(where, error=bad[0])
+        elif len(cells) != len(header):
+            yield _RawRow(where, error=f"expected {len(header)} columns ({', '.join(header)}), got {len(cells)}")
+        else:
+            try:
+                decoded = _RawRow(where, data=_decode_csv_cells(dict(zip(header, cells))))
+            except DataError as err:
+                decoded = _RawRow(where, error=str(err))
+            yield decoded
     if header is None:
         raise DataError(f"{path}: the file is empty (no header row)")
     if rownum == 0:
@@ -357,14 +478,14 @@ def _read_hf(name: str, split: str) -> Iterator[_RawRow]:
             "HF_HUB_OFFLINE=1 only datasets already in the local cache load"
         ) from None
     for i, row in enumerate(ds, start=1):
-        yield _RawRow(f"hf:{name}[{split}] row {i}", data=_from_columns(row))
+        yield _RawRow(f"hf:{name}[{split}] row {i}", data=_from_columns(row), origin=f"hf:{name}[{split}]")
 
 
 def _read_memory(rows: list | tuple) -> Iterator[_RawRow]:
     if not rows:
         raise DataError("rows: no rows (an empty list)")
     for i, row in enumerate(rows):
-        yield _RawRow(f"rows[{i}]", data=row)
+        yield _RawRow(f"rows[{i}]", data=row, origin="rows")
 
 
 _READERS: dict[str, Callable[[Path], Iterator[_RawRow]]] = {
@@ -375,38 +496,62 @@ _READERS: dict[str, Callable[[Path], Iterator[_RawRow]]] = {
 }
 
 
+_EXPECTED_FILES = f"{', '.join(FILE_SUFFIXES)}, or {', '.join(COMPRESSED_SUFFIXES)} compressed as {', '.join(COMPRESSIONS)}"
+
+
+def _is_data_file(path: Path) -> bool:
+    data_suffix, compression = _file_type(path)
+    return data_suffix in (FILE_SUFFIXES if compression is None else COMPRESSED_SUFFIXES)
+
+
+def _data_name(path: Path) -> str:
+    """The file name without its data and compression suffixes: `train` for train.jsonl.gz."""
+    return path.name[: len(path.name) - len(_type_label(path))]
+
+
 def _read_path(path: Path, split: str | None) -> Iterator[_RawRow]:
     if path.is_dir():
         if split is not None:
             matches = [p for p in sorted(path.iterdir()) if p.name == split and p.is_dir()]
-            matches += [p for p in sorted(path.iterdir()) if p.stem == split and p.suffix.lower() in _READERS and p.is_file()]
+            matches += [p for p in sorted(path.iterdir()) if _is_data_file(p) and _data_name(p) == split and p.is_file()]
             if not matches:
-                raise DataError(f"{path}: no split {split!r} (expected {split}.jsonl, .json, .csv, .parquet or a folder {split}/)")
+                raise DataError(
+                    f"{path}: no split {split!r} (expected {split}.jsonl, .json, .csv, .parquet, one of the first three "
+                    f"compressed as {', '.join(COMPRESSIONS)}, or a folder {split}/)"
+                )
             if len(matches) > 1:
                 raise DataError(f"{path}: split {split!r} is ambiguous ({', '.join(p.name for p in matches)}); keep one")
             return _read_path(matches[0], None)
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _READERS and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir() if p.is_file() and _is_data_file(p) and not p.name.startswith("."))
         if not files:
-            raise DataError(f"{path}: no data files in the folder (expected {', '.join(FILE_SUFFIXES)})")
-        suffixes = sorted({p.suffix.lower() for p in files})
+            raise DataError(f"{path}: no data files in the folder (expected {_EXPECTED_FILES})")
+        # data.jsonl beside data.jsonl.gz is most likely the same rows twice, so compression counts too.
+        suffixes = sorted({_type_label(p) for p in files})
         if len(suffixes) > 1:
             raise DataError(f"{path}: mixed file formats in one folder ({', '.join(suffixes)}); keep one format per folder")
         return itertools.chain.from_iterable(_read_path(p, None) for p in files)
     if split is not None:
         raise DataError(f"{path}: split={split!r} applies to folders, hf: and built-in datasets, not to a single file")
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES)}")
-    return _read_file(path, reader)
+    if not _is_data_file(path):
+        raise DataError(f"{path}: unsupported file type {_type_label(path) or path.suffix!r}; expected {_EXPECTED_FILES}")
+    return _read_file(path, _READERS[_file_type(path)[0]])
 
 
 def _read_file(path: Path, reader: Callable[[Path], Iterator[_RawRow]]) -> Iterator[_RawRow]:
     try:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty (0 bytes)")
-        if reader is not _read_parquet:
-            _check_not_wide_encoding(path)
-        yield from reader(path)
+        try:
+            if reader is not _read_parquet:
+                _check_not_wide_encoding(path)
+            for raw in reader(path):
+                raw.origin = str(path)
+                yield raw
+        except Exception as err:  # corrupt data met outside the line readers (the first bytes, a JSON array)
+            problem = _decompression_problem(path, err)
+            if problem is None:
+                raise
+            raise DataError(f"{path}: {problem}") from None
     except OSError as err:  # permissions, a file removed while reading, a disk error
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
 
@@ -416,7 +561,7 @@ _WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\x
 
 def _check_not_wide_encoding(path: Path) -> None:
     """A UTF-16 or UTF-32 text file garbles every line, so it is a problem of the file, not of rows."""
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         start = f.read(4)
     for bom, name in _WIDE_BOMS.items():
         if start.startswith(bom):
@@ -455,7 +600,7 @@ def _open_source(source: Source, split: str | None) -> Iterator[_RawRow]:
             raise DataError(f"{text}: name the split, e.g. {prefix}:train")
         return _read_path(folder, merged)
     raise DataError(
-        f"{text}: no such file or folder (a data source is a {', '.join(FILE_SUFFIXES)} file, a folder of them, "
+        f"{text}: no such file or folder (a data source is a {', '.join(FILE_SUFFIXES)} file (or compressed), a folder of them, "
         "hf:NAME[:SPLIT], or a built-in NAME:SPLIT such as ifprefs:prefs_train)"
     )
 
@@ -544,13 +689,27 @@ def _single_reply(messages: list[Message], where: str, name: str) -> str:
     return messages[0]["content"]
 
 
+def _check_replies_alike(row: dict, where: str) -> None:
+    """chosen and rejected both reply strings or both message lists: one of each has no single reading."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    kinds = {name: "a string" if isinstance(value, str) else "a list" for name, value in (("chosen", chosen), ("rejected", rejected))}
+    if isinstance(chosen, (str, list)) and isinstance(rejected, (str, list)) and kinds["chosen"] != kinds["rejected"]:
+        raise DataError(
+            f"{where}: fields 'chosen' and 'rejected': 'chosen' is {kinds['chosen']} but 'rejected' is {kinds['rejected']}; "
+            "give both as reply strings (the prompt in 'prompt') or both as lists of {role, content} messages"
+        )
+
+
 def _pairs_from_strings(row: dict, where: str, pairs: str) -> list[PreferencePair]:
-    prompt = _text(row, "prompt", where)
+    _check_replies_alike(row, where)
+    # The prompt may be chat messages (a system turn, earlier turns) while the replies are plain strings.
+    prompt = _prompt_messages(row["prompt"], where)
     chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
-    return [PreferencePair([{"role": "user", "content": prompt}], chosen, rejected, where, margin=row.get("margin"), **_meta(row))]
+    return [PreferencePair(prompt, chosen, rejected, where, margin=row.get("margin"), **_meta(row))]
 
 
 def _pairs_from_conversation(row: dict, where: str, pairs: str) -> list[PreferencePair]:
+    _check_replies_alike(row, where)
     chosen, rejected = _message_list(row, "chosen", where), _message_list(row, "rejected", where)
     if "prompt" in row:
         prompt = _prompt_messages(row["prompt"], where)
@@ -754,6 +913,77 @@ def _reason(message: str, where: str) -> str:
     return re.sub(r" \(at [^)]*\)", "", reason)
 
 
+def _convert_raw(
+    kind: str, raw: _RawRow, fmt_fixed: str | None, pairs: str, extra_fields: str, forced: bool
+) -> tuple[str, list[Record]]:
+    """(the row's format, its records); DataError naming the row when it is bad. A bad row that looks like
+    another format than the one the source is read as (asked for with format=, or fixed by its first
+    good row) says so."""
+    if raw.error is not None:
+        raise DataError(f"{raw.where}: {raw.error}")
+    row = {k: v for k, v in raw.data.items() if v is not None} if isinstance(raw.data, dict) else raw.data
+    fmt = fmt_fixed or detect_format(row, raw.where)
+    try:
+        return fmt, _convert(kind, fmt, row, raw.where, pairs, extra_fields)
+    except DataError as err:
+        try:
+            looks = detect_format(row, raw.where) if fmt_fixed else fmt
+        except DataError:
+            looks = fmt
+        if looks == fmt:
+            raise
+        if forced:
+            raise DataError(f"{err} (this row looks like format '{looks}', but format '{fmt}' was asked for)") from None
+        raise DataError(
+            f"{err} (this row looks like format '{looks}', but the source is read as '{fmt}', the format of its "
+            "first good row; keep one format per source)"
+        ) from None
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def _rest_of_origin(
+    rows: Iterator[_RawRow], bad: _RawRow, good_before: int, convert: Callable[[_RawRow, str | None], str], fmt_fixed: str | None
+) -> str:
+    """What follows a bad row's error in on_bad_rows='error' mode: how many more rows of its file are bad, of
+    each kind, and what --on_bad_rows skip would load. Reads the rest of the file (not the files after it
+    in a folder); each row is judged as skip mode would, so the counts are the ones skip mode reports."""
+    origin = bad.origin
+    noun = "file" if origin not in ("", "rows") and not origin.startswith("hf:") else "source"
+    reasons: Counter = Counter()
+    good = good_before
+    stopped = ""
+    try:
+        for raw in rows:
+            if raw.origin != origin:
+                break
+            try:
+                fmt_fixed = convert(raw, fmt_fixed)
+                good += 1
+            except DataError as err:
+                # Counted by the problem alone; the error already says which format the rows are read as.
+                reasons[_reason(str(err), raw.where).split(" (this row looks like format ")[0]] += 1
+    except AlignError as err:
+        # A problem of the file as a whole further on; one of the next file in a folder is not this file's.
+        if str(err).startswith((f"{origin}:", f"{origin} ")):
+            stopped = f" (counted up to where the file breaks: {err})"
+    more = sum(reasons.values())
+    if more:
+        kinds = [f"{n:,} x {reason}" for reason, n in reasons.most_common(3)]
+        if len(reasons) > 3:
+            others = more - sum(n for _, n in reasons.most_common(3))
+            kinds.append(f"{_plural(others, 'row', 'rows')} of {_plural(len(reasons) - 3, 'other kind', 'other kinds')}")
+        told = f"{_plural(more, 'more row', 'more rows')} of this {noun} {'is' if more == 1 else 'are'} bad ({'; '.join(kinds)}){stopped}"
+    else:
+        told = f"no other row of this {noun} is bad{stopped}"
+    if good == 0:
+        return f"{told}; no row of it loads, so --on_bad_rows skip would not help"
+    skipped = "the skipped ones" if more else "the skipped one"
+    return f"{told}; --on_bad_rows skip loads its {_plural(good, 'good row', 'good rows')} and reports {skipped}"
+
+
 def _report_skipped(source: Source, stats: _LoadStats) -> None:
     name = "rows" if isinstance(source, (list, tuple)) else os.fspath(source)
     lines = [f"{name}: skipped {sum(stats.skipped.values())} of {stats.rows} rows read (on_bad_rows='skip'):"]
@@ -782,18 +1012,23 @@ def _iter_records(
         raise ConfigError(f"max_rows={max_rows!r}: expected a positive integer or None")
     stats = _LoadStats() if stats is None else stats
     fmt_fixed = None if format == "auto" else format
+
+    def convert_only(raw: _RawRow, fmt: str | None) -> str:
+        return _convert_raw(kind, raw, fmt, pairs, extra_fields, format != "auto")[0]
+
+    rows = _open_source(source, split)
+    origin, good_in_origin = None, 0
     try:
-        for raw in _open_source(source, split):
+        for raw in rows:
             stats.rows += 1
+            if raw.origin != origin:
+                origin, good_in_origin = raw.origin, 0
             try:
-                if raw.error is not None:
-                    raise DataError(f"{raw.where}: {raw.error}")
-                row = {k: v for k, v in raw.data.items() if v is not None} if isinstance(raw.data, dict) else raw.data
-                fmt = fmt_fixed or detect_format(row, raw.where)
-                records = _convert(kind, fmt, row, raw.where, pairs, extra_fields)
+                fmt, records = _convert_raw(kind, raw, fmt_fixed, pairs, extra_fields, format != "auto")
             except DataError as err:
                 if on_bad_rows == "error":
-                    raise
+                    rest = _rest_of_origin(rows, raw, good_in_origin, convert_only, fmt_fixed)
+                    raise DataError(f"{err}. {rest[0].upper()}{rest[1:]}") from None
                 reason = _reason(str(err), raw.where)
                 stats.skipped[reason] += 1
                 stats.first_skipped.setdefault(reason, raw.where)
@@ -801,6 +1036,7 @@ def _iter_records(
             # The first row that loads fixes the format, so a later row of another shape is reported
             # against it rather than silently read another way.
             fmt_fixed = stats.format = fmt
+            good_in_origin += 1
             for record in records:
                 yield record
                 stats.records += 1
@@ -990,6 +1226,14 @@ def _guess_kind(source: Source, split: str | None) -> str:
     return "prefs"
 
 
+def _add_flag(parser: argparse.ArgumentParser, name: str, **options: Any) -> None:
+    """`--name` as the recipes spell it (the one --help shows), with `--name-with-dashes` accepted too."""
+    parser.add_argument(f"--{name}", dest=name, **options)
+    if "_" in name:
+        hidden = {k: v for k, v in options.items() if k not in ("default", "help")}
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **hidden)
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m align.data", description="Check a data source: row count and format.")
@@ -999,9 +1243,9 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--kind", choices=("prefs", "sft", "prompts"), help="default: from the first row's format")
     check.add_argument("--split", default=None)
     check.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
-    check.add_argument("--on-bad-rows", default="error", choices=("error", "skip"))
+    _add_flag(check, "on_bad_rows", default="error", choices=("error", "skip"), help="skip = count and report bad rows")
     check.add_argument("--pairs", default="all", choices=("all", "best_vs_each"))
-    check.add_argument("--extra-fields", default="error", choices=("error", "ignore"))
+    _add_flag(check, "extra_fields", default="error", choices=("error", "ignore"))
     args = parser.parse_args(argv)
 
     kind = args.kind or _guess_kind(args.source, args.split)

@@ -172,6 +172,48 @@ def test_conversational_prompt_string_with_full_conversations():
     assert (pair.prompt, pair.chosen, pair.rejected) == ([user("Hi")], "Hello", "Go away")
 
 
+def test_prompt_as_messages_with_string_replies(tmp_path):
+    """A system + user prompt as messages, the replies as plain strings: read as format 'strings' with the
+    prompt's messages kept, from JSONL and from CSV (a prompt cell holding a JSON list of messages)."""
+    system = {"role": "system", "content": "Answer in one word."}
+    rows = [
+        {"id": "m1", "prompt": [system, user("Capital of Italy?")], "chosen": "Rome", "rejected": "Rome is the capital."},
+        {"id": "m2", "prompt": "Capital of Spain?", "chosen": "Madrid", "rejected": "Barcelona"},
+    ]
+    assert detect_format(rows[0]) == "strings"
+    for path in (write_jsonl(tmp_path / "mixed_prompts.jsonl", rows), as_csv(rows, tmp_path)):
+        first, second = load_preferences(path)
+        assert (first.prompt, first.chosen, first.rejected) == ([system, user("Capital of Italy?")], "Rome", "Rome is the capital.")
+        assert first.to_trl()["chosen"] == [assistant("Rome")]
+        assert (second.prompt, second.chosen) == ([user("Capital of Spain?")], "Madrid")
+        (prompt, _) = load_prompts(path)
+        assert (prompt.prompt, prompt.reference_reply) == ([system, user("Capital of Italy?")], "Rome")
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, kinds",
+    [
+        ("Rome", [assistant("Milan")], "'chosen' is a string but 'rejected' is a list"),
+        ([assistant("Rome")], "Milan", "'chosen' is a list but 'rejected' is a string"),
+    ],
+)
+def test_replies_of_two_kinds_are_one_clear_error(chosen, rejected, kinds):
+    row = {"prompt": [user("Capital of Italy?")], "chosen": chosen, "rejected": rejected}
+    with pytest.raises(DataError) as info:
+        load_preferences([row])
+    assert str(info.value) == (
+        f"rows[0]: fields 'chosen' and 'rejected': {kinds}; give both as reply strings (the prompt in 'prompt') or both "
+        "as lists of {role, content} messages. No other row of this source is bad; no row of it loads, so "
+        "--on_bad_rows skip would not help"
+    )
+
+
+def test_prompt_messages_must_still_end_with_a_user_turn():
+    row = {"prompt": [user("Hi"), assistant("Hello")], "chosen": "a", "rejected": "b"}
+    with pytest.raises(DataError, match=r"^rows\[0\]: field 'prompt': must end with a user turn, ends with 'assistant'\. "):
+        load_preferences([row])
+
+
 def test_hh_format_splits_turns():
     single, multi = load_preferences(GOOD / "prefs_hh.jsonl")
     assert single.prompt == [user("What is the boiling point of water?")]
@@ -397,8 +439,15 @@ def test_detect_format_rejects_unknown_shapes(row):
 
 
 def test_forced_format_reports_against_it():
-    with pytest.raises(DataError, match=r"line 1: field 'prompt': expected a string, got list"):
+    """A prompt may be messages in format 'strings' too, so the first field that does not fit is 'chosen'."""
+    with pytest.raises(DataError) as info:
         load_preferences(GOOD / "prefs_conversational.jsonl", format="strings")
+    assert str(info.value).startswith(
+        f"{GOOD / 'prefs_conversational.jsonl'} line 1: field 'chosen': expected a string, got list "
+        "(this row looks like format 'conversational', but format 'strings' was asked for). "
+        "2 more rows of this file are bad (2 x field 'chosen': expected a string, got list); "
+        "no row of it loads, so --on_bad_rows skip would not help"
+    ), str(info.value)
 
 
 def test_format_must_suit_the_kind_of_data():
@@ -415,8 +464,13 @@ def test_the_first_good_row_fixes_the_format(tmp_path):
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": [user("p")], "chosen": [assistant("a")], "rejected": [assistant("b")]},
     ])
-    with pytest.raises(DataError, match=r"mixed.jsonl line 2: field 'prompt': expected a string, got list"):
+    with pytest.raises(DataError) as info:
         load_preferences(path)
+    assert str(info.value) == (
+        f"{path} line 2: field 'chosen': expected a string, got list (this row looks like format 'conversational', "
+        "but the source is read as 'strings', the format of its first good row; keep one format per source). "
+        "No other row of this file is bad; --on_bad_rows skip loads its 1 good row and reports the skipped one"
+    )
 
 
 def test_a_bad_first_row_does_not_fix_the_format(tmp_path, capsys):
