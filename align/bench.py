@@ -4,6 +4,7 @@
     python -m align.bench --stage dpo --compare trl-baseline,align --steps 8 --repeats 2
     python -m align.bench --stage dpo --compare align,align:share_prompt=false:fast_logprobs=false
     python -m align.bench --stage sft --compare trl-baseline,align               # also: reward
+    python -m align.bench --stage grpo --compare trl-baseline,align --steps 4    # GRPO, verifier reward, ifprefs prompts
 
 Each run of an arm is a fresh subprocess (`python -m align.bench --child SPEC`), so peak memory never
 mixes; arms alternate (A B A B ...) so that load from other processes hits them alike. Arms:
@@ -42,6 +43,26 @@ decoder and the LM head: every pass runs the decoder on every prompt and respons
 only where a response token is predicted, and the critic has none. PPO's train tokens/s counts the tokens
 of the update phase (ppo_epochs passes).
 
+GRPO (`--stage grpo --compare trl-baseline,align`): `align` is recipes/grpo.py's build_trainer with the recipe's
+defaults (`align:field=value` overrides them, `align:algorithm=rloo` runs RLOO); `trl-baseline` is TRL's
+documented GRPO script, `GRPOTrainer(model=name, reward_funcs=..., args=GRPOConfig(...), peft_config=LoraConfig(...))`
+with GRPOConfig's defaults (beta 0: no reference pass, temperature 1.0, gradient checkpointing on, LoRA dropout 0.05
+left on) except what both arms share: model, prompts and their order, seed, LoRA, the reward functions (the recipe's
+build_reward_funcs: the guarded verifier), replies per prompt, longest reply and learning rate (the recipe's
+defaults), steps. `--batch_size` is prompts per step (per_device_train_batch_size = batch_size x num_generations
+replies); prompts come from the recipe's train_data (ifprefs) unless --data names another source with constraints.
+A step's phases, timed by wrapping three methods of the trainer instance (TRL's classes are left alone):
+generate (`_generate`: sampling with transformers' generate and decoding), score (the rest of
+`_generate_and_score_completions`: forward-only passes for the reference and old-policy log-probs, when TRL
+makes them, and the rewards) and update (the rest of the step: the loss's forward and backward, the optimizer step).
+Their FLOPs (`pass_flops`, with N split into the decoder D and the LM head as for PPO): generate 2D(P + R) +
+2 n_head R, with P the prompt tokens of every reply (TRL repeats each prompt num_generations times) and R the
+replies' tokens (up to and including EOS; padding left out); every pass through TRL's
+`_get_per_token_logps_and_entropies` counted as it is made, on its real tokens T and the completion tokens C its
+LM head scores: 2D T + 2 n_head C under no_grad (score), 4D T + 4 n_head C with gradients (update, LoRA). GRPO's
+tokens are the update's (P + R per step), its train tokens/s those over the update's time; each step also records
+the replies' tokens per second of generation and the mean reward TRL logs.
+
 Writes OUTPUT/bench_<stage>.json (every run, every step) and prints a short table with the ratios of
 each arm to the first one.
 """
@@ -67,21 +88,21 @@ from align.config import arg, parse_config
 from align.errors import ConfigError, cli_main
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("dpo", "sft", "reward", "ppo")
+STAGES = ("dpo", "sft", "reward", "ppo", "grpo")
 ARMS = ("trl-baseline", "align")
 PPO_ARMS = ("dpo-align", "align")  # the DPO recipe on the same base (for memory), the PPO engine
 
 
 @dataclass
 class BenchArgs:
-    stage: Literal["dpo", "sft", "reward", "ppo"] = arg("dpo", "the stage to run: dpo, sft, reward, or ppo (arms dpo-align and align)")
+    stage: Literal["dpo", "sft", "reward", "ppo", "grpo"] = arg("dpo", "the stage to run: dpo, sft, reward, grpo, or ppo (arms dpo-align and align)")
     compare: list[str] = arg(["align"], "arms, run in this order and alternated: trl-baseline, align, align:field=value:... (ppo: dpo-align, align)")
     steps: int = arg(8, "optimizer steps per run")
     repeats: int = arg(1, "runs of every arm (alternating A B A B ...)")
     warmup_steps: int = arg(1, "first steps left out of the per-step rates (allocator and thread-pool warm-up)")
     model_name_or_path: str = arg("SmolLM2-135M-Instruct", "the model every arm trains")
-    data: str = arg("auto", "preference / SFT data: auto (built-in ifprefs if present, else synthetic), synthetic, or any data source")
-    batch_size: int = arg(4, "pairs (dpo, reward) or conversations (sft) per optimizer step")
+    data: str = arg("auto", "preference / SFT data: auto (built-in ifprefs if present, else synthetic), synthetic, or any data source; grpo: auto = the recipe's prompts")
+    batch_size: int = arg(4, "pairs (dpo, reward), conversations (sft) or prompts (grpo, num_generations replies each) per optimizer step")
     max_length: int = arg(256, "tokens per sequence; longer rows are dropped from the slice")
     lora_r: int = arg(16, "LoRA rank (all linear layers, alpha = 2 r) in every arm; LoRA dropout: 0.05 in the baseline, which TRL's DPOTrainer sets to 0 at run time (disable_dropout), the recipe's own (0 for DPO) in align arms")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto = bf16 where the hardware has it, else fp32")
@@ -96,6 +117,9 @@ class BenchArgs:
                 raise ConfigError(f"config: {name}: expected a positive number, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps:
             raise ConfigError(f"config: warmup_steps: expected 0 <= warmup_steps < steps ({self.steps}), got {self.warmup_steps}")
+        if self.stage == "grpo" and self.data == "synthetic":
+            raise ConfigError("config: data: synthetic pairs have no constraints for the verifier reward of stage grpo; "
+                              "use auto (the recipe's prompts) or a prompt source with constraints")
         arms = PPO_ARMS if self.stage == "ppo" else ARMS
         for arm in self.compare:
             if arm.split(":")[0] not in arms:
@@ -166,6 +190,17 @@ def ppo_phase_flops(n_params: int, n_head: int, prompt_tokens: int, new_tokens: 
         "score": 3 * forward * decoder * seq + 2 * forward * n_head * new_tokens,
         "update": ppo_epochs * (2 * trained * decoder * seq + trained * n_head * new_tokens),
     }
+
+
+def pass_flops(n_params: int, n_head: int, tokens: int, head_tokens: int, per_token: int) -> float:
+    """Model FLOPs of one pass of a causal LM: the decoder (N - n_head) on `tokens` real tokens, the LM head
+    (n_head, vocabulary x hidden) on the `head_tokens` of them whose logits are used; `per_token` is 2 for a
+    forward-only pass, 4 for a LoRA training pass, 6 for full fine-tuning (see stage_flops).
+
+    >>> pass_flops(1100, 100, tokens=10, head_tokens=4, per_token=4)   # 4 * (1000 * 10 + 100 * 4)
+    41600
+    """
+    return per_token * ((n_params - n_head) * tokens + n_head * head_tokens)
 
 
 def matmul_peak_flops(device: str = "cpu", dtype_name: str = "fp32", size: int = 2048, repeats: int = 5) -> float:
@@ -436,7 +471,7 @@ def _tokens_in(inputs: dict) -> int:
 def _recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[str, str]):
     from align.config import build_config
 
-    cls = {"dpo": "DPOArgs", "sft": "SFTArgs", "reward": "RewardArgs"}[stage]
+    cls = {"dpo": "DPOArgs", "sft": "SFTArgs", "reward": "RewardArgs", "grpo": "GRPOArgs"}[stage]
     values: dict[str, Any] = dict(
         model_name_or_path=spec["model_path"], output_dir=out_dir, seed=spec["seed"], max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch_size"], max_length=spec["max_length"], lora_r=spec["lora_r"],
@@ -445,6 +480,11 @@ def _recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict
     )
     if stage == "dpo" and spec["threads"]:
         values["cpu_threads"] = spec["threads"]  # --threads holds for every arm; the recipe would choose its own
+    if stage == "grpo":  # --batch_size counts prompts; the recipe's batch counts replies
+        import dataclasses
+
+        generations = overrides.get("num_generations", {f.name: f.default for f in dataclasses.fields(module.GRPOArgs)}["num_generations"])
+        values["per_device_train_batch_size"] = spec["batch_size"] * int(generations)
     values.update(overrides)
     cfg = build_config(getattr(module, cls), values, where=f"align arm overrides ({stage})")
     if getattr(cfg, "gradient_checkpointing", False) is None:  # the recipe's hardware default
@@ -454,19 +494,28 @@ def _recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict
     return cfg
 
 
+def _baseline_args(spec: dict, out_dir: str, learning_rate: float) -> dict:
+    """The fields every baseline sets in its TRL config; the rest are the config's defaults."""
+    import torch
+
+    args = dict(output_dir=out_dir, seed=spec["seed"], max_steps=spec["steps"], learning_rate=learning_rate, logging_steps=1,
+                save_strategy="no", report_to=[], model_init_kwargs={"dtype": spec["dtype_name_torch"]})
+    if not torch.cuda.is_available():
+        args.update(use_cpu=True, bf16=spec["dtype"] == "bf16")  # TRL's bf16 default would be emulated here
+    return args
+
+
+def _baseline_lora(spec: dict) -> dict:
+    return dict(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.05, target_modules="all-linear")
+
+
 def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, learning_rate: float):
     """The stage's TRL documentation script: the model by name, a LoraConfig, the config's defaults."""
-    import torch
     from peft import LoraConfig
 
-    common = dict(
-        output_dir=out_dir, seed=spec["seed"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
-        max_length=spec["max_length"], learning_rate=learning_rate, logging_steps=1, save_strategy="no", report_to=[],
-        model_init_kwargs={"dtype": spec["dtype_name_torch"]},
-    )
-    if not torch.cuda.is_available():
-        common.update(use_cpu=True, bf16=spec["dtype"] == "bf16")  # TRL's bf16 default would be emulated here
-    lora = dict(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.05, target_modules="all-linear")
+    common = dict(_baseline_args(spec, out_dir, learning_rate), per_device_train_batch_size=spec["batch_size"],
+                  max_length=spec["max_length"])
+    lora = _baseline_lora(spec)
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -528,6 +577,8 @@ def run_child(spec: dict) -> dict:
 
     if spec["stage"] == "ppo":
         import align.ppo  # noqa: F401
+    if spec["stage"] == "grpo":
+        from trl import GRPOTrainer, RLOOTrainer  # noqa: F401
 
     transformers.logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -540,6 +591,8 @@ def run_child(spec: dict) -> dict:
     try:
         if spec["stage"] == "ppo" and spec["arm"].split(":")[0] == "align":
             run = _ppo_run(spec, phases, meter, device, out_dir)
+        elif spec["stage"] == "grpo":
+            run = _grpo_run(spec, phases, meter, device, out_dir)
         else:
             run = _trainer_run(spec, phases, meter, device, out_dir)
     finally:
@@ -569,6 +622,16 @@ def run_child(spec: dict) -> dict:
         "losses": [s.get("loss") for s in steps],
         "tokens_total": all_tokens,
     }
+
+
+def _trained_model(trainer) -> tuple[Any, bool, float | None]:
+    """The trainer's base model (adapters aside), whether it trains LoRA adapters, and the sum of |LoRA A| (call it
+    before training: two arms with equal sums start from the same adapters)."""
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    base_model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    lora_a = [p for n, p in sorted(unwrapped.named_parameters()) if "lora_A" in n and ".default." in n]
+    checksum = float(sum(p.detach().double().abs().sum() for p in lora_a)) if lora_a else None
+    return base_model, hasattr(unwrapped, "peft_config"), checksum
 
 
 def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
@@ -642,12 +705,8 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
             trainer = _baseline_trainer(stage, spec, dataset, tokenizer, out_dir, learning_rate)
             trainer.add_callback(Recorder())
 
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    base_model = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    base_model, lora, lora_checksum = _trained_model(trainer)
     n_params = matmul_params(base_model)
-    lora = hasattr(unwrapped, "peft_config")
-    lora_a = [p for n, p in sorted(unwrapped.named_parameters()) if "lora_A" in n and ".default." in n]
-    lora_checksum = float(sum(p.detach().double().abs().sum() for p in lora_a)) if lora_a else None  # before training
 
     training_step = trainer.training_step
 
@@ -755,6 +814,147 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
             "steps": steps, "extra_time_s": 0.0, "extra_flops": 0, **record}
 
 
+def _grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, out_dir: str):
+    """TRL's documented GRPO script with GRPOConfig's defaults, sharing with the align arms what the module docstring
+    lists (`cfg` is the recipe's config with its defaults: replies per prompt, longest reply, learning rate)."""
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(**_baseline_args(spec, out_dir, cfg.learning_rate), per_device_train_batch_size=cfg.per_device_train_batch_size,
+                      num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length)
+    return GRPOTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+                       processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **_baseline_lora(spec)))
+
+
+def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
+    """GRPO through TRL: the grpo recipe's build_trainer (align arms) or TRL's documented script (trl-baseline), the
+    recipe's reward functions in both; every step's generate, score and update timed and measured by wrapping three
+    methods of the trainer instance (see the module docstring)."""
+    import torch
+    import transformers
+    from transformers import TrainerCallback
+
+    from align.data import check_lengths, load_prompts
+    from align.grpo import check_constraints_present, parse_rewards, prompt_dataset
+    from align.models import load_model, load_tokenizer
+    from align.train import guard_callbacks
+
+    name, *override_items = spec["arm"].split(":")
+    module = _load_recipe("grpo")
+    cfg = _recipe_config("grpo", module, spec, out_dir, dict(item.split("=", 1) for item in override_items))
+    with phases("load"):
+        tokenizer = load_tokenizer(spec["model_path"])
+        source = cfg.train_data if spec["data"] == "auto" else spec["data"]
+        rows = spec["steps"] * spec["batch_size"]
+        rewards = parse_rewards(cfg.reward)
+        records = load_prompts(source, max_rows=rows * 4)
+        if any(r.kind == "verifier" for r in rewards):
+            check_constraints_present(records, source)
+        records = check_lengths(records, tokenizer, cfg.max_length - cfg.max_completion_length, on_too_long="skip")[:rows]
+        if len(records) < rows:
+            raise ConfigError(f"data {source}: {len(records)} prompts of at most {cfg.max_length - cfg.max_completion_length} "
+                              f"tokens in the first {rows * 4} rows; the run needs {rows}")
+        dataset = prompt_dataset(records)
+        reward_funcs = module.build_reward_funcs(cfg, rewards, records)
+        transformers.set_seed(cfg.seed)  # TRL adds the LoRA before Trainer.__init__ seeds: seed both arms here
+        if name == "align":
+            model, tokenizer = load_model(cfg, lora=False)
+
+    step: dict[str, float] = {}
+    steps: list[dict] = []
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _sync(device)
+            self.last = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            meter.reset()
+            step.update(generate_s=0.0, score_s=0.0, generate_peak_mb=0.0, score_peak_mb=0.0, prompt_tokens=0, new_tokens=0,
+                        tokens=0, forward_passes=0, generate_flops=0, score_flops=0, update_flops=0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            now = time.perf_counter()
+            record = {"step": state.global_step, "time_s": now - self.last, **step, "update_peak_mb": meter.peak_mb()}
+            self.last = now
+            record["update_s"] = record["time_s"] - record["generate_s"] - record["score_s"]
+            record["peak_mb"] = max(record["generate_peak_mb"], record["score_peak_mb"], record["update_peak_mb"])
+            record["flops"] = record["generate_flops"] + record["score_flops"] + record["update_flops"]
+            record["train_flops"], record["train_time_s"] = record["update_flops"], record["update_s"]
+            record["tokens_per_s"] = record["tokens"] / record["update_s"]
+            record["generate_tokens_per_s"] = record["new_tokens"] / record["generate_s"] if record["generate_s"] else None
+            steps.append(record)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and steps and steps[-1]["step"] == state.global_step:
+                for key in ("loss", "reward"):
+                    if logs.get(key) is not None:
+                        steps[-1][key] = float(logs[key])
+
+    with phases("init"):
+        if name == "align":
+            trainer = module.build_trainer(cfg, model, tokenizer, dataset, reward_funcs, guard_callbacks(out_dir) + [Recorder()])
+            trainer.args.save_strategy = "no"  # the recipe would also save at the end; no arm saves here
+        else:
+            trainer = _grpo_baseline_trainer(spec, cfg, dataset, tokenizer, reward_funcs, out_dir)
+            trainer.add_callback(Recorder())
+    base_model, lora, lora_checksum = _trained_model(trainer)
+    n_params, n_head = matmul_params(base_model), base_model.get_output_embeddings().weight.numel()
+    trained_per_token = FLOPS_PER_TOKEN["lora" if lora else "full"]
+
+    # Instance attributes shadow the class's methods for this trainer only: TRL calls them as self._generate(...) etc.
+    generate, generate_and_score, logps = trainer._generate, trainer._generate_and_score_completions, trainer._get_per_token_logps_and_entropies
+
+    def timed_generate(prompts):
+        _sync(device)
+        start = time.perf_counter()
+        with meter.span() as span:
+            out = generate(prompts)
+        _sync(device)
+        step["generate_s"] += time.perf_counter() - start
+        step["generate_peak_mb"] = max(step["generate_peak_mb"], span["peak"])
+        meter.reset()  # the scoring's peak starts here
+        prompt_ids, completion_ids = out[0], out[1]  # GRPO's and RLOO's _generate both return these first
+        prompt_tokens, new_tokens = sum(map(len, prompt_ids)), sum(map(len, completion_ids))
+        step["prompt_tokens"] += prompt_tokens
+        step["new_tokens"] += new_tokens
+        step["generate_flops"] += pass_flops(n_params, n_head, prompt_tokens + new_tokens, new_tokens, FLOPS_PER_TOKEN["forward"])
+        return out
+
+    def timed_generate_and_score(inputs):
+        _sync(device)
+        start, generated_before = time.perf_counter(), step["generate_s"]
+        out = generate_and_score(inputs)
+        _sync(device)
+        step["score_s"] += time.perf_counter() - start - (step["generate_s"] - generated_before)
+        step["score_peak_mb"] = max(step["score_peak_mb"], meter.peak_mb())
+        meter.reset()  # the update's peak starts here
+        return out
+
+    def counted_logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        tokens, head_tokens = int(attention_mask.sum()), int(attention_mask[:, -logits_to_keep:].sum())
+        if torch.is_grad_enabled():  # the loss's pass; TRL makes the reference and old-policy passes under no_grad
+            step["tokens"] += tokens
+            step["update_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, trained_per_token)
+        else:
+            step["forward_passes"] += 1
+            step["score_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, FLOPS_PER_TOKEN["forward"])
+        return logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+
+    trainer._generate = timed_generate
+    trainer._generate_and_score_completions = timed_generate_and_score
+    trainer._get_per_token_logps_and_entropies = counted_logps
+    with phases("train"):
+        trainer.train()
+    config_keys = ("per_device_train_batch_size", "num_generations", "max_completion_length", "temperature", "beta",
+                   "loss_type", "learning_rate", "gradient_checkpointing")
+    return {"data": source, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": lora, "lora_A_init_abs_sum": lora_checksum,
+            "steps": steps, "extra_time_s": 0.0, "extra_flops": 0,
+            "grpo_config": {"algorithm": cfg.algorithm if name == "align" else "grpo",
+                            **{k: getattr(trainer.args, k, None) for k in config_keys}}}
+
+
 # ------------------------------------------------------------------------------------------ the invocation (parent)
 
 
@@ -805,7 +1005,9 @@ def summarize(runs: list[dict], arms: list[str]) -> dict:
             return statistics.median(a[key] / b[key] for b, a in pairs)
 
         losses_b, losses_a = base_runs[0]["losses"], arm_runs[0]["losses"]
-        same_loss = base_runs[0]["stage"] != "ppo"  # PPO's policy loss is not DPO's loss
+        # PPO's policy loss is not DPO's loss; GRPO's arms sample different replies (temperature, beta: TRL's defaults
+        # in the baseline) and so take their losses over different data
+        same_loss = base_runs[0]["stage"] not in ("ppo", "grpo")
         inits = (base_runs[0]["lora_A_init_abs_sum"], arm_runs[0]["lora_A_init_abs_sum"])
         gaps = [abs(x - y) for x, y in zip(losses_b, losses_a) if x is not None and y is not None] if same_loss else []
         out["ratios"][arm] = {
@@ -832,6 +1034,11 @@ def format_table(report: dict) -> str:
         *[f"  {r['arm']}: prompts {r['data']} | {r['ppo_config']['rollout_batch_size']} rollouts x up to "
           f"{r['ppo_config']['response_length']} new tokens per update | ppo_epochs {r['ppo_config']['ppo_epochs']} "
           f"| minibatch {r['ppo_config']['minibatch_size']}" for r in report["runs"][:2] if "ppo_config" in r],
+        *[f"  {r['arm']}: {r['grpo_config']['algorithm']} on prompts {r['data']} | {r['grpo_config']['per_device_train_batch_size']} replies "
+          f"({r['grpo_config']['num_generations']} per prompt) of up to {r['grpo_config']['max_completion_length']} tokens per step "
+          f"| temperature {r['grpo_config']['temperature']} | beta {r['grpo_config']['beta']} | lr {r['grpo_config']['learning_rate']:g} "
+          f"| gradient checkpointing {r['grpo_config']['gradient_checkpointing']}"
+          for r in report["runs"][:len(set(head['compare']))] if "grpo_config" in r],
         f"{'arm':<34} {'run':>3} {'train tok/s':>11} {'e2e tok/s':>9} {'step s':>7} {'peak MB':>8} {'train MB':>8} "
         f"{'MFU':>6} {'e2e MFU':>7} {'precomp s':>9}",
     ]
@@ -852,12 +1059,20 @@ def format_table(report: dict) -> str:
         total = {k: sum(s[f"{k}_s"] for s in timed) for k in ("generate", "score", "update")}
         whole = sum(s["time_s"] for s in timed)
         parts = ", ".join(
-            f"{k} {total[k] / len(timed):.1f} s ({total[k] / whole:.0%}, MFU {sum(s[f'{k}_flops'] for s in timed) / total[k] / head['peak_flops']:.1%}, "
+            f"{k} {total[k] / len(timed):.1f} s ({total[k] / whole:.0%}, "
+            f"MFU {sum(s[f'{k}_flops'] for s in timed) / total[k] / head['peak_flops'] if total[k] else 0:.1%}, "
             f"peak {max(s[f'{k}_peak_mb'] for s in timed) - (r['start_mb'] if r['device'] == 'cpu' else 0):.0f} MB)"
             for k in total)
         new_tokens = sum(s["new_tokens"] for s in timed)
-        lines.append(f"ppo run {r['run']}, per update: {parts}; other {(whole - sum(total.values())) / len(timed):.1f} s; "
-                     f"generation {new_tokens / total['generate']:.1f} new tokens/s")
+        rate = f"{new_tokens / total['generate']:.1f}" if total["generate"] else "n/a"
+        if r["stage"] == "ppo":
+            lines.append(f"ppo run {r['run']}, per update: {parts}; other {(whole - sum(total.values())) / len(timed):.1f} s; "
+                         f"generation {rate} new tokens/s")
+        else:  # grpo: update is the rest of the step
+            rewards = [s["reward"] for s in r["steps"] if s.get("reward") is not None]
+            reward = f"{rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else "n/a"
+            lines.append(f"{r['stage']} {r['arm']} run {r['run']}, per step: {parts}; generation {rate} reply tokens/s "
+                         f"({new_tokens / len(timed):.0f} per step); reward mean {reward}")
     for arm, q in report["summary"]["ratios"].items():
         loss = "n/a" if q["loss_max_abs_diff"] is None else f"{q['loss_max_abs_diff']:.4f} over {q['loss_steps_compared']} steps"
         lines.append(

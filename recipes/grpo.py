@@ -109,14 +109,7 @@ def main() -> None:
     before = summarize_policy(model, tokenizer, [], eval_prompts, beta=cfg.beta, adapter=False,
                               max_new_tokens=cfg.summary_max_new_tokens, batch_size=16) if eval_prompts else {}
 
-    # Rewards as TRL reward functions, reading each reply's PromptRecord through the dataset's `record` column
-    from accelerate import PartialState
-
-    device = PartialState(cpu=not on_gpu()).device  # where the trainer will put the policy (this process's GPU)
-    quantization = resolve_quantization(cfg.quantization)
-    reward_funcs = [trl_reward_func(load_reward(s, guard=cfg.reward_guard, dtype=cfg.dtype, quantization=quantization,
-                                                device=device, batch_size=cfg.reward_batch_size), s.name, records)
-                    for s in rewards]
+    reward_funcs = build_reward_funcs(cfg, rewards, records)
     trainer = build_trainer(cfg, model, tokenizer, prompt_dataset(records), reward_funcs, guard_callbacks(cfg.output_dir))
     result = train(trainer, cfg)
     train_time = time.time() - started
@@ -139,6 +132,18 @@ def main() -> None:
         })
         if before and after:
             print(before_after(before, after), file=sys.stderr, flush=True)
+
+
+def build_reward_funcs(cfg: GRPOArgs, rewards, records):
+    """Each reward as a TRL reward function, reading each reply's PromptRecord through the dataset's `record` column
+    (the order of `records` is the dataset's: prompt_dataset(records))."""
+    from accelerate import PartialState
+
+    device = PartialState(cpu=not on_gpu()).device  # where the trainer will put the policy (this process's GPU)
+    quantization = resolve_quantization(cfg.quantization)
+    return [trl_reward_func(load_reward(s, guard=cfg.reward_guard, dtype=cfg.dtype, quantization=quantization,
+                                        device=device, batch_size=cfg.reward_batch_size), s.name, records)
+            for s in rewards]
 
 
 def build_trainer(cfg: GRPOArgs, model, tokenizer, train_dataset, reward_funcs, callbacks):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from align.bench import MemoryMeter, Phases, matmul_params, ppo_phase_flops, stage_flops, summarize, synthetic_pairs
+from align.bench import BenchArgs, MemoryMeter, Phases, matmul_params, pass_flops, ppo_phase_flops, stage_flops, summarize, synthetic_pairs
+from align.config import build_config
+from align.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,9 +200,77 @@ def test_bench_runs_ppo_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert "per update: generate" in proc.stdout
 
 
-def test_bench_rejects_unknown_arms(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "align.bench", "--stage", "ppo", "--compare", "trl-baseline",
+@pytest.mark.parametrize("stage, arm", [("ppo", "trl-baseline"), ("grpo", "dpo-align"), ("grpo", "trl")])
+def test_bench_rejects_unknown_arms(tmp_path, stage, arm):
+    proc = subprocess.run([sys.executable, "-m", "align.bench", "--stage", stage, "--compare", f"align,{arm}",
                            "--output_dir", str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 2 and "unknown arm 'trl-baseline' for stage ppo" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "bench_ppo.json").exists()
+    assert proc.returncode == 2 and f"unknown arm '{arm}' for stage {stage}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / f"bench_{stage}.json").exists()
+
+
+def test_pass_flops_by_hand():
+    """The tiny model: N = 26,880, LM head 8,288, decoder D = 18,592. A pass over T = 120 tokens whose LM head scores
+    C = 20 of them: forward 2 x (18,592 x 120 + 8,288 x 20) = 2 x (2,231,040 + 165,760) = 4,793,600 (PPO's generate
+    phase above: the same pass); LoRA training 4 x 2,396,800 = 9,587,200."""
+    assert pass_flops(26_880, 8_288, tokens=120, head_tokens=20, per_token=2) == 4_793_600
+    assert pass_flops(26_880, 8_288, tokens=120, head_tokens=20, per_token=4) == 9_587_200
+    assert pass_flops(26_880, 8_288, tokens=120, head_tokens=20, per_token=2) == ppo_phase_flops(
+        26_880, 8_288, prompt_tokens=100, new_tokens=20, ppo_epochs=1)["generate"]
+
+
+def test_grpo_bench_refuses_synthetic_data():
+    """Synthetic pairs carry no constraints, so the verifier reward would score nothing."""
+    with pytest.raises(ConfigError, match="data: synthetic pairs have no constraints"):
+        build_config(BenchArgs, {"stage": "grpo", "data": "synthetic"})
+
+
+def test_bench_runs_grpo_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """TRL's documented GRPO script and the grpo recipe, 2 steps each on the same ifprefs prompts with the verifier:
+    per-step generate / score / update, tokens and FLOPs tied to the tokens generated."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "align.bench", "--stage", "grpo", "--compare", "trl-baseline,align", "--steps", "2",
+           "--warmup_steps", "0", "--batch_size", "2", "--max_length", "1024", "--model_name_or_path", tiny_model_dir,
+           "--threads", "1", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_grpo.json").read_text())
+    assert [r["arm"] for r in report["runs"]] == ["trl-baseline", "align"]
+    base, ours = report["runs"]
+    assert "error" not in base and "error" not in ours, (base.get("error"), ours.get("error"))
+    assert base["data"] == ours["data"] == "ifprefs:prefs_train"
+    decoder, n_head = 26_880 - 8_288, 8_288
+    for r in (base, ours):
+        assert (r["n_params_matmul"], r["n_params_lm_head"]) == (26_880, 8_288)
+        for key in ("train_tokens_per_s", "end_to_end_tokens_per_s", "mfu_train", "mfu_end_to_end", "peak_mb", "step_time_s_median"):
+            assert _finite_positive(r[key]), (r["arm"], key, r[key])
+        config = r["grpo_config"]
+        replies = config["per_device_train_batch_size"]
+        assert replies == 2 * config["num_generations"] == 8  # --batch_size 2 prompts x the recipe's 4 replies
+        assert len(r["steps"]) == 2
+        for step in r["steps"]:
+            for key in ("time_s", "generate_s", "update_s", "generate_peak_mb", "update_peak_mb", "peak_mb", "prompt_tokens",
+                        "new_tokens", "tokens_per_s", "generate_tokens_per_s", "generate_flops", "update_flops"):
+                assert _finite_positive(step[key]), (r["arm"], key, step)
+            assert step["generate_s"] < step["time_s"] and 0 <= step["score_s"] < step["time_s"], step
+            assert step["generate_s"] + step["score_s"] + step["update_s"] == pytest.approx(step["time_s"], abs=1e-3)
+            prompt, new = step["prompt_tokens"], step["new_tokens"]
+            assert new <= replies * config["max_completion_length"]
+            assert step["generate_tokens_per_s"] == pytest.approx(new / step["generate_s"], rel=1e-2)
+            # the loss's pass trains on exactly the tokens that were generated: the replies and their prompts
+            assert step["tokens"] == prompt + new
+            assert step["generate_flops"] == 2 * decoder * (prompt + new) + 2 * n_head * new
+            assert step["update_flops"] == 4 * decoder * (prompt + new) + 4 * n_head * new == step["train_flops"]
+            assert step["score_flops"] == step["forward_passes"] * step["generate_flops"]  # each a forward pass, no grad
+            assert step["flops"] == step["generate_flops"] + step["score_flops"] + step["update_flops"]
+            assert 0.0 <= step["reward"] <= 1.0 and math.isfinite(step["loss"])
+    # the same prompts in the same order in both arms (the replies differ: sampling)
+    assert [s["prompt_tokens"] for s in base["steps"]] == [s["prompt_tokens"] for s in ours["steps"]]
+    # TRL's default beta 0 makes no reference pass; the recipe's beta 0.05 makes one per step
+    assert (base["grpo_config"]["beta"], ours["grpo_config"]["beta"]) == (0.0, 0.05)
+    assert [s["forward_passes"] for s in base["steps"]] == [0, 0] and [s["forward_passes"] for s in ours["steps"]] == [1, 1]
+    shared = ("num_generations", "max_completion_length", "learning_rate")
+    assert [base["grpo_config"][k] for k in shared] == [ours["grpo_config"][k] for k in shared]
+    ratios = report["summary"]["ratios"]["align"]
+    assert _finite_positive(ratios["train_tokens_per_s"]) and ratios["loss_max_abs_diff"] is None
+    assert "grpo align run 1, per step: generate" in proc.stdout and "align / trl-baseline" in proc.stdout
