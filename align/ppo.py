@@ -76,6 +76,7 @@ from align.models import (
     resolve_model_path,
     resolve_quantization,
 )
+from align.publish import PublishArgs
 from align.records import PromptRecord
 from align.train import NonFiniteError, peak_memory_mb
 
@@ -88,7 +89,7 @@ class HealthStop(AlignError):
 
 
 @dataclass
-class PPOArgs(ModelArgs):
+class PPOArgs(ModelArgs, PublishArgs):
     # ---- where the models come from
     sft_dir: str | None = arg("outputs/sft", "the SFT run: a merged model is the base, an adapter is merged into its base in memory; missing = model_name_or_path")
     reward: str = arg("auto", "auto (reward_model if it exists, else verifier) | model | verifier | module.path:function | file.py:function")
@@ -1564,6 +1565,8 @@ class PPOTrainer:
             "first_scores": self.history[0].get("objective/scores") if self.history else None,
             "final_scores": last.get("objective/scores"),
             "tokens_processed": self.tokens,
+            "train_rows": len(self.prompts),
+            "held_out_rows": len(self.eval_prompts),
             "heldout_before": self.eval_before,
             "heldout_after": self.eval_after,
             "health_warnings": self.health_log,

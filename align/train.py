@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from align.config import arg
 from align.errors import AlignError
 from align.io import append_jsonl, atomic_write_json, atomic_write_text
+from align.publish import PublishArgs, check_push_target
 
 MARKER = "align_complete.json"
 
@@ -35,7 +36,7 @@ class NonFiniteError(AlignError):
 
 
 @dataclass
-class RunArgs:
+class RunArgs(PublishArgs):
     output_dir: str = arg("outputs/run", "where the adapter, checkpoints, metrics and summary go")
     seed: int = arg(42, "random seed (data order, dropout, sampling)")
     learning_rate: float = arg(1e-4, "peak learning rate")
@@ -418,11 +419,13 @@ def set_cpu_threads(requested: int) -> str:
 
 
 def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
-    """Hardware defaults; the output dir claimed (align.runs: an earlier run refused or moved aside, --resume's
-    settings checked, the folder locked, the disk checked now, not after an hour); resolved config saved."""
+    """--push_to_hub's target checked; hardware defaults; the output dir claimed (align.runs: an earlier run refused
+    or moved aside, --resume's settings checked, the folder locked, the disk checked now, not after an hour);
+    resolved config saved."""
     from align.io import write_run_info
     from align.runs import claim_output_dir
 
+    check_push_target(cfg)  # an upload that could not happen fails now, not after training
     if cfg.save_total_limit < 2:
         # HF deletes the older checkpoint before the new one is marked complete: keep two so a kill in between
         # still leaves one that --resume trusts.

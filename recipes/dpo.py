@@ -12,7 +12,8 @@ LM head only on completion tokens; same loss, see tests/test_dpo_fast.py); --fas
 
 Writes output_dir/adapter, config.yaml, run_info.json, metrics.jsonl (train/loss, rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, ...), tensorboard/ and summary.json with held-out
-preference accuracy and the verifier's score of the trained policy against the starting model.
+preference accuracy and the verifier's score of the trained policy against the starting model, then the
+model card (README.md, align.model_card); --push_to_hub user/name uploads adapter, card and summary.
 """
 
 import sys
@@ -26,6 +27,7 @@ from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_o
 from align.errors import cli_main
 from align.models import ModelArgs, load_model
 from align.policy_report import before_after
+from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
 
 
@@ -83,6 +85,8 @@ def main() -> None:
             "method": "dpo",
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
+            "train_rows": len(train_pairs),
+            "held_out_rows": len(eval_pairs),
             "before": before,
             "after": after,
             "tokens_processed": trainer.state.num_input_tokens_seen,
@@ -91,6 +95,7 @@ def main() -> None:
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
         print(before_after(before, after), file=sys.stderr, flush=True)
+        publish_run(cfg)  # the model cards (with the summary's numbers), then the upload when --push_to_hub asks
 
 
 def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):

@@ -16,7 +16,7 @@ recipes/reward.py, or any `fn(prompt_records, responses) -> list[float]` (PPO's 
 
 Writes output_dir/adapter, config.yaml, run_info.json, metrics.jsonl (train/reward, train/reward_std,
 train/kl, clip_ratio/*, completions/mean_length, completions/eos_rate, rewards/<name>/mean, ...),
-tensorboard/ and summary.json with the verifier's greedy before -> after on held-out prompts.
+tensorboard/, summary.json with the verifier's greedy before -> after on held-out prompts, and the model card.
 """
 
 import sys
@@ -31,6 +31,7 @@ from align.errors import ConfigError, cli_main
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
 from align.models import ModelArgs, load_model, lora_config, resolve_quantization
 from align.policy_report import before_after, summarize_policy
+from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
 
 
@@ -123,6 +124,8 @@ def main() -> None:
             "reward": [s.describe(cfg.reward_guard) for s in rewards],
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
+            "train_rows": len(records),
+            "held_out_rows": len(eval_prompts),
             "before": before,
             "after": after,
             "tokens_processed": trainer.state.num_input_tokens_seen,
@@ -132,6 +135,7 @@ def main() -> None:
         })
         if before and after:
             print(before_after(before, after), file=sys.stderr, flush=True)
+        publish_run(cfg)  # the model card, then the upload when --push_to_hub asks
 
 
 def build_reward_funcs(cfg: GRPOArgs, rewards, records):

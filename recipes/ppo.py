@@ -12,7 +12,8 @@ One base model carries the policy, the critic, the reward model and the referenc
 loop's phases (generate, score, estimate advantages, update) are PPOTrainer.train, and their math is
 align.ppo_math. Writes to output_dir: adapter/ (the policy; evaluate it with eval/evaluate.py or load it
 with align.models.load_trained), critic/ (adapter + value_head.safetensors), checkpoints/update-N/,
-config.yaml, run_info.json, metrics.jsonl, tensorboard/ and summary.json.
+config.yaml, run_info.json, metrics.jsonl, tensorboard/, summary.json and the model card (README.md);
+--push_to_hub user/name uploads the policy adapter, its card and the summary.
 """
 
 import json
@@ -29,6 +30,7 @@ from align.errors import AlignError, ConfigError, cli_main
 from align.io import write_run_info
 from align.models import compute_note, resolve_quantization
 from align.policy_report import before_after
+from align.publish import check_push_target, publish_run
 from align.runs import claim_output_dir
 from align.ppo import PPOArgs, PPOTrainer, build_models, init_distributed, list_checkpoints, reward_function, say
 from align.train import set_cpu_threads
@@ -59,6 +61,7 @@ def load_eval_prompts(cfg: PPOArgs) -> list:
 @cli_main
 def main() -> None:
     cfg = parse_config(PPOArgs)
+    check_push_target(cfg)  # an upload that could not happen fails now, not after training
     dist = init_distributed()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -116,6 +119,7 @@ def main() -> None:
         before, after = summary["heldout_before"], summary["heldout_after"]
         if before and after:  # greedy, the same block as the other recipes' summaries (align.policy_report)
             say(before_after(before, after).removeprefix("[align] "))
+        publish_run(cfg)  # the model card (with the held-out numbers), then the upload when --push_to_hub asks
         say(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: python eval/evaluate.py {cfg.output_dir})")
 
 

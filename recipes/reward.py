@@ -7,7 +7,7 @@
 loss = -log sigmoid(r(chosen) - r(rejected) - margin)   (margin from the data's `margin` field, if any)
 
 Writes output_dir/adapter (LoRA + the `score` head, as PEFT saves it), config.yaml, metrics.jsonl,
-tensorboard/ and summary.json with held-out accuracy and reward margins. Score text with it through
+tensorboard/, summary.json with held-out accuracy and reward margins, and the model card (README.md). Score text with it through
 `align.reward_model.load_reward_model` and `score_texts`, as PPO and evaluation do.
 """
 
@@ -19,6 +19,7 @@ from align.config import arg, parse_config
 from align.data import DataArgs, to_hf_dataset
 from align.errors import cli_main
 from align.models import ModelArgs, load_model
+from align.publish import publish_run
 from align.reward_model import Float32ScoreHeadMixin, score_texts
 from align.activations import CompressActivationsMixin
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
@@ -87,12 +88,15 @@ def main() -> None:
             "method": "reward",
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
+            "train_rows": len(train_pairs),
+            "held_out_rows": len(eval_pairs),
             "before": before,
             "after": after,
             "tokens_processed": trainer.state.num_input_tokens_seen,
             "wall_time_s": round(time.time() - started, 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
+        publish_run(cfg)  # the model card, then the upload when --push_to_hub asks
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     accelerate launch --multi_gpu --num_processes 2 recipes/sft.py    # two processes (CPU: gloo)
 
 Writes output_dir/adapter (and output_dir/merged with --merge), config.yaml, run_info.json,
-metrics.jsonl, tensorboard/ and summary.json. The merged model is the base for reward, DPO and PPO.
+metrics.jsonl, tensorboard/, summary.json and the model cards (README.md). The merged model is the base for
+reward, DPO and PPO. --push_to_hub user/name uploads adapter, card and summary.
 """
 
 import sys
@@ -18,6 +19,7 @@ from align.data import DataArgs, load_prompts, to_hf_dataset
 from align.errors import cli_main
 from align.models import ModelArgs, load_model, merge_adapter
 from align.policy_report import before_after, summarize_policy
+from align.publish import publish_run
 from align.activations import CompressActivationsMixin
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
@@ -85,6 +87,8 @@ def main() -> None:
             "steps": trainer.state.global_step,
             "train_loss": result.training_loss,
             "eval_loss": eval_metrics.get("eval_loss"),
+            "train_rows": len(train_records),
+            "held_out_rows": len(eval_records),
             "before": before,
             "after": after,
             "tokens_processed": trainer.state.num_input_tokens_seen,
@@ -93,6 +97,7 @@ def main() -> None:
         })
         if before and after:
             print(before_after(before, after), file=sys.stderr, flush=True)
+        publish_run(cfg)  # the model cards of adapter and merged model, then the upload when --push_to_hub asks
 
 
 if __name__ == "__main__":

@@ -121,6 +121,9 @@ def test_grpo_with_the_verifier(tiny_model_dir, tiny_data, tmp_path):
         assert summary[block]["verifier/prompts"] == 4 and len(summary[block]["rows"]) == 4
     assert "[align] starting model -> trained policy (0 pairs, 4 prompts):" in log
     assert "coherent strict (strict and not degenerate):" in log and "paired 95% CI" in log
+    card = (out / "adapter" / "README.md").read_text()  # align.model_card's, with the summary's numbers
+    assert "Method: GRPO, advantage (reward - group mean) / group std" in card and f"`{tiny_data['prompts']}` (8 prompts used)" in card
+    assert f"| coherent strict (strict and not degenerate) | {summary['before']['verifier/coherent_strict']:.3f} |" in card
 
 
 def test_grpo_with_a_reward_model_and_a_weighted_function(tiny_model_dir, tiny_reward_dir, tiny_data, tmp_path):
