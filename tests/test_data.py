@@ -594,10 +594,6 @@ def test_jsonl_is_streamed_in_flat_memory(tmp_path):
             f.write(json.dumps({"id": str(i), "prompt": f"question {i}", "chosen": reply + "yes", "rejected": reply + "no"}) + "\n")
     assert path.stat().st_size > 30e6
 
-    start = time.perf_counter()
-    assert len(load_preferences(path, max_rows=5)) == 5
-    assert time.perf_counter() - start < 1.0
-
     tracemalloc.start()
     try:
         count = sum(1 for _ in iter_preferences(path))
@@ -606,6 +602,10 @@ def test_jsonl_is_streamed_in_flat_memory(tmp_path):
         tracemalloc.stop()
     assert count == 10_000
     assert peak < 4e6, f"peak {peak / 1e6:.1f} MB"
+
+    with open(path, "a", encoding="utf-8") as f:  # a broken last line: reading to the end would stop there
+        f.write("{not json\n")
+    assert len(load_preferences(path, max_rows=5)) == 5
 
 
 # ---------------------------------------------------------------- lengths and the TRL dataset
