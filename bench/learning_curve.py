@@ -175,6 +175,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     points = result["points"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -191,6 +192,8 @@ def plot(result: dict, path: Path) -> None:
             ax.plot(xs, y, marker="o", label=key.replace("_", " "))
             ax.fill_between(xs, lo, hi, alpha=0.2)
         ax.set_xlabel(xlabel)
+        if xlabel == "training tokens":  # 125000 -> 125k, so that the tick labels do not run into each other
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
