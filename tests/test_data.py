@@ -584,6 +584,17 @@ def test_max_rows_stops_reading(tmp_path):
     assert len(load_preferences(GOOD / "prefs_ranked.jsonl", max_rows=4)) == 4
 
 
+def streamed_rows_and_peak(path) -> tuple[int, int]:
+    """The preference rows of `path`, read one at a time to the end, and the peak bytes of Python allocations."""
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_preferences(path))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return count, peak
+
+
 def test_jsonl_is_streamed_in_flat_memory(tmp_path):
     """A ~30 MB file read to the end: the peak of Python allocations stays under 4 MB (reading the file
     whole would need over 30 MB), and the first rows come back without reading the rest."""
@@ -594,12 +605,7 @@ def test_jsonl_is_streamed_in_flat_memory(tmp_path):
             f.write(json.dumps({"id": str(i), "prompt": f"question {i}", "chosen": reply + "yes", "rejected": reply + "no"}) + "\n")
     assert path.stat().st_size > 30e6
 
-    tracemalloc.start()
-    try:
-        count = sum(1 for _ in iter_preferences(path))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    count, peak = streamed_rows_and_peak(path)
     assert count == 10_000
     assert peak < 4e6, f"peak {peak / 1e6:.1f} MB"
 

@@ -17,13 +17,13 @@ import os
 import random
 import subprocess
 import sys
-import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from align.data import iter_preferences, load_preferences, load_prompts, load_sft, main
 from align.errors import AlignError, DataError
+from test_data import streamed_rows_and_peak
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = Path(__file__).resolve().parent / "data" / "good"
@@ -147,12 +147,7 @@ def test_compressed_jsonl_is_streamed_in_flat_memory(compression, tmp_path):
     assert len(text) > 10e6
     path = write(tmp_path / f"big.jsonl{compression}", text)
     del rows, text
-    tracemalloc.start()
-    try:
-        count = sum(1 for _ in iter_preferences(path))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    count, peak = streamed_rows_and_peak(path)
     assert count == 3500
     assert peak < 4e6, f"peak {peak / 1e6:.1f} MB"
 
