@@ -634,10 +634,31 @@ def _trained_model(trainer) -> tuple[Any, bool, float | None]:
     return base_model, hasattr(unwrapped, "peft_config"), checksum
 
 
+def _step_clock(device: str, meter: MemoryMeter):
+    """A TrainerCallback base that clocks optimizer steps: the memory peak is reset at each step's start and
+    `lap()` (called at its end) gives the seconds since the previous step ended (the first: since training began)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _sync(device)
+            self.last = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            meter.reset()
+
+        def lap(self) -> float:
+            _sync(device)
+            now = time.perf_counter()
+            seconds, self.last = now - self.last, now
+            return seconds
+
+    return StepClock
+
+
 def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """A stage that is a TRL trainer (the DPO, SFT and reward recipes, and TRL's baselines)."""
     import transformers
-    from transformers import TrainerCallback
     from trl import DPOTrainer
 
     from align.data import to_hf_dataset
@@ -660,21 +681,11 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     step_tokens: list[int] = []
     steps: list[dict] = []
 
-    class Recorder(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            _sync(device)
-            self.last = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            meter.reset()
-
+    class Recorder(_step_clock(device, meter)):
         def on_step_end(self, args, state, control, **kwargs):
-            _sync(device)
-            now = time.perf_counter()
             tokens = sum(step_tokens)
             step_tokens.clear()
-            steps.append({"step": state.global_step, "time_s": now - self.last, "tokens": tokens, "peak_mb": meter.peak_mb()})
-            self.last = now
+            steps.append({"step": state.global_step, "time_s": self.lap(), "tokens": tokens, "peak_mb": meter.peak_mb()})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and steps and steps[-1]["step"] == state.global_step:
@@ -832,7 +843,6 @@ def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_d
     methods of the trainer instance (see the module docstring)."""
     import torch
     import transformers
-    from transformers import TrainerCallback
 
     from align.data import check_lengths, load_prompts
     from align.grpo import check_constraints_present, parse_rewards, prompt_dataset
@@ -863,21 +873,14 @@ def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_d
     step: dict[str, float] = {}
     steps: list[dict] = []
 
-    class Recorder(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            _sync(device)
-            self.last = time.perf_counter()
-
+    class Recorder(_step_clock(device, meter)):
         def on_step_begin(self, args, state, control, **kwargs):
-            meter.reset()
+            super().on_step_begin(args, state, control, **kwargs)
             step.update(generate_s=0.0, score_s=0.0, generate_peak_mb=0.0, score_peak_mb=0.0, prompt_tokens=0, new_tokens=0,
                         tokens=0, forward_passes=0, generate_flops=0, score_flops=0, update_flops=0)
 
         def on_step_end(self, args, state, control, **kwargs):
-            _sync(device)
-            now = time.perf_counter()
-            record = {"step": state.global_step, "time_s": now - self.last, **step, "update_peak_mb": meter.peak_mb()}
-            self.last = now
+            record = {"step": state.global_step, "time_s": self.lap(), **step, "update_peak_mb": meter.peak_mb()}
             record["update_s"] = record["time_s"] - record["generate_s"] - record["score_s"]
             record["peak_mb"] = max(record["generate_peak_mb"], record["score_peak_mb"], record["update_peak_mb"])
             record["flops"] = record["generate_flops"] + record["score_flops"] + record["update_flops"]
