@@ -34,10 +34,12 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   compliance. Five words: "Respond in all caps." (4) could be a reply's own words; "Make it at least 3
   sentences long." (7) is not.
 
-- **no answer**: fewer than ANSWER_MIN_WORDS (15) words and not one sentence of at least
-  SENTENCE_MIN_WORDS (4) words ending in `.`, `!` or `?`: a title alone (`"Lunar Eclipse: The Night of the
-  Moon's Eclipse"` for "write a fairy tale ... in double quotation marks"), a JSON object whose story is a
-  name, an empty reply. Every ifprefs task asks for writing (a letter, a story, an ad), and the tightest
+- **no answer**: fewer than ANSWER_MIN_WORDS (15) words and not one sentence ending in `.`, `!` or `?`
+  with at least SENTENCE_MIN_WORDS (4) words of its own, words that are not in the prompt: a title
+  alone (`"Lunar Eclipse: The Night of the Moon's Eclipse"` for "write a fairy tale ... in double
+  quotation marks"), a JSON object whose story is a name, an empty reply, or a label built from the
+  prompt's words (`The museum plaque is: "Trips".` for "Write the text of a museum plaque about road
+  trips. Work this word into your answer: "trips"": one word of its own, "is"). Every ifprefs task asks for writing (a letter, a story, an ad), and the tightest
   length limit in its data still leaves a sentence; such replies meet constraints like `quotation`,
   `lowercase` or `no_comma` without doing the task (a DPO + SFT policy earned 3 of its new strict passes
   so), so they are not counted as a gain. A one-sentence answer ("*Important: fires* are a critical issue
@@ -196,14 +198,17 @@ def prompt_text(prompt: str | Sequence[dict[str, Any]]) -> str:
 _SENTENCE_RE = re.compile(r"[^.!?]+[.!?]")
 
 
-def no_answer(reply: str) -> str | None:
-    """The no-answer reason, or None: under ANSWER_MIN_WORDS words and no sentence of SENTENCE_MIN_WORDS words."""
+def no_answer(reply: str, prompt_text: str = "") -> str | None:
+    """The no-answer reason, or None: under ANSWER_MIN_WORDS words and no sentence with SENTENCE_MIN_WORDS
+    words of its own (case-folded words that `prompt_text`, the user's words, does not contain)."""
     words = _WORD_RE.findall(reply)
     if len(words) >= ANSWER_MIN_WORDS:
         return None
-    if any(len(_WORD_RE.findall(sentence)) >= SENTENCE_MIN_WORDS for sentence in _SENTENCE_RE.findall(reply)):
-        return None
-    return f"no answer: {len(words)} words and no sentence"
+    asked = {w.casefold() for w in _WORD_RE.findall(prompt_text)}
+    for sentence in _SENTENCE_RE.findall(reply):
+        if sum(w.casefold() not in asked for w in _WORD_RE.findall(sentence)) >= SENTENCE_MIN_WORDS:
+            return None
+    return f"no answer: {len(words)} words and no sentence" + (" of its own" if asked else "")
 
 
 def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constraints: Sequence[dict] | None = None,
@@ -234,7 +239,7 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
     copied = copied_instruction(reply, prompt_text(prompt), constraints) if prompt else None
     if copied:
         reasons.append(f"instruction copied from the prompt: {_shorten(copied, 60)!r}")
-    empty = no_answer(reply)
+    empty = no_answer(reply, prompt_text(prompt) if prompt else "")
     if empty:
         reasons.append(empty)
     return Degeneration(tuple(reasons))

@@ -17,8 +17,11 @@ Two levers, each with a switch in `FastDPOArgs`:
   `align.ppo_math.logprobs_from_logits`, so no full-vocabulary float32 logits are ever held for the
   batch, in forward or backward.
 
-Reference log-probs go through the same path (`compute_ref_log_probs`), both when they are precomputed
-before training (the recipe's default) and when they are computed every step.
+Reference log-probs go through the same path (`compute_ref_log_probs`), both when they are computed on
+each step's batch (the recipe's default) and when they are precomputed before training, and are summed
+in the same order as the policy's: on the same batch, before the first update, the two are bit-equal in
+every dtype. Precomputed ones come from other batches, and in bf16 a row's log-probs depend on the
+padded shape of its batch (matmul and attention blocking), by ~0.1 nat per sequence on the default model.
 
 A process-wide CPU setting lives here too, applied by recipes/dpo.py: `return_freed_memory_to_os` (glibc
 returns freed activations to the OS); torch's threads are set for every recipe by align.train.set_cpu_threads.
@@ -374,8 +377,9 @@ class FastDPOTrainer(DPOTrainer):
         rows = self._rows(inputs)
         out = model(align_rows=rows, align_chunk_size=self._chunk_size, align_stats=False)
         n_seq, length = inputs["input_ids"].shape
-        sequence = torch.div(rows["out_index"], length - 1, rounding_mode="floor")
-        logps = out.log_probs.new_zeros(n_seq).index_add(0, sequence, out.log_probs)
+        # summed as TRL's loss sums the policy's: over its (2B, L - 1) layout, so that equal per-token
+        # log-probs give bit-equal sums (a reduction in another order rounds differently)
+        logps = _scatter(out.log_probs, rows["out_index"], torch.Size((n_seq, length - 1))).sum(dim=1)
         return logps.chunk(2)
 
     # -------------------------------------------------------------- TRL's hooks

@@ -27,8 +27,9 @@ What is counted follows the code paths this project runs (align.models, align.tr
 - PPO: one shared base with policy, critic and reward adapters plus value and reward heads; the peak is the
   largest of generation (KV cache), scoring (no-grad forwards) and the update (policy and critic are
   backpropagated one after the other, so their activations do not add up).
-- DPO: chosen and rejected are concatenated (the batch doubles); reference log-probs are precomputed
-  (no memory during training) or come from an adapter-disabled no-grad forward before each step.
+- DPO: chosen and rejected are concatenated (the batch doubles); reference log-probs come from an
+  adapter-disabled no-grad forward in each step (the recipe's default) or are precomputed (no memory
+  during training).
 
 bf16/fp16 training under TRL runs under autocast (Trainer bf16=True); the PPO engine runs the bf16 model
 without autocast. Both are modelled (they save different copies of the LoRA inputs).
@@ -236,7 +237,7 @@ class PlanArgs:
     seq_len: int = arg(1024, "tokens per sequence, padded (PPO: prompt + response)")
     micro_batch: int = arg(1, "rows per forward/backward: sequences (SFT), pairs (reward, DPO) or rollouts (PPO)")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward")
-    dpo_reference: Literal["precomputed", "adapter_disabled"] = arg("precomputed", "DPO reference log-probs: computed once before training, or by an adapter-disabled forward every step")
+    dpo_reference: Literal["precomputed", "adapter_disabled"] = arg("adapter_disabled", "DPO reference log-probs: by an adapter-disabled forward every step (the recipe's default), or computed once before training")
     ppo_response_len: int = arg(256, "PPO and GRPO: generated tokens per reply (part of seq_len)")
     ppo_rollout_batch: int = arg(8, "PPO: prompts generated at once per process; GRPO: replies generated at once per process "
                                     "(prompts x num_generations; the KV cache batch)")

@@ -6,7 +6,9 @@
 
 The reference is the policy's base with the adapter disabled: the plain base model, or the SFT model when
 model_name_or_path points at outputs/sft/merged (the SFT adapter merged in, so "adapter disabled" is the
-frozen SFT policy). Reference log-probs are computed once before training (precompute_ref_log_probs).
+frozen SFT policy). Reference log-probs are computed on each step's own batch, through the policy's own path, so
+before the first update every implicit reward is exactly 0 in every dtype (tests/test_dpo_fast.py);
+--precompute_ref_log_probs true computes them once before training instead (other batches: bf16 rounds differently).
 The trainer is TRL's DPOTrainer with the faster log-probs of align/dpo_fast.py (prompt run once per pair,
 LM head only on completion tokens; same loss, see tests/test_dpo_fast.py); --fast_logprobs false is stock TRL.
 
@@ -38,7 +40,7 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL penalty towards the reference")
     loss_type: list[str] = arg(["sigmoid"], "TRL DPO loss(es): sigmoid, ipo, hinge, robust, apo_zero, ... (comma-separated to combine)")
     label_smoothing: float = arg(0.0, "assumed share of flipped labels (robust / cDPO losses)")
-    precompute_ref_log_probs: bool = arg(True, "reference log-probs once before training instead of every step")
+    precompute_ref_log_probs: bool = arg(False, "reference log-probs once before training, in their own batches, instead of on each step's batch (in bf16 the two differ by rounding: the first loss is then not exactly ln 2)")
     max_length: int = arg(384, "maximum tokens of prompt + reply")
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~1/3 more compute, a fraction of the "
                                                 "activation memory; none = hardware default (GPU: on, CPU: off)")

@@ -165,6 +165,17 @@ def test_a_title_or_an_empty_reply_is_no_answer():
     assert no_answer("roses climb the garden wall\nbees hum in the warm still air\nsummer takes its time") is None  # 16 words
 
 
+def test_a_label_made_of_the_prompts_words_is_no_answer():
+    """A real greedy reply of the embedded default (ifprefs-eval-00158), which met its one constraint: five words, one
+    sentence, but of its words only "is" is not the prompt's. The same sentence counts without the prompt, and a
+    short answer that says something of its own counts with it."""
+    prompt = [{"role": "user", "content": 'Write the text of a museum plaque about road trips. Work this word into your answer: "trips".'}]
+    label = 'The museum plaque is: "Trips".'
+    assert check_reply(label, prompt).reasons == ("no answer: 5 words and no sentence of its own",)
+    assert no_answer(label) is None
+    assert not check_reply("Road trips taught a nation to love the open highway and its diners.", prompt).degenerate
+
+
 def test_a_run_of_punctuation_to_the_token_limit_is_a_loop():
     """A real reply of a DPO policy trained at learning rate 5e-4 (48 steps) to "Write the text of a museum plaque
     about honey. Use markdown to highlight at least 1 part of the reply, like *this*. ...": 254 '<' after one '*'.

@@ -244,22 +244,64 @@ def test_fast_off_is_trl(tiny_model_dir, tmp_path):
     assert torch.equal(_loss_and_grads(off, batch)[0], loss)
 
 
-def test_recipe_builds_the_fast_trainer(tiny_model_dir, tmp_path):
+def _recipe():
     import importlib.util
     from pathlib import Path
-
-    from align.config import build_config
-    from align.data import to_hf_dataset
-    from align.dpo_fast import FastDPOTrainer
-    from align.models import load_model
 
     path = Path(__file__).resolve().parent.parent / "recipes" / "dpo.py"
     spec = importlib.util.spec_from_file_location("recipe_dpo", path)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    cfg = build_config(recipe.DPOArgs, {"model_name_or_path": tiny_model_dir, "output_dir": str(tmp_path), "max_steps": 1,
-                                        "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1})
+    return recipe
+
+
+def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
+    """recipes/dpo.py's own trainer (build_trainer) with the recipe's defaults, on a tiny model."""
+    from align.config import build_config
+    from align.data import to_hf_dataset
+    from align.models import load_model
+
+    recipe = _recipe()
+    cfg = build_config(recipe.DPOArgs, {"model_name_or_path": model_dir, "output_dir": str(tmp_path), "max_steps": 1,
+                                        "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1, **overrides})
     model, tokenizer = load_model(cfg)
-    trainer = recipe.build_trainer(cfg, model, tokenizer, to_hf_dataset(_pairs()), [])
+    return recipe.build_trainer(cfg, model, tokenizer, to_hf_dataset(pairs), [])
+
+
+def test_recipe_builds_the_fast_trainer(tiny_model_dir, tmp_path):
+    from align.dpo_fast import FastDPOTrainer
+
+    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs())
     assert isinstance(trainer, FastDPOTrainer) and trainer._fast and trainer._share_prompt
-    assert "ref_chosen_logps" in trainer.train_dataset.column_names  # precomputed by default
+    assert "ref_chosen_logps" not in trainer.train_dataset.column_names  # the reference on each step's own batch
+    pre = _recipe_trainer(tiny_model_dir, tmp_path / "pre", _pairs(), precompute_ref_log_probs=True)
+    assert "ref_chosen_logps" in pre.train_dataset.column_names
+
+
+def _uneven_pairs():
+    """Pairs of very different lengths (40 to 400 tokens): a batch's padded width depends on which pairs it holds."""
+    from align.records import PreferencePair
+
+    return [
+        PreferencePair(prompt=[{"role": "user", "content": "Hi there. " * (1 + 20 * (i % 2))}],
+                       chosen="Yes indeed. " * (1 + 15 * (i % 3)), rejected="No. " * (1 + i))
+        for i in range(6)
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_recipe_first_step_is_exactly_ln2(tiny_quant_model_dir, tmp_path, dtype):
+    """Before the first update the policy is the reference, so every implicit reward is exactly 0 and the
+    sigmoid loss exactly ln 2, in every dtype: the recipe computes the reference on the step's own batch
+    through the policy's own path and sums it in the same order. (Precomputed in other batches, bf16
+    log-probs of a row depend on the padded width of the batch it sat in: on the real model the first loss
+    was 0.6971 instead of 0.6931.) The 64-wide tiny model is wide enough for bf16 matmuls to round by shape."""
+    trainer = _recipe_trainer(tiny_quant_model_dir, tmp_path, _uneven_pairs(), dtype=dtype, max_length=512,
+                              per_device_train_batch_size=2)
+    assert (trainer.args.bf16, trainer._fast) == (dtype == "bf16", True)
+    trainer.model.train()
+    for batch in list(trainer.get_train_dataloader())[:2]:
+        loss = trainer.compute_loss(trainer.model, batch)
+        assert loss.item() == torch.tensor(2.0).log().item()
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == metrics["rewards/margins"] == 0.0
