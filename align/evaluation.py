@@ -156,6 +156,20 @@ def coherent_strict(strict: bool | None, degeneration: Degeneration) -> bool | N
     return None if strict is None else bool(strict and not degeneration.degenerate)
 
 
+def judge_again(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Saved generation rows (generations.jsonl) judged by today's checks, in place: `degenerate`,
+    `degenerate_reasons`, `coherent_strict` and `unasked_format` from the reply, prompt, constraints and EOS;
+    so that evaluations made before a check gained a rule compare with new ones. Returns `rows`."""
+    from align.degeneration import check_reply, unasked_formats
+
+    for r in rows:
+        verdict = check_reply(r["reply"], r["prompt"], r["constraints"], ended=r["eos"])
+        r["degenerate"], r["degenerate_reasons"] = verdict.degenerate, list(verdict.reasons)
+        r["coherent_strict"] = coherent_strict(r["verifier_strict"], verdict)
+        r["unasked_format"] = bool(unasked_formats(r["reply"], r["constraints"]))
+    return rows
+
+
 def pass_rates_by_constraint(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per constraint type, how many of its instances the replies met: {type: {"passed", "total", "rate"}}.
 

@@ -52,6 +52,9 @@ class RunArgs(PublishArgs):
     logging_steps: int = arg(1, "log every N optimizer steps")
     save_steps: int = arg(20, "checkpoint every N optimizer steps")
     save_total_limit: int = arg(2, "checkpoints kept (older ones are deleted)")
+    max_train_minutes: float | None = arg(None, "stop training after the first step that ends this many minutes into it (this "
+                                                "invocation's training, not loading or summaries), with a checkpoint; then "
+                                                "finish as usual; none = no limit (pair with a constant lr_scheduler_type)")
     eval_rows: int = arg(64, "held-out rows used for evaluation at the end of training")
     report_to: str = arg("tensorboard", "trackers: tensorboard, wandb, trackio, none (comma-separated)")
     resume: bool = arg(False, "continue from the last complete checkpoint in output_dir (the training settings must match it)")
@@ -242,14 +245,43 @@ class StopOnSignal(TrainerCallback):
         print(f"\n[align] {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.stopping = self.received is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            flag = torch.tensor([float(self.stopping)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.stopping = bool(flag.item())
+        self.stopping = any_rank(self.received is not None, args.device)
         if self.stopping:
             control.should_save = True
             control.should_training_stop = True
+
+
+def any_rank(flag: bool, device: Any) -> bool:
+    """`flag` of this process OR'ed over all processes (an all-reduce; every rank must call it at the same step)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        value = torch.tensor([float(flag)], device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+    return flag
+
+
+class TimeBudget(TrainerCallback):
+    """--max_train_minutes: the first step that ends past the budget (counted from the start of training in this
+    invocation) is saved and is the last; the recipe then finishes as after its last step (adapter, summary).
+    The processes of a launch agree (any_rank), so all of them stop after the same step."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.started = time.monotonic()
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not any_rank(time.monotonic() - self.started >= self.seconds, args.device):
+            return
+        control.should_save = True
+        control.should_training_stop = True
+        if self.stopped_at is None and is_main_process():
+            print(f"[align] --max_train_minutes {self.seconds / 60:g}: stopping after step {state.global_step} "
+                  f"({time.monotonic() - self.started:.0f} s of training), checkpoint saved", file=sys.stderr, flush=True)
+        self.stopped_at = state.global_step
 
 
 def guard_callbacks(output_dir: str) -> list[TrainerCallback]:
@@ -432,6 +464,10 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
         from align.errors import ConfigError
 
         raise ConfigError(f"config: save_total_limit: expected at least 2, got {cfg.save_total_limit}")
+    if getattr(cfg, "max_train_minutes", None) is not None and not cfg.max_train_minutes > 0:
+        from align.errors import ConfigError
+
+        raise ConfigError(f"config: max_train_minutes: expected minutes > 0 (or none), got {cfg.max_train_minutes}")
     from transformers import set_seed
 
     set_seed(cfg.seed)  # before the model is built: LoRA initialisation follows --seed
@@ -512,6 +548,8 @@ def train(trainer: Any, cfg: Any) -> Any:
     checkpoint = resume_checkpoint(cfg)
     if checkpoint:
         _restore_token_count(trainer, checkpoint)
+    if getattr(cfg, "max_train_minutes", None) is not None:
+        trainer.add_callback(TimeBudget(cfg.max_train_minutes))
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError:

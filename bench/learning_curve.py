@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from align.degeneration import unasked_formats  # noqa: E402
 from align.errors import ConfigError, cli_main  # noqa: E402
+from align.evaluation import judge_again  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
 from align.models import cpu_bf16_flags  # noqa: E402
 from align.report import paired_delta, read_jsonl  # noqa: E402
@@ -69,7 +69,8 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def evaluate(model: str, out: Path, n_prompts: int, log: Path) -> list[dict]:
-    """Greedy replies of `model` to the first n_prompts held-out prompts (reused when out/summary.json exists)."""
+    """Greedy replies of `model` to the first n_prompts held-out prompts (reused when out/summary.json exists),
+    judged by today's degeneration check (align.evaluation.judge_again: a reused evaluation may predate a rule)."""
     if not (out / "summary.json").exists():
         run([sys.executable, "eval/evaluate.py", model, "--modes", "greedy", "--max_prompts", str(n_prompts),
              "--pref_data", "none", "--ppl_data", "none", "--out", str(out)], log)
@@ -77,9 +78,7 @@ def evaluate(model: str, out: Path, n_prompts: int, log: Path) -> list[dict]:
     if len(rows) != n_prompts:
         raise ConfigError(f"{out}/generations.jsonl: expected {n_prompts} greedy replies, found {len(rows)}; "
                           "evaluate into another --out")
-    for r in rows:  # evaluations written before eval/evaluate.py recorded it
-        r.setdefault("unasked_format", bool(unasked_formats(r["reply"], r["constraints"])))
-    return rows
+    return judge_again(rows)
 
 
 def _step(checkpoint: Path | None) -> int:

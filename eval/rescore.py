@@ -13,19 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-from align.degeneration import check_reply, unasked_formats
 from align.errors import cli_main
-from align.evaluation import coherent_strict
+from align.evaluation import judge_again
 from align.report import paired_delta, read_jsonl
 
 
 def rescored(eval_dir: str, mode: str) -> list[dict]:
-    rows = [r for r in read_jsonl(Path(eval_dir) / "generations.jsonl") if r["mode"] == mode]
-    for r in rows:
-        verdict = check_reply(r["reply"], r["prompt"], r["constraints"], ended=r["eos"])
-        r["degenerate"], r["coherent_strict"] = verdict.degenerate, coherent_strict(r["verifier_strict"], verdict)
-        r["unasked_format"] = bool(unasked_formats(r["reply"], r["constraints"]))
-    return rows
+    return judge_again([r for r in read_jsonl(Path(eval_dir) / "generations.jsonl") if r["mode"] == mode])
 
 
 @cli_main

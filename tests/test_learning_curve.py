@@ -91,3 +91,28 @@ def test_ppo_curve_needs_an_explicit_starting_model(tmp_path):
     result = run_cli(["bench/learning_curve.py", "--recipe", "ppo", "--steps", "2", "--out", str(tmp_path / "c"), "--", "--reward", "verifier"])
     assert result.returncode != 0
     assert "--recipe ppo: give the starting model after --: --sft_dir DIR (an SFT run) or --sft_dir none" in result.stderr
+
+
+def test_grpo_side_by_side_on_the_tiny_model(tiny_model_dir, tiny_data, tmp_path):
+    """bench/grpo_side_by_side.py: both arms train at once under --max_train_minutes, the start and both runs are
+    evaluated on the same prompts, the guarded run is paired against the raw one, and the replies are written side by
+    side; a second call reuses the runs and evaluations."""
+    out = tmp_path / "sbs"
+    cmd = ["bench/grpo_side_by_side.py", "--minutes", "0.02", "--eval_prompts", "2", "--read", "2", "--out", str(out), "--",
+           "--model_name_or_path", tiny_model_dir, "--train_data", tiny_data["prompts"], "--max_completion_length", "4"]
+    result = run_cli(cmd, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "side_by_side.json").read_text())
+    for arm, guard in (("raw", "false"), ("guarded", "true")):
+        assert f"reward_guard: {guard}" in (out / arm / "config.yaml").read_text()
+        assert "max_train_minutes: 0.02" in (out / arm / "config.yaml").read_text()
+        training = report["arms"][arm]["training"]
+        assert training["steps"] >= 1 and training["reward_first_10"] is not None
+        for key in ("coherent_strict", "verifier_strict", "degenerate", "eos"):
+            m = report["arms"][arm]["metrics"][key]
+            assert m["n"] == 2 and m["lo"] <= m["mean"] <= m["hi"]
+    assert report["guarded_minus_raw"]["coherent_strict"]["n"] == 2
+    replies = (out / "replies.md").read_text()
+    assert replies.count("**start**") == replies.count("**raw**") == replies.count("**guarded**") == 2
+    again = run_cli(cmd, timeout=600)
+    assert again.returncode == 0 and "$ " not in again.stdout, again.stdout + again.stderr

@@ -377,3 +377,20 @@ def test_reproducible_drops_wall_time_at_any_depth():
                                                                             "metrics": [{"step": 1, "ppo/kl": 0.1}]}
     resumed["before"]["verifier"] = 0.25
     assert reproducible(ran) != reproducible(resumed)
+
+
+# ------------------------------------------------------------------------------------------ time budget
+
+
+def test_time_budget_stops_after_the_step_that_crosses_it_and_finishes_the_run(runner, tmp_path):
+    """--max_train_minutes 0.0001 (6 ms): the first step already ends past it, so it is the last: saved as a complete
+    checkpoint, then the adapter and the summary as after any last step; exit 0. A budget of 0 is refused at start."""
+    out = tmp_path / "run"
+    code, log = run_recipe("sft", runner("sft", out, max_steps=50, max_train_minutes=0.0001), tmp_path / "run.log")
+    assert code == 0, log[-3000:]
+    assert logged_steps(out) == [1]
+    assert "--max_train_minutes 0.0001: stopping after step 1" in log
+    assert complete_checkpoints(out) == [1] and (out / "adapter" / "adapter_config.json").exists()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    line = start_up_error("sft", runner("sft", tmp_path / "zero", max_train_minutes=0), tmp_path / "zero.log")
+    assert line == "error: config: max_train_minutes: expected minutes > 0 (or none), got 0.0"
