@@ -48,7 +48,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "output_dir", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "report_to",
     "min_free_gb", "cpu_threads", "return_freed_memory", "push_to_hub",
     # the length of the run: extending it (HF's linear schedule is then stretched to the new end from here on)
-    "max_steps", "num_train_epochs", "total_updates",
+    "max_steps", "num_train_epochs", "total_updates", "max_train_minutes",
     # what is measured or written after training; health checks only warn or stop after a checkpoint
     "eval_data", "eval_rows", "max_eval_rows", "summary_prompts", "summary_max_new_tokens", "eval_prompts",
     "num_eval_prompts", "merge", "stop_on_health", "health_min_kl", "health_kl_budget", "health_max_ratio",

@@ -11,8 +11,9 @@ temperature 1 (TRL's default):
     raw      --reward_guard false   the verifier's score as it is (what TRL's trainer does with it as reward function)
     guarded  --reward_guard true    a degenerate reply (align.degeneration) earns 0
 
-Both train at the same time, one CPU thread each, for --minutes of training each (--max_train_minutes: the
-step that crosses it is the last), so they share the machine equally. Then the starting model and each run answer
+Each trains alone on the machine (all its cores; one after the other) for --minutes of training (--max_train_minutes:
+the step that crosses it is the last); --parallel runs both at once with one thread each instead, which is fair
+when something else shares the machine but gives each run half the compute. Then the starting model and each run answer
 the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py, 128 new tokens) and each run
 is compared with the start, and the guarded run with the raw one, on coherent strict (every constraint met and not
 degenerate), IFEval strict, the verifier score, the degenerate share, formats nobody asked for and the EOS rate,
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,24 +47,32 @@ ARMS = {"raw": ["--reward_guard", "false"], "guarded": ["--reward_guard", "true"
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
 
 
-def train_arms(out: Path, minutes: float, extra: list[str]) -> None:
-    """Both runs at once, one thread each, `minutes` of training each; a finished run (summary.json) is kept."""
+def train_arms(out: Path, minutes: float, extra: list[str], parallel: bool) -> None:
+    """`minutes` of training of each arm, one after the other with every core (parallel: at once, one thread each);
+    a finished run (summary.json) is kept."""
     procs = []
     for arm, flags in ARMS.items():
         run_dir = out / arm
         if (run_dir / "summary.json").exists():
             continue
+        threads = "1" if parallel else str(os.cpu_count() or 1)
         cmd = ["accelerate", "launch", "recipes/grpo.py", "--output_dir", str(run_dir), "--max_steps", "100000",
-               "--max_train_minutes", str(minutes), "--save_steps", "10", "--summary_prompts", "0", "--cpu_threads", "1",
+               "--max_train_minutes", str(minutes), "--save_steps", "10", "--summary_prompts", "0", "--cpu_threads", threads,
                *PEER, *flags, *extra]
         print("$", " ".join(cmd), f"  (log: {out / f'{arm}.log'})", flush=True)
         log = open(out / f"{arm}.log", "a")
         procs.append((arm, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+        if not parallel:
+            _wait(out, *procs.pop())
     for arm, proc, log in procs:
-        code = proc.wait()
-        log.close()
-        if code != 0:
-            raise ConfigError(f"the {arm} run exited with {code}; see {out / f'{arm}.log'}")
+        _wait(out, arm, proc, log)
+
+
+def _wait(out: Path, arm: str, proc: subprocess.Popen, log) -> None:
+    code = proc.wait()
+    log.close()
+    if code != 0:
+        raise ConfigError(f"the {arm} run exited with {code}; see {out / f'{arm}.log'}")
 
 
 def training_log(run_dir: Path) -> dict:
@@ -106,6 +116,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory for the runs, the evaluations and the results")
     parser.add_argument("--eval_prompts", type=int, default=320, help="first N held-out ifprefs:eval prompts (all: 320)")
     parser.add_argument("--base_eval", default=None, help="an existing greedy evaluation of the starting model to reuse")
+    parser.add_argument("--parallel", action="store_true", help="train both arms at once, one thread each")
     parser.add_argument("--read", type=int, default=20, help="replies of each run written side by side to replies.md")
     args = parser.parse_args(argv)
     if not args.minutes > 0:
@@ -116,12 +127,12 @@ def main() -> None:
     start = extra[extra.index("--model_name_or_path") + 1] if "--model_name_or_path" in extra[:-1] else "base"
 
     started = time.time()
-    train_arms(out, args.minutes, extra)
+    train_arms(out, args.minutes, extra, args.parallel)
     base = evaluate(start, Path(args.base_eval) if args.base_eval else out / "eval-base", args.eval_prompts, log)
     rows = {arm: evaluate(str(out / arm), out / f"eval-{arm}", args.eval_prompts, log) for arm in ARMS}
     result = {
         "setup": {"peer_flags": PEER, "arms": ARMS, "extra_flags": extra, "minutes_each": args.minutes,
-                  "threads_each": 1, "eval_prompts": args.eval_prompts, "decoding": "greedy, 128 new tokens",
+                  "threads_each": 1 if args.parallel else os.cpu_count(), "parallel": args.parallel, "eval_prompts": args.eval_prompts, "decoding": "greedy, 128 new tokens",
                   "start": start, "cpu": cpu_description()},
         "arms": {arm: {"training": training_log(out / arm), **point(base, rows[arm], {})} for arm in ARMS},
         "guarded_minus_raw": {key: {k: round(v, 4) if isinstance(v, float) else v
