@@ -220,7 +220,3 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
                 raise _unknown(name, list(fields), where)
     values.update(overrides)
     return build_config(cls, values, where)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

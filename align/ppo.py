@@ -1266,7 +1266,6 @@ class PPOTrainer:
         first_row = self.dist.rank * rows_here
         minibatch_tokens = token_counts[global_rows].sum()
         local = torch.tensor([int(r) - first_row for r in global_rows if first_row <= int(r) < first_row + rows_here], dtype=torch.long)
-        inject = os.environ.get("ALIGN_INJECT_NAN_AT_STEP") == str(update + 1)  # fault injection for tests
         stats = dict.fromkeys(_LOSS_STATS, 0.0) | {"ratio_max": 0.0, "ratio_dev_max": 0.0}
         self.optimizer.zero_grad(set_to_none=False)
         bad: str | None = None
@@ -1279,8 +1278,6 @@ class PPOTrainer:
             with models.phase(POLICY, trainable=True):
                 logprobs, _ = policy_forward(models, rollout, rows, cfg.temperature)
                 pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows], mask, cfg.cliprange)
-                if inject:
-                    pg_loss = pg_loss * float("nan")
                 bad = bad or self._first_non_finite({"the policy loss": pg_loss}, update)
                 if bad is None:
                     (pg_loss * weight).backward()

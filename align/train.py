@@ -288,6 +288,15 @@ def guard_callbacks(output_dir: str) -> list[TrainerCallback]:
     return [MetricsFile(output_dir), NonFiniteGuard(), CompletionMarker(), StopOnSignal()]
 
 
+def check_loss(loss: torch.Tensor, step: int) -> None:
+    """Raise NonFiniteError when the training loss of optimizer step `step` is NaN or infinite (before backward)."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteError(
+            f"step {step}: the training loss is {loss.detach().float().item()}; "
+            "stopped before backward; the last good checkpoint is kept"
+        )
+
+
 def check_gradients(model: Any, step: int) -> None:
     """Raise NonFiniteError naming the first parameter whose gradient holds a NaN or inf."""
     for name, p in model.named_parameters():
@@ -303,22 +312,8 @@ class FiniteLossMixin:
     non-finite gradient after backward and before clipping (see `_clip_grad_norm`)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rank = os.environ.get("RANK", "0")
-        if os.environ.get("ALIGN_FAIL_ON_RANK") == rank and self.state.global_step == 1 and model.training:
-            # fault injection for tests: one rank dies mid-run, after a step all ranks completed together
-            raise RuntimeError(f"rank {rank}: injected failure at step 2 (ALIGN_FAIL_ON_RANK)")
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        loss = out[0] if return_outputs else out
-        if os.environ.get("ALIGN_INJECT_NAN_AT_STEP") == str(self.state.global_step + 1) and model.training:
-            loss = loss * float("nan")  # fault injection for tests
-            out = (loss, *out[1:]) if return_outputs else loss
-        if not torch.isfinite(loss).all():
-            raise NonFiniteError(
-                f"step {self.state.global_step + 1}: the training loss is {loss.detach().float().item()}; "
-                "stopped before backward; the last good checkpoint is kept"
-            )
-        if os.environ.get("ALIGN_INJECT_NAN_GRAD_AT_STEP") and not getattr(self, "_nan_grad_hook", None):
-            self._nan_grad_hook = self._inject_nan_grad(int(os.environ["ALIGN_INJECT_NAN_GRAD_AT_STEP"]))
+        check_loss(out[0] if return_outputs else out, self.state.global_step + 1)
         return out
 
     def _save_checkpoint(self, model, trial):
@@ -343,13 +338,6 @@ class FiniteLossMixin:
         check_gradients(self.model, self.state.global_step + 1)
         return super()._clip_grad_norm(model)
 
-    def _inject_nan_grad(self, step: int) -> Any:
-        """Fault injection for tests: the last trainable tensor's gradient becomes NaN at optimizer step `step`
-        (the loss stays finite). The last one, so that naming the first tensor would be caught."""
-        name, param = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad][-1]
-        print(f"[align] test fault: the gradient of {name} will be NaN at step {step} (ALIGN_INJECT_NAN_GRAD_AT_STEP)",
-              file=sys.stderr, flush=True)
-        return param.register_hook(lambda grad: grad * float("nan") if self.state.global_step + 1 == step else grad)
 
 
 # ------------------------------------------------------------------------------------------ resume

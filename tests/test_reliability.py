@@ -162,8 +162,7 @@ def test_fresh_start_then_sigterm_then_nan_then_resume_match_uninterrupted(recip
 
     # 2. Resume with a NaN loss injected at step 3, one step after this run's checkpoint-2: exit 2, a one-line
     #    error naming the step and the tensor, checkpoint-2 kept, nothing saved or logged at or after step 3.
-    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log",
-                           env={"ALIGN_INJECT_NAN_AT_STEP": "3"})
+    code, log = run_recipe(recipe, runner(recipe, out, resume="true"), tmp_path / "2.log", nan_loss_at_step=3)
     assert code == 2, log[-3000:]
     assert "error: step 3: the training loss is nan; stopped before backward; the last good checkpoint is kept" in log
     assert_no_traceback(log)
@@ -181,17 +180,17 @@ def test_fresh_start_then_sigterm_then_nan_then_resume_match_uninterrupted(recip
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_nan_gradient_stops_naming_step_and_tensor_then_resume_matches(recipe, runner, uninterrupted, tmp_path):
-    """A NaN gradient with a finite loss (ALIGN_INJECT_NAN_GRAD_AT_STEP=3 poisons the LAST trainable tensor's
+    """A NaN gradient with a finite loss (nan_grad_at_step=3 poisons the LAST trainable tensor's
     gradient): exit 2 with one line naming step 3 and that tensor, not the first tensor of the model (clipping
     first would have spread the NaN to every gradient); checkpoint-2 kept; nothing logged or saved at or after
     step 3; a resume without the fault then matches the uninterrupted run."""
     import re
 
     out = tmp_path / "run"
-    code, log = run_recipe(recipe, runner(recipe, out), tmp_path / "1.log", env={"ALIGN_INJECT_NAN_GRAD_AT_STEP": "3"})
+    code, log = run_recipe(recipe, runner(recipe, out), tmp_path / "1.log", nan_grad_at_step=3)
     assert code == 2, log[-3000:]
     assert_no_traceback(log)
-    poisoned = re.search(r"test fault: the gradient of (\S+) will be NaN at step 3", log)
+    poisoned = re.search(r"test fault: the gradient of (\S+) is NaN at step 3", log)
     assert poisoned, log[-3000:]
     errors = [line[line.index("error: "):] for line in log.splitlines() if "error: " in line]  # after a progress bar
     assert errors == [f"error: step 3: gradient of {poisoned[1]} is not finite (NaN or inf); stopped before the "
