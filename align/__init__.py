@@ -16,4 +16,20 @@ def _quiet_bitsandbytes_kernels_warning() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsNote())
 
 
+def _quiet_checkpointing_renames() -> None:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing and warns (FutureWarning) when
+    the old names are used: by TRL's configs (gradient_checkpointing defaults to True there), by TRL and peft
+    reading `model.is_gradient_checkpointing`, and by align.train and align.models, which keep the old names while
+    transformers 4.57 (no activation_* names) is supported. A user cannot act on these; only they are dropped."""
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`(is_)?gradient_checkpointing(_kwargs|_enable)?` is deprecated and will be removed in v6",
+        category=FutureWarning,
+        module=r"transformers\.",
+    )
+
+
 _quiet_bitsandbytes_kernels_warning()
+_quiet_checkpointing_renames()

@@ -3,7 +3,7 @@
     pairs = load_preferences("ifprefs:prefs_train")                 # list[PreferencePair]
     sft = load_sft("my_chats.jsonl", max_rows=1000)                   # list[SFTExample]
     prompts = load_prompts("hf:Anthropic/hh-rlhf:test")              # list[PromptRecord]
-    python -m align.data check my_prefs.csv                           # row count and format, or `error: ...`
+    align data check my_prefs.csv                                     # row count and format, or `error: ...`
 
 Sources: a .jsonl, .json, .csv or .parquet file, the first three also compressed (.jsonl.gz, .csv.bz2,
 .json.xz, .jsonl.zst, ...; .zst needs the `zstandard` package); a folder of such files (one file type,
@@ -1210,7 +1210,7 @@ def check_lengths(
     return records
 
 
-# ---------------------------------------------------------------- python -m align.data check FILE
+# ---------------------------------------------------------------- align data check FILE (python -m align.data check FILE)
 
 _KIND_OF_FORMAT = {**{f: "prefs" for f in PREFERENCE_FORMATS}, **{f: "sft" for f in SFT_FORMATS}, "prompt": "prompts"}
 _RECORD_NAMES = {"prefs": "preference pairs", "sft": "SFT examples", "prompts": "prompts"}
@@ -1235,8 +1235,8 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, **options: Any) -> Non
 
 
 @cli_main
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m align.data", description="Check a data source: row count and format.")
+def main(argv: list[str] | None = None, prog: str = "python -m align.data") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description="Check a data source: row count and format.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="read every row; print the counts and the detected format")
     check.add_argument("source", help="a file, a folder, hf:NAME[:SPLIT] or a built-in NAME:SPLIT")

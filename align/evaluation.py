@@ -2,8 +2,9 @@
 reply, and write every generation and every score as JSON lines, so that no number downstream (the
 comparison report) is unverifiable.
 
-    python eval/evaluate.py outputs/dpo --max_prompts 50 --reward_model outputs/reward
-    python eval/evaluate.py base --modes greedy                 # the untrained default model
+    align eval outputs/dpo --max_prompts 50 --reward_model outputs/reward
+    align eval base --modes greedy                              # the untrained default model
+    python eval/evaluate.py outputs/dpo                         # the same command, as a script in a checkout
 
     from align.evaluation import EvalArgs, evaluate
     summary = evaluate("outputs/dpo", EvalArgs(max_prompts=50))
@@ -49,6 +50,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,9 +60,9 @@ from typing import Any, Iterator, Literal
 import torch
 import yaml
 
-from align.config import arg
+from align.config import arg, parse_config
 from align.degeneration import Degeneration, check_reply, unasked_formats
-from align.errors import AlignError, ConfigError
+from align.errors import AlignError, ConfigError, cli_main
 from align.io import atomic_write_json, atomic_write_text
 from align.records import Message
 
@@ -276,28 +278,40 @@ def default_out_dir(run: str) -> Path:
     return Path("outputs/base/eval") if run == "base" else Path(run) / "eval"
 
 
-def load_policy(run: str, cfg: EvalArgs) -> Policy:
-    """Load `run` (base, a model directory or a run directory) with its reference; see the module docstring."""
+def load_run(run: str, dtype: str = "auto") -> tuple[Any, Any, Literal["model", "adapter", "merged"], str]:
+    """(model, tokenizer, kind, path) of `run`, unquantized, in eval mode: `base` (the embedded default), a Hub id in
+    the local cache, a model directory (kind "model"), or a run directory (kind "adapter": the PeftModel, or
+    "merged": the full model a recipe saved). What `align eval` and `align chat` accept as RUN."""
     from align.models import DEFAULT_MODEL, ModelArgs, load_model, load_trained
 
-    if run == "base" or not Path(run).exists():
+    root = Path(run)
+    if run == "base" or not root.exists():
         name = DEFAULT_MODEL if run == "base" else run
         if name != DEFAULT_MODEL and "/" not in run:
             raise AlignError(f"{run}: no such run directory or model (expected a run directory, a model directory or 'base')")
-        model, tokenizer = load_model(ModelArgs(model_name_or_path=name, dtype=cfg.dtype, quantization="none"), lora=False)
-        model.eval()
-        return Policy(model, tokenizer, "model", name, method="base")
+    elif is_run_dir(root):
+        model, tokenizer = load_trained(str(root), dtype=dtype)
+        return model, tokenizer, "adapter" if hasattr(model, "disable_adapter") else "merged", str(root)
+    elif not (root / "config.json").is_file():
+        raise AlignError(f"{run}: not a run directory (no adapter/ or merged/) and not a model directory (no config.json)")
+    else:
+        name = str(root)
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=name, dtype=dtype, quantization="none"), lora=False)
+    model.eval()
+    return model, tokenizer, "model", name
+
+
+def load_policy(run: str, cfg: EvalArgs) -> Policy:
+    """Load `run` (base, a model directory or a run directory) with its reference; see the module docstring."""
+    from align.models import ModelArgs, load_model
+
+    model, tokenizer, kind, path = load_run(run, cfg.dtype)
+    if kind == "model":
+        return Policy(model, tokenizer, "model", path, method="base")
     root = Path(run)
     run_config = _read_run_file(root, "config.yaml")
     method = _read_run_file(root, "summary.json").get("method") or run_config.get("method") or "base"
-    if not is_run_dir(root):
-        if not (root / "config.json").is_file():
-            raise AlignError(f"{run}: not a run directory (no adapter/ or merged/) and not a model directory (no config.json)")
-        model, tokenizer = load_model(ModelArgs(model_name_or_path=str(root), dtype=cfg.dtype, quantization="none"), lora=False)
-        model.eval()
-        return Policy(model, tokenizer, "model", str(root), method="base")
-    model, tokenizer = load_trained(str(root), dtype=cfg.dtype)
-    if hasattr(model, "disable_adapter"):
+    if kind == "adapter":
         merged = merged_for_eval(cfg, model)
         return Policy(merged if merged is not None else model, tokenizer, "adapter", str(root),
                       reference=model if merged is not None else None,
@@ -745,3 +759,31 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
     atomic_write_json(out / "summary.json", summary)
     log(f"wrote {out}/summary.json ({summary['timing']['total_s']} s)")
     return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# align eval RUN [--option value ...]
+# --------------------------------------------------------------------------------------------------
+
+USAGE = """Evaluate one policy on a fixed prompt set; write every generation and score as JSON lines.
+
+    align eval outputs/dpo                                  # -> outputs/dpo/eval/
+    align eval base --modes greedy --max_prompts 50         # the untrained default model
+    align eval outputs/ppo --reward_model outputs/reward --prompts my_prompts.jsonl
+
+RUN is a run directory (adapter/ or merged/), a model directory, or `base`. `python eval/evaluate.py ...` in a
+checkout is the same command. See align/evaluation.py for what is measured and the files written
+(generations.jsonl, prefs.jsonl, ppl.jsonl, summary.json).
+"""
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        parse_config(EvalArgs, ["--help"])
+    if not argv or argv[0].startswith("--"):
+        raise ConfigError("command line: expected RUN first (a run directory, a model directory or 'base'); see --help")
+    evaluate(argv[0], parse_config(EvalArgs, argv[1:]))

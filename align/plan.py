@@ -1,7 +1,8 @@
 """Will it fit? Expected peak memory of one training stage, from the model's architecture numbers.
 
-    python -m align.plan --model meta-llama/Llama-3.1-8B-Instruct --stage dpo --quantization 4bit --gpu_gb 24
-    python -m align.plan --model path/to/model_dir --stage ppo --seq_len 512 --micro_batch 4 --json
+    align plan --model meta-llama/Llama-3.1-8B-Instruct --stage dpo --quantization 4bit --gpu_gb 24
+    align plan --model path/to/model_dir --stage ppo --seq_len 512 --micro_batch 4 --json
+    python -m align.plan ...                                  # the same command
 
     from align.plan import PlanArgs, estimate
     est = estimate(PlanArgs(model="Qwen2.5-7B", stage="sft", quantization="4bit"))
@@ -629,6 +630,9 @@ def format_report(report: dict) -> str:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print("\n".join(__doc__.splitlines()[:5]) + "\n")  # what it does and two examples, then every option
     args = parse_config(PlanArgs, argv)
     if args.list_models:
         for name, arch in PRESETS.items():

@@ -164,11 +164,11 @@ def load_eval(path: str | Path, name: str | None = None) -> EvalResult:
     """Read an evaluation (a run directory with eval/, or an eval directory) and its run's files."""
     eval_dir = eval_dir_of(path)
     if not has_eval(path):
-        raise AlignError(f"{path}: no evaluation found (no {eval_dir}/summary.json); run eval/evaluate.py {path} first")
+        raise AlignError(f"{path}: no evaluation found (no {eval_dir}/summary.json); run align eval {path} first")
     summary = _read_json(eval_dir / "summary.json")
     for key in ("settings", "files", "metrics"):
         if key not in summary:
-            raise AlignError(f"{eval_dir / 'summary.json'}: missing {key!r} (not written by eval/evaluate.py?)")
+            raise AlignError(f"{eval_dir / 'summary.json'}: missing {key!r} (not written by align eval?)")
     files = {key: inside(eval_dir, name, field=f"{eval_dir / 'summary.json'}: files.{key}")  # stay in the evaluation
              for key, name in summary["files"].items()}
     generations = read_jsonl(files["generations"])

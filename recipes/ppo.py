@@ -10,7 +10,7 @@
 
 One base model carries the policy, the critic, the reward model and the reference (see align.ppo); the
 loop's phases (generate, score, estimate advantages, update) are PPOTrainer.train, and their math is
-align.ppo_math. Writes to output_dir: adapter/ (the policy; evaluate it with eval/evaluate.py or load it
+align.ppo_math. Writes to output_dir: adapter/ (the policy; evaluate it with `align eval` or load it
 with align.models.load_trained), critic/ (adapter + value_head.safetensors), checkpoints/update-N/,
 config.yaml, run_info.json, metrics.jsonl, tensorboard/, summary.json and the model card (README.md);
 --push_to_hub user/name uploads the policy adapter, its card and the summary.
@@ -120,7 +120,7 @@ def main() -> None:
         if before and after:  # greedy, the same block as the other recipes' summaries (align.policy_report)
             say(before_after(before, after).removeprefix("[align] "))
         publish_run(cfg)  # the model card (with the held-out numbers), then the upload when --push_to_hub asks
-        say(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: python eval/evaluate.py {cfg.output_dir})")
+        say(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: align eval {cfg.output_dir}; talk to it: align chat {cfg.output_dir})")
 
 
 if __name__ == "__main__":

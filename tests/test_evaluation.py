@@ -1,4 +1,4 @@
-"""Evaluation of one policy (align.evaluation, eval/evaluate.py) and the comparison script on tiny models."""
+"""Evaluation of one policy (align.evaluation, eval/evaluate.py) and the comparison (align.compare, eval/compare.py) on tiny models."""
 
 from __future__ import annotations
 
@@ -365,12 +365,13 @@ def test_compare_script_on_two_tiny_runs(tiny_model_dir, adapter_run, data_files
 
 
 def test_scripts_start_from_the_command_line():
-    """`python eval/evaluate.py --help` works from any directory (the scripts put the repo on sys.path)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    """`python eval/evaluate.py --help` works from any directory where the package is installed (PYTHONPATH stands
+    in for the install: this checkout's code); the script is `align eval`, whose help it shows."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "eval" / "evaluate.py"), "--help"], capture_output=True, text=True,
                           env=env, timeout=300, cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "python eval/evaluate.py outputs/dpo" in proc.stdout and "--max_new_tokens (int, default 128)" in proc.stdout
+    assert "align eval outputs/dpo" in proc.stdout and "--max_new_tokens (int, default 128)" in proc.stdout
 
 
 def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):

@@ -52,7 +52,7 @@ def fake_evaluation(eval_dir: Path, generations: str = "generations.jsonl") -> N
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "eval/compare.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=180)
 
