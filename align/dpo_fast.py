@@ -335,6 +335,9 @@ class FastDPOTrainer(DPOTrainer):
             raise TypeError("FastDPOTrainer: pass the model as a loaded instance, not a name")
         self._fast, self._share_prompt, self._chunk_size = fast, share_prompt, chunk_size
         self._fallback_reason: str | None = None
+        # prompt tuning, p-tuning, prefix tuning: the PEFT wrapper adds virtual tokens (or key/value prefixes) in its
+        # own forward, which the fast forward (the inner model's decoder, called directly) would skip
+        self._prompt_learning = bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
         if fast:
             inner = model.get_base_model() if hasattr(model, "get_base_model") else model
             add_completion_head(inner)
@@ -349,7 +352,9 @@ class FastDPOTrainer(DPOTrainer):
             return False
         reason = None
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
-        if self._is_vision_dataset:
+        if self._prompt_learning:
+            reason = "a prompt-learning adapter (its virtual tokens are added by the PEFT wrapper, which the fast forward bypasses)"
+        elif self._is_vision_dataset:
             reason = "vision inputs"
         elif self.aux_loss_enabled:
             reason = "MoE auxiliary loss"

@@ -19,11 +19,12 @@ What is evaluated (the policy) and against what (its reference, for KL and DPO's
 Written to OUT (default RUN/eval; for `base`, outputs/base/eval):
 
     generations.jsonl  one line per (prompt, sampling mode): prompt id and messages, the reply, mode, seed,
-                       temperature, coherent_strict (the headline: strict pass AND not degenerate),
+                       temperature, the mode's generation settings ("generation"), coherent_strict (the headline: strict pass AND not degenerate),
                        degenerate and its reasons (align.degeneration), unasked_format(s) (formats no
                        constraint asked for: align.degeneration.unasked_formats), the verifier's per-constraint
                        results, score and strict pass, the reward-model score, length in tokens and words, whether it ended with EOS,
-                       distinct-1/2, the share of repeated 4-grams, and the per-sequence KL estimates
+                       distinct-1/2, the share of repeated 4-grams, whether it loops to the token limit, and the
+                       per-sequence KL estimates
     prefs.jsonl        one line per held-out preference pair: reward-model scores of chosen and rejected,
                        policy and reference log-probs of both, and DPO's implicit rewards
     ppl.jsonl          one line per held-out SFT reply: its token count and summed negative log-likelihood
@@ -41,12 +42,21 @@ KL.
 Repetition follows Welleck et al. 2019 ("Neural Text Generation with Unlikelihood Training",
 arXiv:1908.04319): distinct-n is the number of unique n-grams over the number of n-grams of one reply,
 and the repeated 4-gram share (their seq-rep-4) is 1 - distinct-4. Words are lower-cased whitespace
-tokens, so the numbers do not depend on the policy's tokenizer.
+tokens, so the numbers do not depend on the policy's tokenizer. A reply loops to the limit when it did not
+end with EOS within max_new_tokens AND align.degeneration finds it degenerate: the failure the generation
+controls (--repetition_penalty, --no_repeat_ngram_size, --num_beams, sampling) are meant to change.
+
+Generation controls: each mode generates with one `GenerationSettings` record (`settings_for`), written
+into every generations.jsonl row ("generation") and each mode's summary block, so every number says how
+its replies were generated. Greedy mode takes repetition_penalty, no_repeat_ngram_size and num_beams (beam
+search when > 1); sample mode takes temperature, top_p, top_k, repetition_penalty and no_repeat_ngram_size.
+bench/generation_settings.py evaluates one model under a list of settings and tabulates the repetition.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -74,7 +84,10 @@ REPEAT_N = 4
 COMPARABLE_SETTINGS = (
     "prompts", "max_prompts", "modes", "max_new_tokens", "temperature", "top_p", "seed",
     "pref_data", "max_pairs", "ppl_data", "max_ppl_rows",
+    "top_k", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
 )
+# What a summary.json written before these controls existed generated with (align.report compares with these).
+SETTING_DEFAULTS = {"top_k": 0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": 1}
 
 
 @dataclass
@@ -92,6 +105,10 @@ class EvalArgs:
     modes: list[str] = arg(["greedy", "sample"], "sampling modes: greedy and/or sample (temperature, top_p, seed below)")
     temperature: float = arg(1.0, "sampling temperature of mode 'sample' (1 = the policy's own distribution)")
     top_p: float = arg(1.0, "nucleus sampling of mode 'sample' (1 = off; below 1 the KL estimate is biased)")
+    top_k: int = arg(0, "mode 'sample': sample from the k most likely tokens only (0 = off; on, the KL estimate is biased)")
+    repetition_penalty: float = arg(1.0, "both modes: divide a repeated token's positive logit by this (CTRL; 1 = off)")
+    no_repeat_ngram_size: int = arg(0, "both modes: never generate an n-gram of this many tokens twice in one reply (0 = off)")
+    num_beams: int = arg(1, "mode 'greedy': beam search over this many beams (1 = greedy decoding)")
     seed: int = arg(0, "sampling seed; batch i is sampled after torch.manual_seed(seed + i)")
     reward_model: str | None = arg(None, "a reward model directory (recipes/reward.py output) to score replies and pairs")
     ref_model: str | None = arg(None, "reference model for a merged run; none = the run's config.yaml model_name_or_path")
@@ -118,6 +135,13 @@ class EvalArgs:
             raise ConfigError(f"config: temperature: expected a number > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"config: top_p: expected a number in (0, 1], got {self.top_p}")
+        for name in ("top_k", "no_repeat_ngram_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config: {name}: expected 0 (off) or a positive number, got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"config: repetition_penalty: expected a number > 0 (1 = off), got {self.repetition_penalty}")
+        if self.num_beams < 1:
+            raise ConfigError(f"config: num_beams: expected 1 (greedy) or more beams, got {self.num_beams}")
         for name in ("prompts", "pref_data", "ppl_data", "reward_model", "ref_model"):
             if getattr(self, name) in ("none", "null", ""):
                 setattr(self, name, None)
@@ -150,6 +174,12 @@ def repeated_ngram_share(tokens: list[str], n: int = REPEAT_N) -> float | None:
     """Share of n-grams that repeat an earlier n-gram of the same text (seq-rep-n = 1 - distinct-n)."""
     d = distinct_n(tokens, n)
     return None if d is None else 1.0 - d
+
+
+def loops_to_limit(eos: bool, degeneration: Degeneration) -> bool:
+    """The reply ran to the token limit (no EOS) and is degenerate text: a loop the budget cut off, not a
+    long answer the budget cut off (that is `not eos` alone)."""
+    return bool(not eos and degeneration.degenerate)
 
 
 def coherent_strict(strict: bool | None, degeneration: Degeneration) -> bool | None:
@@ -432,15 +462,59 @@ class Generation:
     kl_k3: float | None = None
 
 
-def _generation_config(mode: str, cfg: EvalArgs, tokenizer):
-    from transformers import GenerationConfig
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How one mode's replies are generated: the record a summary and every generations.jsonl row carry.
 
-    common = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    Fields that do not apply to the mode are None (greedy: temperature, top_p, top_k; sample: num_beams).
+    """
+
+    mode: str
+    max_new_tokens: int
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """'greedy', 'greedy + repetition_penalty 1.2', 'beam search 4', 'sample (temperature 0.7, top_p 0.9)'."""
+        if self.mode == "sample":
+            parts = [f"{k} {getattr(self, k):g}" for k, off in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0))
+                     if getattr(self, k) != off]
+            head = f"sample ({', '.join(parts)})" if parts else "sample"
+        else:
+            head = f"beam search {self.num_beams}" if self.num_beams and self.num_beams > 1 else "greedy"
+        extras = [f"{k} {getattr(self, k):g}" for k, off in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0))
+                  if getattr(self, k) != off]
+        return " + ".join([head, *extras])
+
+    def generation_config(self, tokenizer):
+        from transformers import GenerationConfig
+
+        common = dict(max_new_tokens=self.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      repetition_penalty=self.repetition_penalty, no_repeat_ngram_size=self.no_repeat_ngram_size)
+        if self.mode == "greedy":
+            # early_stopping: a beam that emitted EOS ends the search once num_beams such beams exist (the
+            # replies are then as long as the best one needs, not always the token limit)
+            beams = dict(num_beams=self.num_beams, early_stopping=True) if self.num_beams and self.num_beams > 1 else {}
+            return GenerationConfig(do_sample=False, **beams, **common)
+        # top_k=0 switches off generate()'s default top-k of 50: the samples must come from the whole
+        # (tempered) distribution for the KL estimate to be unbiased.
+        return GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, **common)
+
+
+def settings_for(mode: str, cfg: EvalArgs) -> GenerationSettings:
+    """The generation settings of `mode` under `cfg` (see GenerationSettings for which fields apply)."""
+    common = dict(max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty,
+                  no_repeat_ngram_size=cfg.no_repeat_ngram_size)
     if mode == "greedy":
-        return GenerationConfig(do_sample=False, **common)
-    # top_k=0 switches off generate()'s default top-k of 50: the samples must come from the whole
-    # (tempered) distribution for the KL estimate to be unbiased.
-    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, **common)
+        return GenerationSettings("greedy", num_beams=cfg.num_beams, **common)
+    return GenerationSettings("sample", num_beams=None, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **common)
 
 
 @torch.no_grad()
@@ -455,7 +529,7 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
 
     model, tokenizer = policy.model, policy.tokenizer
     device = next(model.parameters()).device
-    gen_config = _generation_config(mode, cfg, tokenizer)
+    gen_config = settings_for(mode, cfg).generation_config(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     results: list[Generation] = []
     start_time = time.time()
@@ -528,6 +602,7 @@ def generation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "distinct_1": _mean([r["distinct_1"] for r in rows]),
         "distinct_2": _mean([r["distinct_2"] for r in rows]),
         "repeated_4gram_share": _mean([r["repeated_4gram_share"] for r in rows]),
+        "loops_to_limit_share": _mean([r.get("loops_to_limit") for r in rows]),
         "kl_k1": _mean([r["kl_k1"] for r in rows]),
         "kl_k3": _mean([r["kl_k3"] for r in rows]),
         "by_constraint": pass_rates_by_constraint(rows),
@@ -634,7 +709,8 @@ def settings_of(cfg: EvalArgs, prompt_ids: list[str], prompts: list[list[Message
         "prompts": cfg.prompts, "max_prompts": cfg.max_prompts, "n_prompts": len(prompts),
         "prompts_sha256": prompt_fingerprint(prompt_ids, prompts),
         "modes": list(cfg.modes), "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0, "seed": cfg.seed,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "seed": cfg.seed,
+        "repetition_penalty": cfg.repetition_penalty, "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "num_beams": cfg.num_beams,
         "generate_batch_size": cfg.generate_batch_size, "batch_size": cfg.batch_size, "merge_adapter": cfg.merge_adapter,
         "reward_model": str(Path(cfg.reward_model).resolve()) if cfg.reward_model else None,
         "pref_data": cfg.pref_data, "max_pairs": cfg.max_pairs, "ppl_data": cfg.ppl_data, "max_ppl_rows": cfg.max_ppl_rows,
@@ -702,6 +778,7 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
     # Phase 2: score every reply.
     t_score = time.time()
     rows: list[dict[str, Any]] = []
+    generation = {mode: settings_for(mode, cfg).as_dict() for mode in cfg.modes}
     for mode in cfg.modes:
         replies = [g.reply for g in generations[mode]]
         rm_scores = _rm_scores(rm[0], rm[1], prompts, replies, cfg.batch_size) if rm else [None] * len(replies)
@@ -720,7 +797,8 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
                 "unasked_format": bool(unasked), "unasked_formats": unasked,
                 "verifier_passed": passed, "verifier_score": score, "verifier_strict": strict, "rm_score": rm_score,
                 "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2),
-                "repeated_4gram_share": repeated_ngram_share(tokens), "kl_k1": gen.kl_k1, "kl_k3": gen.kl_k3,
+                "repeated_4gram_share": repeated_ngram_share(tokens), "loops_to_limit": loops_to_limit(gen.eos, degeneration),
+                "kl_k1": gen.kl_k1, "kl_k3": gen.kl_k3, "generation": generation[mode],
             })
     pref_rows = _preference_rows(policy, cfg, rm, log) if cfg.pref_data else None
     ppl_rows = _perplexity_rows(policy, cfg, log) if cfg.ppl_data else None
@@ -729,7 +807,8 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
     # Phase 3: write.
     files = {"generations": "generations.jsonl"}
     atomic_write_text(out / "generations.jsonl", _jsonl(rows))
-    metrics: dict[str, Any] = {mode: generation_summary([r for r in rows if r["mode"] == mode]) for mode in cfg.modes}
+    metrics: dict[str, Any] = {mode: {**generation_summary([r for r in rows if r["mode"] == mode]), "generation": generation[mode],
+                                      "generation_name": settings_for(mode, cfg).describe()} for mode in cfg.modes}
     if pref_rows is not None:
         files["preferences"] = "prefs.jsonl"
         atomic_write_text(out / "prefs.jsonl", _jsonl(pref_rows))

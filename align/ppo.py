@@ -69,6 +69,7 @@ from align.errors import AlignError, ConfigError
 from align.io import append_jsonl, atomic_dir, atomic_write_json
 from align.models import (
     ModelArgs,
+    check_peft_supported,
     eval_mode,
     load_model,
     load_tokenizer,
@@ -166,6 +167,7 @@ class PPOArgs(ModelArgs, PublishArgs):
             raise ConfigError(f"config: kl_target: expected > 0 nats or none, got {self.kl_target}")
         if self.health_window < 2:
             raise ConfigError(f"config: health_window: expected at least 2 updates, got {self.health_window}")
+        check_peft_supported(self, "ppo")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import numpy as np
 
 from align.config import arg
 from align.errors import AlignError, ConfigError
-from align.evaluation import COMPARABLE_SETTINGS, pass_rates_by_constraint
+from align.evaluation import COMPARABLE_SETTINGS, SETTING_DEFAULTS, pass_rates_by_constraint
 from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text, inside
 
 # Generation metrics of the tables: (key in generations.jsonl, label, higher is better or None).
@@ -214,7 +214,8 @@ def check_comparable(results: list[EvalResult]) -> None:
     keys = COMPARABLE_SETTINGS + ("prompts_sha256",)
     for other in results[1:]:
         for key in keys:
-            a, b = first.summary["settings"].get(key), other.summary["settings"].get(key)
+            default = SETTING_DEFAULTS.get(key)  # a summary from before the generation controls generated with these
+            a, b = first.summary["settings"].get(key, default), other.summary["settings"].get(key, default)
             if a != b:
                 what = "prompt set (ids or messages)" if key == "prompts_sha256" else f"setting {key!r}"
                 raise AlignError(

@@ -27,7 +27,7 @@ from align.data import DataArgs, load_prompts
 from align.activations import CompressActivationsMixin
 from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
 from align.errors import cli_main
-from align.models import ModelArgs, load_model
+from align.models import ModelArgs, check_peft_supported, load_model
 from align.policy_report import before_after
 from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
@@ -61,6 +61,7 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
 @cli_main
 def main() -> None:
     cfg = parse_config(DPOArgs)
+    check_peft_supported(cfg, "dpo")
     start_run(cfg, "dpo", cpu_max_steps=24)
     if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run reads only the rows it trains on
         cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()

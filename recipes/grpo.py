@@ -29,7 +29,7 @@ from align.config import arg, parse_config
 from align.data import DataArgs, check_lengths, load_prompts
 from align.errors import ConfigError, cli_main
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
-from align.models import ModelArgs, load_model, lora_config, resolve_quantization
+from align.models import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
@@ -83,6 +83,7 @@ class GRPOArgs(RunArgs, ModelArgs, DataArgs):
 @cli_main
 def main() -> None:
     cfg = parse_config(GRPOArgs)
+    check_peft_supported(cfg, "grpo")
     rewards = parse_rewards(cfg.reward)  # a bad spec fails here, before any model is loaded
     if cfg.use_vllm:
         import importlib.util
@@ -183,7 +184,7 @@ def build_trainer(cfg: GRPOArgs, model, tokenizer, train_dataset, reward_funcs, 
         **extra,
     )
     return Trainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                   callbacks=callbacks, peft_config=lora_config(cfg))
+                   callbacks=callbacks, peft_config=peft_config(cfg))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from align.config import arg, parse_config
 from align.data import DataArgs, to_hf_dataset
 from align.errors import cli_main
-from align.models import ModelArgs, load_model
+from align.models import ModelArgs, check_peft_supported, load_model
 from align.publish import publish_run
 from align.reward_model import Float32ScoreHeadMixin, score_texts
 from align.activations import CompressActivationsMixin
@@ -51,6 +51,7 @@ def held_out_accuracy(model, tokenizer, pairs, batch_size: int) -> dict:
 @cli_main
 def main() -> None:
     cfg = parse_config(RewardArgs)
+    check_peft_supported(cfg, "reward")
     if cfg.model_name_or_path == "auto":
         sft = Path("outputs/sft/merged")
         cfg.model_name_or_path = str(sft) if (sft / "config.json").is_file() else "SmolLM2-135M-Instruct"

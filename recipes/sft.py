@@ -17,7 +17,7 @@ from align.chat import training_chat_template
 from align.config import arg, parse_config
 from align.data import DataArgs, load_prompts, to_hf_dataset
 from align.errors import cli_main
-from align.models import ModelArgs, load_model, merge_adapter
+from align.models import ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
 from align.activations import CompressActivationsMixin
@@ -40,6 +40,11 @@ class SFTArgs(RunArgs, ModelArgs, DataArgs):
 @cli_main
 def main() -> None:
     cfg = parse_config(SFTArgs)
+    check_peft_supported(cfg, "sft")
+    if cfg.merge and cfg.use_lora and not can_merge(cfg.peft):
+        cfg.merge = False  # before start_run, so config.yaml says so
+        print(f"[align] sft: merge false: a {cfg.peft} adapter is virtual tokens, nothing to fold into the weights; "
+              "output_dir/adapter is the result (later stages start from the plain base)", file=sys.stderr, flush=True)
     start_run(cfg, "sft", cpu_max_steps=30)
     started = time.time()
 

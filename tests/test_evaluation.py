@@ -176,7 +176,7 @@ def test_sampled_logprobs_match_generate_with_left_padding(adapter_run, data_fil
     """The log-probs behind the KL are those of the distribution generate() sampled from, with our sampling
     settings: same positions under left padding, same temperature, and no hidden top-k (generate()'s
     default top_k=50 would set most of the 259-token vocabulary to -inf in the processed scores)."""
-    from align.evaluation import _generation_config
+    from align.evaluation import settings_for
 
     cfg = small_args(data_files, temperature=0.7)
     policy = load_policy(adapter_run, cfg)
@@ -185,7 +185,7 @@ def test_sampled_logprobs_match_generate_with_left_padding(adapter_run, data_fil
                     add_special_tokens=False)["input_ids"] for c in ("a long prompt to pad the other", "b")]
     ids, mask = _left_pad(prefixes, tok.pad_token_id)
     torch.manual_seed(0)
-    gen_config = _generation_config("sample", cfg, tok)
+    gen_config = settings_for("sample", cfg).generation_config(tok)
     gen_config.output_scores = gen_config.return_dict_in_generate = True
     out = policy.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
     response = out.sequences[:, ids.shape[1]:]
