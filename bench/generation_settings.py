@@ -18,6 +18,7 @@ beam_4 (beam search, 4 beams); sample_t0.7_p0.9 (temperature 0.7, top_p 0.9, see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from align.config import arg, config_to_dict, parse_config  # noqa: E402
+from align.config import arg, parse_config  # noqa: E402
 from align.errors import ConfigError, cli_main  # noqa: E402
 from align.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[bench] {name}: reusing {cfg.out}/summary.json", file=sys.stderr, flush=True)
         rows.append(table_row(name, summary))
     command = "python bench/generation_settings.py " + " ".join([run, *argv[1:]])
-    result = {"run": run, "command": command, "bench": config_to_dict(bench), "rows": rows}
+    result = {"run": run, "command": command, "bench": dataclasses.asdict(bench), "rows": rows}
     atomic_write_json(Path(bench.out) / "generation_settings.json", result)
     header = (f"`{command}`: {rows[0]['n']} prompts of {bench.prompts}, at most {bench.max_new_tokens} new tokens; "
               "shares over replies (verifier score and coherent strict over the prompts with constraints)")
