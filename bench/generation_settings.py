@@ -52,6 +52,7 @@ COLUMNS = (
     ("loops_to_limit_share", "loops to limit"),
     ("eos_rate", "EOS rate"),
 )
+PAIRED = ("coherent_strict", "degenerate")  # also as the paired difference from greedy, with its interval
 
 
 @dataclass
@@ -109,14 +110,28 @@ def table_row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
             "generated_tokens": summary["timing"]["generated_tokens"]}
 
 
+def against_greedy(rows: list[dict[str, Any]], replies: dict[str, list[dict[str, Any]]]) -> None:
+    """Each setting's coherent strict and degenerate share minus greedy's, paired over the same prompts, with
+    the 95% bootstrap interval (align.report.paired_delta, 2,000 resamples), into its row (none without greedy)."""
+    from align.report import paired_delta
+
+    for row in rows:
+        for key in PAIRED:
+            d = paired_delta(replies["greedy"], replies[row["setting"]], key, 2000, 0) if "greedy" in replies else None
+            row[f"{key}_vs_greedy"] = None if d is None or not d["n"] else {k: round(d[k], 4) for k in ("mean", "lo", "hi")} | {"n": d["n"]}
+
+
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     def cell(v):
+        if isinstance(v, dict):
+            return f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]"
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = [header, "", "| setting | " + " | ".join(title for _, title in COLUMNS) + " | seconds |",
-             "|---|" + "---|" * (len(COLUMNS) + 1)]
+    keys = [key for key, _ in COLUMNS] + [f"{key}_vs_greedy" for key in PAIRED]
+    titles = [title for _, title in COLUMNS] + [f"{key.replace('_', ' ')} vs greedy" for key in PAIRED]
+    lines = [header, "", "| setting | " + " | ".join(titles) + " | seconds |", "|---|" + "---|" * (len(keys) + 1)]
     for row in rows:
-        lines.append(f"| {row['generation']} | " + " | ".join(cell(row[key]) for key, _ in COLUMNS) + f" | {row['seconds']:.1f} |")
+        lines.append(f"| {row['generation']} | " + " | ".join(cell(row.get(key)) for key in keys) + f" | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run, bench = argv[0], parse_config(BenchArgs, argv[1:])
     from align.evaluation import evaluate
 
-    rows = []
+    from align.report import read_jsonl
+
+    rows, replies = [], {}
     for name in bench.settings:
         cfg = eval_args(bench, name)
         summary = evaluated(cfg)
@@ -141,11 +158,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             print(f"[bench] {name}: reusing {cfg.out}/summary.json", file=sys.stderr, flush=True)
         rows.append(table_row(name, summary))
+        replies[name] = [r for r in read_jsonl(Path(cfg.out) / "generations.jsonl") if r["mode"] == cfg.modes[0]]
+    against_greedy(rows, replies)
     command = "python bench/generation_settings.py " + " ".join([run, *argv[1:]])
     result = {"run": run, "command": command, "bench": dataclasses.asdict(bench), "rows": rows}
     atomic_write_json(Path(bench.out) / "generation_settings.json", result)
     header = (f"`{command}`: {rows[0]['n']} prompts of {bench.prompts}, at most {bench.max_new_tokens} new tokens; "
-              "shares over replies (verifier score and coherent strict over the prompts with constraints)")
+              "shares over replies (verifier score and coherent strict over the prompts with constraints); "
+              "vs greedy: the paired difference from greedy decoding over the same prompts, 95% bootstrap interval")
     atomic_write_text(Path(bench.out) / "generation_settings.md", markdown(rows, header))
     print(markdown(rows, header), flush=True)
     return result

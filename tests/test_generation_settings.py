@@ -134,6 +134,9 @@ def test_bench_two_settings_on_two_prompts(tiny_model_dir, prompts_file, tmp_pat
     table = (out / "generation_settings.md").read_text().splitlines()
     assert table[2].startswith("| setting | verifier score | coherent strict | degenerate | repeated 4-grams | distinct-2 | loops to limit")
     assert table[4].startswith("| greedy | ") and table[5].startswith("| greedy + repetition_penalty 1.2 | ")
+    assert table[2].endswith("| coherent strict vs greedy | degenerate vs greedy | seconds |")
+    assert result["rows"][0]["degenerate_vs_greedy"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 2}  # greedy against itself
+    assert set(result["rows"][1]["degenerate_vs_greedy"]) == {"mean", "lo", "hi", "n"}
     capsys.readouterr()
     again = bench.main(argv)
     assert "reusing" in capsys.readouterr().err and again["rows"] == result["rows"]
