@@ -117,7 +117,9 @@ def against_greedy(rows: list[dict[str, Any]], replies: dict[str, list[dict[str,
 
     for row in rows:
         for key in PAIRED:
-            d = paired_delta(replies["greedy"], replies[row["setting"]], key, 2000, 0) if "greedy" in replies else None
+            # paired by prompt: a sampled reply against the greedy one to the same prompt (the rows' modes differ)
+            same_mode = [{**r, "mode": "greedy"} for r in replies[row["setting"]]]
+            d = paired_delta(replies["greedy"], same_mode, key, 2000, 0) if "greedy" in replies else None
             row[f"{key}_vs_greedy"] = None if d is None or not d["n"] else {k: round(d[k], 4) for k in ("mean", "lo", "hi")} | {"n": d["n"]}
 
 
