@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from learning_curve import ROOT, cpu_description, evaluate, point
+from learning_curve import ROOT, cpu_description, evaluate, point, split_at_dashes
 
 from align.errors import ConfigError, cli_main
 from align.io import atomic_write_json, atomic_write_text
@@ -108,9 +108,7 @@ def replies_markdown(base: list[dict], arms: dict[str, list[dict]], n: int) -> s
 
 @cli_main
 def main() -> None:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_dashes(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="minutes of training of each run (they run at once)")
     parser.add_argument("--out", required=True, help="directory for the runs, the evaluations and the results")

@@ -204,11 +204,16 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, the arguments after `--` that go to the recipe unchanged)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
 @cli_main
 def main() -> None:
-    argv = sys.argv[1:]
-    recipe_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, recipe_args = split_at_dashes(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", required=True, choices=RECIPES)
     parser.add_argument("--steps", required=True, help="comma-separated optimizer step counts to evaluate at")
