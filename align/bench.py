@@ -34,7 +34,7 @@ reward-model scoring). N counts the parameters that take part in matmuls (`matmu
 sequence-squared FLOPs are left out, as in Kaplan et al. (2020); recomputation (gradient checkpointing)
 is not counted as model FLOPs.
 
-PPO (`--stage ppo --compare dpo-align,align`): `align` is the PPO engine (align/ppo.py) with the PPO
+PPO (`--stage ppo --compare dpo-align,align`): `align` is the PPO engine (align.rl.ppo) with the PPO
 recipe's defaults, the built-in verifier as the reward, on the same base; `dpo-align` is the DPO recipe on
 that base, run for its peak memory. A PPO "step" is one update; its phases are timed and measured apart:
 generate, score (policy, reference and critic forwards; the verifier costs no FLOPs) and update
@@ -168,7 +168,7 @@ def stage_flops(n_params: int, trained_tokens: int, forward_tokens: int, lora: b
 
 
 def ppo_phase_flops(n_params: int, n_head: int, prompt_tokens: int, new_tokens: int, ppo_epochs: int) -> dict[str, float]:
-    """Model FLOPs of one PPO update's phases (align/ppo.py: LoRA policy and critic on one frozen base).
+    """Model FLOPs of one PPO update's phases (align.rl.ppo: LoRA policy and critic on one frozen base).
 
     n_params is the base's N (`matmul_params`), n_head the LM head's part of it (vocabulary x hidden); the
     decoder is D = N - n_head. P prompt and R response tokens (real tokens, padding left out). Every pass
@@ -576,7 +576,7 @@ def run_child(spec: dict) -> dict:
     from align.models import resolve_model_path
 
     if spec["stage"] == "ppo":
-        import align.ppo  # noqa: F401
+        import align.rl.ppo.trainer  # noqa: F401
     if spec["stage"] == "grpo":
         from trl import GRPOTrainer, RLOOTrainer  # noqa: F401
 
@@ -747,9 +747,11 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
 
 
 def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
-    """The PPO engine (align/ppo.py) with the PPO recipe's defaults and the verifier as the reward; every
+    """The PPO engine (align.rl.ppo) with the PPO recipe's defaults and the verifier as the reward; every
     update's generate, score and update phases timed and measured (see the module docstring)."""
-    import align.ppo as ppo
+    from align.rl.ppo import trainer as ppo
+    from align.rl.ppo.config import PPOArgs
+    from align.rl.ppo.models import build_models
     from align.config import build_config
     from align.data import check_lengths, load_prompts
     from align.verifier import verifier_reward
@@ -760,7 +762,7 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
                   lora_r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], eval_prompts=None, num_eval_prompts=0,
                   save_steps=spec["steps"] + 1000)
     values.update(overrides)
-    cfg = build_config(ppo.PPOArgs, values, where="ppo arm overrides")
+    cfg = build_config(PPOArgs, values, where="ppo arm overrides")
     if cfg.return_freed_memory:  # as recipes/ppo.py does (the DPO arm's build_trainer does the same)
         from align.dpo_fast import return_freed_memory_to_os
 
@@ -779,12 +781,12 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
             return out
         return wrapper
 
-    ppo.generate = timed("generate", ppo.generate)
+    ppo.sample_responses = timed("generate", ppo.sample_responses)
     ppo.score_rollout = timed("score", ppo.score_rollout)
     ppo.PPOTrainer.ppo_update = timed("update", ppo.PPOTrainer.ppo_update)
     steps: list[dict] = []
     with phases("load"):
-        models, plan = ppo.build_models(cfg)
+        models, plan = build_models(cfg)
         prompts = check_lengths(load_prompts(cfg.prompts, max_rows=spec["steps"] * cfg.rollout_batch_size * 4),
                                 models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
         prompts = [p for p in prompts if p.constraints][: spec["steps"] * cfg.rollout_batch_size]
@@ -1089,8 +1091,6 @@ def format_table(report: dict) -> str:
 def main_parent(cfg: BenchArgs) -> dict:
     import torch
 
-    if cfg.stage == "ppo" and not (REPO / "align" / "ppo.py").is_file():
-        raise ConfigError("stage ppo: align/ppo.py is not there yet; benchmark dpo, sft or reward")
     from align.models import resolve_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

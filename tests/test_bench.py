@@ -164,7 +164,7 @@ def test_ppo_phase_flops_by_hand():
 
 
 def test_bench_runs_ppo_on_a_tiny_model(tiny_model_dir, tmp_path):
-    """PPO (align/ppo.py, verifier reward) next to the DPO recipe on the same base: per-update phases."""
+    """PPO (align.rl.ppo, verifier reward) next to the DPO recipe on the same base: per-update phases."""
     from transformers import AutoModelForCausalLM
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
