@@ -20,7 +20,10 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
 
 Measured, per step: wall time (end of one optimizer step to the end of the next, data loading
 included), tokens, tokens/s, peak memory, loss. Per phase (load, init, precompute_ref, train): time and
-peak memory. Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
+peak memory. The bench listens and replaces nothing in a trainer (GRPO aside, below): steps and losses come
+from TRL's callback events (a TrainerCallback: on_step_begin, on_step_end, on_log, whose `num_tokens` gives a
+step's tokens), and the phases inside a trainer from the events it reports (align.phases): the DPO recipe's
+precompute_ref, the PPO trainer's generate, score and update. Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
 /proc/self/clear_refs) over the resident set size after imports; on CUDA it is
 torch.cuda.max_memory_allocated.
 
@@ -328,12 +331,28 @@ class MemoryMeter:
 
 
 class Phases:
-    """Time and peak memory of named phases; a phase opened inside another pauses the outer one's clock."""
+    """Time and peak memory of named phases; a phase opened inside another pauses the outer one's clock.
+
+    Open a phase with `with phases(name):`, or let a trainer report it: Phases is a phase listener
+    (align.phases), so `on_phase_start(name)` / `on_phase_end(name)` open and close the same phase.
+    """
 
     def __init__(self, meter: MemoryMeter, device: str):
         self.meter, self.device = meter, device
         self.result: dict[str, dict[str, float]] = {}
         self._open: list[str] = []
+        self._reported: list[tuple[str, contextlib.ExitStack]] = []
+
+    def on_phase_start(self, name: str) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self(name))
+        self._reported.append((name, stack))
+
+    def on_phase_end(self, name: str) -> None:
+        opened, stack = self._reported.pop()
+        if opened != name:
+            raise RuntimeError(f"phase {name!r} ended while {opened!r} was open")
+        stack.close()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -459,13 +478,6 @@ def _load_recipe(stage: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _tokens_in(inputs: dict) -> int:
-    """Non-padding tokens of a collated batch (TRL's collators for DPO, SFT and reward models)."""
-    if "attention_mask" in inputs:
-        return int(inputs["attention_mask"].sum())
-    return int(inputs["input_ids"].numel())  # padding-free: one row, no padding
 
 
 def _recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[str, str]):
@@ -659,7 +671,6 @@ def _step_clock(device: str, meter: MemoryMeter):
 def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """A stage that is a TRL trainer (the DPO, SFT and reward recipes, and TRL's baselines)."""
     import transformers
-    from trl import DPOTrainer
 
     from align.data import to_hf_dataset
     from align.models import load_model, load_tokenizer
@@ -669,27 +680,33 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     stage = "dpo" if spec["stage"] == "ppo" else spec["stage"]  # ppo's dpo-align arm: the DPO recipe
     name = "align" if name == "dpo-align" else name
 
-    # TRL computes reference log-probs inside DPOTrainer.__init__; time that as a phase of its own
-    precompute = DPOTrainer._precompute_ref_logps
-
-    def timed_precompute(self, *args, **kwargs):
-        with phases("precompute_ref"):
-            return precompute(self, *args, **kwargs)
-
-    DPOTrainer._precompute_ref_logps = timed_precompute
-
-    step_tokens: list[int] = []
     steps: list[dict] = []
 
     class Recorder(_step_clock(device, meter)):
+        """TRL's step events, and the phases the recipe's trainer reports (align.phases: DPO's precompute_ref,
+        which TRL runs inside DPOTrainer.__init__) timed as phases of their own."""
+
+        tokens_seen = 0
+
+        def on_phase_start(self, name: str) -> None:
+            phases.on_phase_start(name)
+
+        def on_phase_end(self, name: str) -> None:
+            phases.on_phase_end(name)
+
         def on_step_end(self, args, state, control, **kwargs):
-            tokens = sum(step_tokens)
-            step_tokens.clear()
-            steps.append({"step": state.global_step, "time_s": self.lap(), "tokens": tokens, "peak_mb": meter.peak_mb()})
+            steps.append({"step": state.global_step, "time_s": self.lap(), "peak_mb": meter.peak_mb()})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and steps and steps[-1]["step"] == state.global_step:
+            if not (logs and steps and steps[-1]["step"] == state.global_step):
+                return
+            if "loss" in logs:
                 steps[-1]["loss"] = float(logs["loss"])
+            # TRL's num_tokens: the non-padding tokens trained on so far (the attention mask's sum; a padding-free
+            # batch's length), counted the same for every arm
+            if "num_tokens" in logs:
+                steps[-1]["tokens"] = int(logs["num_tokens"]) - self.tokens_seen
+                self.tokens_seen = int(logs["num_tokens"])
 
     kind = "sft" if stage == "sft" else "prefs"
     with phases("load"):
@@ -718,16 +735,13 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
 
     base_model, lora, lora_checksum = _trained_model(trainer)
     n_params = matmul_params(base_model)
-
-    training_step = trainer.training_step
-
-    def counting_training_step(model, inputs, *args, **kwargs):
-        step_tokens.append(_tokens_in(inputs))
-        return training_step(model, inputs, *args, **kwargs)
-
-    trainer.training_step = counting_training_step
     with phases("train"):
         trainer.train()
+    unlogged = [s["step"] for s in steps if "tokens" not in s]
+    if unlogged:
+        raise RuntimeError(f"steps {unlogged}: the trainer logged no num_tokens (the bench logs every step: logging_steps 1)")
+    if name == "align" and getattr(cfg, "precompute_ref_log_probs", False) and "precompute_ref" not in phases.result:
+        raise RuntimeError("the DPO trainer precomputed reference log-probs without reporting the phase (align.phases)")
 
     precomputed = "precompute_ref" in phases.result
     ref_in_step = stage == "dpo" and not precomputed  # TRL's default: a reference forward every step
@@ -746,14 +760,57 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     }
 
 
+class PPOSteps:
+    """One step record per PPO update, built from the events the trainer reports (align.phases): its generate,
+    score and update phases timed and measured by a `Phases` of their own, then `on_log` with the update's
+    rollout. A phase the trainer did not report is an error, not a zero."""
+
+    MEASURED = ("generate", "score", "update")
+
+    def __init__(self, meter: MemoryMeter, device: str, n_params: int, n_head: int, ppo_epochs: int):
+        self.phases = Phases(meter, device)
+        self.n_params, self.n_head, self.ppo_epochs = n_params, n_head, ppo_epochs
+        self.steps: list[dict] = []
+        self.start = time.perf_counter()  # the end of the previous update's log (the caller resets it before training)
+
+    def on_phase_start(self, name: str) -> None:
+        self.phases.on_phase_start(name)
+
+    def on_phase_end(self, name: str) -> None:
+        self.phases.on_phase_end(name)
+
+    def on_log(self, metrics: dict, rollout) -> None:
+        missing = [p for p in self.MEASURED if p not in self.phases.result]
+        if missing:
+            raise RuntimeError(f"PPO update {len(self.steps) + 1}: the trainer reported no {', '.join(missing)} phase (align.phases)")
+        gen, score, update = (self.phases.result[p] for p in self.MEASURED)
+        self.phases.result.clear()  # the next update must report its own
+        prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
+        flops = ppo_phase_flops(self.n_params, self.n_head, prompt_tokens, new_tokens, self.ppo_epochs)
+        step = {
+            "step": len(self.steps) + 1, "time_s": time.perf_counter() - self.start,
+            "tokens": self.ppo_epochs * (prompt_tokens + new_tokens), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "peak_mb": max(gen["peak_mb"], score["peak_mb"], update["peak_mb"]),
+            "generate_s": gen["time_s"], "score_s": score["time_s"], "update_s": update["time_s"],
+            "generate_peak_mb": gen["peak_mb"], "score_peak_mb": score["peak_mb"], "update_peak_mb": update["peak_mb"],
+            "generate_flops": flops["generate"], "score_flops": flops["score"], "update_flops": flops["update"],
+            "flops": sum(flops.values()), "train_flops": flops["update"], "train_time_s": update["time_s"],
+            "loss": float(metrics.get("ppo/policy_loss", float("nan"))),
+        }
+        step["tokens_per_s"] = step["tokens"] / step["update_s"]
+        self.steps.append(step)
+        self.start = time.perf_counter()
+
+
 def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """The PPO engine (align.rl.ppo) with the PPO recipe's defaults and the verifier as the reward; every
-    update's generate, score and update phases timed and measured (see the module docstring)."""
-    from align.rl.ppo import trainer as ppo
-    from align.rl.ppo.config import PPOArgs
-    from align.rl.ppo.models import build_models
+    update's generate, score and update phases timed and measured through the trainer's phase events
+    (`PPOSteps`; see the module docstring)."""
     from align.config import build_config
     from align.data import check_lengths, load_prompts
+    from align.rl.ppo.config import PPOArgs
+    from align.rl.ppo.models import build_models
+    from align.rl.ppo.trainer import PPOTrainer
     from align.verifier import verifier_reward
 
     overrides = dict(item.split("=", 1) for item in spec["arm"].split(":")[1:])
@@ -767,64 +824,24 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
         from align.dpo_fast import return_freed_memory_to_os
 
         return_freed_memory_to_os()
-    record: dict = {}
-    current: dict = {}
-
-    def timed(phase: str, fn):
-        def wrapper(*args, **kwargs):
-            _sync(device)
-            start = time.perf_counter()
-            with meter.span() as span:
-                out = fn(*args, **kwargs)
-            _sync(device)
-            current[phase] = {"time_s": time.perf_counter() - start, "peak_mb": span["peak"]}
-            return out
-        return wrapper
-
-    ppo.sample_responses = timed("generate", ppo.sample_responses)
-    ppo.score_rollout = timed("score", ppo.score_rollout)
-    ppo.PPOTrainer.ppo_update = timed("update", ppo.PPOTrainer.ppo_update)
-    steps: list[dict] = []
     with phases("load"):
         models, plan = build_models(cfg)
         prompts = check_lengths(load_prompts(cfg.prompts, max_rows=spec["steps"] * cfg.rollout_batch_size * 4),
                                 models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
         prompts = [p for p in prompts if p.constraints][: spec["steps"] * cfg.rollout_batch_size]
-    with phases("init"):
-        trainer = ppo.PPOTrainer(cfg, models, prompts, verifier_reward, verifier_fn=verifier_reward,
-                                 reward_is_verifier=True, reward_description="verifier")
     n_params = matmul_params(models.model.get_base_model())
     n_head = models.lm_head.weight.numel()
-    log = trainer.log
-
-    def logged(metrics: dict, rollout) -> None:
-        prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
-        seq_tokens = prompt_tokens + new_tokens
-        gen, score, update = current["generate"], current["score"], current["update"]
-        flops = ppo_phase_flops(n_params, n_head, prompt_tokens, new_tokens, cfg.ppo_epochs)
-        step = {
-            "step": len(steps) + 1, "time_s": time.perf_counter() - current.pop("start"),
-            "tokens": cfg.ppo_epochs * seq_tokens, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "peak_mb": max(gen["peak_mb"], score["peak_mb"], update["peak_mb"]),
-            "generate_s": gen["time_s"], "score_s": score["time_s"], "update_s": update["time_s"],
-            "generate_peak_mb": gen["peak_mb"], "score_peak_mb": score["peak_mb"], "update_peak_mb": update["peak_mb"],
-            "generate_flops": flops["generate"], "score_flops": flops["score"], "update_flops": flops["update"],
-            "flops": sum(flops.values()), "train_flops": flops["update"], "train_time_s": update["time_s"],
-            "loss": float(metrics.get("ppo/policy_loss", float("nan"))),
-        }
-        step["tokens_per_s"] = step["tokens"] / step["update_s"]
-        steps.append(step)
-        log(metrics, rollout)
-        current["start"] = time.perf_counter()
-
-    trainer.log = logged
-    current["start"] = time.perf_counter()
+    recorder = PPOSteps(meter, device, n_params, n_head, cfg.ppo_epochs)
+    with phases("init"):
+        trainer = PPOTrainer(cfg, models, prompts, verifier_reward, verifier_fn=verifier_reward,
+                             reward_is_verifier=True, reward_description="verifier", callbacks=[recorder])
+    recorder.start = time.perf_counter()
     with phases("train"):
         trainer.train()
-    record["ppo_config"] = {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
-                                                          "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
+    ppo_config = {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
+                                               "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
     return {"data": cfg.prompts, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": True, "lora_A_init_abs_sum": None,
-            "steps": steps, "extra_time_s": 0.0, "extra_flops": 0, **record}
+            "steps": recorder.steps, "extra_time_s": 0.0, "extra_flops": 0, "ppo_config": ppo_config}
 
 
 def _grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, out_dir: str):
