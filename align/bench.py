@@ -20,10 +20,10 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
 
 Measured, per step: wall time (end of one optimizer step to the end of the next, data loading
 included), tokens, tokens/s, peak memory, loss. Per phase (load, init, precompute_ref, train): time and
-peak memory. The bench listens and replaces nothing in a trainer (GRPO aside, below): steps and losses come
+peak memory. The bench listens and replaces nothing in a trainer: steps and losses come
 from TRL's callback events (a TrainerCallback: on_step_begin, on_step_end, on_log, whose `num_tokens` gives a
 step's tokens), and the phases inside a trainer from the events it reports (align.phases): the DPO recipe's
-precompute_ref, the PPO trainer's generate, score and update. Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
+precompute_ref, the PPO trainer's generate, score and update, GRPO's generate and score (below). Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
 /proc/self/clear_refs) over the resident set size after imports; on CUDA it is
 torch.cuda.max_memory_allocated.
 
@@ -54,10 +54,10 @@ left on) except what both arms share: model, prompts and their order, seed, LoRA
 build_reward_funcs: the guarded verifier), replies per prompt, longest reply and learning rate (the recipe's
 defaults), steps. `--batch_size` is prompts per step (per_device_train_batch_size = batch_size x num_generations
 replies); prompts come from the recipe's train_data (ifprefs) unless --data names another source with constraints.
-A step's phases, timed by wrapping three methods of the trainer instance (TRL's classes are left alone):
-generate (`_generate`: sampling with transformers' generate and decoding), score (the rest of
-`_generate_and_score_completions`: forward-only passes for the reference and old-policy log-probs, when TRL
-makes them, and the rewards) and update (the rest of the step: the loss's forward and backward, the optimizer step).
+A step's phases, as both arms' trainers report them (align.phases.ReportGenerationMixin: the recipe's trainer
+mixes it in, the baseline is TRL's GRPOTrainer with it and nothing else): generate (`_generate`: sampling with
+transformers' generate and decoding), score (the rest of `_generate_and_score_completions`: forward-only passes
+for the reference and old-policy log-probs, when TRL makes them, and the rewards) and update (the rest of the step: the loss's forward and backward, the optimizer step).
 Their FLOPs (`pass_flops`, with N split into the decoder D and the LM head as for PPO): generate 2D(P + R) +
 2 n_head R, with P the prompt tokens of every reply (TRL repeats each prompt num_generations times) and R the
 replies' tokens (up to and including EOS; padding left out); every pass through TRL's
@@ -850,17 +850,21 @@ def _grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, ou
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
+    from align.phases import ReportGenerationMixin
+
+    class TRLGRPOTrainer(ReportGenerationMixin, GRPOTrainer):
+        """TRL's GRPOTrainer, unchanged but for the phase events the bench listens to (align.phases)."""
+
     args = GRPOConfig(**_baseline_args(spec, out_dir, cfg.learning_rate), per_device_train_batch_size=cfg.per_device_train_batch_size,
                       num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length)
-    return GRPOTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+    return TRLGRPOTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                        processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **_baseline_lora(spec)))
 
 
 def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """GRPO through TRL: the grpo recipe's build_trainer (align arms) or TRL's documented script (trl-baseline), the
-    recipe's reward functions in both; every step's generate, score and update timed and measured by wrapping three
-    methods of the trainer instance (see the module docstring)."""
-    import torch
+    recipe's reward functions in both; every step's generate, score and update timed and measured from the events
+    the trainer reports (align.phases.ReportGenerationMixin; see the module docstring)."""
     import transformers
 
     from align.data import check_lengths, load_prompts
@@ -893,10 +897,50 @@ def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_d
     steps: list[dict] = []
 
     class Recorder(_step_clock(device, meter)):
+        """TRL's step events, and what the trainer reports inside a step (align.phases.ReportGenerationMixin):
+        generate, nested in generate_and_score (whose rest is the score phase), the tokens generated, and
+        every log-prob pass (no grad: score; with grad: the loss's, in update)."""
+
         def on_step_begin(self, args, state, control, **kwargs):
             super().on_step_begin(args, state, control, **kwargs)
             step.update(generate_s=0.0, score_s=0.0, generate_peak_mb=0.0, score_peak_mb=0.0, prompt_tokens=0, new_tokens=0,
                         tokens=0, forward_passes=0, generate_flops=0, score_flops=0, update_flops=0)
+
+        def on_phase_start(self, name: str) -> None:
+            _sync(device)
+            self.started = getattr(self, "started", {})
+            self.started[name] = time.perf_counter()
+            if name == "generate":
+                self.span_stack = contextlib.ExitStack()
+                self.span = self.span_stack.enter_context(meter.span())
+            elif name == "generate_and_score":
+                self.generated_before = step["generate_s"]
+
+        def on_phase_end(self, name: str) -> None:
+            if name == "generate":
+                self.span_stack.close()
+                _sync(device)
+                step["generate_s"] += time.perf_counter() - self.started.pop(name)
+                step["generate_peak_mb"] = max(step["generate_peak_mb"], self.span["peak"])
+                meter.reset()  # the scoring's peak starts here
+            elif name == "generate_and_score":
+                _sync(device)
+                step["score_s"] += time.perf_counter() - self.started.pop(name) - (step["generate_s"] - self.generated_before)
+                step["score_peak_mb"] = max(step["score_peak_mb"], meter.peak_mb())
+                meter.reset()  # the update's peak starts here
+
+        def on_generated(self, prompt_tokens: int, new_tokens: int) -> None:
+            step["prompt_tokens"] += prompt_tokens
+            step["new_tokens"] += new_tokens
+            step["generate_flops"] += pass_flops(n_params, n_head, prompt_tokens + new_tokens, new_tokens, FLOPS_PER_TOKEN["forward"])
+
+        def on_forward(self, tokens: int, head_tokens: int, with_grad: bool) -> None:
+            if with_grad:  # the loss's pass; TRL makes the reference and old-policy passes under no_grad
+                step["tokens"] += tokens
+                step["update_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, trained_per_token)
+            else:
+                step["forward_passes"] += 1
+                step["score_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, FLOPS_PER_TOKEN["forward"])
 
         def on_step_end(self, args, state, control, **kwargs):
             record = {"step": state.global_step, "time_s": self.lap(), **step, "update_peak_mb": meter.peak_mb()}
@@ -925,50 +969,10 @@ def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_d
     n_params, n_head = matmul_params(base_model), base_model.get_output_embeddings().weight.numel()
     trained_per_token = FLOPS_PER_TOKEN["lora" if lora else "full"]
 
-    # Instance attributes shadow the class's methods for this trainer only: TRL calls them as self._generate(...) etc.
-    generate, generate_and_score, logps = trainer._generate, trainer._generate_and_score_completions, trainer._get_per_token_logps_and_entropies
-
-    def timed_generate(prompts):
-        _sync(device)
-        start = time.perf_counter()
-        with meter.span() as span:
-            out = generate(prompts)
-        _sync(device)
-        step["generate_s"] += time.perf_counter() - start
-        step["generate_peak_mb"] = max(step["generate_peak_mb"], span["peak"])
-        meter.reset()  # the scoring's peak starts here
-        prompt_ids, completion_ids = out[0], out[1]  # GRPO's and RLOO's _generate both return these first
-        prompt_tokens, new_tokens = sum(map(len, prompt_ids)), sum(map(len, completion_ids))
-        step["prompt_tokens"] += prompt_tokens
-        step["new_tokens"] += new_tokens
-        step["generate_flops"] += pass_flops(n_params, n_head, prompt_tokens + new_tokens, new_tokens, FLOPS_PER_TOKEN["forward"])
-        return out
-
-    def timed_generate_and_score(inputs):
-        _sync(device)
-        start, generated_before = time.perf_counter(), step["generate_s"]
-        out = generate_and_score(inputs)
-        _sync(device)
-        step["score_s"] += time.perf_counter() - start - (step["generate_s"] - generated_before)
-        step["score_peak_mb"] = max(step["score_peak_mb"], meter.peak_mb())
-        meter.reset()  # the update's peak starts here
-        return out
-
-    def counted_logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        tokens, head_tokens = int(attention_mask.sum()), int(attention_mask[:, -logits_to_keep:].sum())
-        if torch.is_grad_enabled():  # the loss's pass; TRL makes the reference and old-policy passes under no_grad
-            step["tokens"] += tokens
-            step["update_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, trained_per_token)
-        else:
-            step["forward_passes"] += 1
-            step["score_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, FLOPS_PER_TOKEN["forward"])
-        return logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-
-    trainer._generate = timed_generate
-    trainer._generate_and_score_completions = timed_generate_and_score
-    trainer._get_per_token_logps_and_entropies = counted_logps
     with phases("train"):
         trainer.train()
+    if not any(s["new_tokens"] for s in steps):
+        raise RuntimeError("the GRPO trainer reported no generation (align.phases.ReportGenerationMixin)")
     config_keys = ("per_device_train_batch_size", "num_generations", "max_completion_length", "temperature", "beta",
                    "loss_type", "learning_rate", "gradient_checkpointing")
     return {"data": source, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": lora, "lora_A_init_abs_sum": lora_checksum,
