@@ -861,6 +861,81 @@ def _grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, ou
                        processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **_baseline_lora(spec)))
 
 
+def _grpo_recorder(device: str, meter: MemoryMeter):
+    """The TrainerCallback class that records a GRPO step (a class made here: transformers is imported late)."""
+
+    class GRPOSteps(_step_clock(device, meter)):
+        """TRL's step events, and what the trainer reports inside a step (align.phases.ReportGenerationMixin):
+        generate, nested in generate_and_score (whose rest is the score phase), the tokens generated, and
+        every log-prob pass (no grad: score; with grad: the loss's, in update). Set n_params, n_head and
+        trained_per_token (FLOPS_PER_TOKEN) before training."""
+
+        def __init__(self):
+            self.step: dict[str, float] = {}
+            self.steps: list[dict] = []
+            self.started: dict[str, float] = {}
+            self.n_params = self.n_head = self.trained_per_token = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            super().on_step_begin(args, state, control, **kwargs)
+            self.step.update(generate_s=0.0, score_s=0.0, generate_peak_mb=0.0, score_peak_mb=0.0, prompt_tokens=0, new_tokens=0,
+                             tokens=0, forward_passes=0, generate_flops=0, score_flops=0, update_flops=0)
+
+        def on_phase_start(self, name: str) -> None:
+            _sync(device)
+            self.started[name] = time.perf_counter()
+            if name == "generate":
+                self.span_stack = contextlib.ExitStack()
+                self.span = self.span_stack.enter_context(meter.span())
+            elif name == "generate_and_score":
+                self.generated_before = self.step["generate_s"]
+
+        def on_phase_end(self, name: str) -> None:
+            if name == "generate":
+                self.span_stack.close()
+                _sync(device)
+                self.step["generate_s"] += time.perf_counter() - self.started.pop(name)
+                self.step["generate_peak_mb"] = max(self.step["generate_peak_mb"], self.span["peak"])
+                meter.reset()  # the scoring's peak starts here
+            elif name == "generate_and_score":
+                _sync(device)
+                self.step["score_s"] += time.perf_counter() - self.started.pop(name) - (self.step["generate_s"] - self.generated_before)
+                self.step["score_peak_mb"] = max(self.step["score_peak_mb"], meter.peak_mb())
+                meter.reset()  # the update's peak starts here
+
+        def on_generated(self, prompt_tokens: int, new_tokens: int) -> None:
+            self.step["prompt_tokens"] += prompt_tokens
+            self.step["new_tokens"] += new_tokens
+            self.step["generate_flops"] += pass_flops(self.n_params, self.n_head, prompt_tokens + new_tokens, new_tokens,
+                                                      FLOPS_PER_TOKEN["forward"])
+
+        def on_forward(self, tokens: int, head_tokens: int, with_grad: bool) -> None:
+            if with_grad:  # the loss's pass; TRL makes the reference and old-policy passes under no_grad
+                self.step["tokens"] += tokens
+                self.step["update_flops"] += pass_flops(self.n_params, self.n_head, tokens, head_tokens, self.trained_per_token)
+            else:
+                self.step["forward_passes"] += 1
+                self.step["score_flops"] += pass_flops(self.n_params, self.n_head, tokens, head_tokens, FLOPS_PER_TOKEN["forward"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record = {"step": state.global_step, "time_s": self.lap(), **self.step, "update_peak_mb": meter.peak_mb()}
+            record["update_s"] = record["time_s"] - record["generate_s"] - record["score_s"]
+            record["peak_mb"] = max(record["generate_peak_mb"], record["score_peak_mb"], record["update_peak_mb"])
+            record["flops"] = record["generate_flops"] + record["score_flops"] + record["update_flops"]
+            record["train_flops"], record["train_time_s"] = record["update_flops"], record["update_s"]
+            record["tokens_per_s"] = record["tokens"] / record["update_s"]
+            record["generate_tokens_per_s"] = record["new_tokens"] / record["generate_s"] if record["generate_s"] else None
+            self.steps.append(record)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and self.steps and self.steps[-1]["step"] == state.global_step:
+                for key in ("loss", "reward"):
+                    if logs.get(key) is not None:
+                        self.steps[-1][key] = float(logs[key])
+
+    return GRPOSteps
+
+
 def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """GRPO through TRL: the grpo recipe's build_trainer (align arms) or TRL's documented script (trl-baseline), the
     recipe's reward functions in both; every step's generate, score and update timed and measured from the events
@@ -893,84 +968,20 @@ def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_d
         if name == "align":
             model, tokenizer = load_model(cfg, lora=False)
 
-    step: dict[str, float] = {}
-    steps: list[dict] = []
-
-    class Recorder(_step_clock(device, meter)):
-        """TRL's step events, and what the trainer reports inside a step (align.phases.ReportGenerationMixin):
-        generate, nested in generate_and_score (whose rest is the score phase), the tokens generated, and
-        every log-prob pass (no grad: score; with grad: the loss's, in update)."""
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            super().on_step_begin(args, state, control, **kwargs)
-            step.update(generate_s=0.0, score_s=0.0, generate_peak_mb=0.0, score_peak_mb=0.0, prompt_tokens=0, new_tokens=0,
-                        tokens=0, forward_passes=0, generate_flops=0, score_flops=0, update_flops=0)
-
-        def on_phase_start(self, name: str) -> None:
-            _sync(device)
-            self.started = getattr(self, "started", {})
-            self.started[name] = time.perf_counter()
-            if name == "generate":
-                self.span_stack = contextlib.ExitStack()
-                self.span = self.span_stack.enter_context(meter.span())
-            elif name == "generate_and_score":
-                self.generated_before = step["generate_s"]
-
-        def on_phase_end(self, name: str) -> None:
-            if name == "generate":
-                self.span_stack.close()
-                _sync(device)
-                step["generate_s"] += time.perf_counter() - self.started.pop(name)
-                step["generate_peak_mb"] = max(step["generate_peak_mb"], self.span["peak"])
-                meter.reset()  # the scoring's peak starts here
-            elif name == "generate_and_score":
-                _sync(device)
-                step["score_s"] += time.perf_counter() - self.started.pop(name) - (step["generate_s"] - self.generated_before)
-                step["score_peak_mb"] = max(step["score_peak_mb"], meter.peak_mb())
-                meter.reset()  # the update's peak starts here
-
-        def on_generated(self, prompt_tokens: int, new_tokens: int) -> None:
-            step["prompt_tokens"] += prompt_tokens
-            step["new_tokens"] += new_tokens
-            step["generate_flops"] += pass_flops(n_params, n_head, prompt_tokens + new_tokens, new_tokens, FLOPS_PER_TOKEN["forward"])
-
-        def on_forward(self, tokens: int, head_tokens: int, with_grad: bool) -> None:
-            if with_grad:  # the loss's pass; TRL makes the reference and old-policy passes under no_grad
-                step["tokens"] += tokens
-                step["update_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, trained_per_token)
-            else:
-                step["forward_passes"] += 1
-                step["score_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, FLOPS_PER_TOKEN["forward"])
-
-        def on_step_end(self, args, state, control, **kwargs):
-            record = {"step": state.global_step, "time_s": self.lap(), **step, "update_peak_mb": meter.peak_mb()}
-            record["update_s"] = record["time_s"] - record["generate_s"] - record["score_s"]
-            record["peak_mb"] = max(record["generate_peak_mb"], record["score_peak_mb"], record["update_peak_mb"])
-            record["flops"] = record["generate_flops"] + record["score_flops"] + record["update_flops"]
-            record["train_flops"], record["train_time_s"] = record["update_flops"], record["update_s"]
-            record["tokens_per_s"] = record["tokens"] / record["update_s"]
-            record["generate_tokens_per_s"] = record["new_tokens"] / record["generate_s"] if record["generate_s"] else None
-            steps.append(record)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and steps and steps[-1]["step"] == state.global_step:
-                for key in ("loss", "reward"):
-                    if logs.get(key) is not None:
-                        steps[-1][key] = float(logs[key])
-
+    recorder = _grpo_recorder(device, meter)()
     with phases("init"):
         if name == "align":
-            trainer = module.build_trainer(cfg, model, tokenizer, dataset, reward_funcs, guard_callbacks(out_dir) + [Recorder()])
+            trainer = module.build_trainer(cfg, model, tokenizer, dataset, reward_funcs, guard_callbacks(out_dir) + [recorder])
             trainer.args.save_strategy = "no"  # the recipe would also save at the end; no arm saves here
         else:
             trainer = _grpo_baseline_trainer(spec, cfg, dataset, tokenizer, reward_funcs, out_dir)
-            trainer.add_callback(Recorder())
+            trainer.add_callback(recorder)
     base_model, lora, lora_checksum = _trained_model(trainer)
     n_params, n_head = matmul_params(base_model), base_model.get_output_embeddings().weight.numel()
-    trained_per_token = FLOPS_PER_TOKEN["lora" if lora else "full"]
-
+    recorder.n_params, recorder.n_head, recorder.trained_per_token = n_params, n_head, FLOPS_PER_TOKEN["lora" if lora else "full"]
     with phases("train"):
         trainer.train()
+    steps = recorder.steps
     if not any(s["new_tokens"] for s in steps):
         raise RuntimeError("the GRPO trainer reported no generation (align.phases.ReportGenerationMixin)")
     config_keys = ("per_device_train_batch_size", "num_generations", "max_completion_length", "temperature", "beta",
