@@ -43,6 +43,7 @@ def export_adapter(models: PPOModels, name: str, directory: Path) -> None:
 
 
 def load_adapter_weights(models: PPOModels, name: str, directory: Path) -> None:
+    """Adapter `name`'s weights (and the critic's value head) from a directory `export_adapter` wrote."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -53,6 +54,7 @@ def load_adapter_weights(models: PPOModels, name: str, directory: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's torch, Python, NumPy (and CUDA) generator states, as tensors and numbers torch.load(weights_only=True) reads."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -66,6 +68,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -76,6 +79,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """output_dir/checkpoints/update-N directories, oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []

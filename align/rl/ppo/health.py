@@ -57,6 +57,7 @@ def rollout_metrics(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Dist) 
 
 
 def mean_of(rows: Sequence[dict[str, float]], key: str) -> float | None:
+    """Mean of `key` over the rows that have a finite value for it; None when none has."""
     values = [r[key] for r in rows if key in r and math.isfinite(r[key])]
     return sum(values) / len(values) if values else None
 

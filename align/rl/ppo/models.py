@@ -117,6 +117,8 @@ class BaseInfo:
 
 @dataclass
 class PPOModels:
+    """The base with its adapters (`model`), the heads on it and the tokenizer: everything a PPO run trains or scores with."""
+
     model: Any  # peft.PeftModel over the base, adapters "policy", "critic" and maybe "reward"
     tokenizer: Any
     value_head: nn.Linear
@@ -287,6 +289,8 @@ class RewardPlan:
 
 
 def plan_reward(cfg: PPOArgs, base: BaseInfo) -> RewardPlan:
+    """Which reward `cfg` asks for on this base: the verifier or a function, a separate model, or an adapter
+    shared with the policy's base (when the reward adapter was trained on the same base, or placement says so)."""
     choice = cfg.reward
     guard = ", guarded: 0 for a degenerate reply" if cfg.reward_guard else ", unguarded (reward_guard false)"
     if choice == "verifier":

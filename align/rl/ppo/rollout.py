@@ -105,6 +105,7 @@ def sample_responses(models: PPOModels, records: Sequence[PromptRecord], seeds: 
 
 
 def decode_responses(tokenizer, responses: Tensor, response_mask: Tensor) -> list[str]:
+    """The text of each response's kept tokens (response_mask: (batch, response_width), True up to EOS)."""
     return [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True) for row, mask in zip(responses, response_mask.bool())]
 
 
