@@ -20,10 +20,11 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
 
 Measured, per step: wall time (end of one optimizer step to the end of the next, data loading
 included), tokens, tokens/s, peak memory, loss. Per phase (load, init, precompute_ref, train): time and
-peak memory. The bench listens and replaces nothing in a trainer: steps and losses come
-from TRL's callback events (a TrainerCallback: on_step_begin, on_step_end, on_log, whose `num_tokens` gives a
-step's tokens), and the phases inside a trainer from the events it reports (align.phases): the DPO recipe's
-precompute_ref, the PPO trainer's generate, score and update, GRPO's generate and score (below). Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
+peak memory. The bench listens and replaces nothing in a trainer: steps and losses come from TRL's
+callback events (a TrainerCallback: on_step_begin, on_step_end, on_log, whose `num_tokens` gives a step's
+tokens), the phases inside a trainer from the events it reports (align.phases): the DPO recipe's
+precompute_ref, the PPO trainer's generate, score and update, GRPO's generate and score (below).
+Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
 /proc/self/clear_refs) over the resident set size after imports; on CUDA it is
 torch.cuda.max_memory_allocated.
 
@@ -57,7 +58,8 @@ replies); prompts come from the recipe's train_data (ifprefs) unless --data name
 A step's phases, as both arms' trainers report them (align.phases.ReportGenerationMixin: the recipe's trainer
 mixes it in, the baseline is TRL's GRPOTrainer with it and nothing else): generate (`_generate`: sampling with
 transformers' generate and decoding), score (the rest of `_generate_and_score_completions`: forward-only passes
-for the reference and old-policy log-probs, when TRL makes them, and the rewards) and update (the rest of the step: the loss's forward and backward, the optimizer step).
+for the reference and old-policy log-probs, when TRL makes them, and the rewards) and update (the rest of the
+step: the loss's forward and backward, the optimizer step).
 Their FLOPs (`pass_flops`, with N split into the decoder D and the LM head as for PPO): generate 2D(P + R) +
 2 n_head R, with P the prompt tokens of every reply (TRL repeats each prompt num_generations times) and R the
 replies' tokens (up to and including EOS; padding left out); every pass through TRL's
