@@ -20,7 +20,11 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
 
 Measured, per step: wall time (end of one optimizer step to the end of the next, data loading
 included), tokens, tokens/s, peak memory, loss. Per phase (load, init, precompute_ref, train): time and
-peak memory. Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
+peak memory. The bench listens and replaces nothing in a trainer: steps and losses come from TRL's
+callback events (a TrainerCallback: on_step_begin, on_step_end, on_log, whose `num_tokens` gives a step's
+tokens), the phases inside a trainer from the events it reports (align.phases): the DPO recipe's
+precompute_ref, the PPO trainer's generate, score and update, GRPO's generate and score (below).
+Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
 /proc/self/clear_refs) over the resident set size after imports; on CUDA it is
 torch.cuda.max_memory_allocated.
 
@@ -34,7 +38,7 @@ reward-model scoring). N counts the parameters that take part in matmuls (`matmu
 sequence-squared FLOPs are left out, as in Kaplan et al. (2020); recomputation (gradient checkpointing)
 is not counted as model FLOPs.
 
-PPO (`--stage ppo --compare dpo-align,align`): `align` is the PPO engine (align/ppo.py) with the PPO
+PPO (`--stage ppo --compare dpo-align,align`): `align` is the PPO engine (align.rl.ppo) with the PPO
 recipe's defaults, the built-in verifier as the reward, on the same base; `dpo-align` is the DPO recipe on
 that base, run for its peak memory. A PPO "step" is one update; its phases are timed and measured apart:
 generate, score (policy, reference and critic forwards; the verifier costs no FLOPs) and update
@@ -51,10 +55,11 @@ left on) except what both arms share: model, prompts and their order, seed, LoRA
 build_reward_funcs: the guarded verifier), replies per prompt, longest reply and learning rate (the recipe's
 defaults), steps. `--batch_size` is prompts per step (per_device_train_batch_size = batch_size x num_generations
 replies); prompts come from the recipe's train_data (ifprefs) unless --data names another source with constraints.
-A step's phases, timed by wrapping three methods of the trainer instance (TRL's classes are left alone):
-generate (`_generate`: sampling with transformers' generate and decoding), score (the rest of
-`_generate_and_score_completions`: forward-only passes for the reference and old-policy log-probs, when TRL
-makes them, and the rewards) and update (the rest of the step: the loss's forward and backward, the optimizer step).
+A step's phases, as both arms' trainers report them (align.phases.ReportGenerationMixin: the recipe's trainer
+mixes it in, the baseline is TRL's GRPOTrainer with it and nothing else): generate (`_generate`: sampling with
+transformers' generate and decoding), score (the rest of `_generate_and_score_completions`: forward-only passes
+for the reference and old-policy log-probs, when TRL makes them, and the rewards) and update (the rest of the
+step: the loss's forward and backward, the optimizer step).
 Their FLOPs (`pass_flops`, with N split into the decoder D and the LM head as for PPO): generate 2D(P + R) +
 2 n_head R, with P the prompt tokens of every reply (TRL repeats each prompt num_generations times) and R the
 replies' tokens (up to and including EOS; padding left out); every pass through TRL's
@@ -168,7 +173,7 @@ def stage_flops(n_params: int, trained_tokens: int, forward_tokens: int, lora: b
 
 
 def ppo_phase_flops(n_params: int, n_head: int, prompt_tokens: int, new_tokens: int, ppo_epochs: int) -> dict[str, float]:
-    """Model FLOPs of one PPO update's phases (align/ppo.py: LoRA policy and critic on one frozen base).
+    """Model FLOPs of one PPO update's phases (align.rl.ppo: LoRA policy and critic on one frozen base).
 
     n_params is the base's N (`matmul_params`), n_head the LM head's part of it (vocabulary x hidden); the
     decoder is D = N - n_head. P prompt and R response tokens (real tokens, padding left out). Every pass
@@ -328,12 +333,28 @@ class MemoryMeter:
 
 
 class Phases:
-    """Time and peak memory of named phases; a phase opened inside another pauses the outer one's clock."""
+    """Time and peak memory of named phases; a phase opened inside another pauses the outer one's clock.
+
+    Open a phase with `with phases(name):`, or let a trainer report it: Phases is a phase listener
+    (align.phases), so `on_phase_start(name)` / `on_phase_end(name)` open and close the same phase.
+    """
 
     def __init__(self, meter: MemoryMeter, device: str):
         self.meter, self.device = meter, device
         self.result: dict[str, dict[str, float]] = {}
         self._open: list[str] = []
+        self._reported: list[tuple[str, contextlib.ExitStack]] = []
+
+    def on_phase_start(self, name: str) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self(name))
+        self._reported.append((name, stack))
+
+    def on_phase_end(self, name: str) -> None:
+        opened, stack = self._reported.pop()
+        if opened != name:
+            raise RuntimeError(f"phase {name!r} ended while {opened!r} was open")
+        stack.close()
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -461,13 +482,6 @@ def _load_recipe(stage: str):
     return module
 
 
-def _tokens_in(inputs: dict) -> int:
-    """Non-padding tokens of a collated batch (TRL's collators for DPO, SFT and reward models)."""
-    if "attention_mask" in inputs:
-        return int(inputs["attention_mask"].sum())
-    return int(inputs["input_ids"].numel())  # padding-free: one row, no padding
-
-
 def _recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[str, str]):
     from align.config import build_config
 
@@ -576,7 +590,7 @@ def run_child(spec: dict) -> dict:
     from align.models import resolve_model_path
 
     if spec["stage"] == "ppo":
-        import align.ppo  # noqa: F401
+        import align.rl.ppo.trainer  # noqa: F401
     if spec["stage"] == "grpo":
         from trl import GRPOTrainer, RLOOTrainer  # noqa: F401
 
@@ -659,7 +673,6 @@ def _step_clock(device: str, meter: MemoryMeter):
 def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """A stage that is a TRL trainer (the DPO, SFT and reward recipes, and TRL's baselines)."""
     import transformers
-    from trl import DPOTrainer
 
     from align.data import to_hf_dataset
     from align.models import load_model, load_tokenizer
@@ -669,27 +682,33 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     stage = "dpo" if spec["stage"] == "ppo" else spec["stage"]  # ppo's dpo-align arm: the DPO recipe
     name = "align" if name == "dpo-align" else name
 
-    # TRL computes reference log-probs inside DPOTrainer.__init__; time that as a phase of its own
-    precompute = DPOTrainer._precompute_ref_logps
-
-    def timed_precompute(self, *args, **kwargs):
-        with phases("precompute_ref"):
-            return precompute(self, *args, **kwargs)
-
-    DPOTrainer._precompute_ref_logps = timed_precompute
-
-    step_tokens: list[int] = []
     steps: list[dict] = []
 
     class Recorder(_step_clock(device, meter)):
+        """TRL's step events, and the phases the recipe's trainer reports (align.phases: DPO's precompute_ref,
+        which TRL runs inside DPOTrainer.__init__) timed as phases of their own."""
+
+        tokens_seen = 0
+
+        def on_phase_start(self, name: str) -> None:
+            phases.on_phase_start(name)
+
+        def on_phase_end(self, name: str) -> None:
+            phases.on_phase_end(name)
+
         def on_step_end(self, args, state, control, **kwargs):
-            tokens = sum(step_tokens)
-            step_tokens.clear()
-            steps.append({"step": state.global_step, "time_s": self.lap(), "tokens": tokens, "peak_mb": meter.peak_mb()})
+            steps.append({"step": state.global_step, "time_s": self.lap(), "peak_mb": meter.peak_mb()})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and steps and steps[-1]["step"] == state.global_step:
+            if not (logs and steps and steps[-1]["step"] == state.global_step):
+                return
+            if "loss" in logs:
                 steps[-1]["loss"] = float(logs["loss"])
+            # TRL's num_tokens: the non-padding tokens trained on so far (the attention mask's sum; a padding-free
+            # batch's length), counted the same for every arm
+            if "num_tokens" in logs:
+                steps[-1]["tokens"] = int(logs["num_tokens"]) - self.tokens_seen
+                self.tokens_seen = int(logs["num_tokens"])
 
     kind = "sft" if stage == "sft" else "prefs"
     with phases("load"):
@@ -718,16 +737,13 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
 
     base_model, lora, lora_checksum = _trained_model(trainer)
     n_params = matmul_params(base_model)
-
-    training_step = trainer.training_step
-
-    def counting_training_step(model, inputs, *args, **kwargs):
-        step_tokens.append(_tokens_in(inputs))
-        return training_step(model, inputs, *args, **kwargs)
-
-    trainer.training_step = counting_training_step
     with phases("train"):
         trainer.train()
+    unlogged = [s["step"] for s in steps if "tokens" not in s]
+    if unlogged:
+        raise RuntimeError(f"steps {unlogged}: the trainer logged no num_tokens (the bench logs every step: logging_steps 1)")
+    if name == "align" and getattr(cfg, "precompute_ref_log_probs", False) and "precompute_ref" not in phases.result:
+        raise RuntimeError("the DPO trainer precomputed reference log-probs without reporting the phase (align.phases)")
 
     precomputed = "precompute_ref" in phases.result
     ref_in_step = stage == "dpo" and not precomputed  # TRL's default: a reference forward every step
@@ -746,63 +762,36 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     }
 
 
-def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
-    """The PPO engine (align/ppo.py) with the PPO recipe's defaults and the verifier as the reward; every
-    update's generate, score and update phases timed and measured (see the module docstring)."""
-    import align.ppo as ppo
-    from align.config import build_config
-    from align.data import check_lengths, load_prompts
-    from align.verifier import verifier_reward
+class PPOSteps:
+    """One step record per PPO update, built from the events the trainer reports (align.phases): its generate,
+    score and update phases timed and measured by a `Phases` of their own, then `on_log` with the update's
+    rollout. A phase the trainer did not report is an error, not a zero."""
 
-    overrides = dict(item.split("=", 1) for item in spec["arm"].split(":")[1:])
-    values = dict(model_name_or_path=spec["model_path"], sft_dir=None, reward="verifier", total_updates=spec["steps"],
-                  output_dir=out_dir, report_to="none", seed=spec["seed"], dtype=spec["dtype"], quantization="none",
-                  lora_r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], eval_prompts=None, num_eval_prompts=0,
-                  save_steps=spec["steps"] + 1000)
-    values.update(overrides)
-    cfg = build_config(ppo.PPOArgs, values, where="ppo arm overrides")
-    if cfg.return_freed_memory:  # as recipes/ppo.py does (the DPO arm's build_trainer does the same)
-        from align.dpo_fast import return_freed_memory_to_os
+    MEASURED = ("generate", "score", "update")
 
-        return_freed_memory_to_os()
-    record: dict = {}
-    current: dict = {}
+    def __init__(self, meter: MemoryMeter, device: str, n_params: int, n_head: int, ppo_epochs: int):
+        self.phases = Phases(meter, device)
+        self.n_params, self.n_head, self.ppo_epochs = n_params, n_head, ppo_epochs
+        self.steps: list[dict] = []
+        self.start = time.perf_counter()  # the end of the previous update's log (the caller resets it before training)
 
-    def timed(phase: str, fn):
-        def wrapper(*args, **kwargs):
-            _sync(device)
-            start = time.perf_counter()
-            with meter.span() as span:
-                out = fn(*args, **kwargs)
-            _sync(device)
-            current[phase] = {"time_s": time.perf_counter() - start, "peak_mb": span["peak"]}
-            return out
-        return wrapper
+    def on_phase_start(self, name: str) -> None:
+        self.phases.on_phase_start(name)
 
-    ppo.generate = timed("generate", ppo.generate)
-    ppo.score_rollout = timed("score", ppo.score_rollout)
-    ppo.PPOTrainer.ppo_update = timed("update", ppo.PPOTrainer.ppo_update)
-    steps: list[dict] = []
-    with phases("load"):
-        models, plan = ppo.build_models(cfg)
-        prompts = check_lengths(load_prompts(cfg.prompts, max_rows=spec["steps"] * cfg.rollout_batch_size * 4),
-                                models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
-        prompts = [p for p in prompts if p.constraints][: spec["steps"] * cfg.rollout_batch_size]
-    with phases("init"):
-        trainer = ppo.PPOTrainer(cfg, models, prompts, verifier_reward, verifier_fn=verifier_reward,
-                                 reward_is_verifier=True, reward_description="verifier")
-    n_params = matmul_params(models.model.get_base_model())
-    n_head = models.lm_head.weight.numel()
-    log = trainer.log
+    def on_phase_end(self, name: str) -> None:
+        self.phases.on_phase_end(name)
 
-    def logged(metrics: dict, rollout) -> None:
+    def on_log(self, metrics: dict, rollout) -> None:
+        missing = [p for p in self.MEASURED if p not in self.phases.result]
+        if missing:
+            raise RuntimeError(f"PPO update {len(self.steps) + 1}: the trainer reported no {', '.join(missing)} phase (align.phases)")
+        gen, score, update = (self.phases.result[p] for p in self.MEASURED)
+        self.phases.result.clear()  # the next update must report its own
         prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
-        seq_tokens = prompt_tokens + new_tokens
-        gen, score, update = current["generate"], current["score"], current["update"]
-        flops = ppo_phase_flops(n_params, n_head, prompt_tokens, new_tokens, cfg.ppo_epochs)
+        flops = ppo_phase_flops(self.n_params, self.n_head, prompt_tokens, new_tokens, self.ppo_epochs)
         step = {
-            "step": len(steps) + 1, "time_s": time.perf_counter() - current.pop("start"),
-            "tokens": cfg.ppo_epochs * seq_tokens, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "step": len(self.steps) + 1, "time_s": time.perf_counter() - self.start,
+            "tokens": self.ppo_epochs * (prompt_tokens + new_tokens), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "peak_mb": max(gen["peak_mb"], score["peak_mb"], update["peak_mb"]),
             "generate_s": gen["time_s"], "score_s": score["time_s"], "update_s": update["time_s"],
             "generate_peak_mb": gen["peak_mb"], "score_peak_mb": score["peak_mb"], "update_peak_mb": update["peak_mb"],
@@ -811,18 +800,50 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
             "loss": float(metrics.get("ppo/policy_loss", float("nan"))),
         }
         step["tokens_per_s"] = step["tokens"] / step["update_s"]
-        steps.append(step)
-        log(metrics, rollout)
-        current["start"] = time.perf_counter()
+        self.steps.append(step)
+        self.start = time.perf_counter()
 
-    trainer.log = logged
-    current["start"] = time.perf_counter()
+
+def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
+    """The PPO engine (align.rl.ppo) with the PPO recipe's defaults and the verifier as the reward; every
+    update's generate, score and update phases timed and measured through the trainer's phase events
+    (`PPOSteps`; see the module docstring)."""
+    from align.config import build_config
+    from align.data import check_lengths, load_prompts
+    from align.rl.ppo.config import PPOArgs
+    from align.rl.ppo.models import build_models
+    from align.rl.ppo.trainer import PPOTrainer
+    from align.verifier import verifier_reward
+
+    overrides = dict(item.split("=", 1) for item in spec["arm"].split(":")[1:])
+    values = dict(model_name_or_path=spec["model_path"], sft_dir=None, reward="verifier", total_updates=spec["steps"],
+                  output_dir=out_dir, report_to="none", seed=spec["seed"], dtype=spec["dtype"], quantization="none",
+                  lora_r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], eval_prompts=None, num_eval_prompts=0,
+                  save_steps=spec["steps"] + 1000)
+    values.update(overrides)
+    cfg = build_config(PPOArgs, values, where="ppo arm overrides")
+    if cfg.return_freed_memory:  # as recipes/ppo.py does (the DPO arm's build_trainer does the same)
+        from align.dpo_fast import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
+    with phases("load"):
+        models, plan = build_models(cfg)
+        prompts = check_lengths(load_prompts(cfg.prompts, max_rows=spec["steps"] * cfg.rollout_batch_size * 4),
+                                models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
+        prompts = [p for p in prompts if p.constraints][: spec["steps"] * cfg.rollout_batch_size]
+    n_params = matmul_params(models.model.get_base_model())
+    n_head = models.lm_head.weight.numel()
+    recorder = PPOSteps(meter, device, n_params, n_head, cfg.ppo_epochs)
+    with phases("init"):
+        trainer = PPOTrainer(cfg, models, prompts, verifier_reward, verifier_fn=verifier_reward,
+                             reward_is_verifier=True, reward_description="verifier", callbacks=[recorder])
+    recorder.start = time.perf_counter()
     with phases("train"):
         trainer.train()
-    record["ppo_config"] = {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
-                                                          "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
+    ppo_config = {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
+                                               "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
     return {"data": cfg.prompts, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": True, "lora_A_init_abs_sum": None,
-            "steps": steps, "extra_time_s": 0.0, "extra_flops": 0, **record}
+            "steps": recorder.steps, "extra_time_s": 0.0, "extra_flops": 0, "ppo_config": ppo_config}
 
 
 def _grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, out_dir: str):
@@ -831,17 +852,96 @@ def _grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, ou
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
+    from align.phases import ReportGenerationMixin
+
+    class TRLGRPOTrainer(ReportGenerationMixin, GRPOTrainer):
+        """TRL's GRPOTrainer, unchanged but for the phase events the bench listens to (align.phases)."""
+
     args = GRPOConfig(**_baseline_args(spec, out_dir, cfg.learning_rate), per_device_train_batch_size=cfg.per_device_train_batch_size,
                       num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length)
-    return GRPOTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=dataset,
+    return TRLGRPOTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                        processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **_baseline_lora(spec)))
+
+
+def _grpo_recorder(device: str, meter: MemoryMeter):
+    """The TrainerCallback class that records a GRPO step (a class made here: transformers is imported late)."""
+
+    class GRPOSteps(_step_clock(device, meter)):
+        """TRL's step events, and what the trainer reports inside a step (align.phases.ReportGenerationMixin):
+        generate, nested in generate_and_score (whose rest is the score phase), the tokens generated, and
+        every log-prob pass (no grad: score; with grad: the loss's, in update). Set n_params, n_head and
+        trained_per_token (FLOPS_PER_TOKEN) before training."""
+
+        def __init__(self):
+            self.step: dict[str, float] = {}
+            self.steps: list[dict] = []
+            self.started: dict[str, float] = {}
+            self.n_params = self.n_head = self.trained_per_token = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            super().on_step_begin(args, state, control, **kwargs)
+            self.step.update(generate_s=0.0, score_s=0.0, generate_peak_mb=0.0, score_peak_mb=0.0, prompt_tokens=0, new_tokens=0,
+                             tokens=0, forward_passes=0, generate_flops=0, score_flops=0, update_flops=0)
+
+        def on_phase_start(self, name: str) -> None:
+            _sync(device)
+            self.started[name] = time.perf_counter()
+            if name == "generate":
+                self.span_stack = contextlib.ExitStack()
+                self.span = self.span_stack.enter_context(meter.span())
+            elif name == "generate_and_score":
+                self.generated_before = self.step["generate_s"]
+
+        def on_phase_end(self, name: str) -> None:
+            if name == "generate":
+                self.span_stack.close()
+                _sync(device)
+                self.step["generate_s"] += time.perf_counter() - self.started.pop(name)
+                self.step["generate_peak_mb"] = max(self.step["generate_peak_mb"], self.span["peak"])
+                meter.reset()  # the scoring's peak starts here
+            elif name == "generate_and_score":
+                _sync(device)
+                self.step["score_s"] += time.perf_counter() - self.started.pop(name) - (self.step["generate_s"] - self.generated_before)
+                self.step["score_peak_mb"] = max(self.step["score_peak_mb"], meter.peak_mb())
+                meter.reset()  # the update's peak starts here
+
+        def on_generated(self, prompt_tokens: int, new_tokens: int) -> None:
+            self.step["prompt_tokens"] += prompt_tokens
+            self.step["new_tokens"] += new_tokens
+            self.step["generate_flops"] += pass_flops(self.n_params, self.n_head, prompt_tokens + new_tokens, new_tokens,
+                                                      FLOPS_PER_TOKEN["forward"])
+
+        def on_forward(self, tokens: int, head_tokens: int, with_grad: bool) -> None:
+            if with_grad:  # the loss's pass; TRL makes the reference and old-policy passes under no_grad
+                self.step["tokens"] += tokens
+                self.step["update_flops"] += pass_flops(self.n_params, self.n_head, tokens, head_tokens, self.trained_per_token)
+            else:
+                self.step["forward_passes"] += 1
+                self.step["score_flops"] += pass_flops(self.n_params, self.n_head, tokens, head_tokens, FLOPS_PER_TOKEN["forward"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            record = {"step": state.global_step, "time_s": self.lap(), **self.step, "update_peak_mb": meter.peak_mb()}
+            record["update_s"] = record["time_s"] - record["generate_s"] - record["score_s"]
+            record["peak_mb"] = max(record["generate_peak_mb"], record["score_peak_mb"], record["update_peak_mb"])
+            record["flops"] = record["generate_flops"] + record["score_flops"] + record["update_flops"]
+            record["train_flops"], record["train_time_s"] = record["update_flops"], record["update_s"]
+            record["tokens_per_s"] = record["tokens"] / record["update_s"]
+            record["generate_tokens_per_s"] = record["new_tokens"] / record["generate_s"] if record["generate_s"] else None
+            self.steps.append(record)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and self.steps and self.steps[-1]["step"] == state.global_step:
+                for key in ("loss", "reward"):
+                    if logs.get(key) is not None:
+                        self.steps[-1][key] = float(logs[key])
+
+    return GRPOSteps
 
 
 def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """GRPO through TRL: the grpo recipe's build_trainer (align arms) or TRL's documented script (trl-baseline), the
-    recipe's reward functions in both; every step's generate, score and update timed and measured by wrapping three
-    methods of the trainer instance (see the module docstring)."""
-    import torch
+    recipe's reward functions in both; every step's generate, score and update timed and measured from the events
+    the trainer reports (align.phases.ReportGenerationMixin; see the module docstring)."""
     import transformers
 
     from align.data import check_lengths, load_prompts
@@ -870,86 +970,22 @@ def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_d
         if name == "align":
             model, tokenizer = load_model(cfg, lora=False)
 
-    step: dict[str, float] = {}
-    steps: list[dict] = []
-
-    class Recorder(_step_clock(device, meter)):
-        def on_step_begin(self, args, state, control, **kwargs):
-            super().on_step_begin(args, state, control, **kwargs)
-            step.update(generate_s=0.0, score_s=0.0, generate_peak_mb=0.0, score_peak_mb=0.0, prompt_tokens=0, new_tokens=0,
-                        tokens=0, forward_passes=0, generate_flops=0, score_flops=0, update_flops=0)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            record = {"step": state.global_step, "time_s": self.lap(), **step, "update_peak_mb": meter.peak_mb()}
-            record["update_s"] = record["time_s"] - record["generate_s"] - record["score_s"]
-            record["peak_mb"] = max(record["generate_peak_mb"], record["score_peak_mb"], record["update_peak_mb"])
-            record["flops"] = record["generate_flops"] + record["score_flops"] + record["update_flops"]
-            record["train_flops"], record["train_time_s"] = record["update_flops"], record["update_s"]
-            record["tokens_per_s"] = record["tokens"] / record["update_s"]
-            record["generate_tokens_per_s"] = record["new_tokens"] / record["generate_s"] if record["generate_s"] else None
-            steps.append(record)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and steps and steps[-1]["step"] == state.global_step:
-                for key in ("loss", "reward"):
-                    if logs.get(key) is not None:
-                        steps[-1][key] = float(logs[key])
-
+    recorder = _grpo_recorder(device, meter)()
     with phases("init"):
         if name == "align":
-            trainer = module.build_trainer(cfg, model, tokenizer, dataset, reward_funcs, guard_callbacks(out_dir) + [Recorder()])
+            trainer = module.build_trainer(cfg, model, tokenizer, dataset, reward_funcs, guard_callbacks(out_dir) + [recorder])
             trainer.args.save_strategy = "no"  # the recipe would also save at the end; no arm saves here
         else:
             trainer = _grpo_baseline_trainer(spec, cfg, dataset, tokenizer, reward_funcs, out_dir)
-            trainer.add_callback(Recorder())
+            trainer.add_callback(recorder)
     base_model, lora, lora_checksum = _trained_model(trainer)
     n_params, n_head = matmul_params(base_model), base_model.get_output_embeddings().weight.numel()
-    trained_per_token = FLOPS_PER_TOKEN["lora" if lora else "full"]
-
-    # Instance attributes shadow the class's methods for this trainer only: TRL calls them as self._generate(...) etc.
-    generate, generate_and_score, logps = trainer._generate, trainer._generate_and_score_completions, trainer._get_per_token_logps_and_entropies
-
-    def timed_generate(prompts):
-        _sync(device)
-        start = time.perf_counter()
-        with meter.span() as span:
-            out = generate(prompts)
-        _sync(device)
-        step["generate_s"] += time.perf_counter() - start
-        step["generate_peak_mb"] = max(step["generate_peak_mb"], span["peak"])
-        meter.reset()  # the scoring's peak starts here
-        prompt_ids, completion_ids = out[0], out[1]  # GRPO's and RLOO's _generate both return these first
-        prompt_tokens, new_tokens = sum(map(len, prompt_ids)), sum(map(len, completion_ids))
-        step["prompt_tokens"] += prompt_tokens
-        step["new_tokens"] += new_tokens
-        step["generate_flops"] += pass_flops(n_params, n_head, prompt_tokens + new_tokens, new_tokens, FLOPS_PER_TOKEN["forward"])
-        return out
-
-    def timed_generate_and_score(inputs):
-        _sync(device)
-        start, generated_before = time.perf_counter(), step["generate_s"]
-        out = generate_and_score(inputs)
-        _sync(device)
-        step["score_s"] += time.perf_counter() - start - (step["generate_s"] - generated_before)
-        step["score_peak_mb"] = max(step["score_peak_mb"], meter.peak_mb())
-        meter.reset()  # the update's peak starts here
-        return out
-
-    def counted_logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        tokens, head_tokens = int(attention_mask.sum()), int(attention_mask[:, -logits_to_keep:].sum())
-        if torch.is_grad_enabled():  # the loss's pass; TRL makes the reference and old-policy passes under no_grad
-            step["tokens"] += tokens
-            step["update_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, trained_per_token)
-        else:
-            step["forward_passes"] += 1
-            step["score_flops"] += pass_flops(n_params, n_head, tokens, head_tokens, FLOPS_PER_TOKEN["forward"])
-        return logps(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
-
-    trainer._generate = timed_generate
-    trainer._generate_and_score_completions = timed_generate_and_score
-    trainer._get_per_token_logps_and_entropies = counted_logps
+    recorder.n_params, recorder.n_head, recorder.trained_per_token = n_params, n_head, FLOPS_PER_TOKEN["lora" if lora else "full"]
     with phases("train"):
         trainer.train()
+    steps = recorder.steps
+    if not any(s["new_tokens"] for s in steps):
+        raise RuntimeError("the GRPO trainer reported no generation (align.phases.ReportGenerationMixin)")
     config_keys = ("per_device_train_batch_size", "num_generations", "max_completion_length", "temperature", "beta",
                    "loss_type", "learning_rate", "gradient_checkpointing")
     return {"data": source, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": lora, "lora_A_init_abs_sum": lora_checksum,
@@ -1089,8 +1125,6 @@ def format_table(report: dict) -> str:
 def main_parent(cfg: BenchArgs) -> dict:
     import torch
 
-    if cfg.stage == "ppo" and not (REPO / "align" / "ppo.py").is_file():
-        raise ConfigError("stage ppo: align/ppo.py is not there yet; benchmark dpo, sft or reward")
     from align.models import resolve_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

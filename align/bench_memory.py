@@ -172,7 +172,7 @@ def build(bench: BenchArgs):
         critic = lora_config(margs, "causal_lm")
         critic.task_type = None
         model.add_adapter("critic", critic)
-        model.add_adapter("reward", critic)  # frozen, as align.ppo shares the reward model's base
+        model.add_adapter("reward", critic)  # frozen, as align.rl.ppo shares the reward model's base
         hidden = model.get_base_model().config.hidden_size
         extras["value_head"] = torch.nn.Linear(hidden, 1).to(bench.device)
         extras["reward_head"] = torch.nn.Linear(hidden, 1).to(bench.device).requires_grad_(False)

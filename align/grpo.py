@@ -56,7 +56,7 @@ def parse_rewards(specs: Sequence[str]) -> list[RewardSpec]:
     An entry is `verifier`, a directory written by recipes/reward.py (or any reward-model directory), or
     `file.py:function` / `module.path:function`. Raises ConfigError naming the field and the entry.
     """
-    from align.ppo import _import_function  # PPO's --reward loader: the same files work for both recipes
+    from align.rl.ppo.rewards import import_function  # PPO's --reward loader: the same files work for both recipes
 
     if not specs:
         raise ConfigError("config: reward: expected at least one reward (verifier, a reward-model directory or file.py:function)")
@@ -71,7 +71,7 @@ def parse_rewards(specs: Sequence[str]) -> list[RewardSpec]:
                                   "(adapter_config.json or config.json, as recipes/reward.py writes)")
             out.append(RewardSpec("model", spec, "reward_model"))
         elif ":" in spec and spec.rpartition(":")[0] and spec.rpartition(":")[2]:
-            _import_function(spec)  # ConfigError: file not found, cannot import, no such function
+            import_function(spec)  # ConfigError: file not found, cannot import, no such function
             out.append(RewardSpec("function", spec, spec.rpartition(":")[2]))
         else:
             raise ConfigError(f"config: reward: {spec!r} is not 'verifier', an existing reward-model directory, "
@@ -87,14 +87,14 @@ def parse_rewards(specs: Sequence[str]) -> list[RewardSpec]:
 def load_reward(spec: RewardSpec, *, guard: bool, dtype: str = "auto", quantization: str = "none",
                 device: Any = None, batch_size: int = 8) -> RewardFn:
     """The reward of one spec as one call: (prompt_records, response_texts) -> list of floats."""
-    from align.ppo import _import_function
+    from align.rl.ppo.rewards import import_function
 
     if spec.kind == "verifier":
         from align.verifier import guarded_verifier_reward, verifier_reward
 
         return guarded_verifier_reward if guard else verifier_reward
     if spec.kind == "function":
-        return _import_function(spec.spec)
+        return import_function(spec.spec)
     from align.reward_model import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(spec.spec, dtype=dtype, quantization=quantization)

@@ -11,7 +11,7 @@
 The model is a preset (`--list_models`), a directory with a config.json, or a Hub id whose config.json is
 already in the local Hugging Face cache. Nothing is ever downloaded: only the config is needed.
 
-What is counted follows the code paths this project runs (align.models, align.train over TRL, align.ppo):
+What is counted follows the code paths this project runs (align.models, align.train over TRL, align.rl.ppo):
 
 - weights: the frozen base. 4-bit is NF4 with double quantization (0.5 byte + 1/64 byte of 8-bit block
   scales + 4 bytes per 256 blocks per weight); 8-bit is LLM.int8 (1 byte + one fp32 scale per output row).

@@ -46,7 +46,7 @@ from align.report import paired_delta, read_jsonl  # noqa: E402
 from align.train import MARKER, last_marked_checkpoint  # noqa: E402
 
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
-RECIPES = ("sft", "dpo", "ppo")  # sft, dpo: TrainArgs (HF checkpoint-N); ppo: align.ppo (checkpoints/update-N)
+RECIPES = ("sft", "dpo", "ppo")  # sft, dpo: TrainArgs (HF checkpoint-N); ppo: align.rl.ppo (checkpoints/update-N)
 
 
 def cpu_description() -> str:
@@ -104,7 +104,7 @@ def starting_model(recipe: str, recipe_args: list[str]) -> str:
 def last_step(recipe: str, run_dir: Path) -> int:
     """The step of the run's newest complete checkpoint (0: none). PPO's are written whole and renamed."""
     if recipe == "ppo":
-        from align.ppo import list_checkpoints
+        from align.rl.ppo.checkpoint import list_checkpoints
 
         found = list_checkpoints(run_dir)
         return _step(found[-1]) if found else 0
@@ -114,7 +114,7 @@ def last_step(recipe: str, run_dir: Path) -> int:
 def checkpoint_at(recipe: str, run_dir: Path, step: int) -> tuple[Path, Path | None]:
     """(the checkpoint directory of `step`, the model in it to evaluate; None when the checkpoint is missing)."""
     if recipe == "ppo":
-        from align.ppo import CHECKPOINT_PREFIX
+        from align.rl.ppo.checkpoint import CHECKPOINT_PREFIX
 
         checkpoint = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
         return checkpoint, checkpoint / "policy" if (checkpoint / "state.pt").exists() else None

@@ -3,7 +3,7 @@
     python bench/ppo_memory.py                                  # the embedded default, 8 prompts, 64-token responses
     python bench/ppo_memory.py --model path/to/model --response_length 16 --rollout_batch_size 4 --out r.json
 
-PPO runs the real engine (align.ppo) for `updates` updates: one base carrying the policy, the critic and
+PPO runs the real engine (align.rl.ppo) for `updates` updates: one base carrying the policy, the critic and
 a reward adapter (a random SEQ_CLS LoRA adapter + score head on the same base, saved the way
 recipes/reward.py saves one, so its memory is that of a trained one), the reference = adapters disabled;
 each update generates, scores, estimates advantages and runs the PPO epochs. Prompts ask for long texts so
@@ -61,7 +61,10 @@ def measure_ppo(args: MemoryArgs) -> dict:
 
     from align.bench_memory import PeakRSS, rss_bytes
     from align.config import build_config
-    from align.ppo import PPOArgs, PPOTrainer, build_models, reward_function
+    from align.rl.ppo.config import PPOArgs
+    from align.rl.ppo.models import build_models
+    from align.rl.ppo.rewards import reward_function
+    from align.rl.ppo.trainer import PPOTrainer
     from align.records import PromptRecord
 
     torch.set_num_threads(args.threads)
@@ -84,7 +87,7 @@ def measure_ppo(args: MemoryArgs) -> dict:
         with PeakRSS() as peak:
             trainer.train()
         seconds = time.time() - started
-    from align.ppo import encode_prompts
+    from align.rl.ppo.rollout import encode_prompts
 
     query, _ = encode_prompts(models.tokenizer, prompts, torch.device("cpu"))
     return {

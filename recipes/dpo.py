@@ -28,6 +28,7 @@ from align.activations import CompressActivationsMixin
 from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
 from align.errors import cli_main
 from align.models import ModelArgs, check_peft_supported, load_model
+from align.phases import ReportPhasesMixin
 from align.policy_report import before_after
 from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
@@ -109,7 +110,8 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
     if notes and is_main_process():
         print(f"[align] dpo: {'; '.join(notes)}", file=sys.stderr, flush=True)
 
-    class Trainer(FiniteLossMixin, CompressActivationsMixin, FastDPOTrainer):
+    # ReportPhasesMixin: callbacks hear the precomputed reference log-probs as a phase (align.phases)
+    class Trainer(ReportPhasesMixin, FiniteLossMixin, CompressActivationsMixin, FastDPOTrainer):
         compress_activations = cfg.compress_activations
 
     args = DPOConfig(

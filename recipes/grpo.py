@@ -30,6 +30,7 @@ from align.data import DataArgs, check_lengths, load_prompts
 from align.errors import ConfigError, cli_main
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
 from align.models import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
+from align.phases import ReportGenerationMixin
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
@@ -166,7 +167,8 @@ def build_trainer(cfg: GRPOArgs, model, tokenizer, train_dataset, reward_funcs, 
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
 
-    class Trainer(FiniteLossMixin, CompressActivationsMixin, EosRateMixin, Base):
+    # ReportGenerationMixin: callbacks hear each step's generation and log-prob passes (align.phases)
+    class Trainer(ReportGenerationMixin, FiniteLossMixin, CompressActivationsMixin, EosRateMixin, Base):
         compress_activations = cfg.compress_activations
 
     args = Config(

@@ -8,9 +8,9 @@
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py
     python recipes/ppo.py --resume                         # continue after SIGTERM, Ctrl-C or a crash
 
-One base model carries the policy, the critic, the reward model and the reference (see align.ppo); the
-loop's phases (generate, score, estimate advantages, update) are PPOTrainer.train, and their math is
-align.ppo_math. Writes to output_dir: adapter/ (the policy; evaluate it with `align eval` or load it
+One base model carries the policy, the critic, the reward model and the reference (see align.rl.ppo); the
+loop's phases (generate, score, estimate advantages, update) are PPOTrainer.run_update, and their math
+is align.ppo_math. Writes to output_dir: adapter/ (the policy; evaluate it with `align eval` or load it
 with align.models.load_trained), critic/ (adapter + value_head.safetensors), checkpoints/update-N/,
 config.yaml, run_info.json, metrics.jsonl, tensorboard/, summary.json and the model card (README.md);
 --push_to_hub user/name uploads the policy adapter, its card and the summary.
@@ -31,8 +31,13 @@ from align.io import write_run_info
 from align.models import compute_note, resolve_quantization
 from align.policy_report import before_after
 from align.publish import check_push_target, publish_run
+from align.rl.ppo.checkpoint import list_checkpoints
+from align.rl.ppo.config import PPOArgs
+from align.rl.ppo.dist import init_distributed, say
+from align.rl.ppo.models import build_models
+from align.rl.ppo.rewards import reward_function
+from align.rl.ppo.trainer import PPOTrainer
 from align.runs import claim_output_dir
-from align.ppo import PPOArgs, PPOTrainer, build_models, init_distributed, list_checkpoints, reward_function, say
 from align.train import set_cpu_threads
 from align.verifier import verifier_reward
 

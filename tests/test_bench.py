@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from align.bench import BenchArgs, MemoryMeter, Phases, matmul_params, pass_flops, ppo_phase_flops, stage_flops, summarize, synthetic_pairs
+from align.bench import BenchArgs, MemoryMeter, Phases, PPOSteps, matmul_params, pass_flops, ppo_phase_flops, stage_flops, summarize, synthetic_pairs
 from align.config import build_config
 from align.errors import ConfigError
 
@@ -163,8 +163,35 @@ def test_ppo_phase_flops_by_hand():
     assert flops == {"generate": 4_793_600, "score": 14_049_280, "update": 37_022_720}
 
 
+def test_ppo_steps_come_from_the_phases_the_trainer_reports():
+    """PPOSteps builds a step from the reported phases; a phase that is not reported is an error, also when an
+    earlier update reported it (the values are not carried over). Tokens: 2 rows x 3 prompt tokens = 6, 2 x 4
+    response tokens = 8; 2 epochs x 14 = 28; FLOPs as ppo_phase_flops (tested above)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    recorder = PPOSteps(MemoryMeter("cpu"), "cpu", n_params=1100, n_head=100, ppo_epochs=2)
+    rollout = SimpleNamespace(query_mask=torch.ones(2, 3), response_mask=torch.ones(2, 4))
+
+    def update(phases):
+        for name in phases:
+            recorder.on_phase_start(name)
+            time.sleep(0.01)
+            recorder.on_phase_end(name)
+        recorder.on_log({"ppo/policy_loss": 0.5}, rollout)
+
+    update(["generate", "score", "advantages", "update"])
+    (step,) = recorder.steps
+    assert (step["prompt_tokens"], step["new_tokens"], step["tokens"], step["loss"]) == (6, 8, 28, 0.5)
+    assert all(step[f"{p}_s"] >= 0.01 for p in ("generate", "score", "update")) and step["time_s"] >= 0.04
+    assert step["update_flops"] == ppo_phase_flops(1100, 100, 6, 8, 2)["update"] == step["train_flops"]
+    with pytest.raises(RuntimeError, match="PPO update 2: the trainer reported no score phase"):
+        update(["generate", "advantages", "update"])
+
+
 def test_bench_runs_ppo_on_a_tiny_model(tiny_model_dir, tmp_path):
-    """PPO (align/ppo.py, verifier reward) next to the DPO recipe on the same base: per-update phases."""
+    """PPO (align.rl.ppo, verifier reward) next to the DPO recipe on the same base: per-update phases."""
     from transformers import AutoModelForCausalLM
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}

@@ -162,7 +162,10 @@ def test_ppo_trains_a_dora_policy_and_critic(tiny_model_dir, tmp_path, one_threa
     and critic adapters' own parameters, and the saved policy adapter is DoRA and loads back."""
     from test_ppo import PROMPTS, letters_reward, tiny_cfg
 
-    from align.ppo import CRITIC, POLICY, PPOTrainer, build_models, save_adapter
+    from align.rl.ppo.checkpoint import export_adapter
+    from align.rl.ppo.config import CRITIC, POLICY
+    from align.rl.ppo.models import build_models
+    from align.rl.ppo.trainer import PPOTrainer
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "ppo", peft="dora", total_updates=1)
     models, _ = build_models(cfg)
@@ -172,7 +175,7 @@ def test_ppo_trains_a_dora_policy_and_critic(tiny_model_dir, tmp_path, one_threa
     PPOTrainer(cfg, models, PROMPTS, letters_reward).train()
     moved = [n for n, p in models.model.named_parameters() if not torch.equal(p, before[n])]
     assert moved and all(("lora_" in n) and (f".{POLICY}" in n or f".{CRITIC}" in n) for n in moved), moved
-    save_adapter(models, POLICY, tmp_path / "saved")  # as the recipe saves output_dir/adapter
+    export_adapter(models, POLICY, tmp_path / "saved")  # as the recipe saves output_dir/adapter
     model, tok = load_trained(str(tmp_path / "saved"), dtype="fp32")
     assert adapter_method(model) == "dora"
     with torch.no_grad():

@@ -16,19 +16,12 @@ import torch
 
 from align.config import build_config, parse_config
 from align.errors import ConfigError
-from align.ppo import (
-    CRITIC,
-    POLICY,
-    GumbelSampler,
-    HealthStop,
-    PPOArgs,
-    PPOTrainer,
-    build_models,
-    generate,
-    health_checks,
-    list_checkpoints,
-    row_seed,
-)
+from align.rl.ppo.checkpoint import list_checkpoints
+from align.rl.ppo.config import CRITIC, POLICY, PPOArgs
+from align.rl.ppo.health import HealthStop, health_checks
+from align.rl.ppo.models import build_models
+from align.rl.ppo.rollout import GumbelSampler, row_seed, sample_responses
+from align.rl.ppo.trainer import PPOTrainer
 from align.records import PromptRecord
 from align.train import NonFiniteError
 from recipe_harness import reproducible
@@ -89,9 +82,9 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny_model_dir, tmp_path):
     """Rows 0-3 sampled together equal rows {0, 1} and {2, 3} sampled apart (as two processes would)."""
     trainer = trainer_for(tiny_cfg(tiny_model_dir, tmp_path))
     seeds = [row_seed(0, 5, i) for i in range(4)]
-    together = generate(trainer.models, PROMPTS[:4], seeds, temperature=1.0, max_new_tokens=6)[2]
-    first = generate(trainer.models, PROMPTS[:2], seeds[:2], temperature=1.0, max_new_tokens=6)[2]
-    second = generate(trainer.models, PROMPTS[2:4], seeds[2:], temperature=1.0, max_new_tokens=6)[2]
+    together = sample_responses(trainer.models, PROMPTS[:4], seeds, temperature=1.0, max_new_tokens=6)[2]
+    first = sample_responses(trainer.models, PROMPTS[:2], seeds[:2], temperature=1.0, max_new_tokens=6)[2]
+    second = sample_responses(trainer.models, PROMPTS[2:4], seeds[2:], temperature=1.0, max_new_tokens=6)[2]
     width = together.shape[1]
     pad = trainer.models.tokenizer.pad_token_id
 
@@ -117,7 +110,8 @@ def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tmp_path):
 def rollout_with_lengths(trainer: PPOTrainer, lengths: list[int]):
     """Phases 2 and 3 of update 0 on responses of the given lengths (random non-special tokens; a response
     shorter than the longest ends with EOS), so that the test decides every micro-batch's token count."""
-    from align.ppo import Rollout, encode_prompts, estimate_advantages, score_rollout
+    from align.rl.ppo.advantages import estimate_advantages
+    from align.rl.ppo.rollout import Rollout, encode_prompts, score_rollout
 
     cfg, models = trainer.cfg, trainer.models
     records, global_rows = trainer.batch_records(0)
@@ -284,11 +278,11 @@ def test_nan_reward_stops_with_the_update_and_keeps_the_last_checkpoint(tiny_mod
 
 def test_nan_loss_stops_before_the_optimizer_step(tiny_model_dir, tmp_path, monkeypatch):
     """The policy loss of update 2 is NaN (align.ppo_math.policy_loss patched from the second update on)."""
-    from align import ppo, ppo_math
+    from align import ppo_math
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=3, save_steps=1)
     trainer = trainer_for(cfg)
-    ppo_update, policy_loss = ppo.PPOTrainer.ppo_update, ppo_math.policy_loss
+    ppo_update, policy_loss = PPOTrainer.ppo_update, ppo_math.policy_loss
     poisoned = []
 
     def update(self, rollout, update):
@@ -299,7 +293,7 @@ def test_nan_loss_stops_before_the_optimizer_step(tiny_model_dir, tmp_path, monk
         value, stats = policy_loss(*args, **kwargs)
         return (value * float("nan") if poisoned[0] else value), stats
 
-    monkeypatch.setattr(ppo.PPOTrainer, "ppo_update", update)
+    monkeypatch.setattr(PPOTrainer, "ppo_update", update)
     monkeypatch.setattr(ppo_math, "policy_loss", loss)
     with pytest.raises(NonFiniteError, match=r"update 2: the policy loss is not finite.*stopped before the optimizer step"):
         trainer.train()
@@ -342,17 +336,17 @@ def test_health_checks_name_each_problem(tmp_path):
 def test_hacking_warning_from_the_reward_history_and_the_heldout_evals(tmp_path):
     """The trainer's one-line warning (align.degeneration.hacking_warning) on constructed runs: the mean
     reward of the first 3 updates 0.1 (0.0, 0.1, 0.2) and of the last 3 0.4 (0.3, 0.4, 0.5)."""
-    from types import SimpleNamespace
+    from align.rl.ppo.heldout import hacking_warning
 
     cfg = tiny_cfg("unused", tmp_path)  # health_window 6
     rising = [_metrics(**{"objective/scores": 0.1 * i}) for i in range(6)]
-    def block(coherent, degenerate):  # PPOTrainer.evaluate's keys (align.policy_report.generation_block), 16 prompts
+    def block(coherent, degenerate):  # evaluate_heldout's keys (align.policy_report.generation_block), 16 prompts
         return {"verifier/coherent_strict": coherent, "gen/degenerate_share": degenerate, "rows": [{}] * 16}
 
     before = block(0.25, 0.30)
 
     def warning(history, after):
-        return PPOTrainer.hacking_warning(SimpleNamespace(cfg=cfg, history=history, eval_before=before, eval_after=after))
+        return hacking_warning(history, before, after, cfg.health_window)
 
     gamed = block(0.125, 0.6875)
     line = warning(rising, gamed)
@@ -507,7 +501,7 @@ def test_recipe_stop_on_health_exits_after_a_checkpoint(tiny_model_dir, tmp_path
 
 
 def test_reward_function_from_a_file(tiny_model_dir, tmp_path):
-    from align.ppo import reward_function
+    from align.rl.ppo.rewards import reward_function
 
     (tmp_path / "my_rewards.py").write_text("def shortness(prompts, responses):\n    return [-len(r) for r in responses]\n")
     cfg = tiny_cfg(tiny_model_dir, tmp_path, reward=f"{tmp_path / 'my_rewards.py'}:shortness")
@@ -754,7 +748,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_last_good_one_then_resum
 
 
 def test_verifier_reward_is_guarded_by_default(tiny_model_dir, tmp_path):
-    from align.ppo import reward_function
+    from align.rl.ppo.rewards import reward_function
     from align.verifier import guarded_verifier_reward
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, reward="verifier")

@@ -1,6 +1,6 @@
 """One base, several adapters: the policy, critic and reward adapters and the reference share one tiny model.
 
-Every test builds the real stack (align.ppo.build_models) on a tiny random Llama, with a reward adapter
+Every test builds the real stack (align.rl.ppo.models.build_models) on a tiny random Llama, with a reward adapter
 saved the way recipes/reward.py saves one (a PEFT SEQ_CLS LoRA adapter with the `score` head).
 """
 
@@ -14,7 +14,10 @@ import torch
 
 from align.config import build_config
 from align.errors import ConfigError
-from align.ppo import CRITIC, POLICY, REWARD, PPOArgs, PPOTrainer, adapter_phase, build_models, plan_reward, reward_function
+from align.rl.ppo.config import CRITIC, POLICY, REWARD, PPOArgs
+from align.rl.ppo.models import adapter_phase, build_models, plan_reward
+from align.rl.ppo.rewards import reward_function
+from align.rl.ppo.trainer import PPOTrainer
 from align.records import PromptRecord
 
 PROMPTS = [PromptRecord(prompt=[{"role": "user", "content": f"write about {w}"}], constraints=[{"type": "lowercase"}])
@@ -202,7 +205,7 @@ def test_an_update_changes_policy_and_critic_only(stack):
 
 
 def test_reward_plans(tiny_model_dir, reward_dir, tmp_path):
-    from align.ppo import BaseInfo, _identity
+    from align.rl.ppo.models import BaseInfo, _identity
 
     same = BaseInfo(tiny_model_dir, _identity(tiny_model_dir), "tiny")
     other = BaseInfo("/elsewhere", "/elsewhere", "another base")

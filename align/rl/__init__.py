@@ -1,0 +1,1 @@
+"""Reinforcement learning loops this project owns (TRL's trainers cover the rest): `align.rl.ppo`."""
