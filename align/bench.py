@@ -521,10 +521,10 @@ def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, 
 
         return DPOTrainer(model=spec["model_path"], args=DPOConfig(**common), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
-    if stage == "sft":
+    if stage == "sft":  # assistant_only_loss, as the recipe trains: both arms' losses are over the same tokens
         from trl import SFTConfig, SFTTrainer
 
-        return SFTTrainer(model=spec["model_path"], args=SFTConfig(**common), train_dataset=dataset,
+        return SFTTrainer(model=spec["model_path"], args=SFTConfig(**common, assistant_only_loss=True), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
     from trl import RewardConfig, RewardTrainer
 
@@ -533,22 +533,15 @@ def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, 
 
 
 def _align_trainer(stage: str, cfg, module, model, tokenizer, dataset, callbacks):
-    """The recipe's trainer. DPO calls the recipe's own build_trainer; SFT and reward build theirs the way
-    recipes/sft.py and recipes/reward.py do (kept in step by hand: those recipes have no build function)."""
+    """The recipe's trainer: DPO and SFT call the recipe's own build_trainer; reward builds its trainer the way
+    recipes/reward.py does (kept in step by hand: that recipe has no build function)."""
     from align.activations import CompressActivationsMixin
     from align.train import FiniteLossMixin, trainer_kwargs
 
     if stage == "dpo":
         return module.build_trainer(cfg, model, tokenizer, dataset, callbacks)
     if stage == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        class SFT(FiniteLossMixin, CompressActivationsMixin, SFTTrainer):
-            compress_activations = cfg.compress_activations
-
-        args = SFTConfig(**trainer_kwargs(cfg), max_length=cfg.max_length, assistant_only_loss=cfg.assistant_only_loss,
-                         packing=cfg.packing, padding_free=cfg.packing, eval_strategy="no")
-        return SFT(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+        return module.build_trainer(cfg, model, tokenizer, dataset, None, callbacks)
     from trl import RewardConfig, RewardTrainer
 
     from align.reward_model import Float32ScoreHeadMixin
@@ -701,10 +694,11 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
             cfg = _recipe_config(stage, module, spec, out_dir, overrides)
             transformers.set_seed(cfg.seed)
             model, tokenizer = load_model(cfg, task="reward" if stage == "reward" else "causal_lm")
-            if stage == "sft" and cfg.assistant_only_loss:
-                from align.chat import training_chat_template
+        if stage == "sft" and (name != "align" or cfg.assistant_only_loss):
+            from align.chat import training_chat_template
 
-                tokenizer.chat_template = training_chat_template(tokenizer)
+            # the recipe's marked template in both arms (TRL would swap in its own), so that the same tokens carry labels
+            tokenizer.chat_template = training_chat_template(tokenizer)
     with phases("init"):
         if name == "align":
             from align.train import guard_callbacks

@@ -21,17 +21,20 @@ from align.models import ModelArgs, can_merge, check_peft_supported, load_model,
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
 from align.activations import CompressActivationsMixin
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.dpo_fast import return_freed_memory_to_os
+from align.sft_fast import FastSFTArgs, FastSFTTrainer
+from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
 
 @dataclass
-class SFTArgs(RunArgs, ModelArgs, DataArgs):
+class SFTArgs(RunArgs, ModelArgs, DataArgs, FastSFTArgs):
     output_dir: str = arg("outputs/sft", "where the adapter, checkpoints, metrics and summary go")
     train_data: str = arg("ifprefs:sft", "SFT data: messages or prompt/completion rows (file, folder, hf:NAME, built-in)")
     eval_data: str | None = arg(None, "held-out SFT data for eval loss; none = no evaluation")
     learning_rate: float = arg(2e-4, "peak learning rate")
     assistant_only_loss: bool = arg(True, "loss on assistant turns only (every one of them in multi-turn chats)")
     packing: bool = arg(False, "pack several examples into each max_length sequence (no cross-example attention)")
+    return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
     merge: bool = arg(True, "also save output_dir/merged: base + adapter merged, the base for later stages")
     summary_prompts: int = arg(32, "held-out eval prompts generated greedily before and after training for the summary (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
@@ -57,27 +60,8 @@ def main() -> None:
     before = summarize_policy(model, tokenizer, [], prompts, beta=0.0, adapter=False,
                               max_new_tokens=cfg.summary_max_new_tokens) if prompts else None
 
-    from trl import SFTConfig, SFTTrainer
-
-    class Trainer(FiniteLossMixin, CompressActivationsMixin, SFTTrainer):
-        compress_activations = cfg.compress_activations
-
-    args = SFTConfig(
-        **trainer_kwargs(cfg),
-        max_length=cfg.max_length,
-        assistant_only_loss=cfg.assistant_only_loss,
-        packing=cfg.packing,
-        padding_free=cfg.packing,  # packed rows are kept apart by position ids, not attention masks
-        eval_strategy="no",
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=to_hf_dataset(train_records),
-        eval_dataset=to_hf_dataset(eval_records) if eval_records else None,
-        processing_class=tokenizer,
-        callbacks=guard_callbacks(cfg.output_dir),
-    )
+    trainer = build_trainer(cfg, model, tokenizer, to_hf_dataset(train_records),
+                            to_hf_dataset(eval_records) if eval_records else None, guard_callbacks(cfg.output_dir))
     result = train(trainer, cfg)
     eval_metrics = trainer.evaluate() if eval_records else {}
 
@@ -103,6 +87,29 @@ def main() -> None:
         if before and after:
             print(before_after(before, after), file=sys.stderr, flush=True)
         publish_run(cfg)  # the model cards of adapter and merged model, then the upload when --push_to_hub asks
+
+
+def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, callbacks):
+    """The SFT trainer of this recipe (`python -m align.bench --stage sft` times this same function)."""
+    from trl import SFTConfig
+
+    notes = [return_freed_memory_to_os()] if cfg.return_freed_memory else []
+    if notes and is_main_process():
+        print(f"[align] sft: {'; '.join(notes)}", file=sys.stderr, flush=True)
+
+    class Trainer(FiniteLossMixin, CompressActivationsMixin, FastSFTTrainer):
+        compress_activations = cfg.compress_activations
+
+    args = SFTConfig(
+        **trainer_kwargs(cfg),
+        max_length=cfg.max_length,
+        assistant_only_loss=cfg.assistant_only_loss,
+        packing=cfg.packing,
+        padding_free=cfg.packing,  # packed rows are kept apart by position ids, not attention masks
+        eval_strategy="no",
+    )
+    return Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+                   callbacks=callbacks, fast=cfg.label_head, chunk_size=cfg.logprob_chunk_size)
 
 
 if __name__ == "__main__":
