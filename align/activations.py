@@ -127,3 +127,62 @@ class CompressActivationsMixin:
             return True
         plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "deepspeed_plugin", None)
         return getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3
+
+
+# ------------------------------------------------------------------------------------------ selective checkpointing
+
+
+def _attention_ops() -> set:
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def keep_matmul_outputs(min_inner_dim: int = 64):
+    """A selective-checkpointing policy (torch.utils.checkpoint.create_selective_checkpoint_contexts): keep the
+    outputs of attention and of every matmul that sums over at least `min_inner_dim` terms (a model's projections,
+    LoRA's down-projection A); recompute everything else in backward: norms, rotary embeddings, activation
+    functions, residual adds, dtype casts, dropout (same masks: checkpointing restores the RNG state) and LoRA's
+    rank-r up-projection B, whose float32 output is as wide as the layer's but costs 2 r FLOPs per element.
+
+    What that buys with LoRA: the saved tensors of a decoder layer are the projections' outputs (bf16), instead
+    of those plus the float32 copies PEFT makes of every adapter's input; the recompute is memory-bound
+    elementwise work, not the second forward of full checkpointing (TRL's `selective=True` keeps attention only
+    and recomputes every matmul)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    attention = _attention_ops()
+    matmuls = {torch.ops.aten.mm.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.bmm.default: 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in attention:
+            return CheckpointPolicy.MUST_SAVE
+        if op in matmuls and args[matmuls[op]].shape[-1] >= min_inner_dim:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def enable_selective_checkpointing(model, min_inner_dim: int = 64) -> None:
+    """Whenever activation checkpointing is turned on for `model` (a transformers PreTrainedModel; the Trainer
+    does it when training starts), checkpoint each layer with the `keep_matmul_outputs` policy. Idempotent.
+
+    Exact: a recomputed op gives the value it gave in the forward, so losses and gradients are those of no
+    checkpointing (tests/test_sft_fast.py)."""
+    if getattr(model.activation_checkpointing_enable, "_align_selective", False):
+        return
+    from functools import partial
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    original = model.activation_checkpointing_enable
+    context_fn = partial(create_selective_checkpoint_contexts, keep_matmul_outputs(min_inner_dim))
+
+    def activation_checkpointing_enable(activation_checkpointing_kwargs=None, **kwargs):
+        # selective checkpointing intercepts saved tensors, which only non-reentrant checkpointing exposes
+        activation_checkpointing_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False, "context_fn": context_fn}
+        return original(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+
+    activation_checkpointing_enable._align_selective = True
+    model.activation_checkpointing_enable = activation_checkpointing_enable

@@ -20,7 +20,7 @@ from align.errors import cli_main
 from align.models import ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
-from align.activations import CompressActivationsMixin
+from align.activations import CompressActivationsMixin, enable_selective_checkpointing
 from align.dpo_fast import return_freed_memory_to_os
 from align.sft_fast import FastSFTArgs, FastSFTTrainer
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
@@ -96,6 +96,9 @@ def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, c
     notes = [return_freed_memory_to_os()] if cfg.return_freed_memory else []
     if notes and is_main_process():
         print(f"[align] sft: {'; '.join(notes)}", file=sys.stderr, flush=True)
+
+    if cfg.gradient_checkpointing and cfg.selective_checkpointing:
+        enable_selective_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
     class Trainer(FiniteLossMixin, CompressActivationsMixin, FastSFTTrainer):
         compress_activations = cfg.compress_activations

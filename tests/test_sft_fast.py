@@ -34,7 +34,7 @@ def _chats():
 
 
 def _trainer(model_dir, fast, tmp_path, dtype="fp32", gradient_checkpointing=False, batch_size=4, accumulation=1,
-             packing=False, max_steps=2):
+             packing=False, max_steps=2, selective=False, lora_dropout=0.0):
     """A fresh tiny LoRA model (same seed: same LoRA init), the same non-zero LoRA B in every trainer."""
     import transformers
     from trl import SFTConfig, SFTTrainer
@@ -46,8 +46,12 @@ def _trainer(model_dir, fast, tmp_path, dtype="fp32", gradient_checkpointing=Fal
 
     transformers.set_seed(0)
     model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype=dtype, quantization="none", lora_r=4,
-                                            lora_alpha=8, lora_dropout=0.0))
+                                            lora_alpha=8, lora_dropout=lora_dropout))
     tokenizer.chat_template = training_chat_template(tokenizer)
+    if selective:
+        from align.activations import enable_selective_checkpointing
+
+        enable_selective_checkpointing(model.get_base_model())
     args = SFTConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
         max_length=256, assistant_only_loss=True, packing=packing, padding_free=packing,
@@ -61,6 +65,8 @@ def _trainer(model_dir, fast, tmp_path, dtype="fp32", gradient_checkpointing=Fal
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name and ".default." in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    if gradient_checkpointing:  # as Trainer.train does when training starts
+        trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return trainer
 
 
@@ -168,6 +174,40 @@ def test_packed_batches_match_trl(tiny_model_dir, tmp_path, one_thread):
     batch = next(iter(stock.get_train_dataloader()))
     assert "position_ids" in batch and batch["input_ids"].shape[0] == 1
     _assert_same(_loss_and_grads(fast, batch), _loss_and_grads(stock, batch), "fp32")
+
+
+def test_selective_checkpointing_is_exact(tiny_model_dir, tmp_path, one_thread, monkeypatch):
+    """Selective checkpointing (keep matmul and attention outputs, recompute the rest) gives the loss and gradients of no
+    checkpointing, bit for bit in float32 (a recomputed op repeats its forward), with LoRA dropout on (the masks are
+    replayed); and it is in effect: the policy kept some outputs."""
+    import align.activations as activations
+
+    kept = []
+    policy_factory = activations.keep_matmul_outputs
+
+    def counting_factory(*args, **kwargs):
+        policy = policy_factory(*args, **kwargs)
+
+        def counting(ctx, op, *a, **k):
+            decision = policy(ctx, op, *a, **k)
+            kept.append(decision.name == "MUST_SAVE")
+            return decision
+
+        return counting
+
+    monkeypatch.setattr(activations, "keep_matmul_outputs", counting_factory)
+    plain = _trainer(tiny_model_dir, True, tmp_path / "plain", lora_dropout=0.1)
+    selective = _trainer(tiny_model_dir, True, tmp_path / "selective", gradient_checkpointing=True, selective=True, lora_dropout=0.1)
+    batch = next(iter(plain.get_train_dataloader()))
+    assert any(isinstance(m, torch.nn.Dropout) for m in selective.model.modules())
+    torch.manual_seed(3)
+    want = _loss_and_grads(plain, batch)
+    torch.manual_seed(3)
+    got = _loss_and_grads(selective, batch)
+    assert any(kept) and not all(kept)
+    assert torch.equal(got[0], want[0])
+    for name, grad in want[1].items():
+        assert torch.equal(got[1][name], grad), name
 
 
 def test_logit_softcapping_falls_back_to_trl(tiny_model_dir, tmp_path, one_thread):
