@@ -17,7 +17,7 @@ from align.chat import training_chat_template
 from align.config import arg, parse_config
 from align.data import DataArgs, load_prompts, to_hf_dataset
 from align.errors import cli_main
-from align.models import ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
+from align.models import PROMPT_LEARNING, ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
 from align.activations import CompressActivationsMixin, enable_selective_checkpointing
@@ -34,10 +34,22 @@ class SFTArgs(RunArgs, ModelArgs, DataArgs, FastSFTArgs):
     learning_rate: float = arg(2e-4, "peak learning rate")
     assistant_only_loss: bool = arg(True, "loss on assistant turns only (every one of them in multi-turn chats)")
     packing: bool = arg(False, "pack several examples into each max_length sequence (no cross-example attention)")
-    return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
+    padding_free: bool = arg(True, "each batch's conversations in one row without padding, kept apart by position ids: no "
+                                   "compute on padding, the same loss (not with on_too_long keep: TRL truncates only padded rows)")
+    gradient_checkpointing: bool | None = arg(True, "recompute activations in backward (selective_checkpointing: only the cheap ops); "
+                                                    "false = keep them all: faster, ~2x the peak memory; none = hardware default")
+    mmap_threshold_mb: int = arg(32, "CPU, Linux: allocations of this many MiB and more come from mmap, so freeing them returns the "
+                                     "memory to the OS (peak RSS); 1 = DPO's setting, a lower peak for ~40% more step time "
+                                     "(page faults); 0 = glibc's own")
     merge: bool = arg(True, "also save output_dir/merged: base + adapter merged, the base for later stages")
     summary_prompts: int = arg(32, "held-out eval prompts generated greedily before and after training for the summary (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
+
+    def validate(self) -> None:
+        DataArgs.validate(self)
+        if self.mmap_threshold_mb < 0:
+            from align.errors import ConfigError
+            raise ConfigError(f"config: mmap_threshold_mb: expected 0 (glibc's own) or a number of MiB, got {self.mmap_threshold_mb}")
 
 
 @cli_main
@@ -48,6 +60,8 @@ def main() -> None:
         cfg.merge = False  # before start_run, so config.yaml says so
         print(f"[align] sft: merge false: a {cfg.peft} adapter is virtual tokens, nothing to fold into the weights; "
               "output_dir/adapter is the result (later stages start from the plain base)", file=sys.stderr, flush=True)
+    for note in virtual_token_settings(cfg):  # before start_run, so config.yaml says so
+        print(f"[align] sft: {note}", file=sys.stderr, flush=True)
     start_run(cfg, "sft", cpu_max_steps=30)
     started = time.time()
 
@@ -89,11 +103,26 @@ def main() -> None:
         publish_run(cfg)  # the model cards of adapter and merged model, then the upload when --push_to_hub asks
 
 
+def virtual_token_settings(cfg: SFTArgs) -> list[str]:
+    """Turn off what a prompt-learning adapter (virtual tokens) cannot take; returns a line for each change."""
+    notes = []
+    if not (cfg.use_lora and cfg.peft in PROMPT_LEARNING):
+        return notes
+    if cfg.padding_free and not cfg.packing:
+        cfg.padding_free = False
+        notes.append(f"padding_free false: a {cfg.peft} adapter prepends its virtual tokens to every row and PEFT drops "
+                     "the position ids that keep padding-free conversations apart")
+    if cfg.peft == "prefix_tuning" and cfg.gradient_checkpointing:
+        cfg.gradient_checkpointing = False
+        notes.append("gradient_checkpointing false: peft's prefix tuning does not work with it")
+    return notes
+
+
 def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, callbacks):
     """The SFT trainer of this recipe (`python -m align.bench --stage sft` times this same function)."""
     from trl import SFTConfig
 
-    notes = [return_freed_memory_to_os()] if cfg.return_freed_memory else []
+    notes = [return_freed_memory_to_os(cfg.mmap_threshold_mb * 2**20)] if cfg.mmap_threshold_mb > 0 else []
     if notes and is_main_process():
         print(f"[align] sft: {'; '.join(notes)}", file=sys.stderr, flush=True)
 
@@ -103,12 +132,15 @@ def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, c
     class Trainer(FiniteLossMixin, CompressActivationsMixin, FastSFTTrainer):
         compress_activations = cfg.compress_activations
 
+    # packed and padding-free rows are kept apart by position ids, not attention masks. TRL enforces no max_length on
+    # unpacked padding-free rows and refuses one: load_records has already refused or dropped longer rows
+    padding_free = cfg.packing or (cfg.padding_free and cfg.on_too_long != "keep")
     args = SFTConfig(
         **trainer_kwargs(cfg),
-        max_length=cfg.max_length,
+        max_length=cfg.max_length if cfg.packing or not padding_free else None,
         assistant_only_loss=cfg.assistant_only_loss,
         packing=cfg.packing,
-        padding_free=cfg.packing,  # packed rows are kept apart by position ids, not attention masks
+        padding_free=padding_free,
         eval_strategy="no",
     )
     return Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,

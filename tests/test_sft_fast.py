@@ -34,7 +34,7 @@ def _chats():
 
 
 def _trainer(model_dir, fast, tmp_path, dtype="fp32", gradient_checkpointing=False, batch_size=4, accumulation=1,
-             packing=False, max_steps=2, selective=False, lora_dropout=0.0):
+             packing=False, max_steps=2, selective=False, lora_dropout=0.0, padding_free=None):
     """A fresh tiny LoRA model (same seed: same LoRA init), the same non-zero LoRA B in every trainer."""
     import transformers
     from trl import SFTConfig, SFTTrainer
@@ -54,7 +54,7 @@ def _trainer(model_dir, fast, tmp_path, dtype="fp32", gradient_checkpointing=Fal
         enable_selective_checkpointing(model.get_base_model())
     args = SFTConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-        max_length=256, assistant_only_loss=True, packing=packing, padding_free=packing,
+        max_length=None if padding_free else 256, assistant_only_loss=True, packing=packing, padding_free=packing if padding_free is None else padding_free,
         gradient_checkpointing=gradient_checkpointing, use_cpu=True, bf16=dtype == "bf16", report_to=[],
         save_strategy="no", logging_steps=1, max_steps=max_steps, learning_rate=5e-2, seed=0, data_seed=0,
     )
@@ -208,6 +208,17 @@ def test_selective_checkpointing_is_exact(tiny_model_dir, tmp_path, one_thread, 
     assert torch.equal(got[0], want[0])
     for name, grad in want[1].items():
         assert torch.equal(got[1][name], grad), name
+
+
+def test_padding_free_matches_padded_trl(tiny_model_dir, tmp_path, one_thread):
+    """padding_free: the batch's conversations in one row without padding, kept apart by position ids, give TRL's
+    padded loss and gradients (the same tokens see the same tokens)."""
+    stock = _trainer(tiny_model_dir, False, tmp_path / "stock")
+    fast = _trainer(tiny_model_dir, True, tmp_path / "fast", padding_free=True)
+    batch = next(iter(stock.get_train_dataloader()))
+    flat = next(iter(fast.get_train_dataloader()))
+    assert flat["input_ids"].shape == (1, int(batch["attention_mask"].sum()))
+    _assert_same(_loss_and_grads(fast, flat), _loss_and_grads(stock, batch), "fp32")
 
 
 def test_logit_softcapping_falls_back_to_trl(tiny_model_dir, tmp_path, one_thread):
