@@ -14,7 +14,9 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
   reference log-probs, gradient checkpointing on, TRL's fused LM head). What it shares with `align` so
   that the two train the same thing: model, data rows and order, seed, LoRA (r, alpha, dropout, all
   linear), learning rate and schedule, batch size, max_length, steps. One departure: on a CPU without
-  native bf16, `bf16=False` (TRL's default would emulate bf16, several times slower).
+  native bf16, `bf16=False` (TRL's default would emulate bf16, several times slower). SFT: the recipe trains
+  on assistant turns only, so the baseline sets `assistant_only_loss=True` and gets the recipe's marked chat
+  template (align.chat.training_chat_template): both losses are the mean NLL of the same tokens.
 - `align`: the recipe (`recipes/<stage>.py`) with its defaults; `align:field=value:...` overrides fields
   of the recipe's config (ablations of the DPO levers in align/dpo_fast.py).
 
@@ -533,25 +535,10 @@ def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, 
 
 
 def _align_trainer(stage: str, cfg, module, model, tokenizer, dataset, callbacks):
-    """The recipe's trainer: DPO and SFT call the recipe's own build_trainer; reward builds its trainer the way
-    recipes/reward.py does (kept in step by hand: that recipe has no build function)."""
-    from align.activations import CompressActivationsMixin
-    from align.train import FiniteLossMixin, trainer_kwargs
-
-    if stage == "dpo":
-        return module.build_trainer(cfg, model, tokenizer, dataset, callbacks)
+    """The recipe's own trainer: recipes/<stage>.py's build_trainer."""
     if stage == "sft":
         return module.build_trainer(cfg, model, tokenizer, dataset, None, callbacks)
-    from trl import RewardConfig, RewardTrainer
-
-    from align.reward_model import Float32ScoreHeadMixin
-
-    class Reward(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
-        compress_activations = cfg.compress_activations
-
-    args = RewardConfig(**trainer_kwargs(cfg), max_length=cfg.max_length,
-                        center_rewards_coefficient=cfg.center_rewards_coefficient, eval_strategy="no")
-    return Reward(model=model.train(), args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    return module.build_trainer(cfg, model, tokenizer, dataset, callbacks)
 
 
 def run_child(spec: dict) -> dict:

@@ -33,9 +33,6 @@ class FastSFTArgs:
     label_head: bool = arg(True, "LM head only on labelled (assistant) positions, in chunks, no full-vocabulary logits "
                                  "(align.sft_fast); off = TRL's fused head, which on a CPU scores every position")
     logprob_chunk_size: int = arg(256, "positions per LM-head chunk with label_head (memory vs. speed)")
-    selective_checkpointing: bool = arg(True, "with gradient_checkpointing: keep the outputs of attention and the big matmuls, "
-                                              "recompute only the cheap ops between them (align.activations.keep_matmul_outputs); "
-                                              "false = recompute whole layers")
 
 
 class FastSFTTrainer(SFTTrainer):

@@ -4,6 +4,11 @@
     accelerate launch recipes/sft.py --config recipes/configs/sft.yaml --lora_r 32
     accelerate launch --multi_gpu --num_processes 2 recipes/sft.py    # two processes (CPU: gloo)
 
+The trainer is TRL's SFTTrainer with the LM head of align/sft_fast.py (only on assistant tokens, in chunks; the
+same loss and metrics, tests/test_sft_fast.py), each batch's conversations in one row without padding
+(padding_free), and selective checkpointing (align.activations: attention and matmul outputs kept, the cheap ops
+recomputed); --label_head false --padding_free false --gradient_checkpointing false is TRL's path without them.
+
 Writes output_dir/adapter (and output_dir/merged with --merge), config.yaml, run_info.json,
 metrics.jsonl, tensorboard/, summary.json and the model cards (README.md). The merged model is the base for
 reward, DPO and PPO. --push_to_hub user/name uploads adapter, card and summary.
@@ -20,14 +25,13 @@ from align.errors import cli_main
 from align.models import PROMPT_LEARNING, ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
-from align.activations import CompressActivationsMixin, enable_selective_checkpointing
-from align.dpo_fast import return_freed_memory_to_os
+from align.activations import CompressActivationsMixin, MemoryArgs, apply_memory_settings
 from align.sft_fast import FastSFTArgs, FastSFTTrainer
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
 
 @dataclass
-class SFTArgs(RunArgs, ModelArgs, DataArgs, FastSFTArgs):
+class SFTArgs(MemoryArgs, RunArgs, ModelArgs, DataArgs, FastSFTArgs):
     output_dir: str = arg("outputs/sft", "where the adapter, checkpoints, metrics and summary go")
     train_data: str = arg("ifprefs:sft", "SFT data: messages or prompt/completion rows (file, folder, hf:NAME, built-in)")
     eval_data: str | None = arg(None, "held-out SFT data for eval loss; none = no evaluation")
@@ -36,20 +40,13 @@ class SFTArgs(RunArgs, ModelArgs, DataArgs, FastSFTArgs):
     packing: bool = arg(False, "pack several examples into each max_length sequence (no cross-example attention)")
     padding_free: bool = arg(True, "each batch's conversations in one row without padding, kept apart by position ids: no "
                                    "compute on padding, the same loss (not with on_too_long keep: TRL truncates only padded rows)")
-    gradient_checkpointing: bool | None = arg(True, "recompute activations in backward (selective_checkpointing: only the cheap ops); "
-                                                    "false = keep them all: faster, ~2x the peak memory; none = hardware default")
-    mmap_threshold_mb: int = arg(32, "CPU, Linux: allocations of this many MiB and more come from mmap, so freeing them returns the "
-                                     "memory to the OS (peak RSS); 1 = DPO's setting, a lower peak for ~40% more step time "
-                                     "(page faults); 0 = glibc's own")
     merge: bool = arg(True, "also save output_dir/merged: base + adapter merged, the base for later stages")
     summary_prompts: int = arg(32, "held-out eval prompts generated greedily before and after training for the summary (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:
         DataArgs.validate(self)
-        if self.mmap_threshold_mb < 0:
-            from align.errors import ConfigError
-            raise ConfigError(f"config: mmap_threshold_mb: expected 0 (glibc's own) or a number of MiB, got {self.mmap_threshold_mb}")
+        MemoryArgs.validate(self)
 
 
 @cli_main
@@ -122,12 +119,9 @@ def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, c
     """The SFT trainer of this recipe (`python -m align.bench --stage sft` times this same function)."""
     from trl import SFTConfig
 
-    notes = [return_freed_memory_to_os(cfg.mmap_threshold_mb * 2**20)] if cfg.mmap_threshold_mb > 0 else []
+    notes = apply_memory_settings(cfg, model)
     if notes and is_main_process():
         print(f"[align] sft: {'; '.join(notes)}", file=sys.stderr, flush=True)
-
-    if cfg.gradient_checkpointing and cfg.selective_checkpointing:
-        enable_selective_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
     class Trainer(FiniteLossMixin, CompressActivationsMixin, FastSFTTrainer):
         compress_activations = cfg.compress_activations
