@@ -128,7 +128,7 @@ def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, c
 
     # packed and padding-free rows are kept apart by position ids, not attention masks. TRL enforces no max_length on
     # unpacked padding-free rows and refuses one: load_records has already refused or dropped longer rows
-    padding_free = cfg.packing or (cfg.padding_free and cfg.on_too_long != "keep")
+    padding_free = cfg.packing or (cfg.padding_free and cfg.on_too_long != "keep" and cfg.per_device_train_batch_size > 1)
     args = SFTConfig(
         **trainer_kwargs(cfg),
         max_length=cfg.max_length if cfg.packing or not padding_free else None,
