@@ -193,7 +193,7 @@ def enable_selective_checkpointing(model, min_inner_dim: int = 64) -> None:
 
 @dataclass
 class MemoryArgs:
-    """Activation-memory settings of the SFT and reward recipes (put first among a config's bases: its
+    """Activation-memory settings of the SFT recipe (put first among a config's bases: its
     gradient_checkpointing default then wins over ModelArgs')."""
 
     gradient_checkpointing: bool | None = arg(True, "recompute activations in backward (selective_checkpointing: only the cheap ops); "

@@ -6,15 +6,11 @@
 
 loss = -log sigmoid(r(chosen) - r(rejected) - margin)   (margin from the data's `margin` field, if any)
 
-Training keeps its activations lean as the SFT recipe's does (align.activations.MemoryArgs: selective
-checkpointing, mmap threshold); the trainer is TRL's RewardTrainer.
-
 Writes output_dir/adapter (LoRA + the `score` head, as PEFT saves it), config.yaml, metrics.jsonl,
 tensorboard/, summary.json with held-out accuracy and reward margins, and the model card (README.md). Score text with it through
 `align.reward_model.load_reward_model` and `score_texts`, as PPO and evaluation do.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +21,16 @@ from align.errors import cli_main
 from align.models import ModelArgs, check_peft_supported, load_model
 from align.publish import publish_run
 from align.reward_model import Float32ScoreHeadMixin, score_texts
-from align.activations import CompressActivationsMixin, MemoryArgs, apply_memory_settings
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.activations import CompressActivationsMixin
+from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
 
 @dataclass
-class RewardArgs(MemoryArgs, RunArgs, ModelArgs, DataArgs):
+class RewardArgs(RunArgs, ModelArgs, DataArgs):
     output_dir: str = arg("outputs/reward", "where the adapter, checkpoints, metrics and summary go")
     model_name_or_path: str = arg("auto", "base model; auto = outputs/sft/merged when it exists, else the embedded default")
     learning_rate: float = arg(1e-4, "peak learning rate")
     center_rewards_coefficient: float | None = arg(None, "weight of the mean-squared-reward penalty that centres scores (Eisenstein et al. 2023)")
-
-    def validate(self) -> None:
-        DataArgs.validate(self)
-        MemoryArgs.validate(self)
 
 
 def held_out_accuracy(model, tokenizer, pairs, batch_size: int) -> dict:
@@ -94,10 +86,6 @@ def main() -> None:
 def build_trainer(cfg: RewardArgs, model, tokenizer, train_dataset, callbacks):
     """The reward trainer of this recipe (`python -m align.bench --stage reward` times this same function)."""
     from trl import RewardConfig, RewardTrainer
-
-    notes = apply_memory_settings(cfg, model)
-    if notes and is_main_process():
-        print(f"[align] reward: {'; '.join(notes)}", file=sys.stderr, flush=True)
 
     class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
         compress_activations = cfg.compress_activations
