@@ -196,11 +196,11 @@ class MemoryArgs:
     """Activation-memory settings of the SFT recipe (put first among a config's bases: its
     gradient_checkpointing default then wins over ModelArgs')."""
 
-    gradient_checkpointing: bool | None = arg(True, "recompute activations in backward (selective_checkpointing: only the cheap ops); "
-                                                    "false = keep them all: faster, ~2x the peak memory; none = hardware default")
-    selective_checkpointing: bool = arg(True, "with gradient_checkpointing: keep the outputs of attention and the big matmuls, "
-                                              "recompute only the cheap ops between them (align.activations.keep_matmul_outputs); "
-                                              "false = recompute whole layers")
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~0.6x the peak memory of no checkpointing, "
+                                                    "~0.65x its speed (SFT bench, CPU); none = hardware default (GPU: on, CPU: off)")
+    selective_checkpointing: bool = arg(False, "with gradient_checkpointing: keep the outputs of attention and the big matmuls, "
+                                               "recompute only the cheap ops between them (align.activations.keep_matmul_outputs); "
+                                               "exact, but measured slower than whole-layer recompute with 2 CPU threads")
     mmap_threshold_mb: int = arg(32, "CPU, Linux: allocations of this many MiB and more come from mmap, so freeing them returns the "
                                      "memory to the OS (peak RSS); 1 = DPO's setting, a lower peak for ~40% more step time "
                                      "(page faults); 0 = glibc's own")
