@@ -22,9 +22,12 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from align.config import arg
 
 
 class _Packed:
@@ -127,3 +130,96 @@ class CompressActivationsMixin:
             return True
         plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "deepspeed_plugin", None)
         return getattr(self, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3
+
+
+# ------------------------------------------------------------------------------------------ selective checkpointing
+
+
+def _attention_ops() -> set:
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def keep_matmul_outputs(min_inner_dim: int = 64):
+    """A selective-checkpointing policy (torch.utils.checkpoint.create_selective_checkpoint_contexts): keep the
+    outputs of attention and of every matmul that sums over at least `min_inner_dim` terms (a model's projections,
+    LoRA's down-projection A); recompute everything else in backward: norms, rotary embeddings, activation
+    functions, residual adds, dtype casts, dropout (same masks: checkpointing restores the RNG state) and LoRA's
+    rank-r up-projection B, whose float32 output is as wide as the layer's but costs 2 r FLOPs per element.
+
+    What that buys with LoRA: the saved tensors of a decoder layer are the projections' outputs (bf16), instead
+    of those plus the float32 copies PEFT makes of every adapter's input; the recompute is memory-bound
+    elementwise work, not the second forward of full checkpointing (TRL's `selective=True` keeps attention only
+    and recomputes every matmul)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    attention = _attention_ops()
+    matmuls = {torch.ops.aten.mm.default: 0, torch.ops.aten.addmm.default: 1, torch.ops.aten.bmm.default: 0}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in attention:
+            return CheckpointPolicy.MUST_SAVE
+        if op in matmuls and args[matmuls[op]].shape[-1] >= min_inner_dim:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def enable_selective_checkpointing(model, min_inner_dim: int = 64) -> None:
+    """Whenever activation checkpointing is turned on for `model` (a transformers PreTrainedModel; the Trainer
+    does it when training starts), checkpoint each layer with the `keep_matmul_outputs` policy. Idempotent.
+
+    Exact: a recomputed op gives the value it gave in the forward, so losses and gradients are those of no
+    checkpointing (tests/test_sft_fast.py)."""
+    if getattr(model.activation_checkpointing_enable, "_align_selective", False):
+        return
+    from functools import partial
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    original = model.activation_checkpointing_enable
+    context_fn = partial(create_selective_checkpoint_contexts, keep_matmul_outputs(min_inner_dim))
+
+    def activation_checkpointing_enable(activation_checkpointing_kwargs=None, **kwargs):
+        # selective checkpointing intercepts saved tensors, which only non-reentrant checkpointing exposes
+        activation_checkpointing_kwargs = {**(activation_checkpointing_kwargs or {}), "use_reentrant": False, "context_fn": context_fn}
+        return original(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+
+    activation_checkpointing_enable._align_selective = True
+    model.activation_checkpointing_enable = activation_checkpointing_enable
+
+
+@dataclass
+class MemoryArgs:
+    """Activation-memory settings of the SFT recipe (put first among a config's bases: its
+    gradient_checkpointing default then wins over ModelArgs')."""
+
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~0.6x the peak memory of no checkpointing, "
+                                                    "~0.65x its speed (SFT bench, CPU); none = hardware default (GPU: on, CPU: off)")
+    selective_checkpointing: bool = arg(False, "with gradient_checkpointing: keep the outputs of attention and the big matmuls, "
+                                               "recompute only the cheap ops between them (align.activations.keep_matmul_outputs); "
+                                               "exact, but measured slower than whole-layer recompute with 2 CPU threads")
+    mmap_threshold_mb: int = arg(32, "CPU, Linux: allocations of this many MiB and more come from mmap, so freeing them returns the "
+                                     "memory to the OS (peak RSS); 1 = DPO's setting, a lower peak for ~40% more step time "
+                                     "(page faults); 0 = glibc's own")
+
+    def validate(self) -> None:
+        if self.mmap_threshold_mb < 0:
+            from align.errors import ConfigError
+            raise ConfigError(f"config: mmap_threshold_mb: expected 0 (glibc's own) or a number of MiB, got {self.mmap_threshold_mb}")
+
+
+def apply_memory_settings(cfg: MemoryArgs, model) -> list[str]:
+    """The process's mmap threshold and, with gradient checkpointing, the selective policy on `model` (a PEFT
+    wrapper or a transformers model; call before the Trainer turns checkpointing on). Returns lines to print."""
+    notes = []
+    if cfg.mmap_threshold_mb > 0:
+        from align.dpo_fast import return_freed_memory_to_os
+
+        notes.append(return_freed_memory_to_os(cfg.mmap_threshold_mb * 2**20))
+    if cfg.gradient_checkpointing and cfg.selective_checkpointing:
+        enable_selective_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        notes.append("selective checkpointing (attention and matmul outputs kept)")
+    return notes

@@ -14,7 +14,9 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
   reference log-probs, gradient checkpointing on, TRL's fused LM head). What it shares with `align` so
   that the two train the same thing: model, data rows and order, seed, LoRA (r, alpha, dropout, all
   linear), learning rate and schedule, batch size, max_length, steps. One departure: on a CPU without
-  native bf16, `bf16=False` (TRL's default would emulate bf16, several times slower).
+  native bf16, `bf16=False` (TRL's default would emulate bf16, several times slower). SFT: the recipe trains
+  on assistant turns only, so the baseline sets `assistant_only_loss=True` and gets the recipe's marked chat
+  template (align.chat.training_chat_template): both losses are the mean NLL of the same tokens.
 - `align`: the recipe (`recipes/<stage>.py`) with its defaults; `align:field=value:...` overrides fields
   of the recipe's config (ablations of the DPO levers in align/dpo_fast.py).
 
@@ -535,10 +537,10 @@ def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, 
 
         return DPOTrainer(model=spec["model_path"], args=DPOConfig(**common), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
-    if stage == "sft":
+    if stage == "sft":  # assistant_only_loss, as the recipe trains: both arms' losses are over the same tokens
         from trl import SFTConfig, SFTTrainer
 
-        return SFTTrainer(model=spec["model_path"], args=SFTConfig(**common), train_dataset=dataset,
+        return SFTTrainer(model=spec["model_path"], args=SFTConfig(**common, assistant_only_loss=True), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
     from trl import RewardConfig, RewardTrainer
 
@@ -547,32 +549,10 @@ def _baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, 
 
 
 def _align_trainer(stage: str, cfg, module, model, tokenizer, dataset, callbacks):
-    """The recipe's trainer. DPO calls the recipe's own build_trainer; SFT and reward build theirs the way
-    recipes/sft.py and recipes/reward.py do (kept in step by hand: those recipes have no build function)."""
-    from align.activations import CompressActivationsMixin
-    from align.train import FiniteLossMixin, trainer_kwargs
-
-    if stage == "dpo":
-        return module.build_trainer(cfg, model, tokenizer, dataset, callbacks)
+    """The recipe's own trainer: recipes/<stage>.py's build_trainer."""
     if stage == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        class SFT(FiniteLossMixin, CompressActivationsMixin, SFTTrainer):
-            compress_activations = cfg.compress_activations
-
-        args = SFTConfig(**trainer_kwargs(cfg), max_length=cfg.max_length, assistant_only_loss=cfg.assistant_only_loss,
-                         packing=cfg.packing, padding_free=cfg.packing, eval_strategy="no")
-        return SFT(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
-    from trl import RewardConfig, RewardTrainer
-
-    from align.reward_model import Float32ScoreHeadMixin
-
-    class Reward(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
-        compress_activations = cfg.compress_activations
-
-    args = RewardConfig(**trainer_kwargs(cfg), max_length=cfg.max_length,
-                        center_rewards_coefficient=cfg.center_rewards_coefficient, eval_strategy="no")
-    return Reward(model=model.train(), args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+        return module.build_trainer(cfg, model, tokenizer, dataset, None, callbacks)
+    return module.build_trainer(cfg, model, tokenizer, dataset, callbacks)
 
 
 def run_child(spec: dict) -> dict:
@@ -720,10 +700,11 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
             cfg = _recipe_config(stage, module, spec, out_dir, overrides)
             transformers.set_seed(cfg.seed)
             model, tokenizer = load_model(cfg, task="reward" if stage == "reward" else "causal_lm")
-            if stage == "sft" and cfg.assistant_only_loss:
-                from align.chat import training_chat_template
+        if stage == "sft" and (name != "align" or cfg.assistant_only_loss):
+            from align.chat import training_chat_template
 
-                tokenizer.chat_template = training_chat_template(tokenizer)
+            # the recipe's marked template in both arms (TRL would swap in its own), so that the same tokens carry labels
+            tokenizer.chat_template = training_chat_template(tokenizer)
     with phases("init"):
         if name == "align":
             from align.train import guard_callbacks

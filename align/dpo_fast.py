@@ -13,9 +13,9 @@ Two levers, each with a switch in `FastDPOArgs`:
 - `fast_logprobs`: TRL's fused LM head scores every position, prompt and padding included, on devices
   without Triton (CPU), in tiles of 4096 x 32768 float32 logits. Here the LM head runs only on the hidden
   states that predict completion tokens, `logprob_chunk_size` positions at a time; each chunk's logits
-  are recomputed in backward (activation checkpointing), and the log-softmax is
-  `align.ppo_math.logprobs_from_logits`, so no full-vocabulary float32 logits are ever held for the
-  batch, in forward or backward.
+  are recomputed in backward (activation checkpointing): `align.lm_head.completion_logprobs`, shared
+  with the SFT fast path, so no full-vocabulary float32 logits are ever held for the batch, in forward
+  or backward.
 
 Reference log-probs go through the same path (`compute_ref_log_probs`), both when they are computed on
 each step's batch (the recipe's default) and when they are precomputed before training, and are summed
@@ -49,7 +49,7 @@ from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from align.config import arg
-from align.ppo_math import logprobs_from_logits
+from align.lm_head import completion_logprobs, transforms_logits
 
 # Per-token branch bits of a shared-prompt row: a query token sees a key token iff the key is not later
 # and the key belongs to every branch the query belongs to (query_bits & key_bits == query_bits).
@@ -206,52 +206,6 @@ def branch_attention_mask(branch: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ the LM head
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: bool):
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    token_logps = logprobs_from_logits(logits, targets, chunk_size=logits.shape[0])
-    if not stats:
-        return (token_logps,)
-    with torch.no_grad():  # TRL's logged metrics: entropy, mean logit, top-1 accuracy of the chosen tokens
-        z = logits.float()
-        logsumexp = torch.logsumexp(z, dim=-1)
-        entropy = logsumexp - (torch.softmax(z, dim=-1) * z).sum(-1)
-        return token_logps, entropy, z.mean(-1), z.argmax(-1) == targets
-
-
-def completion_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int, stats: bool = True
-) -> tuple[Tensor, ...]:
-    """Log-probs of `targets` under softmax(hidden @ weight.T + bias), `chunk_size` positions at a time.
-
-    Each chunk's logits live only while that chunk is processed: in backward they are recomputed
-    (torch.utils.checkpoint), which costs one more LM-head matmul per chunk and saves holding
-    (positions, vocab) logits and their gradient. The log-softmax is `align.ppo_math.logprobs_from_logits`.
-
-    Args:
-        hidden: (M, H) hidden states of the positions to score.
-        weight: (V, H) LM-head weight; bias: (V,) or None.
-        targets: (M,) int64 token ids.
-        chunk_size: positions per chunk.
-        stats: also return, without gradient, the entropy, mean logit and whether the target is the
-            argmax, at every position.
-
-    Returns:
-        token_logps (M,) float32 with gradient, then (if stats) entropy (M,), mean_logits (M,), is_top1 (M,).
-    """
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        stop = start + chunk_size
-        args = (hidden[start:stop], weight, bias, targets[start:stop], stats)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(*args))
-    if not pieces:  # no completion token at all: keep the result connected to the graph
-        empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0
-        return (empty,) + ((empty.detach(), empty.detach(), empty.detach().bool()) if stats else ())
-    return tuple(torch.cat(parts) for parts in zip(*pieces))
-
-
 def add_completion_head(model) -> None:
     """Patch `model.forward` (a transformers causal LM, not its PEFT wrapper) to also accept
     `align_rows=<preference_rows output>`: it then runs the backbone on the rows and returns the
@@ -351,7 +305,6 @@ class FastDPOTrainer(DPOTrainer):
         if not self._fast:
             return False
         reason = None
-        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         if self._prompt_learning:
             reason = "a prompt-learning adapter (its virtual tokens are added by the PEFT wrapper, which the fast forward bypasses)"
         elif self._is_vision_dataset:
@@ -362,7 +315,7 @@ class FastDPOTrainer(DPOTrainer):
             reason = "WPO weighting (use_weighting)"
         elif self.ld_alpha is not None:
             reason = "ld_alpha"
-        elif any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")):
+        elif transforms_logits(self.model.config):
             reason = "logit soft-capping or scaling"
         elif self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
             reason = "DeepSpeed ZeRO-3 (the recomputed LM head would see a sharded weight)"

@@ -62,24 +62,7 @@ def main() -> None:
     train_pairs, eval_pairs = load_records(cfg, "prefs", tokenizer)
     before = held_out_accuracy(model.eval(), tokenizer, eval_pairs, cfg.per_device_train_batch_size)
 
-    from trl import RewardConfig, RewardTrainer
-
-    class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
-        compress_activations = cfg.compress_activations
-
-    args = RewardConfig(
-        **trainer_kwargs(cfg),
-        max_length=cfg.max_length,
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        eval_strategy="no",
-    )
-    trainer = Trainer(
-        model=model.train(),
-        args=args,
-        train_dataset=to_hf_dataset(train_pairs),
-        processing_class=tokenizer,
-        callbacks=guard_callbacks(cfg.output_dir),
-    )
+    trainer = build_trainer(cfg, model, tokenizer, to_hf_dataset(train_pairs), guard_callbacks(cfg.output_dir))
     result = train(trainer, cfg)
     after = held_out_accuracy(trainer.model.eval(), tokenizer, eval_pairs, cfg.per_device_train_batch_size)
 
@@ -98,6 +81,22 @@ def main() -> None:
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
         publish_run(cfg)  # the model card, then the upload when --push_to_hub asks
+
+
+def build_trainer(cfg: RewardArgs, model, tokenizer, train_dataset, callbacks):
+    """The reward trainer of this recipe (`python -m align.bench --stage reward` times this same function)."""
+    from trl import RewardConfig, RewardTrainer
+
+    class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
+        compress_activations = cfg.compress_activations
+
+    args = RewardConfig(
+        **trainer_kwargs(cfg),
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        eval_strategy="no",
+    )
+    return Trainer(model=model.train(), args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)
 
 
 if __name__ == "__main__":

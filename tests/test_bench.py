@@ -301,3 +301,23 @@ def test_bench_runs_grpo_on_a_tiny_model(tiny_model_dir, tmp_path):
     ratios = report["summary"]["ratios"]["align"]
     assert _finite_positive(ratios["train_tokens_per_s"]) and ratios["loss_max_abs_diff"] is None
     assert "grpo align run 1, per step: generate" in proc.stdout and "align / trl-baseline" in proc.stdout
+
+
+def test_bench_sft_arms_train_the_same_loss(tiny_model_dir, tmp_path):
+    """SFT's TRL arm trains assistant-only, on the recipe's marked template: at step 1 (LoRA B = 0, so dropout is
+    moot) both arms compute the same loss over the same tokens, in float32, though align's runs padding-free,
+    LM head on assistant tokens only, with selective checkpointing."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "align.bench", "--stage", "sft", "--compare", "trl-baseline,align", "--steps", "2",
+           "--batch_size", "2", "--max_length", "1024", "--model_name_or_path", tiny_model_dir, "--threads", "1",
+           "--output_dir", str(tmp_path), "--data", "synthetic", "--dtype", "fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_sft.json").read_text())
+    base, ours = report["runs"]
+    for r in (base, ours):
+        assert "error" not in r, r.get("error")
+        assert _finite_positive(r["train_tokens_per_s"]) and _finite_positive(r["peak_mb"])
+    assert report["summary"]["ratios"]["align"]["same_lora_init"]
+    assert [s["tokens"] for s in ours["steps"]] == [s["tokens"] for s in base["steps"]]  # padding is not counted
+    assert abs(ours["steps"][0]["loss"] - base["steps"][0]["loss"]) < 1e-4

@@ -12,7 +12,8 @@ gradient entry of each tensor. Measured gaps are ~1e-6 relative.
 import pytest
 import torch
 
-from align.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask, completion_logprobs, preference_rows
+from align.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask, preference_rows
+from align.lm_head import completion_logprobs
 
 LOGP_ATOL = 1e-4
 LOSS_ATOL = 1e-5

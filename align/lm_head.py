@@ -1,0 +1,147 @@
+"""The LM head on the positions that are scored, in chunks: token log-probs without full-vocabulary logits.
+
+A causal LM's head turns every hidden state into `vocab` logits. Training only needs the log-prob of the
+next token at the positions that carry a label (SFT: assistant tokens; DPO: completion tokens), and only
+one chunk of those logits at a time. `completion_logprobs` runs the head on chosen hidden states,
+`chunk_size` rows at a time, and recomputes each chunk's logits in backward, so no `(positions, vocab)`
+float32 tensor, and no logits at all for unscored positions, is ever held. The DPO fast path
+(align/dpo_fast.py) and the SFT fast path (align/sft_fast.py, through `add_label_head`) both use it.
+
+TRL's own fused head (`trl.trainer.utils.add_fused_lm_head`) scores only labelled positions where Triton
+runs (CUDA); elsewhere (CPU) it scores every position, prompt and padding included, in float32 tiles of
+up to 4096 x 32768 logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+
+import torch
+from torch import Tensor
+
+from align.ppo_math import logprobs_from_logits
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: bool):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    token_logps = logprobs_from_logits(logits, targets, chunk_size=logits.shape[0])
+    if not stats:
+        return (token_logps,)
+    # TRL's logged metrics: entropy, mean logit, top-1 accuracy. Not recomputed in backward: non-reentrant
+    # checkpointing stops recomputing once the tensors backward needs (those of the log-softmax) are back.
+    with torch.no_grad():
+        z = logits.float()
+        logsumexp = torch.logsumexp(z, dim=-1)
+        entropy = logsumexp - (torch.softmax(z, dim=-1) * z).sum(-1)
+        return token_logps, entropy, z.mean(-1), z.argmax(-1) == targets
+
+
+def completion_logprobs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int, stats: bool = True
+) -> tuple[Tensor, ...]:
+    """Log-probs of `targets` under softmax(hidden @ weight.T + bias), `chunk_size` positions at a time.
+
+    Each chunk's logits live only while that chunk is processed: in backward they are recomputed
+    (torch.utils.checkpoint), which costs one more LM-head matmul per chunk and saves holding
+    (positions, vocab) logits and their gradient. The log-softmax is `align.ppo_math.logprobs_from_logits`.
+
+    Args:
+        hidden: (M, H) hidden states of the positions to score.
+        weight: (V, H) LM-head weight; bias: (V,) or None.
+        targets: (M,) int64 token ids.
+        chunk_size: positions per chunk.
+        stats: also return, without gradient, the entropy, mean logit and whether the target is the
+            argmax, at every position.
+
+    Returns:
+        token_logps (M,) float32 with gradient, then (if stats) entropy (M,), mean_logits (M,), is_top1 (M,).
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = start + chunk_size
+        args = (hidden[start:stop], weight, bias, targets[start:stop], stats)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*args))
+    if not pieces:  # no completion token at all: keep the result connected to the graph
+        empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0
+        return (empty,) + ((empty.detach(), empty.detach(), empty.detach().bool()) if stats else ())
+    return tuple(torch.cat(parts) for parts in zip(*pieces))
+
+
+# Config fields that change the logits after the head's matmul (soft-capping, scaling); the label head
+# computes plain logits, so a model with any of them set keeps TRL's head.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def transforms_logits(config) -> bool:
+    """Whether the model's config asks for logit soft-capping or scaling (see LOGIT_TRANSFORMS)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(getattr(config, k, None) not in (None, 1.0) for k in LOGIT_TRANSFORMS)
+
+
+def add_label_head(model, chunk_size: int = 256) -> None:
+    """Make `model(..., labels=labels, fused_lm_head=True)` run the LM head only on labelled positions.
+
+    `model` is a transformers causal LM (not its PEFT wrapper) whose forward TRL has already patched with
+    `add_fused_lm_head` (SFTTrainer does that in its __init__). The call keeps TRL's contract: the same
+    arguments, and a `FusedCausalLMOutput` with `loss`, `log_probs`, `entropy`, `mean_logits`, `is_top1`
+    and `label_mask` laid out `(batch, seq_len - 1)`, zero where the shifted label is -100; only the
+    hidden states whose next label is not -100 go through the head (`completion_logprobs`), `chunk_size`
+    at a time. Calls this path cannot serve exactly go to TRL's head, with a warning the first time:
+    pre-shifted `shift_labels` (context or sequence parallelism), MoE router logits, a sharded (DTensor)
+    head. Without `fused_lm_head` the forward is the original one. Idempotent.
+    """
+    if getattr(model, "_align_label_head", False):
+        return
+    from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+
+    trl_forward = model.forward  # TRL's fused forward, which falls through to the model's own without fused_lm_head
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    warned: set[str] = set()
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        reason = None
+        if not fused_lm_head or labels is None:
+            pass
+        elif shift_labels is not None:
+            reason = "pre-shifted labels (context or sequence parallelism)"
+        elif getattr(text_config, "output_router_logits", False) or kwargs.get("output_router_logits"):
+            reason = "MoE router logits (auxiliary loss)"
+        elif type(weight).__name__ == "DTensor":
+            reason = "a sharded LM head (FSDP2)"
+        if not fused_lm_head or labels is None or reason:
+            if reason and reason not in warned:
+                warned.add(reason)
+                warnings.warn(f"align.lm_head: {reason}: this batch goes through TRL's fused LM head", stacklevel=2)
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+
+        kwargs["use_cache"] = False
+        hidden = getattr(self, "base_model")(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:].to(weight.device)
+        label_mask = targets != -100
+        with maybe_gather_lm_head_ctx(weight, bias):
+            token_logps, entropy, mean_logits, is_top1 = completion_logprobs(
+                hidden.to(weight.device)[label_mask].to(weight.dtype), weight, bias, targets[label_mask], chunk_size
+            )
+
+        def laid_out(values: Tensor) -> Tensor:
+            # masked_scatter keeps an all-ignored micro-batch connected to the graph (a differentiable zero)
+            return values.new_zeros(label_mask.shape).masked_scatter(label_mask, values)
+
+        log_probs = laid_out(token_logps)
+        count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / count, log_probs=log_probs, entropy=laid_out(entropy),
+            mean_logits=laid_out(mean_logits), is_top1=laid_out(is_top1), label_mask=label_mask,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    model._align_label_head = True
