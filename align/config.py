@@ -128,10 +128,11 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    if close:  # a near-certain match is named alone (learning_rat: learning_rate, not also padding_free at 0.5)
-        best = difflib.SequenceMatcher(None, name, close[0]).ratio()
-        close = [c for c in close if difflib.SequenceMatcher(None, name, c).ratio() >= best - 0.2]
+    # the closest names scoring 0.5 or more, and only those within 0.2 of the best: a near-certain match is named
+    # alone (learning_rat: learning_rate, not also padding_free at 0.5)
+    scored = sorted(((difflib.SequenceMatcher(None, name, v).ratio(), v) for v in valid), reverse=True)
+    scored = [(score, v) for score, v in scored[:3] if score >= 0.5]
+    close = [v for score, v in scored if score >= scored[0][0] - 0.2] if scored else []
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid names: {', '.join(sorted(valid))}"
     return ConfigError(f"{where}: unknown option {name!r}{hint}")
 

@@ -68,12 +68,14 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"error: {' '.join(cmd[:4])} ... exited with {code}; see {log}")
 
 
-def evaluate(model: str, out: Path, n_prompts: int, log: Path) -> list[dict]:
+def evaluate(model: str, out: Path, n_prompts: int, log: Path, ppl_rows: int = 0) -> list[dict]:
     """Greedy replies of `model` to the first n_prompts held-out prompts (reused when out/summary.json exists),
-    judged by today's degeneration check (align.evaluation.judge_again: a reused evaluation may predate a rule)."""
+    judged by today's degeneration check (align.evaluation.judge_again: a reused evaluation may predate a rule);
+    ppl_rows > 0 also scores the perplexity of that many held-out SFT replies (out/summary.json's metrics)."""
     if not (out / "summary.json").exists():
+        ppl = ["--max_ppl_rows", str(ppl_rows)] if ppl_rows else ["--ppl_data", "none"]
         run([sys.executable, "eval/evaluate.py", model, "--modes", "greedy", "--max_prompts", str(n_prompts),
-             "--pref_data", "none", "--ppl_data", "none", "--out", str(out)], log)
+             "--pref_data", "none", *ppl, "--out", str(out)], log)
     rows = [r for r in read_jsonl(out / "generations.jsonl") if r["mode"] == "greedy"]
     if len(rows) != n_prompts:
         raise ConfigError(f"{out}/generations.jsonl: expected {n_prompts} greedy replies, found {len(rows)}; "

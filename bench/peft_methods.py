@@ -27,10 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from learning_curve import cpu_description, point, run, split_at_dashes, starting_model
+from learning_curve import cpu_description, evaluate, point, run, split_at_dashes, starting_model
 
 from align.errors import ConfigError, cli_main
-from align.evaluation import judge_again
 from align.io import atomic_write_json, atomic_write_text
 from align.models import PEFT_METHODS
 from align.report import read_jsonl
@@ -38,17 +37,10 @@ from align.report import read_jsonl
 LEARNING_RATES = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-3, "prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2}
 
 
-def evaluate(model: str, out: Path, n_prompts: int, ppl_rows: int, log: Path) -> tuple[list[dict], dict]:
-    """(greedy replies to the first n_prompts held-out prompts, judged by today's degeneration check; the summary's
-    metrics, perplexity included). Reused when out/summary.json exists."""
-    if not (out / "summary.json").exists():
-        run([sys.executable, "eval/evaluate.py", model, "--modes", "greedy", "--max_prompts", str(n_prompts),
-             "--pref_data", "none", "--max_ppl_rows", str(ppl_rows), "--out", str(out)], log)
-    rows = [r for r in read_jsonl(out / "generations.jsonl") if r["mode"] == "greedy"]
-    if len(rows) != n_prompts:
-        raise ConfigError(f"{out}/generations.jsonl: expected {n_prompts} greedy replies, found {len(rows)}; "
-                          "evaluate into another --out")
-    return judge_again(rows), json.loads((out / "summary.json").read_text())["metrics"]
+def evaluate_with_metrics(model: str, out: Path, n_prompts: int, ppl_rows: int, log: Path) -> tuple[list[dict], dict]:
+    """(learning_curve.evaluate's judged greedy replies, the evaluation summary's metrics, perplexity included)."""
+    rows = evaluate(model, out, n_prompts, log, ppl_rows=ppl_rows)
+    return rows, json.loads((out / "summary.json").read_text())["metrics"]
 
 
 def training_cost(run_dir: Path) -> dict:
@@ -58,8 +50,8 @@ def training_cost(run_dir: Path) -> dict:
     model, _ = load_trained(str(run_dir), trainable=True)
     trainable, total = count_parameters(model)
     summary = json.loads((run_dir / "summary.json").read_text())
-    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    speed = next((r["train/train_tokens_per_second"] for r in reversed(last) if "train/train_tokens_per_second" in r), None)
+    speed = next((r["train/train_tokens_per_second"] for r in reversed(read_jsonl(run_dir / "metrics.jsonl"))
+                  if "train/train_tokens_per_second" in r), None)
     return {"trainable_params": trainable, "total_params": total, "peak_memory_mb": summary["peak_memory_mb"],
             "train_tokens_per_s": speed, "tokens": summary["tokens_processed"], "steps": summary["steps"]}
 
@@ -118,7 +110,7 @@ def main() -> None:
     log = out / "peft_methods.log"
     started = time.time()
 
-    base_rows, base_metrics = evaluate(starting_model("sft", recipe_args), out / "eval-start", args.eval_prompts, args.ppl_rows, log)
+    base_rows, base_metrics = evaluate_with_metrics(starting_model("sft", recipe_args), out / "eval-start", args.eval_prompts, args.ppl_rows, log)
     results = []
     for method in methods:
         run_dir = out / method / "run"
@@ -126,7 +118,7 @@ def main() -> None:
             run(["accelerate", "launch", "recipes/sft.py", "--peft", method, "--output_dir", str(run_dir),
                  "--max_steps", str(args.steps), "--learning_rate", str(rates[method]), "--merge", "false",
                  "--summary_prompts", "0", *recipe_args], log)
-        rows, metrics = evaluate(str(run_dir), out / method / "eval", args.eval_prompts, args.ppl_rows, log)
+        rows, metrics = evaluate_with_metrics(str(run_dir), out / method / "eval", args.eval_prompts, args.ppl_rows, log)
         compared = point(base_rows, rows, {})["metrics"]
         results.append({"method": method, "learning_rate": rates[method], **training_cost(run_dir),
                         "vs_start": {k: compared[k] for k in ("coherent_strict", "verifier_score", "degenerate")},

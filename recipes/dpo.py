@@ -26,7 +26,7 @@ from align.config import arg, parse_config
 from align.data import DataArgs, load_prompts
 from align.activations import CompressActivationsMixin
 from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
-from align.errors import cli_main
+from align.errors import ConfigError, cli_main
 from align.models import ModelArgs, check_peft_supported, load_model
 from align.phases import ReportPhasesMixin
 from align.policy_report import before_after
@@ -40,6 +40,8 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     learning_rate: float = arg(1e-4, "peak learning rate (LoRA)")
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL penalty towards the reference")
     loss_type: list[str] = arg(["sigmoid"], "TRL DPO loss(es): sigmoid, ipo, hinge, robust, apo_zero, ... (comma-separated to combine)")
+    loss_weights: list[float] | None = arg(None, "one weight per loss_type, comma-separated (e.g. sigmoid,sft with 0.2,1.0: "
+                                                 "mostly the SFT term); none = 1.0 each")
     label_smoothing: float = arg(0.0, "assumed share of flipped labels (robust / cDPO losses)")
     precompute_ref_log_probs: bool = arg(False, "reference log-probs once before training, in their own batches, instead of on each step's batch (in bf16 the two differ by rounding: the first loss is then not exactly ln 2)")
     max_length: int = arg(384, "maximum tokens of prompt + reply")
@@ -55,8 +57,10 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
         for name in self.loss_type:
             if name not in known:
-                from align.errors import ConfigError
                 raise ConfigError(f"config: loss_type: unknown DPO loss {name!r}; expected one of {', '.join(sorted(known))}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ConfigError(f"config: loss_weights: expected {len(self.loss_type)} weight(s), one per loss_type "
+                              f"({','.join(self.loss_type)}), got {len(self.loss_weights)}")
 
 
 @cli_main
@@ -118,6 +122,7 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
         **trainer_kwargs(cfg),
         beta=cfg.beta,
         loss_type=cfg.loss_type,
+        loss_weights=cfg.loss_weights,
         label_smoothing=cfg.label_smoothing,
         max_length=cfg.max_length,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,

@@ -306,3 +306,17 @@ def test_recipe_first_step_is_exactly_ln2(tiny_quant_model_dir, tmp_path, dtype)
         assert loss.item() == torch.tensor(2.0).log().item()
         metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == metrics["rewards/margins"] == 0.0
+
+
+def test_recipe_loss_weights_reach_the_loss(tiny_model_dir, tmp_path):
+    """--loss_weights goes to TRL's multi-loss sum: sigmoid,sft weighted 1,0 is DPO alone (ln 2 at the first step,
+    policy = reference), weighted 0,1 is the SFT term alone, and 1,1 is their sum."""
+    losses = {}
+    for weights in ("1.0,0.0", "0.0,1.0", "1.0,1.0"):
+        trainer = _recipe_trainer(tiny_model_dir, tmp_path / weights, _pairs(), loss_type="sigmoid,sft", loss_weights=weights)
+        assert trainer.args.loss_weights == [float(w) for w in weights.split(",")]
+        batch = next(iter(trainer.get_train_dataloader()))
+        losses[weights] = trainer.compute_loss(trainer.model, batch).item()
+    assert losses["1.0,0.0"] == pytest.approx(torch.tensor(2.0).log().item(), abs=1e-6)
+    assert losses["0.0,1.0"] > 1.0  # an untrained tiny model's NLL per token of the chosen reply
+    assert losses["1.0,1.0"] == pytest.approx(losses["1.0,0.0"] + losses["0.0,1.0"], rel=1e-5)

@@ -363,6 +363,12 @@ def test_unknown_dpo_loss_type_lists_the_valid_ones(runner, tmp_path):
     assert "sigmoid" in line and "ipo" in line
 
 
+def test_dpo_loss_weights_must_match_the_loss_types(runner, tmp_path):
+    argv = runner("dpo", tmp_path / "out", loss_type="sigmoid,sft", loss_weights="0.2")
+    line = start_up_error("dpo", argv, tmp_path / "log")
+    assert line == "error: config: loss_weights: expected 2 weight(s), one per loss_type (sigmoid,sft), got 1"
+
+
 def test_reproducible_drops_wall_time_at_any_depth():
     """A resumed run's summary `before` block held {"time_s": 0.6} against 0.0 uninterrupted: every equality check
     of two runs goes through recipe_harness.reproducible, which drops timing fields wherever they are."""
