@@ -1,7 +1,7 @@
 """Direct Preference Optimization (and its variants) with LoRA or QLoRA, straight from preference pairs.
 
     accelerate launch recipes/dpo.py                                  # the main job: embedded default, built-in pairs
-    accelerate launch recipes/dpo.py --config recipes/configs/dpo.yaml --loss_type ipo --beta 0.5
+    accelerate launch recipes/dpo.py --loss_type ipo --beta 0.5           # any field of DPOArgs as a flag
     accelerate launch --multi_gpu --num_processes 2 recipes/dpo.py    # two processes (CPU: gloo)
 
 The reference is the policy's base with the adapter disabled: the plain base model, or the SFT model when

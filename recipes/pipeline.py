@@ -53,7 +53,7 @@ class PipelineArgs:
     output_root: str = arg("outputs", "folder that receives one subfolder per stage")
     stages: list[str] = arg(list(DEFAULT_STAGES), f"stages to run, in order (any of {', '.join(STAGES)})")
     launcher: str = arg("accelerate launch", "how training recipes are started (e.g. 'python', or accelerate with --config_file)")
-    sft_args: str = arg("", "extra flags for recipes/sft.py (e.g. '--config recipes/configs/sft.yaml'); on a CPU they follow "
+    sft_args: str = arg("", "extra flags for recipes/sft.py (e.g. '--config recipes/configs/sft_400.yaml'); on a CPU they follow "
                             "(and override) the shortened defaults " + ", ".join(f"{k}: '{v}'" for k, v in CPU_STAGE_ARGS.items()))
     reward_args: str = arg("", "extra flags for recipes/reward.py")
     dpo_args: str = arg("", "extra flags for recipes/dpo.py")

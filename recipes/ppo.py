@@ -3,7 +3,7 @@
     python recipes/ppo.py                                  # SFT base; outputs/reward if it exists, else the verifier
     python recipes/ppo.py --reward verifier                # RL from verifiable rewards (the built-in verifier)
     python recipes/ppo.py --reward my_rewards.py:score     # any fn(prompt_records, responses) -> list[float]
-    python recipes/ppo.py --config recipes/configs/ppo.yaml --total_updates 40
+    python recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml --total_updates 40
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py
     python recipes/ppo.py --resume                         # continue after SIGTERM, Ctrl-C or a crash

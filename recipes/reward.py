@@ -1,7 +1,7 @@
 """A Bradley-Terry reward model: a scalar score head plus LoRA, trained on preference pairs.
 
     accelerate launch recipes/reward.py                               # SFT base if outputs/sft/merged exists
-    accelerate launch recipes/reward.py --config recipes/configs/reward.yaml
+    accelerate launch recipes/reward.py --config recipes/configs/reward_qlora_8b.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/reward.py
 
 loss = -log sigmoid(r(chosen) - r(rejected) - margin)   (margin from the data's `margin` field, if any)

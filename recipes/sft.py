@@ -1,7 +1,7 @@
 """Supervised fine-tuning with LoRA or QLoRA, loss on every assistant turn and nothing else.
 
     accelerate launch recipes/sft.py                                  # embedded default, built-in ifprefs:sft
-    accelerate launch recipes/sft.py --config recipes/configs/sft.yaml --lora_r 32
+    accelerate launch recipes/sft.py --config recipes/configs/sft_400.yaml --lora_r 32
     accelerate launch --multi_gpu --num_processes 2 recipes/sft.py    # two processes (CPU: gloo)
 
 The trainer is TRL's SFTTrainer with the LM head of align/sft_fast.py (only on assistant tokens, in chunks; the

@@ -1,4 +1,4 @@
-"""PPOArgs: every setting of the PPO engine, with its default and help text (recipes/configs/ppo.yaml overrides them)."""
+"""PPOArgs: every setting of the PPO engine, with its default and help text (a YAML in recipes/configs/ holds only what differs)."""
 
 from __future__ import annotations
 
