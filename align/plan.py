@@ -426,27 +426,46 @@ def estimate(args: PlanArgs) -> Estimate:
     args.validate()
     arch = resolve_arch(args.model)
     num = numerics(args)
-    dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
-    targets = args.target_modules()
-    r = args.lora_r
-    B, T = args.micro_batch, args.seq_len
-    notes: list[str] = []
+    components, trainable = _persistent_bytes(arch, args, num)
+    phases, notes = _phase_bytes(arch, args, num, components)
+    mapped = 0.0
+    if args.target == "cpu" and args.quantization != "none":
+        # On a CPU the loader keeps the safetensors file memory-mapped (the unquantized embeddings alias it), so
+        # the pages read to quantize the projections stay resident: clean file pages, counted in RSS.
+        mapped = arch.layers * arch.linear_params_per_layer() * float(arch.checkpoint_bytes)
+    for parts in phases.values():
+        for key in ("activations", "logits", "transient", "kv_cache"):
+            parts.setdefault(key, 0.0)
+        if mapped:
+            parts["mapped_checkpoint"] = mapped
+        parts["runtime_overhead"] = args.cuda_overhead_gb * GiB if args.target == "cuda" else float(CPU_CALIBRATION["fixed_bytes"])
+    totals = {name: sum(parts.values()) for name, parts in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    peak = totals[peak_phase]
+    capacity = args.gpu_gb * GiB
+    verdict = "does not fit" if peak > capacity else ("tight" if peak > 0.9 * capacity else "fits")
+    if args.gradient_checkpointing is False and args.stage != "ppo":
+        notes.append("gradient checkpointing is off: activations are kept for every layer")
+    return Estimate(
+        args=asdict(args), arch=asdict(arch), components=phases[peak_phase], phases=totals, peak_phase=peak_phase,
+        peak_bytes=peak, capacity_bytes=capacity, verdict=verdict, notes=notes, trainable_params=trainable,
+    )
 
-    # ---- persistent: weights, adapters, heads, gradients, optimizer
-    with_lm_head = args.stage != "reward"
-    weights = base_weight_bytes(arch, args.quantization, dtype_bytes, with_lm_head)
-    adapter = lora_params(arch, targets, r)
+
+def _persistent_bytes(arch: Arch, args: PlanArgs, num: Numerics) -> tuple[dict[str, float], int]:
+    """({weights, adapters, gradients, optimizer}: bytes held for the whole run, trainable parameter count)."""
+    dtype_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    weights = base_weight_bytes(arch, args.quantization, dtype_bytes, with_lm_head=args.stage != "reward")
+    adapter = lora_params(arch, args.target_modules(), args.lora_r)
     head = arch.hidden + 1  # a one-output linear head (reward score, PPO value)
     if args.stage == "ppo":
         # policy and critic adapters train; the reward adapter and its head are frozen
-        trainable = 2 * adapter + head
-        frozen_extra = adapter + head
+        trainable, frozen_extra = 2 * adapter + head, adapter + head
     elif args.stage == "reward":
         trainable = adapter + head
         frozen_extra = head  # modules_to_save keeps the original score head next to the trained copy
     else:
-        trainable = adapter
-        frozen_extra = 0
+        trainable, frozen_extra = adapter, 0
     components = {
         "weights": weights,
         "adapters": (trainable + frozen_extra) * 4.0,
@@ -455,8 +474,13 @@ def estimate(args: PlanArgs) -> Estimate:
     }
     if num.autocast:
         components["adapters"] += trainable * 2.0  # autocast keeps a bf16 copy of each trainable weight in its cache
+    return components, trainable
 
-    # ---- per-step working memory, per phase; each phase lists everything alive at its peak
+
+def _phase_bytes(arch: Arch, args: PlanArgs, num: Numerics, components: dict[str, float]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Per-step working memory, per phase of `args.stage`: each phase lists everything alive at its peak."""
+    B, T = args.micro_batch, args.seq_len
+    notes: list[str] = []
     dequant = 0.0
     if args.quantization != "none":
         # bitsandbytes dequantizes one projection at a time to the compute dtype (forward and backward)
@@ -500,30 +524,7 @@ def estimate(args: PlanArgs) -> Estimate:
         if args.grpo_beta > 0:
             phases["reference forward"] = {**no_grads, "activations": no_grad, "logits": logits, "transient": dequant}
         notes.append("GRPO/RLOO: one policy adapter, no critic or value head; micro_batch counts replies")
-
-    mapped = 0.0
-    if args.target == "cpu" and args.quantization != "none":
-        # On a CPU the loader keeps the safetensors file memory-mapped (the unquantized embeddings alias it), so
-        # the pages read to quantize the projections stay resident: clean file pages, counted in RSS.
-        mapped = arch.layers * arch.linear_params_per_layer() * float(arch.checkpoint_bytes)
-    for parts in phases.values():
-        for key in ("activations", "logits", "transient", "kv_cache"):
-            parts.setdefault(key, 0.0)
-        if mapped:
-            parts["mapped_checkpoint"] = mapped
-        parts["runtime_overhead"] = args.cuda_overhead_gb * GiB if args.target == "cuda" else float(CPU_CALIBRATION["fixed_bytes"])
-    totals = {name: sum(parts.values()) for name, parts in phases.items()}
-    peak_phase = max(totals, key=totals.get)
-    components = phases[peak_phase]
-    peak = totals[peak_phase]
-    capacity = args.gpu_gb * GiB
-    verdict = "does not fit" if peak > capacity else ("tight" if peak > 0.9 * capacity else "fits")
-    if args.gradient_checkpointing is False and args.stage != "ppo":
-        notes.append("gradient checkpointing is off: activations are kept for every layer")
-    return Estimate(
-        args=asdict(args), arch=asdict(arch), components=components, phases=totals, peak_phase=peak_phase,
-        peak_bytes=peak, capacity_bytes=capacity, verdict=verdict, notes=notes, trainable_params=trainable,
-    )
+    return phases, notes
 
 
 # ------------------------------------------------------------------------------------------ searches
