@@ -740,11 +740,12 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
         release_lock(out)
 
 
-def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
+def _eval_prompts(cfg: EvalArgs) -> tuple[list[Any], list[str]]:
+    """The held-out prompt records and their ids (unique: replies are matched across runs by id); an unknown
+    constraint fails here, not after the generation."""
     from align.data import load_prompts
-    from align.train import peak_memory_mb
+    from align.verifier import check_constraints
 
-    t0 = time.time()
     records = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)
     if not records:
         raise AlignError(f"{cfg.prompts}: no prompts")
@@ -752,12 +753,40 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
     if len(set(prompt_ids)) != len(prompt_ids):
         dup = next(i for i in prompt_ids if prompt_ids.count(i) > 1)
         raise AlignError(f"{cfg.prompts}: prompt id {dup!r} appears twice; ids must be unique to match replies across runs")
-    prompts = [r.prompt for r in records]
-    from align.verifier import check_constraints
-
-    for record in records:  # an unknown constraint fails here, not after the generation
+    for record in records:
         if record.constraints:
             check_constraints(record.constraints, f"{record.source}: field 'constraints'")
+    return records, prompt_ids
+
+
+def _reply_row(record, prompt_id: str, gen: Generation, rm_score: float | None, mode: str, cfg: EvalArgs,
+               generation: dict[str, Any]) -> dict[str, Any]:
+    """One line of generations.jsonl: the reply and every judgement of it."""
+    passed, score, strict = _verdict(gen.reply, record.constraints, f"{record.source}: field 'constraints'")
+    degeneration = check_reply(gen.reply, record.prompt, record.constraints, ended=gen.eos)
+    unasked = unasked_formats(gen.reply, record.constraints)
+    tokens = words(gen.reply)
+    return {
+        "prompt_id": prompt_id, "prompt": record.prompt, "constraints": record.constraints,
+        "mode": mode, "seed": gen.seed, "temperature": cfg.temperature if mode == "sample" else None,
+        "top_p": cfg.top_p if mode == "sample" else None,
+        "reply": gen.reply, "length_tokens": gen.length_tokens, "length_words": len(tokens), "eos": gen.eos,
+        "coherent_strict": coherent_strict(strict, degeneration),
+        "degenerate": degeneration.degenerate, "degenerate_reasons": list(degeneration.reasons),
+        "unasked_format": bool(unasked), "unasked_formats": unasked,
+        "verifier_passed": passed, "verifier_score": score, "verifier_strict": strict, "rm_score": rm_score,
+        "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2),
+        "repeated_4gram_share": repeated_ngram_share(tokens), "loops_to_limit": loops_to_limit(gen.eos, degeneration),
+        "kl_k1": gen.kl_k1, "kl_k3": gen.kl_k3, "generation": generation,
+    }
+
+
+def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
+    from align.train import peak_memory_mb
+
+    t0 = time.time()
+    records, prompt_ids = _eval_prompts(cfg)
+    prompts = [r.prompt for r in records]
     log(f"{len(prompts)} prompts from {cfg.prompts}; modes {', '.join(cfg.modes)}; loading {run}")
 
     policy = load_policy(run, cfg)
@@ -782,24 +811,8 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
     for mode in cfg.modes:
         replies = [g.reply for g in generations[mode]]
         rm_scores = _rm_scores(rm[0], rm[1], prompts, replies, cfg.batch_size) if rm else [None] * len(replies)
-        for record, pid, gen, rm_score in zip(records, prompt_ids, generations[mode], rm_scores):
-            passed, score, strict = _verdict(gen.reply, record.constraints, f"{record.source}: field 'constraints'")
-            degeneration = check_reply(gen.reply, record.prompt, record.constraints, ended=gen.eos)
-            unasked = unasked_formats(gen.reply, record.constraints)
-            tokens = words(gen.reply)
-            rows.append({
-                "prompt_id": pid, "prompt": record.prompt, "constraints": record.constraints,
-                "mode": mode, "seed": gen.seed, "temperature": cfg.temperature if mode == "sample" else None,
-                "top_p": cfg.top_p if mode == "sample" else None,
-                "reply": gen.reply, "length_tokens": gen.length_tokens, "length_words": len(tokens), "eos": gen.eos,
-                "coherent_strict": coherent_strict(strict, degeneration),
-                "degenerate": degeneration.degenerate, "degenerate_reasons": list(degeneration.reasons),
-                "unasked_format": bool(unasked), "unasked_formats": unasked,
-                "verifier_passed": passed, "verifier_score": score, "verifier_strict": strict, "rm_score": rm_score,
-                "distinct_1": distinct_n(tokens, 1), "distinct_2": distinct_n(tokens, 2),
-                "repeated_4gram_share": repeated_ngram_share(tokens), "loops_to_limit": loops_to_limit(gen.eos, degeneration),
-                "kl_k1": gen.kl_k1, "kl_k3": gen.kl_k3, "generation": generation[mode],
-            })
+        rows += [_reply_row(record, pid, gen, rm_score, mode, cfg, generation[mode])
+                 for record, pid, gen, rm_score in zip(records, prompt_ids, generations[mode], rm_scores)]
     pref_rows = _preference_rows(policy, cfg, rm, log) if cfg.pref_data else None
     ppl_rows = _perplexity_rows(policy, cfg, log) if cfg.ppl_data else None
     score_s = time.time() - t_score
