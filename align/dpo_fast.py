@@ -167,19 +167,26 @@ def preference_rows(
             out_cols.append(cols - 1)
             targets.append(tokens)
 
+    return _as_batch(rows, positions, branches, (hidden_rows, hidden_cols), (out_rows, out_cols), targets,
+                     length - 1, pad_token_id, input_ids.device)
+
+
+def _as_batch(rows: list[Tensor], positions: list[Tensor], branches: list[Tensor], hidden: tuple[list[Tensor], list[Tensor]],
+              out: tuple[list[Tensor], list[Tensor]], targets: list[Tensor], out_width: int, pad_token_id: int, device) -> dict[str, Tensor]:
+    """preference_rows' pieces as right-padded (R, T) tensors and flat indices: hidden (row, column) pairs into
+    (R * T), out (row, column) pairs into TRL's (2B * out_width) log-prob layout."""
     width = max(len(r) for r in rows)
 
     def pad(seqs: list[Tensor], value: int) -> Tensor:
         return torch.stack([torch.nn.functional.pad(s, (0, width - len(s)), value=value) for s in seqs])
 
-    device = input_ids.device
     return {
         "input_ids": pad(rows, pad_token_id).to(device),
         "position_ids": pad(positions, 0).to(device),
         "branch": pad(branches, PAD).to(torch.uint8).to(device),
-        "hidden_index": (torch.cat(hidden_rows) * width + torch.cat(hidden_cols)).to(device),
+        "hidden_index": (torch.cat(hidden[0]) * width + torch.cat(hidden[1])).to(device),
         "targets": torch.cat(targets).to(device),
-        "out_index": (torch.cat(out_rows) * (length - 1) + torch.cat(out_cols)).to(device),
+        "out_index": (torch.cat(out[0]) * out_width + torch.cat(out[1])).to(device),
     }
 
 
