@@ -29,7 +29,8 @@ from align.errors import AlignError, ConfigError, cli_main
 from align.evaluation import COMPARABLE_SETTINGS, EvalArgs, evaluate
 from align.io import inside
 from align.runs import REPORT_ARTEFACTS, check_folder, take_folder
-from align.report import ReportArgs, build_report, check_comparable, checkpoint_dirs, eval_dir_of, has_eval, load_eval, unique_names
+from align.report.build import ReportArgs, build_report
+from align.report.results import check_comparable, checkpoint_dirs, eval_dir_of, has_eval, load_eval, unique_names
 
 
 @dataclass

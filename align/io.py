@@ -157,3 +157,19 @@ def write_run_info(cfg: Any, out_dir: str | os.PathLike, extra: dict[str, Any] |
     atomic_write_text(out / "config.yaml", yaml.safe_dump(values, sort_keys=False))
     info = {"versions": package_versions(), "git_revision": git_revision(), **(extra or {})}
     atomic_write_json(out / "run_info.json", info)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise AlignError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise AlignError(f"{path} line {number}: expected a JSON object")
+            rows.append(row)
+    return rows

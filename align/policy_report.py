@@ -127,7 +127,7 @@ def before_after(before: dict, after: dict, n_resamples: int = 1000, seed: int =
     """The summary's before -> after numbers as lines a person reads at the end of a run.
 
     Coherent strict comes first, with the paired 95% bootstrap interval of after - before over the same
-    prompts (align.report.paired_delta), then IFEval strict and the degenerate share, then the rest.
+    prompts (align.report.stats.paired_delta), then IFEval strict and the degenerate share, then the rest.
     """
     lines = []
     if "rows" in before and "rows" in after:
@@ -152,7 +152,7 @@ def before_after(before: dict, after: dict, n_resamples: int = 1000, seed: int =
 
 def paired_line(label: str, before_rows: list[dict], after_rows: list[dict], key: str, n_resamples: int = 1000, seed: int = 0) -> str | None:
     """"  label: 0.156 -> 0.109 (-0.047, paired 95% CI [-0.117, +0.023], 128 prompts)"; None without pairs."""
-    from align.report import paired_delta
+    from align.report.stats import paired_delta
 
     delta = paired_delta(before_rows, after_rows, key, n_resamples, seed)
     if not delta["n"]:

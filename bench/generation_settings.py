@@ -112,8 +112,8 @@ def table_row(name: str, summary: dict[str, Any]) -> dict[str, Any]:
 
 def against_greedy(rows: list[dict[str, Any]], replies: dict[str, list[dict[str, Any]]]) -> None:
     """Each setting's coherent strict and degenerate share minus greedy's, paired over the same prompts, with
-    the 95% bootstrap interval (align.report.paired_delta, 2,000 resamples), into its row (none without greedy)."""
-    from align.report import paired_delta
+    the 95% bootstrap interval (align.report.stats.paired_delta, 2,000 resamples), into its row (none without greedy)."""
+    from align.report.stats import paired_delta
 
     for row in rows:
         for key in PAIRED:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run, bench = argv[0], parse_config(BenchArgs, argv[1:])
     from align.evaluation import evaluate
 
-    from align.report import read_jsonl
+    from align.io import read_jsonl
 
     rows, replies = [], {}
     for name in bench.settings:

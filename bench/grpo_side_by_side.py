@@ -17,7 +17,7 @@ when something else shares the machine but gives each run half the compute. Then
 the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py, 128 new tokens) and each run
 is compared with the start, and the guarded run with the raw one, on coherent strict (every constraint met and not
 degenerate), IFEval strict, the verifier score, the degenerate share, formats nobody asked for and the EOS rate,
-each a paired difference with its 95% bootstrap interval (align.report.paired_delta, 2,000 resamples), every reply
+each a paired difference with its 95% bootstrap interval (align.report.stats.paired_delta, 2,000 resamples), every reply
 judged by today's degeneration check (align.evaluation.judge_again). OUT/side_by_side.json holds the numbers and
 the training logs' reward and reply length over time; OUT/replies.md the first --read replies of the start and
 both runs side by side, with their verdicts, for a person to read. Arguments after `--` go to both runs.
@@ -38,7 +38,8 @@ from learning_curve import ROOT, cpu_description, evaluate, point, split_at_dash
 
 from align.errors import ConfigError, cli_main
 from align.io import atomic_write_json, atomic_write_text
-from align.report import paired_delta, read_jsonl
+from align.io import read_jsonl
+from align.report.stats import paired_delta
 
 PEER = ["--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "2e-4", "--lr_scheduler_type", "constant",
         "--num_generations", "8", "--per_device_train_batch_size", "16", "--max_completion_length", "128",

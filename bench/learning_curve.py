@@ -12,7 +12,7 @@ the starting model answer the first --eval_prompts held-out `ifprefs:eval` promp
 128 new tokens). For every checkpoint the JSON gives coherent strict (every constraint met and not degenerate,
 align.degeneration), IFEval strict, verifier score, the degenerate share, the share of replies with a format
 no constraint asked for (align.degeneration.unasked_formats) and the EOS rate, each as the paired
-difference from the starting model with its 95% bootstrap interval (align.report.paired_delta, 2,000
+difference from the starting model with its 95% bootstrap interval (align.report.stats.paired_delta, 2,000
 resamples), and the training tokens and seconds spent to reach it. Written to OUT/learning_curve.json and
 plotted to OUT/learning_curve.png; arguments after `--` go to the recipe unchanged.
 
@@ -42,7 +42,8 @@ from align.errors import ConfigError, cli_main  # noqa: E402
 from align.evaluation import judge_again  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
 from align.models import cpu_bf16_flags  # noqa: E402
-from align.report import paired_delta, read_jsonl  # noqa: E402
+from align.io import read_jsonl  # noqa: E402
+from align.report.stats import paired_delta  # noqa: E402
 from align.train import MARKER, last_marked_checkpoint  # noqa: E402
 
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")

@@ -5,7 +5,7 @@
 When align.degeneration gains a rule, replies already generated (generations.jsonl of eval/evaluate.py) can be
 judged again in seconds: coherent strict, the degenerate share and the share of formats nobody asked for
 (align.degeneration.unasked_formats) of each run, greedy replies, with the paired
-95% bootstrap interval of run - baseline over the same prompts (align.report.paired_delta).
+95% bootstrap interval of run - baseline over the same prompts (align.report.stats.paired_delta).
 """
 
 import argparse
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from align.errors import cli_main
 from align.evaluation import judge_again
-from align.report import paired_delta, read_jsonl
+from align.io import read_jsonl
+from align.report.stats import paired_delta
 
 
 def rescored(eval_dir: str, mode: str) -> list[dict]:

@@ -12,17 +12,9 @@ import numpy as np
 import pytest
 
 from align.errors import AlignError
-from align.report import (
-    ReportArgs,
-    bootstrap_ci,
-    build_report,
-    decision_table,
-    hacking_warnings,
-    load_eval,
-    preference_table,
-    prompts_for_halfwidth,
-    win_rate,
-)
+from align.report.build import ReportArgs, build_report
+from align.report.results import load_eval
+from align.report.stats import bootstrap_ci, decision_table, hacking_warnings, preference_table, prompts_for_halfwidth, win_rate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -420,7 +412,7 @@ def test_checkpoints_give_one_reward_vs_kl_point_each(tmp_path, capsys):
 
 
 def test_display_names(tmp_path):
-    from align.report import unique_names
+    from align.report.results import unique_names
 
     for d in ("a/sft", "b/sft", "c/dpo"):
         write_eval(tmp_path / d, [gen_row("p0", "greedy", verifier=1.0, rm=0.0, length=3)])

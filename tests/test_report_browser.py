@@ -51,7 +51,8 @@ def report(tmp_path_factory) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_report import realistic_run
 
-    from align.report import ReportArgs, build_report, load_eval
+    from align.report.build import ReportArgs, build_report
+    from align.report.results import load_eval
 
     d = tmp_path_factory.mktemp("browser")
     runs = [
