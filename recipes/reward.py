@@ -18,7 +18,7 @@ from pathlib import Path
 from align.config import arg, parse_config
 from align.data import DataArgs, to_hf_dataset
 from align.errors import cli_main
-from align.models import ModelArgs, check_peft_supported, load_model
+from align.models import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.publish import publish_run
 from align.reward_model import Float32ScoreHeadMixin, score_texts
 from align.activations import CompressActivationsMixin
@@ -54,7 +54,7 @@ def main() -> None:
     check_peft_supported(cfg, "reward")
     if cfg.model_name_or_path == "auto":
         sft = Path("outputs/sft/merged")
-        cfg.model_name_or_path = str(sft) if (sft / "config.json").is_file() else "SmolLM2-135M-Instruct"
+        cfg.model_name_or_path = str(sft) if (sft / "config.json").is_file() else DEFAULT_MODEL
     start_run(cfg, "reward", cpu_max_steps=40)
     started = time.time()
 
