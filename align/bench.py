@@ -446,7 +446,8 @@ def synthetic_pairs(n: int, seed: int = 0):
 
 def load_slice(kind: str, source: str, rows: int, tokenizer, max_length: int, seed: int) -> tuple[list, str]:
     """`rows` training records of `kind` ("prefs" or "sft") no longer than max_length, and where they came from."""
-    from align.data import check_lengths, datasets_dir, load_preferences, load_sft
+    from align.data.load import check_lengths, load_preferences, load_sft
+    from align.data.sources import datasets_dir
     from align.records import SFTExample
 
     if source == "auto":
@@ -654,7 +655,7 @@ def _trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, ou
     """A stage that is a TRL trainer (the DPO, SFT and reward recipes, and TRL's baselines)."""
     import transformers
 
-    from align.data import to_hf_dataset
+    from align.data.load import to_hf_dataset
     from align.models import load_model, load_tokenizer
 
     name, *override_items = spec["arm"].split(":")
@@ -790,7 +791,7 @@ def _ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
     update's generate, score and update phases timed and measured through the trainer's phase events
     (`PPOSteps`; see the module docstring)."""
     from align.config import build_config
-    from align.data import check_lengths, load_prompts
+    from align.data.load import check_lengths, load_prompts
     from align.rl.ppo.config import PPOArgs
     from align.rl.ppo.models import build_models
     from align.rl.ppo.trainer import PPOTrainer
@@ -925,7 +926,7 @@ def _grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_d
     the trainer reports (align.phases.ReportGenerationMixin; see the module docstring)."""
     import transformers
 
-    from align.data import check_lengths, load_prompts
+    from align.data.load import check_lengths, load_prompts
     from align.grpo import check_constraints_present, parse_rewards, prompt_dataset
     from align.models import load_model, load_tokenizer
     from align.train import guard_callbacks

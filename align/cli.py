@@ -21,7 +21,7 @@ from align.errors import ConfigError, cli_main
 
 # name -> (module whose main(argv) runs it, one line for `align --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("align.data", "check a data source: row count and detected format, or the first bad row (align data check FILE)"),
+    "data": ("align.data.check", "check a data source: row count and detected format, or the first bad row (align data check FILE)"),
     "plan": ("align.plan", "will it fit? expected peak memory of a training stage, from the model's config alone"),
     "eval": ("align.evaluation", "evaluate one policy on a fixed prompt set; every generation and score as JSON lines"),
     "compare": ("align.compare", "compare several runs in one report (Markdown, HTML, summary.json)"),

@@ -626,7 +626,7 @@ def _beta(policy: Policy, cfg: EvalArgs) -> float:
 
 
 def _preference_rows(policy: Policy, cfg: EvalArgs, rm, log) -> list[dict[str, Any]]:
-    from align.data import load_preferences
+    from align.data.load import load_preferences
 
     pairs = load_preferences(cfg.pref_data, max_rows=cfg.max_pairs)
     prompts = [p.prompt for p in pairs]
@@ -681,7 +681,7 @@ def preference_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _perplexity_rows(policy: Policy, cfg: EvalArgs, log) -> list[dict[str, Any]]:
-    from align.data import load_sft
+    from align.data.load import load_sft
 
     examples = load_sft(cfg.ppl_data, max_rows=cfg.max_ppl_rows)
     prompts, replies = [], []
@@ -743,7 +743,7 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
 def _eval_prompts(cfg: EvalArgs) -> tuple[list[Any], list[str]]:
     """The held-out prompt records and their ids (unique: replies are matched across runs by id); an unknown
     constraint fails here, not after the generation."""
-    from align.data import load_prompts
+    from align.data.load import load_prompts
     from align.verifier import check_constraints
 
     records = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)

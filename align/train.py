@@ -477,7 +477,7 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
 
 def load_records(cfg: Any, kind: str, tokenizer: Any) -> tuple[list, list]:
     """Training and held-out records for `kind` ("prefs" or "sft"), length-checked against max_length."""
-    from align.data import check_lengths, load_preferences, load_sft
+    from align.data.load import check_lengths, load_preferences, load_sft
 
     loader = load_preferences if kind == "prefs" else load_sft
     options = dict(format=cfg.data_format, on_bad_rows=cfg.on_bad_rows, extra_fields=cfg.extra_fields)
@@ -502,7 +502,7 @@ def shared_dataset(records: list, output_dir: str | Path, name: str = "train") -
     """
     from accelerate import PartialState
 
-    from align.data import to_hf_dataset
+    from align.data.load import to_hf_dataset
 
     dataset = to_hf_dataset(records)
     state = PartialState(cpu=not on_gpu())  # without cpu=True, accelerate sees one process on a CPU-only machine

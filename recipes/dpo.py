@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from align.config import arg, parse_config
-from align.data import DataArgs, load_prompts
+from align.data.load import DataArgs, load_prompts
 from align.activations import CompressActivationsMixin
 from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
 from align.errors import ConfigError, cli_main

@@ -26,7 +26,7 @@ from typing import Literal
 
 from align.activations import CompressActivationsMixin
 from align.config import arg, parse_config
-from align.data import DataArgs, check_lengths, load_prompts
+from align.data.load import DataArgs, check_lengths, load_prompts
 from align.errors import ConfigError, cli_main
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
 from align.models import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from align.config import parse_config
-from align.data import check_lengths, load_prompts
+from align.data.load import check_lengths, load_prompts
 from align.dpo_fast import return_freed_memory_to_os
 from align.errors import AlignError, ConfigError, cli_main
 from align.io import write_run_info

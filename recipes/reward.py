@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.config import arg, parse_config
-from align.data import DataArgs, to_hf_dataset
+from align.data.load import DataArgs, to_hf_dataset
 from align.errors import cli_main
 from align.models import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.publish import publish_run

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from align.chat import training_chat_template
 from align.config import arg, parse_config
-from align.data import DataArgs, load_prompts, to_hf_dataset
+from align.data.load import DataArgs, load_prompts, to_hf_dataset
 from align.errors import cli_main
 from align.models import PROMPT_LEARNING, ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
 from align.policy_report import before_after, summarize_policy

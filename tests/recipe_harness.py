@@ -29,7 +29,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"sft": REPO / "recipes" / "sft.py", "reward": REPO / "recipes" / "reward.py", "dpo": REPO / "recipes" / "dpo.py",
            "grpo": REPO / "recipes" / "grpo.py", "ppo": REPO / "recipes" / "ppo.py"}
-PRELOAD = ["torch", "transformers", "peft", "datasets", "trl", "align.train", "align.data", "align.models", "recipe_harness"]
+PRELOAD = ["torch", "transformers", "peft", "datasets", "trl", "align.train", "align.data.load", "align.models", "recipe_harness"]
 # Keys whose values depend on wall time or the machine's load; everything else a run logs must be reproducible.
 TIMING_KEYS = {"time_s", "wall_time_s", "train/train_runtime", "train/train_samples_per_second", "train/train_steps_per_second",
                "train/train_tokens_per_second", "train/step_time"}

@@ -384,7 +384,7 @@ def test_no_startup_noise_a_user_cannot_act_on(tmp_path):
     code = """
 import warnings, logging
 warnings.simplefilter("default")
-import align.data, align.models
+import align.data.load, align.models
 import bitsandbytes
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig

@@ -22,11 +22,10 @@ import pytest
 
 from align.config import build_config
 from align.errors import ConfigError, DataError
-from align.data import (
+from align.data.formats import detect_format
+from align.data.load import (
     DataArgs,
     check_lengths,
-    datasets_dir,
-    detect_format,
     iter_preferences,
     iter_prompts,
     iter_sft,
@@ -35,6 +34,7 @@ from align.data import (
     load_sft,
     to_hf_dataset,
 )
+from align.data.sources import datasets_dir
 from align.records import PreferencePair, PromptRecord, SFTExample
 
 REPO = Path(__file__).resolve().parent.parent

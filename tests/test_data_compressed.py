@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from align.data import iter_preferences, load_preferences, load_prompts, load_sft, main
+from align.data.check import main
+from align.data.load import iter_preferences, load_preferences, load_prompts, load_sft
 from align.errors import AlignError, DataError
 from test_data import streamed_rows_and_peak
 

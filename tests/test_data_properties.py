@@ -11,7 +11,8 @@ import json
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from align.data import FORMATS, detect_format, load_preferences, load_prompts, load_sft
+from align.data.formats import FORMATS, detect_format
+from align.data.load import load_preferences, load_prompts, load_sft
 from align.errors import DataError
 from align.records import PreferencePair, PromptRecord, SFTExample
 

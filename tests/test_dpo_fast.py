@@ -134,7 +134,7 @@ def _trainer(model_dir, fast, tmp_path, share_prompt=True, precompute=True, grad
     import transformers
     from trl import DPOConfig, DPOTrainer
 
-    from align.data import to_hf_dataset
+    from align.data.load import to_hf_dataset
     from align.dpo_fast import FastDPOTrainer
     from align.models import ModelArgs, load_model
 
@@ -259,7 +259,7 @@ def _recipe():
 def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
     """recipes/dpo.py's own trainer (build_trainer) with the recipe's defaults, on a tiny model."""
     from align.config import build_config
-    from align.data import to_hf_dataset
+    from align.data.load import to_hf_dataset
     from align.models import load_model
 
     recipe = _recipe()

@@ -299,7 +299,7 @@ def test_replies_are_short(data):
 
 
 def test_the_splits_load_through_the_data_layer():
-    from align.data import load_preferences, load_prompts, load_sft
+    from align.data.load import load_preferences, load_prompts, load_sft
 
     pairs = load_preferences("ifprefs:prefs_test")
     assert pairs and all(p.constraints for p in pairs)

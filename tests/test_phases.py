@@ -62,7 +62,7 @@ def test_dpo_recipe_reports_its_precomputed_reference_as_a_phase(tiny_model_dir,
     from test_dpo_fast import _pairs, _recipe
 
     from align.config import build_config
-    from align.data import to_hf_dataset
+    from align.data.load import to_hf_dataset
     from align.models import load_model
     from transformers import TrainerCallback
 

@@ -40,7 +40,7 @@ def _trainer(model_dir, fast, tmp_path, dtype="fp32", gradient_checkpointing=Fal
     from trl import SFTConfig, SFTTrainer
 
     from align.chat import training_chat_template
-    from align.data import to_hf_dataset
+    from align.data.load import to_hf_dataset
     from align.models import ModelArgs, load_model
     from align.sft_fast import FastSFTTrainer
 
@@ -227,7 +227,7 @@ def test_logit_softcapping_falls_back_to_trl(tiny_model_dir, tmp_path, one_threa
     from trl import SFTConfig
 
     from align.chat import training_chat_template
-    from align.data import to_hf_dataset
+    from align.data.load import to_hf_dataset
     from align.models import ModelArgs, load_model
     from align.sft_fast import FastSFTTrainer
 
