@@ -170,7 +170,7 @@ def required_phrases(constraints: Sequence[dict] | None) -> list[str]:
 def copied_instruction(reply: str, prompt_text: str, constraints: Sequence[dict] | None = None) -> str | None:
     """The first prompt sentence of >= COPY_MIN_WORDS words (after removing required phrases) that the
     reply repeats word for word, else None."""
-    from align.verifier import split_sentences
+    from align.text_counts import split_sentences
 
     norm_reply = _normalized_words(reply)
     required = [_normalized_words(p) for p in required_phrases(constraints)]

@@ -38,7 +38,8 @@ from typing import Any, Callable, Sequence
 from align.config import arg, parse_config
 from align.errors import DataError, cli_main
 from align.io import atomic_write_json, atomic_write_text
-from align.verifier import TYPES, count_words, phrasings, split_sentences, verify
+from align.text_counts import count_words, split_sentences
+from align.verifier import TYPES, phrasings, verify
 
 # ------------------------------------------------------------------------------------------------
 # Tasks and topics. Eval templates and topics never occur in the training splits.

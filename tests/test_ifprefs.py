@@ -31,7 +31,8 @@ from align.ifprefs import (
     sample_for_eval,
     sample_for_reply,
 )
-from align.verifier import TYPES, check_constraints, count_words, verify
+from align.text_counts import count_words
+from align.verifier import TYPES, check_constraints, verify
 
 DATA = Path(__file__).resolve().parent.parent / "datasets" / "ifprefs"
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -12,25 +11,8 @@ from hypothesis import strategies as st
 
 from align.errors import DataError
 from align.records import PromptRecord
-from align.verifier import (
-    TYPES,
-    ChoiceArg,
-    IntArg,
-    LetterArg,
-    PhraseArg,
-    WordArg,
-    WordListArg,
-    count_bullets,
-    count_highlights,
-    count_paragraphs,
-    count_placeholders,
-    count_words,
-    describe,
-    phrasings,
-    split_sentences,
-    verifier_reward,
-    verify,
-)
+from align.text_counts import count_bullets, count_highlights, count_paragraphs, count_placeholders, count_words, split_sentences
+from align.verifier import TYPES, ChoiceArg, IntArg, LetterArg, PhraseArg, WordArg, WordListArg, describe, phrasings, verifier_reward, verify
 
 
 def ok(response: str, constraint: dict) -> bool:
