@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align import plan
+from align import architecture, plan
 from align.errors import AlignError, ConfigError
 from align.plan import PlanArgs, estimate
 
@@ -121,7 +121,7 @@ def test_layer_activations_match_autograd_saved_tensors(dtype, stage, targets, d
     args = PlanArgs(stage=stage, dtype="fp32" if dtype == torch.float32 else "bf16", quantization="none",
                     lora_r=8, lora_dropout=dropout, target="cpu",
                     lora_targets=["all-linear"] if targets == "all-linear" else targets)
-    arch = plan.arch_from_config(TINY_CONFIG, "tiny", "test")
+    arch = architecture.arch_from_config(TINY_CONFIG, "tiny", "test")
     predicted = plan.layer_activation_bytes(arch, args.target_modules(), 8, dropout, plan.numerics(args))
     assert predicted == pytest.approx(measured, abs=1e-6)
 
@@ -192,7 +192,7 @@ def test_largest_fitting_values_agree_with_the_verdict(kw):
     assert not estimate(PlanArgs(**{**asdict(args), "micro_batch": mb + 1})).fits
     seq = plan.largest_seq_len(args)
     assert estimate(PlanArgs(**{**asdict(args), "seq_len": seq})).fits
-    if seq < plan.resolve_arch(args.model).max_positions:
+    if seq < architecture.resolve_arch(args.model).max_positions:
         assert not estimate(PlanArgs(**{**asdict(args), "seq_len": seq + 1})).fits
 
 
@@ -206,9 +206,9 @@ def test_nothing_fits_gives_zero():
 
 
 def test_model_sources(tiny_dir, tmp_path, monkeypatch):
-    assert plan.resolve_arch("meta-llama/Llama-3.1-8B-Instruct") is plan.PRESETS["Llama-3.1-8B"]
-    assert plan.resolve_arch("HuggingFaceTB/SmolLM2-135M-Instruct").hidden == 576
-    assert plan.resolve_arch(tiny_dir).layers == 2
+    assert architecture.resolve_arch("meta-llama/Llama-3.1-8B-Instruct") is architecture.PRESETS["Llama-3.1-8B"]
+    assert architecture.resolve_arch("HuggingFaceTB/SmolLM2-135M-Instruct").hidden == 576
+    assert architecture.resolve_arch(tiny_dir).layers == 2
     # a Hub id whose config.json is in the local cache (the standard cache layout), never the network
     snapshot = tmp_path / "hub" / "models--someorg--tiny-llama" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
@@ -219,18 +219,18 @@ def test_model_sources(tiny_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert plan.resolve_arch("someorg/tiny-llama").intermediate == 160
+    assert architecture.resolve_arch("someorg/tiny-llama").intermediate == 160
     with pytest.raises(AlignError, match="config.json is not in the\\s+local Hugging Face cache"):
-        plan.resolve_arch("someorg/not-cached-model")
+        architecture.resolve_arch("someorg/not-cached-model")
 
 
 def test_unsupported_or_broken_configs_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**TINY_CONFIG, "model_type": "gpt2"}))
     with pytest.raises(AlignError, match="model_type 'gpt2'"):
-        plan.resolve_arch(str(tmp_path))
+        architecture.resolve_arch(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in TINY_CONFIG.items() if k != "vocab_size"}))
     with pytest.raises(AlignError, match="missing field 'vocab_size'"):
-        plan.resolve_arch(str(tmp_path))
+        architecture.resolve_arch(str(tmp_path))
     with pytest.raises(ConfigError, match="lora_targets"):
         estimate(PlanArgs(lora_targets=["qkv_proj"]))
 
