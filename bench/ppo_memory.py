@@ -43,7 +43,7 @@ TOPICS = ("a lighthouse keeper", "the history of bread", "a trip to the mountain
 
 
 @dataclass
-class MemoryArgs:
+class PPOMemoryArgs:
     model: str = arg("SmolLM2-135M-Instruct", "base model (name or directory) shared by PPO and DPO")
     rollout_batch_size: int = arg(8, "PPO prompts per update (all rows are generated and scored at once)")
     response_length: int = arg(64, "PPO maximum new tokens")
@@ -57,7 +57,7 @@ class MemoryArgs:
     out: str | None = arg(None, "write the result as JSON here")
 
 
-def measure_ppo(args: MemoryArgs) -> dict:
+def measure_ppo(args: PPOMemoryArgs) -> dict:
     import torch
 
     from align.config import build_config
@@ -99,7 +99,7 @@ def measure_ppo(args: MemoryArgs) -> dict:
     }
 
 
-def make_reward_adapter(args: MemoryArgs, directory: Path) -> str:
+def make_reward_adapter(args: PPOMemoryArgs, directory: Path) -> str:
     """A random SEQ_CLS LoRA adapter + score head on the base, as recipes/reward.py saves a trained one."""
     from align.models import ModelArgs, load_model
 
@@ -111,7 +111,8 @@ def make_reward_adapter(args: MemoryArgs, directory: Path) -> str:
     return str(directory)
 
 
-def run_child(argv: list[str], timeout_s: int = 3600) -> dict:
+def measure_in_child(argv: list[str], timeout_s: int = 3600) -> dict:
+    """`argv --out FILE` in a fresh process (RSS following live memory; one OpenMP thread unless set): its JSON."""
     env = {"MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with tempfile.TemporaryDirectory(prefix="ppo-memory-") as tmp:
         out = Path(tmp) / "result.json"
@@ -123,7 +124,7 @@ def run_child(argv: list[str], timeout_s: int = 3600) -> dict:
 
 @cli_main
 def main() -> None:
-    args = parse_config(MemoryArgs)
+    args = parse_config(PPOMemoryArgs)
     if args.child == "ppo":
         result = measure_ppo(args)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -133,10 +134,10 @@ def main() -> None:
         if key not in ("child", "out", "max_ratio") and value is not None:
             own += [f"--{key}", str(value)]
     print(f"[bench] PPO: {args.updates} update(s), {args.rollout_batch_size} prompts x <= {args.response_length} tokens ...", file=sys.stderr, flush=True)
-    ppo = run_child(own + ["--child", "ppo"])
+    ppo = measure_in_child(own + ["--child", "ppo"])
     seq_len = ppo["prompt_tokens_max"] + args.response_length
     print(f"[bench] DPO: one step, {args.micro_batch_size} pairs x {seq_len} tokens ...", file=sys.stderr, flush=True)
-    dpo = run_child([sys.executable, str(REPO / "bench" / "step_memory.py"), "--stage", "dpo", "--model", args.model, "--dtype", args.dtype,
+    dpo = measure_in_child([sys.executable, str(REPO / "bench" / "step_memory.py"), "--stage", "dpo", "--model", args.model, "--dtype", args.dtype,
                      "--lora_r", str(args.lora_r), "--seq_len", str(seq_len), "--micro_batch", str(args.micro_batch_size),
                      "--dpo_reference", "adapter_disabled", "--threads", str(args.threads)])
     ratio = ppo["measured_bytes"] / dpo["measured_bytes"]

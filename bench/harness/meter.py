@@ -167,7 +167,6 @@ class Phases:
         return {k: {"time_s": round(v["time_s"], 3), "peak_mb": round(v["peak_mb"], 1)} for k, v in self.result.items()}
 
 
-
 class PeakRSS:
     """Peak RSS over a block: the kernel's VmHWM after a reset, else a 1 ms sampling thread."""
 

@@ -28,7 +28,6 @@ class SettingsArgs:
     reuse: str | None = arg(None, "a previous <name>.json: compare against its recorded measurements instead of measuring again")
 
 
-
 def plan_args_for(bench: StepArgs, **overrides):
     """The align.plan PlanArgs describing the same setting as `bench` (used by the validation scripts)."""
     from align.plan import PlanArgs

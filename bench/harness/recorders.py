@@ -108,7 +108,6 @@ class PPOSteps:
         self.start = time.perf_counter()
 
 
-
 class GRPOSteps(StepClock):
     """TRL's step events, and what the trainer reports inside a step (align.phases.ReportGenerationMixin):
     generate, nested in generate_and_score (whose rest is the score phase), the tokens generated, and

@@ -132,7 +132,6 @@ class BenchArgs:
                 raise ConfigError(f"config: compare: {arm!r}: the baseline takes no overrides (it is TRL's defaults)")
 
 
-
 def run_arm(spec: dict, log_path: Path, timeout_s: int) -> dict:
     """One run of one arm in a fresh process (its log in `log_path`): its record, or one with the error."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -203,7 +202,3 @@ def main(argv: list[str] | None = None) -> None:
         Path(argv[2]).write_text(json.dumps(result))
         return
     main_parent(parse_config(BenchArgs, argv))
-
-
-if __name__ == "__main__":
-    main()
