@@ -287,7 +287,7 @@ def hacking_warning(reward_start: float | None, reward_end: float | None, heldou
 # --------------------------------------------------------------------------------------------------
 
 # (name, the constraint types that ask for it, the pattern that finds it). Each is a format the ifprefs SFT
-# data adds by a minimal edit (align/ifprefs.py); a policy that learns the edit without the instruction writes
+# data adds by a minimal edit (tools/ifprefs_edits.py); a policy that learns the edit without the instruction writes
 # it everywhere: a learning-curve SFT run (issue 18) put `[date]`-style placeholders into 69 of 320 replies
 # that asked for none (the starting model: 9). Not part of `check_reply`: the text can still be good, but a
 # person would call it a wrong reply, and a real instruction-following benchmark would too.

@@ -25,7 +25,7 @@ padded shape of its batch (matmul and attention blocking), by ~0.1 nat per seque
 
 A process-wide CPU setting lives here too, applied by recipes/dpo.py: `return_freed_memory_to_os` (glibc
 returns freed activations to the OS); torch's threads are set for every recipe by align.train.set_cpu_threads.
-`python -m align.bench --stage dpo --compare trl-baseline,align` measures all of it against stock TRL.
+`python bench/run.py --stage dpo --compare trl-baseline,align` measures all of it against stock TRL.
 
 Where the fast path cannot be exact it is not used and the trainer says so once: truncation that cuts
 the prompt differently for chosen and rejected (`truncation_mode="keep_end"`) keeps that pair in two rows;

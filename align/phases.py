@@ -19,7 +19,7 @@ Who reports what:
   (sampling and decoding) nested in "generate_and_score" (generate, then the no-grad reference and
   old-policy passes and the rewards), the tokens generated, and every log-prob pass with its tokens.
 
-The benchmark (align.bench) is one listener: it times and measures the phases it hears about, and nothing
+The benchmark (bench/run.py, bench/harness/recorders.py) is one listener: it times and measures the phases it hears about, and nothing
 in a trainer is replaced to measure it. A phase that stops being reported shows up there as missing.
 """
 

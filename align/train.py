@@ -71,7 +71,7 @@ def on_gpu() -> bool:
 
 def default_gradient_checkpointing() -> bool:
     """On a GPU, memory is what runs out: recompute activations. On a CPU, RAM is plentiful and compute is what is
-    short: the default DPO step ran 1.5x faster without checkpointing (`python -m align.bench`, see README)."""
+    short: the default DPO step ran 1.5x faster without checkpointing (`python bench/run.py`, see README)."""
     return on_gpu()
 
 

@@ -40,7 +40,7 @@ its check copies IFEval's published counting rules, quirks included; each type n
 - the language check IFEval adds to the case rules (langdetect) is left out: no downloaded resources.
 
 Every type also carries its instruction in several natural phrasings (`phrasings`), which the dataset
-builder (`align.ifprefs`) draws from; `describe` gives the first.
+builder (`tools/build_ifprefs.py`) draws from; `describe` gives the first.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    from align.bench_memory import PeakRSS, rss_bytes
+    from bench.harness.meter import PeakRSS, rss_bytes
 
     args = parse_config(FusedHeadArgs, argv)
     torch.set_num_threads(args.threads)

@@ -56,7 +56,7 @@ PAIRED = ("coherent_strict", "degenerate")  # also as the paired difference from
 
 
 @dataclass
-class BenchArgs:
+class GenerationSettingsArgs:
     out: str = arg("bench/results/generation_settings", "output directory: one evaluation per setting, and the table")
     settings: list[str] = arg(list(SETTINGS), f"settings to evaluate, comma-separated, of: {', '.join(SETTINGS)}")
     prompts: str = arg("ifprefs:eval", "held-out prompts (as eval/evaluate.py --prompts)")
@@ -75,7 +75,7 @@ class BenchArgs:
             raise ConfigError("config: max_prompts and max_new_tokens: expected positive numbers")
 
 
-def eval_args(bench: BenchArgs, name: str):
+def eval_args(bench: GenerationSettingsArgs, name: str):
     """The EvalArgs of setting `name`: its own fields over the bench's shared ones, no preference or perplexity data."""
     from align.evaluation import EvalArgs
 
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        parse_config(BenchArgs, ["--help"])
+        parse_config(GenerationSettingsArgs, ["--help"])
     if not argv or argv[0].startswith("--"):
         raise ConfigError("command line: expected RUN first (a run directory, a model directory or 'base'); see --help")
-    run, bench = argv[0], parse_config(BenchArgs, argv[1:])
+    run, bench = argv[0], parse_config(GenerationSettingsArgs, argv[1:])
     from align.evaluation import evaluate
 
     from align.io import read_jsonl

@@ -9,7 +9,7 @@ recipes/reward.py saves one, so its memory is that of a trained one), the refere
 each update generates, scores, estimates advantages and runs the PPO epochs. Prompts ask for long texts so
 that responses fill most of `response_length`; the lengths actually reached are reported.
 
-DPO runs one training step of align.bench_memory (--stage dpo): TRL's fused LM head, chosen and rejected
+DPO runs one training step of bench/step_memory.py (--stage dpo): TRL's fused LM head, chosen and rejected
 concatenated (2 x micro_batch rows), reference log-probs from an adapter-disabled no-grad forward, AdamW,
 at seq_len = the longest PPO prompt + response_length tokens (every row full length: DPO's worst case).
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,13 +35,15 @@ if str(REPO) not in sys.path:
 
 from align.config import arg, parse_config  # noqa: E402
 from align.errors import AlignError, cli_main  # noqa: E402
+from bench.harness.meter import GLIBC_MMAP_THRESHOLD, PeakRSS, rss_bytes  # noqa: E402
+from bench.harness.process import ChildFailed, run_json_child  # noqa: E402
 
 TOPICS = ("a lighthouse keeper", "the history of bread", "a trip to the mountains", "how bridges are built",
           "a robot learning to paint", "the life of a river", "a city at night", "the first day of school")
 
 
 @dataclass
-class MemoryArgs:
+class PPOMemoryArgs:
     model: str = arg("SmolLM2-135M-Instruct", "base model (name or directory) shared by PPO and DPO")
     rollout_batch_size: int = arg(8, "PPO prompts per update (all rows are generated and scored at once)")
     response_length: int = arg(64, "PPO maximum new tokens")
@@ -56,10 +57,9 @@ class MemoryArgs:
     out: str | None = arg(None, "write the result as JSON here")
 
 
-def measure_ppo(args: MemoryArgs) -> dict:
+def measure_ppo(args: PPOMemoryArgs) -> dict:
     import torch
 
-    from align.bench_memory import PeakRSS, rss_bytes
     from align.config import build_config
     from align.rl.ppo.config import PPOArgs
     from align.rl.ppo.models import build_models
@@ -99,7 +99,7 @@ def measure_ppo(args: MemoryArgs) -> dict:
     }
 
 
-def make_reward_adapter(args: MemoryArgs, directory: Path) -> str:
+def make_reward_adapter(args: PPOMemoryArgs, directory: Path) -> str:
     """A random SEQ_CLS LoRA adapter + score head on the base, as recipes/reward.py saves a trained one."""
     from align.models import ModelArgs, load_model
 
@@ -111,20 +111,20 @@ def make_reward_adapter(args: MemoryArgs, directory: Path) -> str:
     return str(directory)
 
 
-def run_child(argv: list[str], timeout_s: int = 3600) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "MALLOC_MMAP_THRESHOLD_": "65536",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def measure_in_child(argv: list[str], timeout_s: int = 3600) -> dict:
+    """`argv --out FILE` in a fresh process (RSS following live memory; one OpenMP thread unless set): its JSON."""
+    env = {"MALLOC_MMAP_THRESHOLD_": str(GLIBC_MMAP_THRESHOLD), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with tempfile.TemporaryDirectory(prefix="ppo-memory-") as tmp:
         out = Path(tmp) / "result.json"
-        proc = subprocess.run(argv + ["--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0 or not out.is_file():
-            raise AlignError(f"{' '.join(argv[:4])} ... failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
-        return json.loads(out.read_text())
+        try:
+            return run_json_child(argv + ["--out", str(out)], out, timeout_s=timeout_s, env=env, cwd=REPO)
+        except ChildFailed as err:
+            raise AlignError(f"{' '.join(argv[:4])} ... failed ({err}):\n{err.output.strip()}") from None
 
 
 @cli_main
 def main() -> None:
-    args = parse_config(MemoryArgs)
+    args = parse_config(PPOMemoryArgs)
     if args.child == "ppo":
         result = measure_ppo(args)
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -134,10 +134,10 @@ def main() -> None:
         if key not in ("child", "out", "max_ratio") and value is not None:
             own += [f"--{key}", str(value)]
     print(f"[bench] PPO: {args.updates} update(s), {args.rollout_batch_size} prompts x <= {args.response_length} tokens ...", file=sys.stderr, flush=True)
-    ppo = run_child(own + ["--child", "ppo"])
+    ppo = measure_in_child(own + ["--child", "ppo"])
     seq_len = ppo["prompt_tokens_max"] + args.response_length
     print(f"[bench] DPO: one step, {args.micro_batch_size} pairs x {seq_len} tokens ...", file=sys.stderr, flush=True)
-    dpo = run_child([sys.executable, "-m", "align.bench_memory", "--stage", "dpo", "--model", args.model, "--dtype", args.dtype,
+    dpo = measure_in_child([sys.executable, str(REPO / "bench" / "step_memory.py"), "--stage", "dpo", "--model", args.model, "--dtype", args.dtype,
                      "--lora_r", str(args.lora_r), "--seq_len", str(seq_len), "--micro_batch", str(args.micro_batch_size),
                      "--dpo_reference", "adapter_disabled", "--threads", str(args.threads)])
     ratio = ppo["measured_bytes"] / dpo["measured_bytes"]

@@ -3,13 +3,13 @@
     HF_HUB_OFFLINE=1 python bench/validate_planner_gpu.py --model ~/.cache/align/SmolLM2-135M-Instruct
 
 Needs a CUDA GPU and the model directory (no network is used). Each setting runs
-`python -m align.bench_memory --device cuda` in a fresh process: load, a short warm-up step (which creates
+`python bench/step_memory.py --device cuda` in a fresh process: load, a short warm-up step (which creates
 the AdamW state), reset of the peak statistics, one full step. The planner's `runtime_overhead` (CUDA
 context and allocator slack, which max_memory_allocated does not see) is left out of the prediction; the
 other terms are compared one for one. Writes <out_dir>/planner_gpu.json and .md. Takes a few minutes.
 
 These settings run the project's GPU code paths: bf16 under autocast for SFT/DPO/reward (TRL's bf16=True is
-mirrored by torch.autocast in align.bench_memory), the bf16 model without autocast for PPO, and 4-bit NF4
+mirrored by torch.autocast in bench/harness/memory_step.py), the bf16 model without autocast for PPO, and 4-bit NF4
 with prepare_model_for_kbit_training.
 """
 
@@ -20,13 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from align.bench_memory import BenchArgs, SettingsArgs, run_validation  # noqa: E402
+from bench.harness.memory_step import StepArgs  # noqa: E402
+from bench.harness.planner_check import SettingsArgs, run_validation  # noqa: E402
 from align.config import parse_config  # noqa: E402
 from align.errors import AlignError, cli_main  # noqa: E402
 
 
-def _gpu(**kwargs) -> BenchArgs:
-    return BenchArgs(device="cuda", dtype="bf16", **kwargs)
+def _gpu(**kwargs) -> StepArgs:
+    return StepArgs(device="cuda", dtype="bf16", **kwargs)
 
 
 GPU_SETTINGS = [

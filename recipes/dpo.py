@@ -107,7 +107,7 @@ def main() -> None:
 
 
 def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
-    """The DPO trainer of this recipe (`python -m align.bench --stage dpo` times this same function)."""
+    """The DPO trainer of this recipe (`python bench/run.py --stage dpo` times this same function)."""
     from trl import DPOConfig
 
     notes = [return_freed_memory_to_os()] if cfg.return_freed_memory else []

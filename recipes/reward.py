@@ -84,7 +84,7 @@ def main() -> None:
 
 
 def build_trainer(cfg: RewardArgs, model, tokenizer, train_dataset, callbacks):
-    """The reward trainer of this recipe (`python -m align.bench --stage reward` times this same function)."""
+    """The reward trainer of this recipe (`python bench/run.py --stage reward` times this same function)."""
     from trl import RewardConfig, RewardTrainer
 
     class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):

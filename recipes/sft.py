@@ -116,7 +116,7 @@ def virtual_token_settings(cfg: SFTArgs) -> list[str]:
 
 
 def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, callbacks):
-    """The SFT trainer of this recipe (`python -m align.bench --stage sft` times this same function)."""
+    """The SFT trainer of this recipe (`python bench/run.py --stage sft` times this same function)."""
     from trl import SFTConfig
 
     notes = apply_memory_settings(cfg, model)

@@ -1,4 +1,5 @@
-"""align.bench: FLOPs accounting by hand, memory and phase bookkeeping, and a real 2-step run on a tiny model."""
+"""The stage benchmark (bench/run.py, bench/harness): FLOPs accounting by hand, memory and phase bookkeeping, and a
+real 2-step run on a tiny model. conftest.py puts the checkout on sys.path, as the bench scripts do."""
 
 import json
 import math
@@ -10,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from align.bench import BenchArgs, MemoryMeter, Phases, PPOSteps, matmul_params, pass_flops, ppo_phase_flops, stage_flops, summarize, synthetic_pairs
+from bench.harness.data import synthetic_pairs
+from bench.harness.flops import matmul_params, pass_flops, ppo_phase_flops, stage_flops
+from bench.harness.meter import MemoryMeter, Phases
+from bench.harness.recorders import PPOSteps
+from bench.harness.report import summarize
+from bench.harness.stage import BenchArgs
 from align.config import build_config
 from align.errors import ConfigError
 
@@ -69,7 +75,7 @@ def test_memory_meter_sees_an_allocation():
 
 def test_nested_spans_with_equal_peaks_close_in_order(monkeypatch):
     """A nested span whose peak equals its parent's (as on a machine whose memory readings coincide) must close
-    itself, not its parent: `python -m align.bench --stage ppo` failed with list.remove(x): x not in list."""
+    itself, not its parent: `python bench/run.py --stage ppo` failed with list.remove(x): x not in list."""
     meter = MemoryMeter("cpu")
     monkeypatch.setattr(meter, "peak_mb", lambda: 100.0)
     monkeypatch.setattr(meter, "_clear", lambda: None)
@@ -121,7 +127,7 @@ def _finite_positive(value) -> bool:
 def test_bench_runs_dpo_on_a_tiny_model(tiny_model_dir, tmp_path):
     """The whole harness: both arms, 2 steps each, fresh subprocesses, a well-formed JSON report."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "align.bench", "--stage", "dpo", "--compare", "trl-baseline,align", "--steps", "2",
+    cmd = [sys.executable, "bench/run.py", "--stage", "dpo", "--compare", "trl-baseline,align", "--steps", "2",
            "--batch_size", "2", "--max_length", "1024", "--model_name_or_path", tiny_model_dir, "--threads", "1",
            "--output_dir", str(tmp_path), "--data", "synthetic", "--dtype", "fp32"]  # the loss tolerance below is float32's
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
@@ -195,7 +201,7 @@ def test_bench_runs_ppo_on_a_tiny_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "align.bench", "--stage", "ppo", "--compare", "dpo-align,align", "--steps", "2",
+    cmd = [sys.executable, "bench/run.py", "--stage", "ppo", "--compare", "dpo-align,align", "--steps", "2",
            "--warmup_steps", "0", "--max_length", "1024", "--model_name_or_path", tiny_model_dir, "--threads", "1",
            "--output_dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
@@ -229,7 +235,7 @@ def test_bench_runs_ppo_on_a_tiny_model(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("stage, arm", [("ppo", "trl-baseline"), ("grpo", "dpo-align"), ("grpo", "trl")])
 def test_bench_rejects_unknown_arms(tmp_path, stage, arm):
-    proc = subprocess.run([sys.executable, "-m", "align.bench", "--stage", stage, "--compare", f"align,{arm}",
+    proc = subprocess.run([sys.executable, "bench/run.py", "--stage", stage, "--compare", f"align,{arm}",
                            "--output_dir", str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 2 and f"unknown arm '{arm}' for stage {stage}" in proc.stderr, proc.stderr[-2000:]
@@ -256,7 +262,7 @@ def test_bench_runs_grpo_on_a_tiny_model(tiny_model_dir, tmp_path):
     """TRL's documented GRPO script and the grpo recipe, 2 steps each on the same ifprefs prompts with the verifier:
     per-step generate / score / update, tokens and FLOPs tied to the tokens generated."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "align.bench", "--stage", "grpo", "--compare", "trl-baseline,align", "--steps", "2",
+    cmd = [sys.executable, "bench/run.py", "--stage", "grpo", "--compare", "trl-baseline,align", "--steps", "2",
            "--warmup_steps", "0", "--batch_size", "2", "--max_length", "1024", "--model_name_or_path", tiny_model_dir,
            "--threads", "1", "--output_dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
@@ -308,7 +314,7 @@ def test_bench_sft_arms_train_the_same_loss(tiny_model_dir, tmp_path):
     moot) both arms compute the same loss over the same tokens, in float32, though align's runs padding-free,
     LM head on assistant tokens only, with selective checkpointing."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "align.bench", "--stage", "sft", "--compare", "trl-baseline,align", "--steps", "2",
+    cmd = [sys.executable, "bench/run.py", "--stage", "sft", "--compare", "trl-baseline,align", "--steps", "2",
            "--batch_size", "2", "--max_length", "1024", "--model_name_or_path", tiny_model_dir, "--threads", "1",
            "--output_dir", str(tmp_path), "--data", "synthetic", "--dtype", "fp32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)

@@ -1,31 +1,37 @@
-"""The ifprefs builder (edits that make a reply comply, rejected alternatives, determinism, the generation
-cache) and the committed dataset files (sizes, ids, chosen > rejected, SFT replies comply, held-out eval)."""
+"""The ifprefs builder (tools/build_ifprefs.py and its edits, tools/ifprefs_edits.py: edits that make a reply comply,
+rejected alternatives, determinism, the generation cache) and the committed dataset files (sizes, ids, chosen >
+rejected, SFT replies comply, held-out eval)."""
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from align import ifprefs
-from align.ifprefs import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))  # the builder is a script in tools/, not in align
+
+import build_ifprefs as ifprefs  # noqa: E402
+from build_ifprefs import (  # noqa: E402
     EVAL_TEMPLATES,
     EVAL_TOPICS,
     TRAIN_TEMPLATES,
     TRAIN_TOPICS,
     BuildArgs,
-    Draft,
     build_splits,
+    eval_prompts,
+    generate_replies,
+)
+from ifprefs_edits import (  # noqa: E402
+    Draft,
     clean_reply,
     comply,
     compatible,
     draw_types,
-    eval_prompts,
-    generate_replies,
     rejected_candidates,
     render,
     sample_for_eval,
@@ -58,7 +64,7 @@ TOPICS = ["bird migration", "composting", "the moon", "black holes"]
 
 def _load(name: str) -> list[dict]:
     path = DATA / f"{name}.jsonl"
-    assert path.exists(), f"{path} is missing: run `python -m align.ifprefs --out datasets/ifprefs --seed 0`"
+    assert path.exists(), f"{path} is missing: run `python tools/build_ifprefs.py --out datasets/ifprefs --seed 0`"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 

@@ -1,7 +1,7 @@
 """Runs write inside their output directory, and names read from input cannot lead a path out of it.
 
 Where a path is built from a name that came from input, not from the user's own --output_dir / --out (audit of
-recipes/, eval/, align/; align/bench*.py and align/plan.py are not covered):
+recipes/, eval/, align/; align/plan.py and the developer tools in bench/ and tools/ are not covered):
 - eval/compare.py --checkpoints writes RUN/checkpoint-N/eval/: `checkpoint-N` is found on disk and may be a
   symlink to elsewhere -> align.io.inside(run, name).
 - align/report.load_eval reads the files named in an evaluation's summary.json (`files`) -> inside(eval_dir, name).

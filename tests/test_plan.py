@@ -283,10 +283,10 @@ def test_cli_bad_input_exits_2_with_one_message(argv, message):
 
 
 def test_peak_rss_sees_an_allocation():
-    """In a fresh process, as bench_memory measures (a long test session's freed heap would hide the block)."""
+    """In a fresh process, as bench/step_memory.py measures (a long test session's freed heap would hide the block)."""
     code = (
         "import time, torch\n"
-        "from align.bench_memory import PeakRSS, rss_bytes\n"
+        "from bench.harness.meter import PeakRSS, rss_bytes\n"
         "start = rss_bytes()\n"
         "with PeakRSS() as peak:\n"
         "    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched\n"
@@ -307,7 +307,7 @@ def test_validation_logic_without_a_gpu():
     from bench.validate_planner import CPU_SETTINGS
     from bench.validate_planner_gpu import GPU_SETTINGS
 
-    from align.bench_memory import compare, format_table, plan_args_for
+    from bench.harness.planner_check import compare, plan_args_for, planner_table
 
     assert len(GPU_SETTINGS) >= 6 and len(CPU_SETTINGS) >= 7
     for bench in GPU_SETTINGS:
@@ -318,16 +318,16 @@ def test_validation_logic_without_a_gpu():
         assert row["ratio"] == pytest.approx(1.0) and row["within_tolerance"]
         row = compare(bench, 2 * est.peak_bytes, 0.25, subtract_overhead=True)
         assert not row["within_tolerance"]
-    table = format_table([row, {"setting": "x", "error": "boom"}])
+    table = planner_table([row, {"setting": "x", "error": "boom"}])
     assert table.count("\n") == 3 and "| NO |" in table and "error: boom" in table
 
 
 def test_bench_step_runs_every_stage_on_a_tiny_model(tiny_model_dir):
     """The measured step really trains: the LoRA weights move for each stage's code path."""
-    from align.bench_memory import BenchArgs, build, train_step, trainable_parameters
+    from bench.harness.memory_step import StepArgs, build, train_step, trainable_parameters
 
     for stage in ("sft", "dpo", "reward", "ppo"):
-        bench = BenchArgs(model=tiny_model_dir, stage=stage, seq_len=16, micro_batch=2, lora_r=4, ppo_response_len=4,
+        bench = StepArgs(model=tiny_model_dir, stage=stage, seq_len=16, micro_batch=2, lora_r=4, ppo_response_len=4,
                           dpo_reference="adapter_disabled")
         model, _, extras = build(bench)
         model.train()

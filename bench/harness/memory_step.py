@@ -1,9 +1,9 @@
 """Measure the real peak memory of one LoRA training step, to check align.plan against.
 
-    MALLOC_MMAP_THRESHOLD_=65536 python -m align.bench_memory --stage dpo --seq_len 256 --micro_batch 2 --out /tmp/m.json
+    MALLOC_MMAP_THRESHOLD_=65536 python bench/step_memory.py --stage dpo --seq_len 256 --micro_batch 2 --out /tmp/m.json
 
 One process measures one setting (run each setting in a fresh process so peaks do not mix; see
-bench/validate_planner.py). The step has the stage's real shape and code path:
+planner_check.py and bench/validate_planner.py). The step has the stage's real shape and code path:
     sft     causal LM, TRL's fused LM head (`model(..., fused_lm_head=True)`), loss = mean token NLL
     dpo     chosen + rejected concatenated (2 x micro_batch rows), fused LM head, sigmoid DPO loss against
             reference log-probs (precomputed constants, or an adapter-disabled no-grad forward)
@@ -14,7 +14,7 @@ followed by AdamW on the trainable parameters. The model comes from align.models
 
 What is measured:
     cpu   peak RSS minus the RSS at process start (after imports), with MALLOC_MMAP_THRESHOLD_=65536 set by
-          run_setting (see GLIBC_MMAP_THRESHOLD). The kernel's high-water mark (VmHWM) is
+          planner_check.run_setting (see meter.GLIBC_MMAP_THRESHOLD). The kernel's high-water mark (VmHWM) is
           reset after loading and a short warm-up step (which also creates the AdamW state), then one full
           step runs; where /proc/self/clear_refs cannot be written, a thread samples RSS every millisecond.
     cuda  torch.cuda.max_memory_allocated after the same warm-up and a reset of the peak statistics.
@@ -24,26 +24,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 from align.config import arg, parse_config
 from align.errors import ConfigError, cli_main
 
-
-# glibc serves allocations below its (dynamic, up to 32 MiB) mmap threshold from heaps that keep freed
-# blocks: after a checkpointed backward, RSS then overstates live tensors by about 1 GiB on the default
-# model (sft T=512 mb=2: 2824 MiB default vs 1781 MiB with this setting). A fixed 64 KiB threshold returns
-# every freed tensor to the OS, so RSS follows live memory, as cuda.max_memory_allocated does on a GPU.
-GLIBC_MMAP_THRESHOLD = 65536
+from .meter import PeakRSS, rss_bytes, status_kib
 
 
 @dataclass
-class BenchArgs:
+class StepArgs:
     model: str = arg("SmolLM2-135M-Instruct", "model name or directory (resolved by align.models)")
     stage: Literal["sft", "reward", "dpo", "ppo"] = arg("sft", "training stage whose step is measured")
     quantization: Literal["none", "8bit", "4bit"] = arg("none", "bitsandbytes quantization of the base")
@@ -67,79 +59,6 @@ class BenchArgs:
             raise ConfigError(f"config: ppo_response_len must be in [1, seq_len), got {self.ppo_response_len}")
 
 
-def plan_args_for(bench: BenchArgs, **overrides):
-    """The align.plan PlanArgs describing the same setting as `bench` (used by the validation scripts)."""
-    from align.plan import PlanArgs
-
-    values = dict(
-        model=bench.model, stage=bench.stage, quantization=bench.quantization, dtype=bench.dtype,
-        lora_r=bench.lora_r, lora_targets=bench.lora_targets.split(","), lora_dropout=bench.lora_dropout,
-        seq_len=bench.seq_len, micro_batch=bench.micro_batch, gradient_checkpointing=bench.gradient_checkpointing,
-        dpo_reference=bench.dpo_reference, ppo_response_len=bench.ppo_response_len,
-        target="cuda" if bench.device == "cuda" else "cpu",
-    )
-    values.update(overrides)
-    return PlanArgs(**values)
-
-
-# ------------------------------------------------------------------------------------------ RSS
-
-
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakRSS:
-    """Peak RSS over a block: the kernel's VmHWM after a reset, else a 1 ms sampling thread."""
-
-    def __init__(self):
-        self.method = "sampled"
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "PeakRSS":
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # 5 resets the peak RSS (VmHWM) to the current RSS
-            if _status_kib("VmHWM") is not None:
-                self.method = "VmHWM"
-        except OSError:
-            pass
-        self.peak = rss_bytes()
-        if self.method == "sampled":
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-        if self.method == "VmHWM":
-            self.peak = max(self.peak, (_status_kib("VmHWM") or 0) * 1024)
-
-
-# ------------------------------------------------------------------------------------------ the step
-
-
 def _batch(vocab: int, rows: int, seq_len: int, device, seed: int = 0):
     import torch
 
@@ -148,7 +67,7 @@ def _batch(vocab: int, rows: int, seq_len: int, device, seed: int = 0):
     return ids, torch.ones_like(ids)
 
 
-def build(bench: BenchArgs):
+def build(bench: StepArgs):
     """(model, tokenizer, extras): the LoRA model as a recipe loads it; extras holds PPO's value head."""
     import torch
 
@@ -190,7 +109,7 @@ def trainable_parameters(model, extras) -> list:
     return params
 
 
-def autocast_for(bench: BenchArgs):
+def autocast_for(bench: StepArgs):
     """TRL's Trainer runs bf16/fp16 under autocast (bf16=True); the PPO engine runs the bf16 model without it."""
     import contextlib
 
@@ -201,7 +120,7 @@ def autocast_for(bench: BenchArgs):
     return torch.autocast(bench.device, dtype=torch.bfloat16 if bench.dtype == "bf16" else torch.float16)
 
 
-def train_step(bench: BenchArgs, model, extras, seq_len: int, optimizer) -> float:
+def train_step(bench: StepArgs, model, extras, seq_len: int, optimizer) -> float:
     """One forward + backward + AdamW step of the stage on random tokens; returns the loss."""
     with autocast_for(bench):
         loss = _forward_backward(bench, model, extras, seq_len)
@@ -210,7 +129,7 @@ def train_step(bench: BenchArgs, model, extras, seq_len: int, optimizer) -> floa
     return loss
 
 
-def _forward_backward(bench: BenchArgs, model, extras, seq_len: int) -> float:
+def _forward_backward(bench: StepArgs, model, extras, seq_len: int) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -261,7 +180,7 @@ def _forward_backward(bench: BenchArgs, model, extras, seq_len: int) -> float:
     return float(loss.detach())
 
 
-def measure(bench: BenchArgs) -> dict:
+def measure(bench: StepArgs) -> dict:
     """Load, warm up (a 16-token step that also creates the AdamW state), then measure one full step."""
     import torch
 
@@ -275,7 +194,7 @@ def measure(bench: BenchArgs) -> dict:
     params = trainable_parameters(model, extras)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     loaded_rss = rss_bytes()
-    loaded_file_rss = (_status_kib("RssFile") or 0) * 1024  # memory-mapped checkpoint pages are file-backed
+    loaded_file_rss = (status_kib("RssFile") or 0) * 1024  # memory-mapped checkpoint pages are file-backed
     train_step(bench, model, extras, 16 if bench.stage != "ppo" else bench.ppo_response_len + 8, optimizer)
     result = {"setting": asdict(bench), "start_rss_bytes": start_rss, "loaded_rss_bytes": loaded_rss,
               "loaded_file_rss_bytes": loaded_file_rss,
@@ -296,131 +215,11 @@ def measure(bench: BenchArgs) -> dict:
     return result
 
 
-# ------------------------------------------------------------------------------------------ validation
-
-
-@dataclass
-class SettingsArgs:
-    out_dir: str = arg("bench/results", "where the JSON and Markdown tables go")
-    only: list[int] = arg([], "indices of the settings to run (default: all)")
-    model: str | None = arg(None, "model directory or name for every setting (default: the embedded default)")
-    timeout_s: int = arg(900, "give up on one setting after this many seconds")
-    tolerance: float = arg(0.25, "a prediction passes when |predicted / measured - 1| <= tolerance")
-    reuse: str | None = arg(None, "a previous <name>.json: compare against its recorded measurements instead of measuring again")
-
-
-def run_setting(bench: BenchArgs, timeout_s: int) -> dict:
-    """Measure `bench` in a fresh process (so peaks never mix) and return its result."""
-    import subprocess
-    import tempfile
-
-    repo = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        argv = [sys.executable, "-m", "align.bench_memory", "--out", str(out)]
-        for key, value in asdict(bench).items():
-            if key != "out" and value is not None:
-                argv += [f"--{key}", str(value)]
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONPATH": str(repo)}
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(GLIBC_MMAP_THRESHOLD))
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, cwd=repo, env=env)
-        except subprocess.TimeoutExpired:
-            return {"setting": asdict(bench), "error": f"timed out after {timeout_s} s"}
-        if proc.returncode != 0 or not out.is_file():
-            return {"setting": asdict(bench), "error": proc.stderr.strip()[-2000:] or f"exit {proc.returncode}"}
-        return json.loads(out.read_text())
-
-
-def describe(bench: BenchArgs) -> str:
-    parts = [bench.stage, f"T={bench.seq_len}", f"mb={bench.micro_batch}", f"r={bench.lora_r}",
-             "ckpt" if bench.gradient_checkpointing else "no-ckpt", bench.quantization, bench.dtype]
-    if bench.stage == "dpo":
-        parts.append(f"ref={bench.dpo_reference}")
-    if bench.stage == "ppo":
-        parts.append(f"R={bench.ppo_response_len}")
-    return " ".join(parts)
-
-
-def compare(bench: BenchArgs, measured_bytes: float, tolerance: float, *, subtract_overhead: bool) -> dict:
-    """Predicted vs measured for one setting. On CUDA the planner's runtime overhead (not seen by
-    max_memory_allocated) is left out of the prediction."""
-    from align.plan import estimate
-
-    est = estimate(plan_args_for(bench))
-    predicted = est.peak_bytes - (est.components["runtime_overhead"] if subtract_overhead else 0.0)
-    ratio = predicted / measured_bytes
-    return {
-        "setting": describe(bench), "predicted_mib": round(predicted / 2**20, 1), "measured_mib": round(measured_bytes / 2**20, 1),
-        "ratio": round(ratio, 3), "within_tolerance": abs(ratio - 1) <= tolerance,
-        "predicted_components_mib": {k: round(v / 2**20, 1) for k, v in est.components.items()},
-    }
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["| setting | predicted MiB | measured MiB | predicted / measured | within tolerance |", "|---|---:|---:|---:|:---:|"]
-    for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['setting']} | - | - | - | error: {row['error'].splitlines()[-1][:80]} |")
-        else:
-            mark = "yes" if row["within_tolerance"] else "NO"
-            lines.append(f"| {row['setting']} | {row['predicted_mib']:.0f} | {row['measured_mib']:.0f} | {row['ratio']:.3f} | {mark} |")
-    return "\n".join(lines)
-
-
-def run_validation(settings: list[BenchArgs], args: SettingsArgs, *, name: str, calibration_index: int | None = None) -> list[dict]:
-    """Run each setting in its own process, compare with the planner, write <out_dir>/<name>.json and .md."""
-    from align.io import atomic_write_json, atomic_write_text, package_versions
-
-    chosen = args.only or list(range(len(settings)))
-    recorded = {}
-    if args.reuse:
-        recorded = {row["index"]: row for row in json.loads(Path(args.reuse).read_text())["rows"] if "error" not in row}
-    rows = []
-    for index in chosen:
-        bench = settings[index]
-        if args.model is not None:
-            bench = BenchArgs(**{**asdict(bench), "model": args.model})
-        print(f"[{index}] {describe(bench)} ...", file=sys.stderr, flush=True)
-        if args.reuse:
-            if index not in recorded or recorded[index]["setting"] != describe(bench):
-                print(f"    not in {args.reuse}; skipped", file=sys.stderr)
-                continue
-            old = recorded[index]
-            result = {"measured_bytes": old.get("measured_bytes", old["measured_mib"] * 2**20), "method": old["method"],
-                      "step_s": old["step_s"], "trainable_params": old["trainable_params"]}
-        else:
-            result = run_setting(bench, args.timeout_s)
-        if "error" in result:
-            row = {"setting": describe(bench), "error": result["error"]}
-        else:
-            row = compare(bench, result["measured_bytes"], args.tolerance, subtract_overhead=bench.device == "cuda")
-            row.update(measured_bytes=result["measured_bytes"], method=result["method"], step_s=result["step_s"],
-                       trainable_params=result["trainable_params"])
-        row["index"] = index
-        row["calibration"] = index == calibration_index
-        rows.append(row)
-        print(f"    {json.dumps({k: row[k] for k in row if k != 'predicted_components_mib'})}", file=sys.stderr, flush=True)
-    checked = [r for r in rows if not r["calibration"] and "error" not in r]
-    summary = {
-        "validated": len(checked), "within_tolerance": sum(r["within_tolerance"] for r in checked),
-        "tolerance": args.tolerance, "versions": package_versions(), "argv": sys.argv,
-        "measurements_from": args.reuse or "this run",
-    }
-    out = Path(args.out_dir)
-    atomic_write_json(out / f"{name}.json", {"summary": summary, "rows": rows})
-    table = format_table([{**r, "setting": r["setting"] + (" (calibration)" if r["calibration"] else "")} for r in rows])
-    atomic_write_text(out / f"{name}.md", table + "\n")
-    print(table)
-    print(f"{summary['within_tolerance']} of {summary['validated']} validated settings within {args.tolerance:.0%}")
-    return rows
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    bench = parse_config(BenchArgs, argv)
+    bench = parse_config(StepArgs, argv)
     import torch  # noqa: F401 - imported before the starting RSS is read, like everything measure() needs
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -438,6 +237,3 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(text)
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
