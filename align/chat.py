@@ -28,6 +28,9 @@ from typing import Literal, TextIO
 
 from align.config import arg, parse_config
 from align.errors import AlignError, ConfigError, cli_main
+from align.log import get_logger
+
+logger = get_logger(__name__, tag="chat")
 
 _CHATML_TURN = re.compile(
     r"\{\{\s*'<\|im_start\|>'\s*\+\s*message\['role'\]\s*\+\s*'\n'\s*\+\s*message\['content'\]\s*\+\s*'<\|im_end\|>'\s*\+\s*'\n'\s*\}\}"
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)
     session = ChatSession(model, tokenizer, cfg)
     decoding = "greedy" if cfg.temperature == 0 else f"sampling at temperature {cfg.temperature:g}"
-    print(f"[chat] {description}, {decoding}, {threads}", file=sys.stderr, flush=True)
+    logger.info(f"{description}, {decoding}, {threads}")
     if cfg.prompt is not None:
         session.reply(cfg.prompt)
         return
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-    print(f"[chat] type a message; {COMMANDS_HELP}", file=sys.stderr, flush=True)
+    logger.info(f"type a message; {COMMANDS_HELP}")
     chat_loop(session)
 
 

@@ -28,10 +28,12 @@ from align.config import arg, parse_config
 from align.errors import AlignError, ConfigError, cli_main
 from align.evaluation import COMPARABLE_SETTINGS, EvalArgs, evaluate
 from align.io import inside
+from align.log import get_logger
 from align.runs import REPORT_ARTEFACTS, check_folder, take_folder
 from align.report.build import ReportArgs, build_report
 from align.report.results import check_comparable, checkpoint_dirs, eval_dir_of, has_eval, load_eval, unique_names
 
+logger = get_logger(__name__, tag="compare")
 
 @dataclass
 class CompareArgs(ReportArgs, EvalArgs):
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         for run in todo:
             if run != "base" and not Path(run).exists():
                 raise AlignError(f"{run}: no such run directory")
-            print(f"[compare] {run}: no evaluation yet; evaluating", file=sys.stderr, flush=True)
+            logger.info(f"{run}: no evaluation yet; evaluating")
             evaluate(run, dataclasses.replace(settings, out=str(eval_dir_of(run))))
     results = [load_eval(run) for run in runs]
     for result, name in zip(results, unique_names(results)):
@@ -103,11 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     check_comparable(results)  # before --out is created
     # checked again: the evaluations took a while, and another run may have written there meanwhile
     for note in take_folder(cfg.out, check_folder(cfg.out, **claim), overwrite=cfg.overwrite):
-        print(f"[compare] {note}", file=sys.stderr, flush=True)
+        logger.info(note)
     summary = build_report(results, cfg.out, cfg)
     for warning in summary["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"[compare] wrote {cfg.out}/report.md, report.html, summary.json", file=sys.stderr)
+        logger.warning(f"warning: {warning}")
+    logger.info(f"wrote {cfg.out}/report.md, report.html, summary.json")
 
 
 if __name__ == "__main__":

@@ -207,7 +207,8 @@ def build_config(cls: type[T], values: dict[str, Any], where: str = "config") ->
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
-    """Build a `cls` config from `--config file.yaml` plus `--name value` overrides (flags win)."""
+    """Build a `cls` config from `--config file.yaml` plus `--name value` overrides (flags win); a config with
+    `log_level` (align.log.LogArgs) sets align's log level."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         print(format_help(cls))
@@ -223,4 +224,9 @@ def parse_config(cls: type[T], argv: list[str] | None = None) -> T:
             if name not in fields:
                 raise _unknown(name, list(fields), where)
     values.update(overrides)
-    return build_config(cls, values, where)
+    cfg = build_config(cls, values, where)
+    if hasattr(cfg, "log_level"):  # align.log.LogArgs: the level holds from here on, for the whole run
+        from align.log import set_level
+
+        set_level(cfg.log_level)
+    return cfg

@@ -74,8 +74,10 @@ from align.config import arg, parse_config
 from align.degeneration import Degeneration, check_reply, unasked_formats
 from align.errors import AlignError, ConfigError, cli_main
 from align.io import atomic_write_json, atomic_write_text
+from align.log import get_logger
 from align.records import Message
 
+logger = get_logger(__name__, tag="eval")
 MODES = ("greedy", "sample")
 DEFAULT_BETA = 0.1  # DPO's beta when the run's config.yaml names none (TRL's default)
 REPEAT_N = 4
@@ -352,8 +354,8 @@ def load_policy(run: str, cfg: EvalArgs) -> Policy:
         reference, _ = load_model(ModelArgs(model_name_or_path=str(ref_name), dtype=cfg.dtype, quantization="none"), lora=False)
         reference.eval()
     else:
-        print(f"[eval] {run}: merged model with no --ref_model and no model_name_or_path in config.yaml: "
-              "KL and implicit rewards are not computed", file=sys.stderr, flush=True)
+        logger.warning(f"{run}: merged model with no --ref_model and no model_name_or_path in config.yaml: "
+                       "KL and implicit rewards are not computed")
     return Policy(model, tokenizer, "merged", str(root), reference=reference, reference_name=ref_name,
                   run_config=run_config, method=method)
 
@@ -725,10 +727,7 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
     --overwrite true; one evaluation at a time writes there (align.runs)."""
     from align.runs import EVAL_ARTEFACTS, check_folder, release_lock, take_folder
 
-    def say(msg: str) -> None:
-        print(f"[eval] {msg}", file=sys.stderr, flush=True)
-
-    log = log or say
+    log = log or logger.info
     out = Path(cfg.out) if cfg.out else default_out_dir(run)
     found = check_folder(out, resume=False, overwrite=cfg.overwrite, names=EVAL_ARTEFACTS, dir_flag="--out", resumable=False,
                          what="an earlier evaluation")

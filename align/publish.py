@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,8 +21,10 @@ from urllib.parse import urlparse
 from align.config import arg
 from align.errors import AlignError, ConfigError
 from align.io import atomic_write_text
+from align.log import get_logger
 from align.model_card import BaseModel, describe_base, model_card
 
+logger = get_logger(__name__)
 HUB_CHECK_TIMEOUT_S = 3.0  # a TCP connection to the Hub; not huggingface_hub's ~20 s of retries
 
 
@@ -163,11 +164,11 @@ def publish_run(cfg: Any) -> None:
     """The end of a run (main process, after summary.json): the model cards, then the upload when --push_to_hub asks."""
     repo_id = getattr(cfg, "push_to_hub", None)
     cards = write_model_cards(cfg.output_dir, published_as=repo_id)
-    print(f"[align] model card: {', '.join(str(p) for p in cards)}", file=sys.stderr, flush=True)
+    logger.info(f"model card: {', '.join(str(p) for p in cards)}")
     if repo_id:
         try:
             url = push_run(cfg.output_dir, repo_id)
         except Exception as err:  # noqa: BLE001 - network, auth, quota: the run itself is complete and kept
             raise AlignError(f"--push_to_hub {repo_id}: the upload failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                              f"the run is complete in {cfg.output_dir}; upload it later with huggingface_hub's upload_folder") from None
-        print(f"[align] pushed to the Hub: {url}", file=sys.stderr, flush=True)
+        logger.info(f"pushed to the Hub: {url}")

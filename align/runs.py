@@ -46,7 +46,7 @@ REPORT_ARTEFACTS = ("summary.json", "report.md", "report.html")
 MAY_CHANGE_ON_RESUME = frozenset({
     # where and how the run is kept and reported
     "output_dir", "resume", "overwrite", "logging_steps", "save_steps", "save_total_limit", "report_to",
-    "min_free_gb", "cpu_threads", "return_freed_memory", "mmap_threshold_mb", "push_to_hub",
+    "min_free_gb", "cpu_threads", "return_freed_memory", "mmap_threshold_mb", "push_to_hub", "log_level",
     # the length of the run: extending it (HF's linear schedule is then stretched to the new end from here on)
     "max_steps", "num_train_epochs", "total_updates", "max_train_minutes",
     # what is measured or written after training; health checks only warn or stop after a checkpoint

@@ -26,9 +26,11 @@ from transformers import TrainerCallback
 from align.config import arg
 from align.errors import AlignError
 from align.io import append_jsonl, atomic_write_json, atomic_write_text
+from align.log import MAIN_ONLY, LogArgs, get_logger
 from align.publish import PublishArgs, check_push_target
 
 MARKER = "align_complete.json"
+logger = get_logger(__name__)
 
 
 class NonFiniteError(AlignError):
@@ -36,7 +38,7 @@ class NonFiniteError(AlignError):
 
 
 @dataclass
-class RunArgs(PublishArgs):
+class RunArgs(PublishArgs, LogArgs):
     output_dir: str = arg("outputs/run", "where the adapter, checkpoints, metrics and summary go")
     seed: int = arg(42, "random seed (data order, dropout, sampling)")
     learning_rate: float = arg(1e-4, "peak learning rate")
@@ -242,7 +244,7 @@ class StopOnSignal(TrainerCallback):
         if self.received is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n[align] {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting", file=sys.stderr, flush=True)
+        logger.warning(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
 
     def on_step_end(self, args, state, control, **kwargs):
         self.stopping = any_rank(self.received is not None, args.device)
@@ -278,9 +280,9 @@ class TimeBudget(TrainerCallback):
             return
         control.should_save = True
         control.should_training_stop = True
-        if self.stopped_at is None and is_main_process():
-            print(f"[align] --max_train_minutes {self.seconds / 60:g}: stopping after step {state.global_step} "
-                  f"({time.monotonic() - self.started:.0f} s of training), checkpoint saved", file=sys.stderr, flush=True)
+        if self.stopped_at is None:
+            logger.info(f"--max_train_minutes {self.seconds / 60:g}: stopping after step {state.global_step} "
+                     f"({time.monotonic() - self.started:.0f} s of training), checkpoint saved")
         self.stopped_at = state.global_step
 
 
@@ -362,7 +364,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
         return None
     for ckpt in _numbered_checkpoints(root):
         if not (ckpt / MARKER).is_file():
-            print(f"[align] removing incomplete checkpoint {ckpt} (no {MARKER})", file=sys.stderr)
+            logger.info(f"removing incomplete checkpoint {ckpt} (no {MARKER})")
             shutil.rmtree(ckpt, ignore_errors=True)
     best = last_marked_checkpoint(root)
     return str(best) if best else None
@@ -377,9 +379,9 @@ def resume_checkpoint(cfg: Any) -> str | None:
         return None
     ckpt = last_complete_checkpoint(cfg.output_dir)
     if ckpt is None:
-        print(f"[align] --resume: no complete checkpoint in {cfg.output_dir}; starting from scratch", file=sys.stderr)
+        logger.warning(f"--resume: no complete checkpoint in {cfg.output_dir}; starting from scratch", extra=MAIN_ONLY)
     else:
-        print(f"[align] resuming from {ckpt}", file=sys.stderr)
+        logger.info(f"resuming from {ckpt}")
     return ckpt
 
 
@@ -463,8 +465,8 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
     if is_main_process():
         claimed, extra = claim_output_dir(cfg, cfg.min_free_gb)
         for line in claimed:
-            print(f"[align] {line}", file=sys.stderr, flush=True)
-        print(f"[align] {stage}: " + "; ".join(notes), file=sys.stderr, flush=True)
+            logger.info(line)
+        logger.info(f"{stage}: " + "; ".join(notes))
         write_run_info(cfg, cfg.output_dir, {"stage": stage, "hardware_defaults": notes, **extra})
     if world_size() > 1:
         # The other processes of this launch touch output_dir only once the main one has claimed it (moved an
@@ -487,8 +489,7 @@ def load_records(cfg: Any, kind: str, tokenizer: Any) -> tuple[list, list]:
     held_out = loader(cfg.eval_data, max_rows=cfg.max_eval_rows or cfg.eval_rows, **options) if cfg.eval_data else []
     train = check_lengths(train, tokenizer, cfg.max_length, cfg.on_too_long)
     held_out = check_lengths(held_out, tokenizer, cfg.max_length, cfg.on_too_long)
-    if is_main_process():
-        print(f"[align] data: {len(train)} training and {len(held_out)} held-out records", file=sys.stderr, flush=True)
+    logger.info(f"data: {len(train)} training and {len(held_out)} held-out records")
     return train, held_out
 
 
@@ -543,7 +544,7 @@ def train(trainer: Any, cfg: Any) -> Any:
     except torch.OutOfMemoryError:
         raise AlignError(out_of_memory_advice(cfg)) from None
     if any(isinstance(cb, StopOnSignal) and cb.stopping for cb in trainer.callback_handler.callbacks):
-        print("[align] stopped by signal after saving a checkpoint; rerun with --resume to continue", file=sys.stderr)
+        logger.warning("stopped by signal after saving a checkpoint; rerun with --resume to continue")
         sys.exit(128 + 15)
     first_step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
     run_loss = run_train_loss(trainer.state.log_history, result.training_loss, first_step, trainer.state.global_step)

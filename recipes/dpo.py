@@ -18,7 +18,6 @@ preference accuracy and the verifier's score of the trained policy against the s
 model card (README.md, align.model_card); --push_to_hub user/name uploads adapter, card and summary.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -27,11 +26,14 @@ from align.data.load import DataArgs, load_prompts
 from align.activations import CompressActivationsMixin
 from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
 from align.errors import ConfigError, cli_main
+from align.log import get_logger
 from align.models import ModelArgs, check_peft_supported, load_model
 from align.phases import ReportPhasesMixin
 from align.policy_report import before_after
 from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -102,7 +104,7 @@ def main() -> None:
             "wall_time_s": round(time.time() - started, 1),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
-        print(before_after(before, after), file=sys.stderr, flush=True)
+        logger.info(before_after(before, after))
         publish_run(cfg)  # the model cards (with the summary's numbers), then the upload when --push_to_hub asks
 
 
@@ -111,8 +113,8 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
     from trl import DPOConfig
 
     notes = [return_freed_memory_to_os()] if cfg.return_freed_memory else []
-    if notes and is_main_process():
-        print(f"[align] dpo: {'; '.join(notes)}", file=sys.stderr, flush=True)
+    if notes:
+        logger.info(f"dpo: {'; '.join(notes)}")
 
     # ReportPhasesMixin: callbacks hear the precomputed reference log-probs as a phase (align.phases)
     class Trainer(ReportPhasesMixin, FiniteLossMixin, CompressActivationsMixin, FastDPOTrainer):

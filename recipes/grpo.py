@@ -19,7 +19,6 @@ train/kl, clip_ratio/*, completions/mean_length, completions/eos_rate, rewards/<
 tensorboard/, summary.json with the verifier's greedy before -> after on held-out prompts, and the model card.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -28,12 +27,15 @@ from align.activations import CompressActivationsMixin
 from align.config import arg, parse_config
 from align.data.load import DataArgs, check_lengths, load_prompts
 from align.errors import ConfigError, cli_main
+from align.log import get_logger
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
 from align.models import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
 from align.phases import ReportGenerationMixin
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -105,10 +107,9 @@ def main() -> None:
     # Model: the base alone; TRL adds the LoRA (peft_config), so the reference is this base with the adapter disabled
     model, tokenizer = load_model(cfg, lora=False)
     records = check_lengths(records, tokenizer, cfg.max_length - cfg.max_completion_length, cfg.on_too_long)
-    if is_main_process():
-        print(f"[align] data: {len(records)} training prompts from {cfg.train_data}; {len(eval_prompts)} held-out prompts", file=sys.stderr, flush=True)
-        print(f"[align] {cfg.algorithm}: reward " + " + ".join(
-            f"{w:g} x {s.describe(cfg.reward_guard)}" for s, w in zip(rewards, cfg.reward_weights or [1.0] * len(rewards))), file=sys.stderr, flush=True)
+    logger.info(f"data: {len(records)} training prompts from {cfg.train_data}; {len(eval_prompts)} held-out prompts")
+    logger.info(f"{cfg.algorithm}: reward " + " + ".join(
+        f"{w:g} x {s.describe(cfg.reward_guard)}" for s, w in zip(rewards, cfg.reward_weights or [1.0] * len(rewards))))
     before = summarize_policy(model, tokenizer, [], eval_prompts, beta=cfg.beta, adapter=False,
                               max_new_tokens=cfg.summary_max_new_tokens, batch_size=16) if eval_prompts else {}
 
@@ -136,7 +137,7 @@ def main() -> None:
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
         if before and after:
-            print(before_after(before, after), file=sys.stderr, flush=True)
+            logger.info(before_after(before, after))
         publish_run(cfg)  # the model card, then the upload when --push_to_hub asks
 
 

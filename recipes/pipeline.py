@@ -19,6 +19,7 @@ GRPO is not among the default stages: on a CPU it would add about as much time a
 in wall time) to a comparison that already takes over an hour.
 """
 
+import os
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from align.config import arg, parse_config
 from align.errors import AlignError, ConfigError, cli_main
+from align.log import LogArgs
 from align.runs import check_folder, take_folder
 
 STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "compare")
@@ -49,7 +51,7 @@ GPU_EVAL = "--max_prompts 100 --max_pairs 100 --max_ppl_rows 50 --modes greedy,s
 
 
 @dataclass
-class PipelineArgs:
+class PipelineArgs(LogArgs):
     output_root: str = arg("outputs", "folder that receives one subfolder per stage")
     stages: list[str] = arg(list(DEFAULT_STAGES), f"stages to run, in order (any of {', '.join(STAGES)})")
     launcher: str = arg("accelerate launch", "how training recipes are started (e.g. 'python', or accelerate with --config_file)")
@@ -94,6 +96,8 @@ def starting_model(root: Path) -> str:
 @cli_main
 def main() -> None:
     cfg = parse_config(PipelineArgs)
+    if cfg.log_level:  # each stage is a process of its own: it reads the level from the environment
+        os.environ["ALIGN_LOG_LEVEL"] = cfg.log_level
     # What the stages to run would write over (an earlier pipeline's) is refused, continued (--resume) or moved
     # aside with the whole folder (--overwrite true) before any stage starts; one pipeline per folder (align.runs).
     # Each stage then claims its own subfolder the same way. Running later stages on a finished SFT is no overwrite.

@@ -28,12 +28,13 @@ from align.data.load import check_lengths, load_prompts
 from align.dpo_fast import return_freed_memory_to_os
 from align.errors import AlignError, ConfigError, cli_main
 from align.io import write_run_info
+from align.log import MAIN_ONLY, get_logger
 from align.models import compute_note, resolve_quantization
 from align.policy_report import before_after
 from align.publish import check_push_target, publish_run
 from align.rl.ppo.checkpoint import list_checkpoints
 from align.rl.ppo.config import PPOArgs
-from align.rl.ppo.dist import init_distributed, say
+from align.rl.ppo.dist import init_distributed
 from align.rl.ppo.models import build_models
 from align.rl.ppo.rewards import reward_function
 from align.rl.ppo.trainer import PPOTrainer
@@ -41,6 +42,7 @@ from align.runs import claim_output_dir
 from align.train import set_cpu_threads
 from align.verifier import verifier_reward
 
+logger = get_logger(__name__, tag="ppo")
 
 def hardware_notes(cfg: PPOArgs, world: int) -> list[str]:
     """What `auto` became on this machine (printed at start and kept in run_info.json)."""
@@ -59,7 +61,7 @@ def load_eval_prompts(cfg: PPOArgs) -> list:
     try:
         return load_prompts(cfg.eval_prompts, max_rows=cfg.num_eval_prompts)
     except AlignError as err:
-        say(f"held-out prompts {cfg.eval_prompts} not loaded ({err}); no before/after score")
+        logger.warning(f"held-out prompts {cfg.eval_prompts} not loaded ({err}); no before/after score", extra=MAIN_ONLY)
         return []
 
 
@@ -76,9 +78,9 @@ def main() -> None:
     if dist.is_main:  # an earlier run refused or moved aside, --resume's settings checked, the folder locked
         claimed, extra = claim_output_dir(cfg, cfg.min_free_gb)
         for line in claimed:
-            say(line)
+            logger.info(line)
     dist.barrier()  # the other processes touch output_dir once it is claimed (when refused, the launcher stops them)
-    say("; ".join(notes), dist)
+    logger.info("; ".join(notes))
     if dist.is_main:
         write_run_info(cfg, cfg.output_dir, {"stage": "ppo", "hardware_defaults": notes, **extra})
 
@@ -88,7 +90,7 @@ def main() -> None:
 
     # Models: the base once, with the policy, critic and reward adapters on it
     models, plan = build_models(cfg, dist=dist)
-    say(f"reward: {plan.description}", dist)
+    logger.info(f"reward: {plan.description}")
     reward_fn = reward_function(cfg, plan, models)
     prompts = check_lengths(prompts, models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
     reward_is_verifier = plan.function == "verifier"
@@ -98,18 +100,18 @@ def main() -> None:
             raise ConfigError(f"reward: the verifier scores prompts by their constraints, and {missing.source} has none "
                               "(use --reward model or a reward function, or prompts with constraints)")
         eval_prompts = [p for p in eval_prompts if p.constraints]
-    say(f"data: {len(prompts)} training prompts from {cfg.prompts}; {len(eval_prompts)} held-out prompts", dist)
+    logger.info(f"data: {len(prompts)} training prompts from {cfg.prompts}; {len(eval_prompts)} held-out prompts")
 
     # The verifier is logged next to any reward (objective/verifier) where the prompts carry constraints.
     trainer = PPOTrainer(cfg, models, prompts, reward_fn, dist=dist, verifier_fn=verifier_reward, reward_is_verifier=reward_is_verifier,
                          eval_prompts=eval_prompts, reward_description=plan.description)
     checkpoints = list_checkpoints(cfg.output_dir)
     if cfg.resume and checkpoints:
-        say(f"resuming from {checkpoints[-1]}", dist)
+        logger.info(f"resuming from {checkpoints[-1]}")
         trainer.load_checkpoint(checkpoints[-1])
     else:  # without --resume there are no checkpoints here: claim_output_dir refused them or moved them aside
         if cfg.resume:
-            say(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints; starting from scratch", dist)
+            logger.warning(f"--resume: no checkpoint in {cfg.output_dir}/checkpoints; starting from scratch", extra=MAIN_ONLY)
         if dist.is_main:  # a run stopped before its first checkpoint: its records would mix with this run's
             (trainer.out / "metrics.jsonl").unlink(missing_ok=True)
         dist.barrier()
@@ -123,9 +125,9 @@ def main() -> None:
         print(json.dumps(shown, indent=2), flush=True)
         before, after = summary["heldout_before"], summary["heldout_after"]
         if before and after:  # greedy, the same block as the other recipes' summaries (align.policy_report)
-            say(before_after(before, after).removeprefix("[align] "))
+            logger.info(before_after(before, after))
         publish_run(cfg)  # the model card (with the held-out numbers), then the upload when --push_to_hub asks
-        say(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: align eval {cfg.output_dir}; talk to it: align chat {cfg.output_dir})")
+        logger.info(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: align eval {cfg.output_dir}; talk to it: align chat {cfg.output_dir})")
 
 
 if __name__ == "__main__":

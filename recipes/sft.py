@@ -14,7 +14,6 @@ metrics.jsonl, tensorboard/, summary.json and the model cards (README.md). The m
 reward, DPO and PPO. --push_to_hub user/name uploads adapter, card and summary.
 """
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -22,12 +21,15 @@ from align.chat import training_chat_template
 from align.config import arg, parse_config
 from align.data.load import DataArgs, load_prompts, to_hf_dataset
 from align.errors import cli_main
+from align.log import get_logger
 from align.models import PROMPT_LEARNING, ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
 from align.policy_report import before_after, summarize_policy
 from align.publish import publish_run
 from align.activations import CompressActivationsMixin, MemoryArgs, apply_memory_settings
 from align.sft_fast import FastSFTArgs, FastSFTTrainer
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -55,10 +57,10 @@ def main() -> None:
     check_peft_supported(cfg, "sft")
     if cfg.merge and cfg.use_lora and not can_merge(cfg.peft):
         cfg.merge = False  # before start_run, so config.yaml says so
-        print(f"[align] sft: merge false: a {cfg.peft} adapter is virtual tokens, nothing to fold into the weights; "
-              "output_dir/adapter is the result (later stages start from the plain base)", file=sys.stderr, flush=True)
+        logger.info(f"sft: merge false: a {cfg.peft} adapter is virtual tokens, nothing to fold into the weights; "
+                    "output_dir/adapter is the result (later stages start from the plain base)")
     for note in virtual_token_settings(cfg):  # before start_run, so config.yaml says so
-        print(f"[align] sft: {note}", file=sys.stderr, flush=True)
+        logger.info(f"sft: {note}")
     start_run(cfg, "sft", cpu_max_steps=30)
     started = time.time()
 
@@ -96,7 +98,7 @@ def main() -> None:
             "peak_memory_mb": round(peak_memory_mb(), 1),
         })
         if before and after:
-            print(before_after(before, after), file=sys.stderr, flush=True)
+            logger.info(before_after(before, after))
         publish_run(cfg)  # the model cards of adapter and merged model, then the upload when --push_to_hub asks
 
 
@@ -120,8 +122,8 @@ def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, c
     from trl import SFTConfig
 
     notes = apply_memory_settings(cfg, model)
-    if notes and is_main_process():
-        print(f"[align] sft: {'; '.join(notes)}", file=sys.stderr, flush=True)
+    if notes:
+        logger.info(f"sft: {'; '.join(notes)}")
 
     class Trainer(FiniteLossMixin, CompressActivationsMixin, FastSFTTrainer):
         compress_activations = cfg.compress_activations

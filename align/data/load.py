@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 from align.config import arg
 from align.errors import AlignError, ConfigError, DataError
+from align.log import MAIN_ONLY, get_logger
 from align.records import Message, PreferencePair, PromptRecord, SFTExample
 from align.data.formats import Kind, Record, KIND_FORMATS, convert_row, detect_format
 from align.data.sources import Source, RawRow, open_source
+
+logger = get_logger(__name__)
+
 
 @dataclass
 class DataArgs:
@@ -136,7 +139,7 @@ def _report_skipped(source: Source, stats: LoadStats) -> None:
     lines = [f"{name}: skipped {sum(stats.skipped.values())} of {stats.rows} rows read (on_bad_rows='skip'):"]
     for reason, count in stats.skipped.most_common():
         lines.append(f"  {count} x {reason} (first: {stats.first_skipped[reason]})")
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    logger.warning("\n".join(lines), extra=MAIN_ONLY)  # every process of a run reads the same rows: said once
 
 
 def iter_records(
@@ -335,7 +338,7 @@ def check_lengths(
 ) -> list[Record]:
     """Count the records longer than `max_length` tokens (with the tokenizer's chat template) and report
     them: raise DataError ("error"), drop them ("skip") or keep them for the trainer to truncate ("keep");
-    both of the latter print the count to stderr. Returns the records kept."""
+    both of the latter log the count as a warning. Returns the records kept."""
     _choice("on_too_long", on_too_long, ("error", "skip", "keep"))
     records = list(records)
     lengths = [record_length(r, tokenizer) for r in records]
@@ -350,10 +353,10 @@ def check_lengths(
     if on_too_long == "error":
         raise DataError(f"{message}; raise max_length, or drop them (on_too_long='skip') or keep them truncated ('keep')")
     if on_too_long == "skip":
-        print(f"{message}: skipped", file=sys.stderr, flush=True)
+        logger.warning(f"{message}: skipped", extra=MAIN_ONLY)  # the same on every process
         dropped = set(too_long)
         return [r for i, r in enumerate(records) if i not in dropped]
-    print(f"{message}: kept; the trainer will cut them to {max_length} tokens", file=sys.stderr, flush=True)
+    logger.warning(f"{message}: kept; the trainer will cut them to {max_length} tokens", extra=MAIN_ONLY)
     return records
 
 

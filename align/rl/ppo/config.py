@@ -7,6 +7,7 @@ from typing import Callable, Literal
 
 from align.config import arg
 from align.errors import ConfigError
+from align.log import LogArgs
 from align.models import ModelArgs, check_peft_supported
 from align.publish import PublishArgs
 from align.records import PromptRecord
@@ -17,7 +18,7 @@ RewardFn = Callable[[list[PromptRecord], list[str]], list[float]]
 
 
 @dataclass
-class PPOArgs(ModelArgs, PublishArgs):
+class PPOArgs(ModelArgs, PublishArgs, LogArgs):
     # ---- where the models come from
     sft_dir: str | None = arg("outputs/sft", "the SFT run: a merged model is the base, an adapter is merged into its base in memory; missing = model_name_or_path")
     reward: str = arg("auto", "auto (reward_model if it exists, else verifier) | model | verifier | module.path:function | file.py:function")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +76,4 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     return Dist(rank=rank, world=world, device=device)
-
-
-def say(message: str, dist: Dist | None = None) -> None:
-    if dist is None or dist.is_main:
-        print(f"[ppo] {message}", file=sys.stderr, flush=True)
 

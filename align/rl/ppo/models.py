@@ -22,9 +22,12 @@ from torch import Tensor, nn
 
 from align.errors import AlignError, ConfigError
 from align.io import atomic_dir
+from align.log import get_logger
 from align.models import ModelArgs, load_model, load_tokenizer, lora_config, resolve_model_path, resolve_quantization
 from align.rl.ppo.config import CRITIC, POLICY, REWARD, PPOArgs
-from align.rl.ppo.dist import Dist, say
+from align.rl.ppo.dist import Dist
+
+logger = get_logger(__name__, tag="ppo")
 
 
 def _adapter_of(param_name: str, adapters: Sequence[str]) -> str | None:
@@ -208,13 +211,13 @@ def load_base(cfg: PPOArgs, dist: Dist | None = None):
     sft = Path(cfg.sft_dir) if cfg.sft_dir else None
     if sft is None or not sft.exists():
         reason = "sft_dir is none" if sft is None else f"sft_dir {sft} does not exist"
-        say(f"{reason}: the base is the plain model {cfg.model_name_or_path} (no SFT)", dist)
+        logger.info(f"{reason}: the base is the plain model {cfg.model_name_or_path} (no SFT)")
         base, tokenizer = load_model(_model_args(cfg, cfg.model_name_or_path, quantization), lora=False)
         return base, tokenizer, BaseInfo(cfg.model_name_or_path, _identity(cfg.model_name_or_path), f"{cfg.model_name_or_path} (no SFT)")
     adapter_dir = _find_dir(sft, "adapter_config.json")
     merged_dir = _find_dir(sft, "config.json")
     if merged_dir is not None and (adapter_dir is None or merged_dir.name == "merged"):
-        say(f"base: the merged SFT model in {merged_dir}", dist)
+        logger.info(f"base: the merged SFT model in {merged_dir}")
         base, tokenizer = load_model(_model_args(cfg, str(merged_dir), quantization), lora=False)
         return base, tokenizer, BaseInfo(str(merged_dir), _identity(str(merged_dir)), f"SFT model {merged_dir}")
     if adapter_dir is None:
@@ -223,7 +226,7 @@ def load_base(cfg: PPOArgs, dist: Dist | None = None):
 
     base_name = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     merged = Path(cfg.output_dir) / "sft_merged"
-    say(f"base: {base_name} with the SFT adapter {adapter_dir} merged in memory (a copy goes to {merged})", dist)
+    logger.info(f"base: {base_name} with the SFT adapter {adapter_dir} merged in memory (a copy goes to {merged})")
     full, tokenizer = load_model(_model_args(cfg, base_name, "none"), lora=False)
     full = PeftModel.from_pretrained(full, str(adapter_dir)).merge_and_unload()
     if (adapter_dir / "tokenizer_config.json").is_file():

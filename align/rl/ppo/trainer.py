@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -25,13 +24,14 @@ from torch import Tensor
 from align import ppo_math
 from align.errors import ConfigError
 from align.io import append_jsonl, atomic_dir, atomic_write_json
+from align.log import MAIN_ONLY, get_logger
 from align.phases import notify, reported_phase
 from align.records import PromptRecord
 from align.rl.ppo import checkpoint
 from align.rl.ppo.advantages import estimate_advantages
 from align.rl.ppo.checkpoint import CHECKPOINT_PREFIX
 from align.rl.ppo.config import CRITIC, POLICY, PPOArgs, RewardFn
-from align.rl.ppo.dist import Dist, say
+from align.rl.ppo.dist import Dist
 from align.rl.ppo.health import HealthStop, health_checks, rollout_metrics
 from align.rl.ppo.heldout import evaluate_heldout, hacking_warning, heldout_line
 from align.rl.ppo.models import PPOModels, _adapter_of
@@ -39,6 +39,7 @@ from align.rl.ppo.rollout import Rollout, critic_forward, decode_responses, poli
 from align.train import NonFiniteError, peak_memory_mb
 
 # token-weighted sums that minibatch_gradient returns ("tokens": the weight)
+logger = get_logger(__name__, tag="ppo")
 _LOSS_STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "value_clipfrac", "tokens")
 PHASES = ("generate", "score", "advantages", "update")  # reported to the callbacks, in this order, every update
 
@@ -124,7 +125,7 @@ class PPOTrainer:
         try:
             if self.eval_before is None and self.eval_prompts:
                 self.eval_before = self.evaluate()
-                say(f"held-out prompts before training (greedy): {heldout_line(self.eval_before)}", self.dist)
+                logger.info(f"held-out prompts before training (greedy): {heldout_line(self.eval_before)}")
             done_here = 0
             while self.update_index < self.cfg.total_updates and (stop_after is None or done_here < stop_after):
                 self.run_update()
@@ -377,13 +378,13 @@ class PPOTrainer:
                 self.writer.add_text("rollout/sample", f"**prompt:** {prompt}\n\n**response:** {rollout.texts[0]}", self.update_index)
             seconds = sum(metrics[f"time/{name}_s"] for name in PHASES)
             verifier = f" | verifier {metrics['objective/verifier']:.3f}" if "objective/verifier" in metrics and not self.reward_is_verifier else ""
-            say(f"update {self.update_index}/{self.cfg.total_updates} | score {metrics['objective/scores']:.3f}{verifier}"
-                f" | kl {metrics['objective/kl']:.3f} | len {metrics['rollout/response_length']:.1f} | eos {metrics['rollout/eos_rate']:.2f}"
-                f" | clipfrac {metrics['ppo/clipfrac']:.3f} | {seconds:.1f} s")
+            logger.info(f"update {self.update_index}/{self.cfg.total_updates} | score {metrics['objective/scores']:.3f}{verifier}"
+                        f" | kl {metrics['objective/kl']:.3f} | len {metrics['rollout/response_length']:.1f} | eos {metrics['rollout/eos_rate']:.2f}"
+                        f" | clipfrac {metrics['ppo/clipfrac']:.3f} | {seconds:.1f} s")
         notify(self.callbacks, "on_log", metrics, rollout)
 
     def _warn(self, warning: str) -> None:
-        say(f"health warning at update {self.update_index}: {warning}", self.dist)
+        logger.warning(f"health warning at update {self.update_index}: {warning}", extra=MAIN_ONLY)  # from reduced metrics
         self.health_log.append({"update": self.update_index, "warning": warning})
 
     def _saved_now(self) -> bool:
@@ -393,8 +394,9 @@ class PPOTrainer:
         # metrics are reduced over processes, so every process reaches the same verdicts
         warnings = health_checks(self.history, self.cfg, self.reward_is_verifier)
         if self.update_index == 1 and metrics["rollout/length_saturation"] > 0.5:
-            say(f"note: {metrics['rollout/length_saturation']:.2f} of the first responses fill response_length "
-                f"({self.cfg.response_length}): scores see cut-off replies (raise response_length or set missing_eos_penalty)", self.dist)
+            logger.warning(f"note: {metrics['rollout/length_saturation']:.2f} of the first responses fill response_length "
+                           f"({self.cfg.response_length}): scores see cut-off replies (raise response_length or set "
+                           "missing_eos_penalty)", extra=MAIN_ONLY)
         for w in warnings:
             self._warn(w)
         if warnings and self.cfg.stop_on_health:
@@ -408,7 +410,7 @@ class PPOTrainer:
             if not self._saved_now():
                 self.save_checkpoint()
             name = signal.Signals(signum).name
-            say(f"{name}: checkpoint {self.last_good_checkpoint} saved; exiting (rerun with --resume to continue)", self.dist)
+            logger.warning(f"{name}: checkpoint {self.last_good_checkpoint} saved; exiting (rerun with --resume to continue)", extra=MAIN_ONLY)
             self.write_summary(stopped=name)
             raise SystemExit(128 + signum)
 
@@ -419,7 +421,7 @@ class PPOTrainer:
 
     def _evaluate_after(self) -> None:
         self.eval_after = self.evaluate()
-        say(f"held-out prompts after training (greedy): {heldout_line(self.eval_after)}", self.dist)
+        logger.info(f"held-out prompts after training (greedy): {heldout_line(self.eval_after)}")
         warning = hacking_warning(self.history, self.eval_before, self.eval_after, self.cfg.health_window)
         if warning:
             self._warn(warning)
@@ -479,8 +481,8 @@ class PPOTrainer:
             if self.stop_signal is not None:
                 raise KeyboardInterrupt
             self.stop_signal = signum
-            print(f"\n[ppo] {signal.Signals(signum).name}: saving a checkpoint after this update, then exiting "
-                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+            logger.warning(f"{signal.Signals(signum).name}: saving a checkpoint after this update, then exiting "
+                           "(send it again to stop at once)")
 
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
