@@ -11,7 +11,7 @@ such as SmolLM2's are not among them, so we mark them up here: the assistant's c
     align chat outputs/sft/merged --temperature 0.7 --top_p 0.9
     align chat base --prompt "Write a haiku about rain."     # one reply, printed; exit 0
 
-RUN is what `align eval` takes (align.evaluation.load_run): a run directory, a model directory or `base`.
+RUN is what `align eval` takes (align.evaluation.policy.load_run): a run directory, a model directory or `base`.
 Replies use the model's chat template and stream as they are generated (greedy unless --temperature is
 above 0); the conversation keeps every turn until /reset. /exit, /quit or Ctrl-D ends it; Ctrl-C stops a
 reply. When the conversation outgrows the model's context, the oldest turns are dropped (and it says so).
@@ -217,9 +217,9 @@ class ChatSession:
 
 
 def load_chat_model(run: str, dtype: str = "auto"):
-    """(model, tokenizer, description) of `run` for chatting: align.evaluation.load_run, with a LoRA adapter
+    """(model, tokenizer, description) of `run` for chatting: align.evaluation.policy.load_run, with a LoRA adapter
     folded into the weights on a CPU (align.models.merged_copy: one matmul per layer instead of three)."""
-    from align.evaluation import load_run
+    from align.evaluation.policy import load_run
     from align.models import merged_copy
 
     model, tokenizer, kind, path = load_run(run, dtype)

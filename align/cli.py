@@ -23,7 +23,7 @@ from align.errors import ConfigError, cli_main
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("align.data.check", "check a data source: row count and detected format, or the first bad row (align data check FILE)"),
     "plan": ("align.plan", "will it fit? expected peak memory of a training stage, from the model's config alone"),
-    "eval": ("align.evaluation", "evaluate one policy on a fixed prompt set; every generation and score as JSON lines"),
+    "eval": ("align.evaluation.run", "evaluate one policy on a fixed prompt set; every generation and score as JSON lines"),
     "compare": ("align.compare", "compare several runs in one report (Markdown, HTML, summary.json)"),
     "chat": ("align.chat", "talk to a run, a merged model or base in the terminal, or answer one --prompt"),
 }

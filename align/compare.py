@@ -26,7 +26,8 @@ from pathlib import Path
 
 from align.config import arg, parse_config
 from align.errors import AlignError, ConfigError, cli_main
-from align.evaluation import COMPARABLE_SETTINGS, EvalArgs, evaluate
+from align.evaluation.args import COMPARABLE_SETTINGS, EvalArgs
+from align.evaluation.run import evaluate
 from align.io import inside
 from align.log import get_logger
 from align.runs import REPORT_ARTEFACTS, check_folder, take_folder

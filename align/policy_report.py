@@ -37,7 +37,10 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     above rejected (TRL's rewards/accuracies). For the starting model (adapter=False) the policy is its own
     reference, so every pair ties: 0.0, with pref/implicit_ties = the number of pairs.
     """
-    from align.evaluation import EvalArgs, Policy, generate, reply_logps
+    from align.evaluation.args import EvalArgs
+    from align.evaluation.generate import generate
+    from align.evaluation.logprobs import reply_logps
+    from align.evaluation.policy import Policy
 
     started = time.time()
     out: dict = {}
@@ -84,7 +87,7 @@ def reply_rows(prompts: list[PromptRecord], replies: list[tuple[str, bool, int]]
     constraint, IFEval strict, coherent strict (strict and not degenerate: align.degeneration), degenerate,
     formats nobody asked for. A prompt without constraints has None for the verifier's fields."""
     from align.degeneration import check_reply, unasked_formats
-    from align.evaluation import coherent_strict
+    from align.evaluation.metrics import coherent_strict
     from align.verifier import verify
 
     rows = []
@@ -106,7 +109,7 @@ def generation_block(rows: list[dict]) -> dict:
     """The summary's numbers over reply_rows: coherent strict, verifier score and strict over the prompts with
     constraints; degenerate and unasked-format shares, mean length and EOS rate over all; pass rates per
     constraint type; and the rows themselves, so that before -> after is a paired difference (before_after)."""
-    from align.evaluation import pass_rates_by_constraint
+    from align.evaluation.metrics import pass_rates_by_constraint
 
     verified = [r for r in rows if r["verifier_strict"] is not None]
     out: dict = {}
@@ -165,7 +168,7 @@ def paired_line(label: str, before_rows: list[dict], after_rows: list[dict], key
 
 def by_constraint_line(before: dict[str, dict], after: dict[str, dict]) -> str:
     """"capitals 0/15 -> 9/15, lowercase 1/18 -> 2/18, ..." for the types both summaries counted, the largest
-    change in pass rate first (align.evaluation.pass_rates_by_constraint gives each side)."""
+    change in pass rate first (align.evaluation.metrics.pass_rates_by_constraint gives each side)."""
     types = [t for t in before if t in after]
     types.sort(key=lambda t: -abs(after[t]["rate"] - before[t]["rate"]))
     return ", ".join(f"{t} {before[t]['passed']}/{before[t]['total']} -> {after[t]['passed']}/{after[t]['total']}" for t in types)

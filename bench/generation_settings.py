@@ -5,12 +5,12 @@
     python bench/generation_settings.py base --settings greedy,beam_4 --max_prompts 2 --max_new_tokens 16
 
 RUN is what eval/evaluate.py takes (a run directory, a model directory or `base`). Each setting is one
-eval/evaluate.py evaluation (align.evaluation.evaluate, greedy or sample mode only, no preference or perplexity
+eval/evaluate.py evaluation (align.evaluation.run.evaluate, greedy or sample mode only, no preference or perplexity
 data) of the first --max_prompts held-out prompts, written to OUT/<setting>/ (generations.jsonl with every reply,
 summary.json); a setting already evaluated there with the same settings is reused. The table, in
 OUT/generation_settings.json and OUT/generation_settings.md, gives per setting: verifier score, coherent strict,
 degenerate share, repeated 4-gram share (seq-rep-4), distinct-2, the share of replies that loop to the token
-limit (no EOS and degenerate, align.evaluation.loops_to_limit), EOS rate and the seconds spent generating.
+limit (no EOS and degenerate, align.evaluation.metrics.loops_to_limit), EOS rate and the seconds spent generating.
 
 Settings (SETTINGS): greedy; greedy_rep1.2 (repetition_penalty 1.2); no_repeat_3 (no_repeat_ngram_size 3);
 beam_4 (beam search, 4 beams); sample_t0.7_p0.9 (temperature 0.7, top_p 0.9, seed 0).
@@ -77,7 +77,7 @@ class GenerationSettingsArgs:
 
 def eval_args(bench: GenerationSettingsArgs, name: str):
     """The EvalArgs of setting `name`: its own fields over the bench's shared ones, no preference or perplexity data."""
-    from align.evaluation import EvalArgs
+    from align.evaluation.args import EvalArgs
 
     cfg = EvalArgs(prompts=bench.prompts, out=str(Path(bench.out) / name), max_prompts=bench.max_prompts,
                    max_new_tokens=bench.max_new_tokens, generate_batch_size=bench.generate_batch_size, seed=bench.seed,
@@ -88,7 +88,7 @@ def eval_args(bench: GenerationSettingsArgs, name: str):
 
 def evaluated(cfg) -> dict[str, Any] | None:
     """The summary of an earlier evaluation in cfg.out made with these same settings, else None."""
-    from align.evaluation import settings_for
+    from align.evaluation.generate import settings_for
 
     path = Path(cfg.out) / "summary.json"
     if not path.is_file():
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not argv or argv[0].startswith("--"):
         raise ConfigError("command line: expected RUN first (a run directory, a model directory or 'base'); see --help")
     run, bench = argv[0], parse_config(GenerationSettingsArgs, argv[1:])
-    from align.evaluation import evaluate
+    from align.evaluation.run import evaluate
 
     from align.io import read_jsonl
 

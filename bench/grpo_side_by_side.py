@@ -18,7 +18,7 @@ the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate
 is compared with the start, and the guarded run with the raw one, on coherent strict (every constraint met and not
 degenerate), IFEval strict, the verifier score, the degenerate share, formats nobody asked for and the EOS rate,
 each a paired difference with its 95% bootstrap interval (align.report.stats.paired_delta, 2,000 resamples), every reply
-judged by today's degeneration check (align.evaluation.judge_again). OUT/side_by_side.json holds the numbers and
+judged by today's degeneration check (align.evaluation.metrics.judge_again). OUT/side_by_side.json holds the numbers and
 the training logs' reward and reply length over time; OUT/replies.md the first --read replies of the start and
 both runs side by side, with their verdicts, for a person to read. Arguments after `--` go to both runs.
 A run or evaluation already in OUT is reused when the script runs again.

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from align.errors import ConfigError, cli_main  # noqa: E402
-from align.evaluation import judge_again  # noqa: E402
+from align.evaluation.metrics import judge_again  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
 from align.models import cpu_bf16_flags  # noqa: E402
 from align.io import read_jsonl  # noqa: E402
@@ -71,7 +71,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 def evaluate(model: str, out: Path, n_prompts: int, log: Path, ppl_rows: int = 0) -> list[dict]:
     """Greedy replies of `model` to the first n_prompts held-out prompts (reused when out/summary.json exists),
-    judged by today's degeneration check (align.evaluation.judge_again: a reused evaluation may predate a rule);
+    judged by today's degeneration check (align.evaluation.metrics.judge_again: a reused evaluation may predate a rule);
     ppl_rows > 0 also scores the perplexity of that many held-out SFT replies (out/summary.json's metrics)."""
     if not (out / "summary.json").exists():
         ppl = ["--max_ppl_rows", str(ppl_rows)] if ppl_rows else ["--ppl_data", "none"]

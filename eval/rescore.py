@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from align.errors import cli_main
-from align.evaluation import judge_again
+from align.evaluation.metrics import judge_again
 from align.io import read_jsonl
 from align.report.stats import paired_delta
 

@@ -106,7 +106,7 @@ def test_pipeline_evaluation_flags_parse_strictly():
     are valid eval/evaluate.py options: a renamed option fails here, not after an hour of training."""
     import shlex
 
-    from align.evaluation import EvalArgs
+    from align.evaluation.args import EvalArgs
 
     _, module = _recipe_config_class("pipeline")
     flag_sets = [module.CPU_EVAL, module.GPU_EVAL]

@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.evaluation import (
-    EvalArgs,
-    _left_pad,
-    distinct_n,
-    encode_reply,
-    evaluate,
-    generate,
-    last_token_logps,
-    load_policy,
-    prompt_fingerprint,
-    repeated_ngram_share,
-    reply_logps,
-    words,
-)
+from align.evaluation.args import EvalArgs
+from align.evaluation.generate import generate
+from align.evaluation.logprobs import left_pad, encode_reply, last_token_logps, reply_logps
+from align.evaluation.metrics import distinct_n, prompt_fingerprint, repeated_ngram_share, words
+from align.evaluation.policy import load_policy
+from align.evaluation.run import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -176,14 +168,14 @@ def test_sampled_logprobs_match_generate_with_left_padding(adapter_run, data_fil
     """The log-probs behind the KL are those of the distribution generate() sampled from, with our sampling
     settings: same positions under left padding, same temperature, and no hidden top-k (generate()'s
     default top_k=50 would set most of the 259-token vocabulary to -inf in the processed scores)."""
-    from align.evaluation import settings_for
+    from align.evaluation.generate import settings_for
 
     cfg = small_args(data_files, temperature=0.7)
     policy = load_policy(adapter_run, cfg)
     tok = policy.tokenizer
     prefixes = [tok(tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True),
                     add_special_tokens=False)["input_ids"] for c in ("a long prompt to pad the other", "b")]
-    ids, mask = _left_pad(prefixes, tok.pad_token_id)
+    ids, mask = left_pad(prefixes, tok.pad_token_id)
     torch.manual_seed(0)
     gen_config = settings_for("sample", cfg).generation_config(tok)
     gen_config.output_scores = gen_config.return_dict_in_generate = True
@@ -422,7 +414,7 @@ def test_before_after_leads_with_coherent_strict_and_its_paired_interval():
 
 
 def test_pass_rates_by_constraint_count_instances_per_type():
-    from align.evaluation import pass_rates_by_constraint
+    from align.evaluation.metrics import pass_rates_by_constraint
 
     rows = [
         {"constraints": [{"type": "capitals"}, {"type": "end_phrase", "end_phrase": "Bye."}], "verifier_passed": [False, True]},
@@ -498,7 +490,7 @@ def test_rescore_judges_saved_replies_again_with_the_current_check(tmp_path):
 def test_rows_and_summary_carry_formats_nobody_asked_for():
     """generation_summary's unasked_format_share is the share of rows with a format no constraint asked for; rows
     written before the measure existed (no key) are left out rather than counted as clean."""
-    from align.evaluation import generation_summary
+    from align.evaluation.run import generation_summary
 
     def row(unasked):
         r = {"coherent_strict": True, "verifier_strict": True, "degenerate": False, "verifier_score": 1.0, "rm_score": None,

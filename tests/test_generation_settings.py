@@ -1,4 +1,4 @@
-"""Generation controls of eval/evaluate.py (align.evaluation.GenerationSettings), the loop-to-limit share, and
+"""Generation controls of eval/evaluate.py (align.evaluation.generate.GenerationSettings), the loop-to-limit share, and
 bench/generation_settings.py on the tiny model."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import pytest
 from align.config import parse_config
 from align.degeneration import check_reply
 from align.errors import ConfigError
-from align.evaluation import EvalArgs, GenerationSettings, generation_summary, loops_to_limit, settings_for
+from align.evaluation.args import EvalArgs
+from align.evaluation.generate import GenerationSettings, settings_for
+from align.evaluation.metrics import loops_to_limit
+from align.evaluation.run import generation_summary
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [

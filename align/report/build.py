@@ -11,7 +11,7 @@ from typing import Any
 
 from align.config import arg
 from align.errors import AlignError, ConfigError
-from align.evaluation import pass_rates_by_constraint
+from align.evaluation.metrics import pass_rates_by_constraint
 from align.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from align.report.plots import plot_reward_vs_kl, plot_training_curves, reward_vs_kl_points
 from align.report.render import Heading, Image, Para, Table, fmt, fmt_ci, to_html, to_markdown

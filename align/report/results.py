@@ -10,7 +10,7 @@ from typing import Any
 
 
 from align.errors import AlignError
-from align.evaluation import COMPARABLE_SETTINGS, SETTING_DEFAULTS
+from align.evaluation.args import COMPARABLE_SETTINGS, SETTING_DEFAULTS
 from align.io import inside, read_jsonl
 
 

@@ -21,7 +21,9 @@ def evaluate_heldout(models: PPOModels, eval_prompts: list[PromptRecord], cfg: P
     (align.policy_report: coherent strict first, the verifier, degenerate and unasked-format shares, per-prompt
     rows for the paired interval), plus the mean of `reward_fn` over those replies when it is given (a reward
     that is not the verifier). Prompts are split over the processes and the rows gathered back in prompt order."""
-    from align.evaluation import EvalArgs, Policy, generate as generate_replies
+    from align.evaluation.args import EvalArgs
+    from align.evaluation.generate import generate as generate_replies
+    from align.evaluation.policy import Policy
     from align.policy_report import generation_block, reply_rows
 
     indices = list(range(dist.rank, len(eval_prompts), dist.world))

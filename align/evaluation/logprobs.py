@@ -1,0 +1,95 @@
+"""Log-probs of replies: left-padded rows, position ids as generate() uses them, the last tokens' log-probs."""
+
+from __future__ import annotations
+
+
+import torch
+
+from align.errors import AlignError
+from align.records import Message
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding), as generate() uses.
+
+    Args:
+        attention_mask: (batch, seq_len), 1 on real tokens.
+
+    Returns:
+        (batch, seq_len) int64; padding positions get 0 (they are masked out anyway).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def last_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_last: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the last `n_last` tokens of each row under `model` (logits divided by temperature).
+
+    Only the logits of those positions are computed (`logits_to_keep`), so memory is
+    batch x n_last x vocab, not batch x seq_len x vocab.
+
+    Args:
+        input_ids: (batch, seq_len) left-padded rows; their last n_last tokens are scored.
+        attention_mask: (batch, seq_len), 1 where the token is real.
+        n_last: number of final positions to score, < seq_len.
+
+    Returns:
+        (batch, n_last) float32 log-probs; entries at masked-out positions are meaningless.
+    """
+    from align.ppo_math import logprobs_from_logits
+
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
+        logits_to_keep=n_last + 1, use_cache=False,
+    )
+    logits = out.logits[:, -(n_last + 1) : -1]
+    return logprobs_from_logits(logits, input_ids[:, -n_last:], temperature).float()
+
+
+def encode_reply(tokenizer, prompt: list[Message], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt ids with the generation prompt, reply ids) under the chat template.
+
+    The reply ids are what the template puts after the prompt, cut after the first EOS (kept): for ChatML
+    the content and `<|im_end|>`, without the template's trailing newline, the tokens the policy emits.
+    """
+    prefix_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=False)
+    prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full[: len(prefix)] != prefix:
+        raise AlignError("the chat template does not render the prompt as a prefix of prompt + reply; cannot score replies")
+    reply_ids = full[len(prefix) :]
+    eos = tokenizer.eos_token_id
+    if eos in reply_ids:
+        reply_ids = reply_ids[: reply_ids.index(eos) + 1]
+    return prefix, reply_ids
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def reply_logps(model, tokenizer, prompts: list[list[Message]], replies: list[str], batch_size: int = 8) -> list[tuple[float, int]]:
+    """(summed log-prob, token count) of each reply given its prompt, teacher-forced (see `encode_reply`)."""
+    device = next(model.parameters()).device
+    encoded = [encode_reply(tokenizer, p, r) for p, r in zip(prompts, replies, strict=True)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))  # little padding
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = [encoded[i] for i in rows]
+        ids, mask = left_pad([p + r for p, r in batch], tokenizer.pad_token_id)
+        n_last = max(len(r) for _, r in batch)
+        token_logps = last_token_logps(model, ids.to(device), mask.to(device), n_last)
+        for row, (i, (_, r)) in enumerate(zip(rows, batch)):
+            out[i] = (float(token_logps[row, n_last - len(r) :].sum()), len(r))
+    return out
+
+
