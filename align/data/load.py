@@ -145,15 +145,18 @@ def _report_skipped(source: Source, stats: LoadStats) -> None:
 def iter_records(
     kind: Kind,
     source: Source,
-    split: str | None,
+    split: str | None = None,
     *,
-    format: str,
-    on_bad_rows: str,
-    pairs: str,
-    extra_fields: str,
-    max_rows: int | None,
+    format: str = "auto",
+    on_bad_rows: str = "error",
+    pairs: str = "all",
+    extra_fields: str = "error",
+    max_rows: int | None = None,
     stats: LoadStats | None = None,
 ) -> Iterator[Any]:
+    """Stream the records of `kind` from `source` (see the package docstring for sources, formats and options):
+    format auto or a format of that kind; on_bad_rows error or skip; pairs (ranked rows) all or best_vs_each;
+    extra_fields error or ignore; max_rows caps the records; `stats` is filled as rows are read."""
     _choice("format", format, ("auto",) + KIND_FORMATS[kind])
     _choice("on_bad_rows", on_bad_rows, ("error", "skip"))
     _choice("pairs", pairs, ("all", "best_vs_each"))
@@ -200,89 +203,34 @@ def iter_records(
         raise DataError(f"{name}: no valid rows ({stats.rows} read, all skipped as bad)")
 
 
-def iter_preferences(
-    source: Source,
-    split: str | None = None,
-    *,
-    format: str = "auto",
-    on_bad_rows: str = "error",
-    pairs: str = "all",
-    extra_fields: str = "error",
-    max_rows: int | None = None,
-) -> Iterator[PreferencePair]:
-    """Stream preference pairs from `source` (see the module docstring for sources and formats)."""
-    return iter_records(
-        "prefs", source, split, format=format, on_bad_rows=on_bad_rows, pairs=pairs, extra_fields=extra_fields, max_rows=max_rows
-    )
+def iter_preferences(source: Source, split: str | None = None, **options: Any) -> Iterator[PreferencePair]:
+    """Stream preference pairs from `source` (options: iter_records')."""
+    return iter_records("prefs", source, split, **options)
 
 
-def iter_sft(
-    source: Source,
-    split: str | None = None,
-    *,
-    format: str = "auto",
-    on_bad_rows: str = "error",
-    extra_fields: str = "error",
-    max_rows: int | None = None,
-) -> Iterator[SFTExample]:
-    """Stream SFT conversations from `source`."""
-    return iter_records(
-        "sft", source, split, format=format, on_bad_rows=on_bad_rows, pairs="all", extra_fields=extra_fields, max_rows=max_rows
-    )
+def iter_sft(source: Source, split: str | None = None, **options: Any) -> Iterator[SFTExample]:
+    """Stream SFT conversations from `source` (options: iter_records')."""
+    return iter_records("sft", source, split, **options)
 
 
-def iter_prompts(
-    source: Source,
-    split: str | None = None,
-    *,
-    format: str = "auto",
-    on_bad_rows: str = "error",
-    extra_fields: str = "error",
-    max_rows: int | None = None,
-) -> Iterator[PromptRecord]:
-    """Stream prompts for generation from eval, prompt-only, SFT or preference data."""
-    return iter_records(
-        "prompts", source, split, format=format, on_bad_rows=on_bad_rows, pairs="all", extra_fields=extra_fields, max_rows=max_rows
-    )
+def iter_prompts(source: Source, split: str | None = None, **options: Any) -> Iterator[PromptRecord]:
+    """Stream prompts for generation from eval, prompt-only, SFT or preference data (options: iter_records')."""
+    return iter_records("prompts", source, split, **options)
 
 
-def load_preferences(
-    source: Source,
-    split: str | None = None,
-    *,
-    format: str = "auto",
-    on_bad_rows: str = "error",
-    pairs: str = "all",
-    extra_fields: str = "error",
-    max_rows: int | None = None,
-) -> list[PreferencePair]:
-    return list(
-        iter_preferences(source, split, format=format, on_bad_rows=on_bad_rows, pairs=pairs, extra_fields=extra_fields, max_rows=max_rows)
-    )
+def load_preferences(source: Source, split: str | None = None, **options: Any) -> list[PreferencePair]:
+    """iter_preferences(source, split, **options) as a list (the same keyword options)."""
+    return list(iter_preferences(source, split, **options))
 
 
-def load_sft(
-    source: Source,
-    split: str | None = None,
-    *,
-    format: str = "auto",
-    on_bad_rows: str = "error",
-    extra_fields: str = "error",
-    max_rows: int | None = None,
-) -> list[SFTExample]:
-    return list(iter_sft(source, split, format=format, on_bad_rows=on_bad_rows, extra_fields=extra_fields, max_rows=max_rows))
+def load_sft(source: Source, split: str | None = None, **options: Any) -> list[SFTExample]:
+    """iter_sft(source, split, **options) as a list (the same keyword options)."""
+    return list(iter_sft(source, split, **options))
 
 
-def load_prompts(
-    source: Source,
-    split: str | None = None,
-    *,
-    format: str = "auto",
-    on_bad_rows: str = "error",
-    extra_fields: str = "error",
-    max_rows: int | None = None,
-) -> list[PromptRecord]:
-    return list(iter_prompts(source, split, format=format, on_bad_rows=on_bad_rows, extra_fields=extra_fields, max_rows=max_rows))
+def load_prompts(source: Source, split: str | None = None, **options: Any) -> list[PromptRecord]:
+    """iter_prompts(source, split, **options) as a list (the same keyword options)."""
+    return list(iter_prompts(source, split, **options))
 
 
 # ---------------------------------------------------------------- after loading
