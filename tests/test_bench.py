@@ -178,7 +178,7 @@ def test_ppo_steps_come_from_the_phases_the_trainer_reports():
     import torch
 
     recorder = PPOSteps(MemoryMeter("cpu"), "cpu", n_params=1100, n_head=100, ppo_epochs=2)
-    rollout = SimpleNamespace(query_mask=torch.ones(2, 3), response_mask=torch.ones(2, 4))
+    rollout = SimpleNamespace(query_mask=torch.ones(2, 3), response_mask=torch.ones(2, 4), responses=torch.ones(2, 4, dtype=torch.long))
 
     def update(phases):
         for name in phases:

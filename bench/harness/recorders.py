@@ -89,23 +89,37 @@ class PPOSteps:
         missing = [p for p in self.MEASURED if p not in self.phases.result]
         if missing:
             raise RuntimeError(f"PPO update {len(self.steps) + 1}: the trainer reported no {', '.join(missing)} phase (align.phases)")
-        gen, score, update = (self.phases.result[p] for p in self.MEASURED)
+        measured = dict(self.phases.result)
         self.phases.result.clear()  # the next update must report its own
         prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
         flops = ppo_phase_flops(self.n_params, self.n_head, prompt_tokens, new_tokens, self.ppo_epochs)
-        step = {
-            "step": len(self.steps) + 1, "time_s": time.perf_counter() - self.start,
-            "tokens": self.ppo_epochs * (prompt_tokens + new_tokens), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "peak_mb": max(gen["peak_mb"], score["peak_mb"], update["peak_mb"]),
-            "generate_s": gen["time_s"], "score_s": score["time_s"], "update_s": update["time_s"],
-            "generate_peak_mb": gen["peak_mb"], "score_peak_mb": score["peak_mb"], "update_peak_mb": update["peak_mb"],
-            "generate_flops": flops["generate"], "score_flops": flops["score"], "update_flops": flops["update"],
-            "flops": sum(flops.values()), "train_flops": flops["update"], "train_time_s": update["time_s"],
-            "loss": float(metrics.get("ppo/policy_loss", float("nan"))),
-        }
-        step["tokens_per_s"] = step["tokens"] / step["update_s"]
+        step = ppo_step_record(len(self.steps) + 1, time.perf_counter() - self.start, prompt_tokens, new_tokens, self.ppo_epochs, measured, flops, metrics)
+        if not self.steps:  # the first rollout's responses, to check that another arm sampled the same ones
+            from bench.trl_ppo.settings import response_hashes
+
+            step["response_hashes"] = response_hashes([row[mask].tolist() for row, mask in zip(rollout.responses, rollout.response_mask.bool())])
         self.steps.append(step)
         self.start = time.perf_counter()
+
+
+def ppo_step_record(index: int, time_s: float, prompt_tokens: int, new_tokens: int, ppo_epochs: int,
+                    measured: dict[str, dict], flops: dict[str, float], metrics: dict) -> dict:
+    """One PPO update's step record from its phases' time and peak (`measured`: generate, score, update), their
+    FLOPs and the trainer's metrics (align's names: ppo/policy_loss, ppo/value_loss, objective/kl, objective/scores)."""
+    gen, score, update = (measured[p] for p in PPOSteps.MEASURED)
+    step = {
+        "step": index, "time_s": time_s,
+        "tokens": ppo_epochs * (prompt_tokens + new_tokens), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "peak_mb": max(gen["peak_mb"], score["peak_mb"], update["peak_mb"]),
+        "generate_s": gen["time_s"], "score_s": score["time_s"], "update_s": update["time_s"],
+        "generate_peak_mb": gen["peak_mb"], "score_peak_mb": score["peak_mb"], "update_peak_mb": update["peak_mb"],
+        "generate_flops": flops["generate"], "score_flops": flops["score"], "update_flops": flops["update"],
+        "flops": sum(flops.values()), "train_flops": flops["update"], "train_time_s": update["time_s"],
+        **{key: float(metrics.get(name, float("nan"))) for key, name in (
+            ("loss", "ppo/policy_loss"), ("value_loss", "ppo/value_loss"), ("kl", "objective/kl"), ("score", "objective/scores"))},
+    }
+    step["tokens_per_s"] = step["tokens"] / step["update_s"]
+    return step
 
 
 class GRPOSteps(StepClock):

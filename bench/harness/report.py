@@ -92,13 +92,16 @@ def format_table(report: dict) -> str:
         new_tokens = sum(s["new_tokens"] for s in timed)
         rate = f"{new_tokens / total['generate']:.1f}" if total["generate"] else "n/a"
         if r["stage"] == "ppo":
-            lines.append(f"ppo run {r['run']}, per update: {parts}; other {(whole - sum(total.values())) / len(timed):.1f} s; "
+            lines.append(f"ppo {r['arm']} run {r['run']}, per update: {parts}; other {(whole - sum(total.values())) / len(timed):.1f} s; "
                          f"generation {rate} new tokens/s")
         else:  # grpo: update is the rest of the step
             rewards = [s["reward"] for s in r["steps"] if s.get("reward") is not None]
             reward = f"{rewards[0]:.3f} -> {rewards[-1]:.3f}" if rewards else "n/a"
             lines.append(f"{r['stage']} {r['arm']} run {r['run']}, per step: {parts}; generation {rate} reply tokens/s "
                          f"({new_tokens / len(timed):.0f} per step); reward mean {reward}")
+    from bench.trl_ppo.settings import first_update_lines
+
+    lines += first_update_lines(report["runs"])
     for arm, q in report["summary"]["ratios"].items():
         loss = "n/a" if q["loss_max_abs_diff"] is None else f"{q['loss_max_abs_diff']:.4f} over {q['loss_steps_compared']} steps"
         lines.append(

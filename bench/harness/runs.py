@@ -46,6 +46,10 @@ def run_child(spec: dict) -> dict:
     try:
         if spec["stage"] == "ppo" and spec["arm"].split(":")[0] == "align":
             run = ppo_run(spec, phases, meter, device, out_dir)
+        elif spec["arm"].split(":")[0] == "trl-ppo":  # in bench/trl_ppo's venv (stage.run_arm)
+            from bench.trl_ppo.arm import trl_ppo_run
+
+            run = trl_ppo_run(spec, phases, meter, device, out_dir)
         elif spec["stage"] == "grpo":
             run = grpo_run(spec, phases, meter, device, out_dir)
         else:
@@ -152,31 +156,20 @@ def ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir
     """The PPO engine (align.rl.ppo) with the PPO recipe's defaults and the verifier as the reward; every
     update's generate, score and update phases timed and measured through the trainer's phase events
     (`PPOSteps`; see stage.py's docstring)."""
-    from align.config import build_config
-    from align.data.load import check_lengths, load_prompts
-    from align.rl.ppo.config import PPOArgs
     from align.rl.ppo.models import build_models
     from align.rl.ppo.trainer import PPOTrainer
     from align.verifier import verifier_reward
 
     from .recorders import PPOSteps
 
-    overrides = dict(item.split("=", 1) for item in spec["arm"].split(":")[1:])
-    values = dict(model_name_or_path=spec["model_path"], sft_dir=None, reward="verifier", total_updates=spec["steps"],
-                  output_dir=out_dir, report_to="none", seed=spec["seed"], dtype=spec["dtype"], quantization="none",
-                  lora_r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], eval_prompts=None, num_eval_prompts=0,
-                  save_steps=spec["steps"] + 1000)
-    values.update(overrides)
-    cfg = build_config(PPOArgs, values, where="ppo arm overrides")
+    cfg = ppo_arm_config(spec, out_dir)
     if cfg.return_freed_memory:  # as recipes/ppo.py does (the DPO arm's build_trainer does the same)
         from align.dpo_fast import return_freed_memory_to_os
 
         return_freed_memory_to_os()
     with phases("load"):
         models, plan = build_models(cfg)
-        prompts = check_lengths(load_prompts(cfg.prompts, max_rows=spec["steps"] * cfg.rollout_batch_size * 4),
-                                models.tokenizer, cfg.max_prompt_length, on_too_long="skip")
-        prompts = [p for p in prompts if p.constraints][: spec["steps"] * cfg.rollout_batch_size]
+        prompts = ppo_arm_prompts(cfg, models.tokenizer, spec["steps"])
     n_params = matmul_params(models.model.get_base_model())
     n_head = models.lm_head.weight.numel()
     recorder = PPOSteps(meter, device, n_params, n_head, cfg.ppo_epochs)
@@ -186,10 +179,38 @@ def ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir
     recorder.start = time.perf_counter()
     with phases("train"):
         trainer.train()
-    ppo_config = {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
-                                               "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
     return {"data": cfg.prompts, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": True, "lora_A_init_abs_sum": None,
-            "steps": recorder.steps, "extra_time_s": 0.0, "extra_flops": 0, "ppo_config": ppo_config}
+            "steps": recorder.steps, "extra_time_s": 0.0, "extra_flops": 0, "ppo_config": ppo_config_summary(cfg)}
+
+
+def ppo_arm_config(spec: dict, out_dir: str):
+    """The PPO recipe's PPOArgs as every PPO arm runs it: its defaults, the verifier reward, the bench's model, seed,
+    dtype, LoRA and steps, then the arm's overrides (align:field=value)."""
+    from align.config import build_config
+    from align.rl.ppo.config import PPOArgs
+
+    overrides = dict(item.split("=", 1) for item in spec["arm"].split(":")[1:])
+    values = dict(model_name_or_path=spec["model_path"], sft_dir=None, reward="verifier", total_updates=spec["steps"],
+                  output_dir=out_dir, report_to="none", seed=spec["seed"], dtype=spec["dtype"], quantization="none",
+                  lora_r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], eval_prompts=None, num_eval_prompts=0,
+                  save_steps=spec["steps"] + 1000)
+    values.update(overrides)
+    return build_config(PPOArgs, values, where="ppo arm overrides")
+
+
+def ppo_arm_prompts(cfg, tokenizer, steps: int) -> list:
+    """The prompts every PPO arm rolls out: cfg.prompts that fit max_prompt_length and carry constraints (the
+    verifier's), steps x rollout_batch_size of them."""
+    from align.data.load import check_lengths, load_prompts
+
+    prompts = check_lengths(load_prompts(cfg.prompts, max_rows=steps * cfg.rollout_batch_size * 4),
+                            tokenizer, cfg.max_prompt_length, on_too_long="skip")
+    return [p for p in prompts if p.constraints][: steps * cfg.rollout_batch_size]
+
+
+def ppo_config_summary(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
+                                         "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
 
 
 def grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:

@@ -92,14 +92,14 @@ from .process import ChildFailed, run_json_child
 from .report import format_table, summarize
 
 ARMS = ("trl-baseline", "align")
-PPO_ARMS = ("dpo-align", "align")  # the DPO recipe on the same base (for memory), the PPO engine
+PPO_ARMS = ("dpo-align", "align", "trl-ppo")  # the DPO recipe on the same base (for memory), the PPO engine, TRL 0.11's PPO (bench/trl_ppo)
 COMMAND = "bench/run.py"  # how a user runs it, from the checkout; every child runs the same file
 
 
 @dataclass
 class BenchArgs:
     stage: Literal["dpo", "sft", "reward", "ppo", "grpo"] = arg("dpo", "the stage to run: dpo, sft, reward, grpo, or ppo (arms dpo-align and align)")
-    compare: list[str] = arg(["align"], "arms, run in this order and alternated: trl-baseline, align, align:field=value:... (ppo: dpo-align, align)")
+    compare: list[str] = arg(["align"], "arms, run in this order and alternated: trl-baseline, align, align:field=value:... (ppo: dpo-align, align, trl-ppo[:field=value...])")
     steps: int = arg(8, "optimizer steps per run")
     repeats: int = arg(1, "runs of every arm (alternating A B A B ...)")
     warmup_steps: int = arg(1, "first steps left out of the per-step rates (allocator and thread-pool warm-up)")
@@ -139,8 +139,13 @@ def run_arm(spec: dict, log_path: Path, timeout_s: int) -> dict:
         spec_path = f.name
     result_path = spec_path + ".result"
     env = {"TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    python = sys.executable
+    if spec["arm"].split(":")[0] == "trl-ppo":  # TRL 0.11's own environment (built by main_parent)
+        from bench.trl_ppo.venv import venv_python
+
+        python = str(venv_python(Path(spec["output_dir"])))
     try:
-        return run_json_child([sys.executable, str(REPO / COMMAND), "--child", spec_path, result_path], result_path,
+        return run_json_child([python, str(REPO / COMMAND), "--child", spec_path, result_path], result_path,
                               timeout_s=timeout_s, env=env, log_path=log_path, tail=1500)
     except ChildFailed as err:
         return {"arm": spec["arm"], "run": spec["run"], "error": f"{err}; log {log_path}:\n{err.output}"}
@@ -159,6 +164,10 @@ def main_parent(cfg: BenchArgs) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if any(arm.split(":")[0] == "trl-ppo" for arm in cfg.compare):
+        from bench.trl_ppo.venv import ensure_venv
+
+        ensure_venv(out)  # once: before any arm runs, so that a venv that cannot be built costs no run
     peak = machine_peak(device, dtype)
     runs = []
     for run in range(1, cfg.repeats + 1):
