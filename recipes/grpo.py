@@ -26,6 +26,7 @@ from typing import Literal
 from align.activations import CompressActivationsMixin
 from align.config import arg, parse_config
 from align.data.load import DataArgs, check_lengths, load_prompts
+from align.dpo_fast import return_freed_memory_to_os
 from align.errors import ConfigError, cli_main
 from align.log import get_logger
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
@@ -64,6 +65,8 @@ class GRPOArgs(RunArgs, ModelArgs, DataArgs):
     save_steps: int = arg(4, "checkpoint every N optimizer steps")
     summary_prompts: int = arg(32, "held-out prompts generated (greedy) for the summary's before -> after (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
+    return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back "
+                                          "to the OS (peak RSS; 6 steps of the defaults: 0.82x the peak at 1.13x the time)")
 
     def validate(self) -> None:
         DataArgs.validate(self)
@@ -94,6 +97,8 @@ def main() -> None:
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("config: use_vllm: the vllm package is not installed (pip install vllm, or drop --use_vllm)")
     start_run(cfg, cfg.algorithm, cpu_max_steps=16)
+    if cfg.return_freed_memory:
+        logger.info(f"{cfg.algorithm}: {return_freed_memory_to_os()}")
     started = time.time()
 
     # Prompts: the prompt part of any supported data; the verifier needs their constraints

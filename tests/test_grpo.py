@@ -101,6 +101,7 @@ def test_grpo_with_the_verifier(tiny_model_dir, tiny_data, tmp_path):
         assert (out / name).is_file(), name
     assert json.loads((out / "run_info.json").read_text())["stage"] == "grpo"
     assert "grpo: reward 1 x the built-in verifier (align.verifier, unguarded)" in log
+    assert "grpo: malloc: mmap threshold" in log  # freed activations go back to the OS (return_freed_memory)
 
     steps = _steps(out)
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
