@@ -191,6 +191,30 @@ def enable_selective_checkpointing(model, min_inner_dim: int = 64) -> None:
     model.activation_checkpointing_enable = activation_checkpointing_enable
 
 
+def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
+    """Make glibc serve allocations of `threshold_bytes` and more with mmap, so that freeing them returns
+    the memory to the OS at once.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    blocks of activation size come from the heap and, once freed, mostly stay in the process: its resident
+    set grows well past the memory it uses. Setting the threshold explicitly turns that adjustment off. On
+    SmolLM2-135M, 4 pairs of up to 256 tokens, gradient checkpointing on, the peak RSS of the first
+    forward + backward over the RSS before it went from 1.84 GB to 0.91 GB. Cost: the pages of each large
+    tensor are faulted in fresh. A no-op off Linux/glibc and on a GPU.
+    """
+    if torch.cuda.is_available():
+        return "malloc: unchanged (GPU)"
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(-3, threshold_bytes) == 1  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    return f"malloc: mmap threshold {threshold_bytes // 2**20} MiB" if ok else "malloc: unchanged (no glibc mallopt)"
+
+
 @dataclass
 class MemoryArgs:
     """Activation-memory settings of the SFT recipe (put first among a config's bases: its
@@ -216,8 +240,6 @@ def apply_memory_settings(cfg: MemoryArgs, model) -> list[str]:
     wrapper or a transformers model; call before the Trainer turns checkpointing on). Returns lines to print."""
     notes = []
     if cfg.mmap_threshold_mb > 0:
-        from align.dpo_fast import return_freed_memory_to_os
-
         notes.append(return_freed_memory_to_os(cfg.mmap_threshold_mb * 2**20))
     if cfg.gradient_checkpointing and cfg.selective_checkpointing:
         enable_selective_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)

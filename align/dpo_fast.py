@@ -23,8 +23,8 @@ in the same order as the policy's: on the same batch, before the first update, t
 every dtype. Precomputed ones come from other batches, and in bf16 a row's log-probs depend on the
 padded shape of its batch (matmul and attention blocking), by ~0.1 nat per sequence on the default model.
 
-A process-wide CPU setting lives here too, applied by recipes/dpo.py: `return_freed_memory_to_os` (glibc
-returns freed activations to the OS); torch's threads are set for every recipe by align.train.set_cpu_threads.
+The recipe also returns freed activations to the OS (align.activations.return_freed_memory_to_os, shared
+with SFT, PPO and GRPO); torch's threads are set for every recipe by align.train.set_cpu_threads.
 `python bench/run.py --stage dpo --compare trl-baseline,align` measures all of it against stock TRL.
 
 Where the fast path cannot be exact it is not used and the trainer says so once: truncation that cuts
@@ -62,30 +62,6 @@ class FastDPOArgs:
     share_prompt: bool = arg(True, "one row per pair: chosen and rejected share one copy of the prompt (exact; needs fast_logprobs)")
     logprob_chunk_size: int = arg(256, "positions per LM-head chunk with fast_logprobs (memory vs. speed)")
     return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
-
-
-def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
-    """Make glibc serve allocations of `threshold_bytes` and more with mmap, so that freeing them returns
-    the memory to the OS at once.
-
-    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    blocks of activation size come from the heap and, once freed, mostly stay in the process: its resident
-    set grows well past the memory it uses. Setting the threshold explicitly turns that adjustment off. On
-    SmolLM2-135M, 4 pairs of up to 256 tokens, gradient checkpointing on, the peak RSS of the first
-    forward + backward over the RSS before it went from 1.84 GB to 0.91 GB. Cost: the pages of each large
-    tensor are faulted in fresh. A no-op off Linux/glibc and on a GPU.
-    """
-    if torch.cuda.is_available():
-        return "malloc: unchanged (GPU)"
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(-3, threshold_bytes) == 1  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        ok = False
-    return f"malloc: mmap threshold {threshold_bytes // 2**20} MiB" if ok else "malloc: unchanged (no glibc mallopt)"
 
 
 # ------------------------------------------------------------------------------------------ the batch

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from align.config import arg, parse_config
 from align.data.load import DataArgs, load_prompts
-from align.activations import CompressActivationsMixin
-from align.dpo_fast import FastDPOArgs, FastDPOTrainer, return_freed_memory_to_os
+from align.activations import CompressActivationsMixin, return_freed_memory_to_os
+from align.dpo_fast import FastDPOArgs, FastDPOTrainer
 from align.errors import ConfigError, cli_main
 from align.log import get_logger
 from align.models import ModelArgs, check_peft_supported, load_model

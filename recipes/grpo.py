@@ -23,10 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from align.activations import CompressActivationsMixin
+from align.activations import CompressActivationsMixin, return_freed_memory_to_os
 from align.config import arg, parse_config
 from align.data.load import DataArgs, check_lengths, load_prompts
-from align.dpo_fast import return_freed_memory_to_os
 from align.errors import ConfigError, cli_main
 from align.log import get_logger
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func

@@ -23,9 +23,9 @@ import sys
 import numpy as np
 import torch
 
+from align.activations import return_freed_memory_to_os
 from align.config import parse_config
 from align.data.load import check_lengths, load_prompts
-from align.dpo_fast import return_freed_memory_to_os
 from align.errors import AlignError, ConfigError, cli_main
 from align.io import write_run_info
 from align.log import MAIN_ONLY, get_logger
