@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from align.ppo_math import logprobs_from_logits
+from align.ops.logprobs import logprobs_from_logits
 
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: bool):
@@ -45,7 +45,7 @@ def completion_logprobs(
 
     Each chunk's logits live only while that chunk is processed: in backward they are recomputed
     (torch.utils.checkpoint), which costs one more LM-head matmul per chunk and saves holding
-    (positions, vocab) logits and their gradient. The log-softmax is `align.ppo_math.logprobs_from_logits`.
+    (positions, vocab) logits and their gradient. The log-softmax is `align.ops.logprobs.logprobs_from_logits`.
 
     Args:
         hidden: (M, H) hidden states of the positions to score.

@@ -23,7 +23,7 @@ What is counted follows the code paths this project runs (align.models, align.tr
   with gradient checkpointing one layer input per layer plus one recomputed layer.
 - logits: SFT and DPO use TRL's fused LM head (no (batch, seq, vocab) logits: one tile of at most 4096
   positions x 32768 vocabulary entries); PPO keeps the response logits and their gradient
-  (align.ppo_math.logprobs_from_logits computes the float32 log-softmax in chunks of 512 positions);
+  (align.ops.logprobs.logprobs_from_logits computes the float32 log-softmax in chunks of 512 positions);
   the reward model has a one-output score head and no vocabulary logits.
 - PPO: one shared base with policy, critic and reward adapters plus value and reward heads; the peak is the
   largest of generation (KV cache), scoring (no-grad forwards) and the update (policy and critic are
@@ -60,7 +60,7 @@ INT8_BYTES_PER_PARAM = 1.0
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32
 FUSED_HEAD_TOKENS = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 FUSED_HEAD_VOCAB = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
-PPO_LOGPROB_CHUNK = 512  # align.ppo_math.logprobs_from_logits chunk_size
+PPO_LOGPROB_CHUNK = 512  # align.ops.logprobs.logprobs_from_logits chunk_size
 
 # Only for --target cpu (process RSS); measured on this project's CPU machine, see bench/validate_planner.py.
 #   fixed_bytes: RSS a training step adds beyond its tensors (oneDNN/MKL scratch and thread buffers,

@@ -10,7 +10,7 @@
 
 One base model carries the policy, the critic, the reward model and the reference (see align.rl.ppo); the
 loop's phases (generate, score, estimate advantages, update) are PPOTrainer.run_update, and their math
-is align.ppo_math. Writes to output_dir: adapter/ (the policy; evaluate it with `align eval` or load it
+is pure functions (align.ops; align.rl.ppo's advantages, losses, kl_control). Writes to output_dir: adapter/ (the policy; evaluate it with `align eval` or load it
 with align.models.load_trained), critic/ (adapter + value_head.safetensors), checkpoints/update-N/,
 config.yaml, run_info.json, metrics.jsonl, tensorboard/, summary.json and the model card (README.md);
 --push_to_hub user/name uploads the policy adapter, its card and the summary.

@@ -277,12 +277,12 @@ def test_nan_reward_stops_with_the_update_and_keeps_the_last_checkpoint(tiny_mod
 
 
 def test_nan_loss_stops_before_the_optimizer_step(tiny_model_dir, tmp_path, monkeypatch):
-    """The policy loss of update 2 is NaN (align.ppo_math.policy_loss patched from the second update on)."""
-    from align import ppo_math
+    """The policy loss of update 2 is NaN (align.rl.ppo.losses.policy_loss patched from the second update on)."""
+    from align.rl.ppo import losses
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, total_updates=3, save_steps=1)
     trainer = trainer_for(cfg)
-    ppo_update, policy_loss = PPOTrainer.ppo_update, ppo_math.policy_loss
+    ppo_update, policy_loss = PPOTrainer.ppo_update, losses.policy_loss
     poisoned = []
 
     def update(self, rollout, update):
@@ -294,7 +294,7 @@ def test_nan_loss_stops_before_the_optimizer_step(tiny_model_dir, tmp_path, monk
         return (value * float("nan") if poisoned[0] else value), stats
 
     monkeypatch.setattr(PPOTrainer, "ppo_update", update)
-    monkeypatch.setattr(ppo_math, "policy_loss", loss)
+    monkeypatch.setattr(losses, "policy_loss", loss)
     with pytest.raises(NonFiniteError, match=r"update 2: the policy loss is not finite.*stopped before the optimizer step"):
         trainer.train()
     assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000001"]

@@ -1,4 +1,4 @@
-"""Tests for align/ppo_math.py.
+"""Tests for the pure math of align.ops and align.rl.ppo (advantages, losses, kl_control, the EOS penalty).
 
 Reference values come from the repo's copy, tests/reference/ppo_math.json (computed by OpenRLHF, TRL
 and DeepSpeed-Chat); the tests read only that file.
@@ -16,22 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from align.ppo_math import (
-    AdaptiveKLController,
-    FixedKLController,
-    apply_missing_eos_penalty,
-    compute_rewards,
-    entropy_from_logits,
-    gae,
-    logprobs_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    policy_loss,
-    token_kl,
-    truncate_after_eos,
-    value_loss,
-)
+from align.ops.kl import token_kl
+from align.ops.logprobs import entropy_from_logits, logprobs_from_logits
+from align.ops.masked import masked_mean, masked_var, masked_whiten
+from align.ops.responses import truncate_after_eos
+from align.rl.ppo.advantages import compute_rewards, gae
+from align.rl.ppo.kl_control import AdaptiveKLController, FixedKLController
+from align.rl.ppo.losses import policy_loss, value_loss
+from align.rl.ppo.rollout import apply_missing_eos_penalty
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_REFERENCE = REPO_ROOT / "tests" / "reference" / "ppo_math.json"

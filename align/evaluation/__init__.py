@@ -34,7 +34,7 @@ Written to OUT (default RUN/eval; for `base`, outputs/base/eval):
 
 KL(policy || reference) is estimated on the policy's own samples (mode "sample") as the per-sequence sum
 over response tokens of k1 = log p - log p_ref (unbiased) and of k3 = (r - 1) - log r with
-r = p_ref / p (unbiased, never negative) [Schulman20, see align.ppo_math]. With the default sampling
+r = p_ref / p (unbiased, never negative) [Schulman20, see align.ops.kl]. With the default sampling
 (temperature 1, no top-p, no top-k) the samples are drawn from the policy itself, so this is the KL of the
 RLHF objective. With another temperature both models' logits are divided by it, so it is the KL between
 the tempered distributions that were sampled. Greedy replies are not samples of the policy; they carry no

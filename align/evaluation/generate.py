@@ -91,7 +91,8 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
     Batch i of mode 'sample' is drawn after torch.manual_seed(cfg.seed + i), so the same settings (seed,
     generation batch size, prompt order) give the same replies.
     """
-    from align.ppo_math import token_kl, truncate_after_eos
+    from align.ops.kl import token_kl
+    from align.ops.responses import truncate_after_eos
 
     model, tokenizer = policy.model, policy.tokenizer
     device = next(model.parameters()).device

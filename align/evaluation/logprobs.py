@@ -36,7 +36,7 @@ def last_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     Returns:
         (batch, n_last) float32 log-probs; entries at masked-out positions are meaningless.
     """
-    from align.ppo_math import logprobs_from_logits
+    from align.ops.logprobs import logprobs_from_logits
 
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),

@@ -8,7 +8,7 @@ planner_check.py and bench/validate_planner.py). The step has the stage's real s
     dpo     chosen + rejected concatenated (2 x micro_batch rows), fused LM head, sigmoid DPO loss against
             reference log-probs (precomputed constants, or an adapter-disabled no-grad forward)
     reward  sequence classification (one-output score head), 2 x micro_batch rows, Bradley-Terry loss
-    ppo     the engine's update: policy forward and backward (align.ppo_math.logprobs_from_logits on the
+    ppo     the engine's update: policy forward and backward (align.ops.logprobs.logprobs_from_logits on the
             response logits), then the critic adapter and value head forward and backward
 followed by AdamW on the trainable parameters. The model comes from align.models.load_model.
 
@@ -133,7 +133,7 @@ def _forward_backward(bench: StepArgs, model, extras, seq_len: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from align import ppo_math
+    from align.ops.logprobs import logprobs_from_logits
 
     device = bench.device
     vocab = model.get_base_model().config.vocab_size
@@ -166,7 +166,7 @@ def _forward_backward(bench: StepArgs, model, extras, seq_len: int) -> float:
         lm_head = model.get_base_model().lm_head
         model.set_adapter("default")
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, query_width - 1 : seq_len - 1]
-        logprobs = ppo_math.logprobs_from_logits(lm_head(hidden), ids[:, query_width:], 0.7)
+        logprobs = logprobs_from_logits(lm_head(hidden), ids[:, query_width:], 0.7)
         loss = -logprobs.mean()
         loss.backward()
         del hidden, logprobs
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     import trl.trainer.utils  # noqa: F401
 
     import align.models  # noqa: F401
-    import align.ppo_math  # noqa: F401
+    import align.ops.logprobs  # noqa: F401
 
     result = measure(bench)
     text = json.dumps(result, indent=2)

@@ -16,11 +16,14 @@ The modules, in the order a run meets them:
     rewards.py     the reward as one call: a shared adapter, a separate reward model or a Python function
     rollout.py     phases 1 and 2: sample responses (GumbelSampler), score them (log-probs, values, reward)
     advantages.py  phase 3: KL-penalised rewards, GAE and whitening over the global batch
+    kl_control.py  the KL coefficient of those rewards: fixed or adaptive
+    losses.py      phase 4's losses: the clipped policy surrogate and the clipped value loss
     trainer.py     PPOTrainer: the loop, phase 4 (the update) and the events it reports (align.phases)
     health.py      phase 5: per-update metrics and the checks on them
     heldout.py     greedy replies to held-out prompts before and after training
     checkpoint.py  adapters, optimizer and RNG state on disk; resume
-The math every phase calls is align.ppo_math (pure functions with shapes and citations).
+The math is pure functions with shapes and citations: advantages.py, losses.py, kl_control.py here, and
+align.ops (log-probs, masked statistics, KL estimators, EOS truncation) shared with DPO and evaluation.
 
 One base, several adapters (the base is the SFT model; 4-bit on a GPU):
     policy      LoRA adapter "policy" and the base's lm_head; trained
@@ -35,7 +38,7 @@ The reward can also be a separate reward model (another checkpoint, even another
 are decoded to text and re-encoded with its tokenizer) or a Python function
 `fn(prompt_records, responses) -> list[float]`; the built-in verifier (align.verifier) is one.
 
-Each update (PPOTrainer.run_update) runs five phases; the math is a call into align.ppo_math:
+Each update (PPOTrainer.run_update) runs five phases; the math is a call into those pure functions:
     1. generate              one sampled response per prompt (pure sampling at `temperature`)
     2. score                 old and reference log-probs and values once per rollout (no grad); reward
     3. estimate advantages   KL-penalised rewards, GAE, whitening over the global batch

@@ -55,7 +55,7 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs):
     gamma: float = arg(1.0, "discount")
     lam: float = arg(0.95, "GAE lambda")
     kl_coef: float = arg(0.05, "KL penalty coefficient beta (initial value when kl_target is set)")
-    kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "per-token KL estimator in the reward (see align.ppo_math.token_kl)")
+    kl_estimator: Literal["k1", "k2", "k3"] = arg("k1", "per-token KL estimator in the reward (see align.ops.kl.token_kl)")
     kl_target: float | None = arg(None, "adaptive KL: steer the mean KL per response towards this (nats); none = fixed beta")
     kl_horizon: float = arg(10000.0, "adaptive KL horizon, in responses")
     whiten_rewards: bool = arg(False, "whiten the per-token rewards (keeping their mean) before GAE")

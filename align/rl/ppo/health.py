@@ -10,8 +10,9 @@ from typing import Sequence
 
 import torch
 
-from align import ppo_math
 from align.errors import AlignError
+from align.ops.kl import token_kl
+from align.ops.masked import masked_mean
 from align.rl.ppo.config import PPOArgs
 from align.rl.ppo.dist import Dist
 from align.rl.ppo.rollout import Rollout
@@ -27,8 +28,8 @@ def rollout_metrics(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Dist) 
     "perf/new_tokens": the prompt and response tokens of this rollout over all processes."""
     mask = rollout.response_mask
     lengths = mask.sum(-1).float()
-    kl = ppo_math.token_kl(rollout.old_logprobs, rollout.ref_logprobs, mask, "k1").sum(-1)
-    penalty = -kl_coef * ppo_math.token_kl(rollout.old_logprobs, rollout.ref_logprobs, mask, cfg.kl_estimator).sum(-1)
+    kl = token_kl(rollout.old_logprobs, rollout.ref_logprobs, mask, "k1").sum(-1)
+    penalty = -kl_coef * token_kl(rollout.old_logprobs, rollout.ref_logprobs, mask, cfg.kl_estimator).sum(-1)
     per_row = {
         "objective/kl": kl,  # sum over the response of log p - log p_ref (k1), per response
         "objective/non_score_reward": penalty,
@@ -37,7 +38,7 @@ def rollout_metrics(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Dist) 
         "rollout/response_length": lengths,
         "rollout/eos_rate": rollout.contains_eos.float(),
         "rollout/length_saturation": (lengths >= cfg.response_length).float(),
-        "values/mean": ppo_math.masked_mean(rollout.old_values, mask, dim=-1),
+        "values/mean": masked_mean(rollout.old_values, mask, dim=-1),
     }
     if rollout.verifier is not None:
         per_row["objective/verifier"] = rollout.verifier

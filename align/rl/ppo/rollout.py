@@ -17,9 +17,10 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from align import ppo_math
 from align.errors import AlignError
 from align.models import eval_mode
+from align.ops.logprobs import entropy_from_logits, logprobs_from_logits
+from align.ops.responses import truncate_after_eos
 from align.records import PromptRecord
 from align.rl.ppo.config import CRITIC, POLICY, PPOArgs, RewardFn
 from align.rl.ppo.models import PPOModels
@@ -100,7 +101,7 @@ def sample_responses(models: PPOModels, records: Sequence[PromptRecord], seeds: 
         sequences = models.model.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
                                           logits_processor=LogitsProcessorList([sampler]))
     responses = sequences[:, query.shape[1]:]
-    responses, response_mask, _, contains_eos = ppo_math.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, response_mask, _, contains_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return query, query_mask, responses, response_mask, contains_eos
 
 
@@ -157,11 +158,11 @@ def policy_forward(models: PPOModels, rollout: Rollout, rows: Tensor, temperatur
     ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
     hidden = models.response_hidden(ids, mask, rollout.query.shape[1], rollout.responses.shape[1])
     logits = models.lm_head(hidden)
-    logprobs = ppo_math.logprobs_from_logits(logits, rollout.responses[rows], temperature)
+    logprobs = logprobs_from_logits(logits, rollout.responses[rows], temperature)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = ppo_math.entropy_from_logits(logits.detach(), temperature)
+            entropy = entropy_from_logits(logits.detach(), temperature)
     return logprobs, entropy
 
 
@@ -175,6 +176,21 @@ def critic_forward(models: PPOModels, rollout: Rollout, rows: Tensor) -> Tensor:
 def _batches(n: int, size: int, device: torch.device) -> Iterator[Tensor]:
     for start in range(0, n, size):
         yield torch.arange(start, min(n, start + size), device=device)
+
+
+def apply_missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: float) -> Tensor:
+    """Subtract `penalty` from the score of every response that never emitted EOS (TRL's
+    `missing_eos_penalty`), so that running into the length limit is never the best strategy.
+
+    Args:
+        scores: (batch,) reward-model scores.
+        contains_eos: (batch,) bool, from `align.ops.responses.truncate_after_eos`.
+        penalty: a non-negative amount.
+
+    Returns:
+        (batch,) penalised scores.
+    """
+    return torch.where(contains_eos.bool(), scores, scores - penalty)
 
 
 @torch.no_grad()
@@ -200,6 +216,6 @@ def score_rollout(models: PPOModels, rollout: Rollout, reward_fn: RewardFn, cfg:
     if raw.numel() != n:
         raise AlignError(f"reward: returned {raw.numel()} scores for {n} responses")
     rollout.raw_scores = raw
-    rollout.scores = raw if cfg.missing_eos_penalty is None else ppo_math.apply_missing_eos_penalty(raw, rollout.contains_eos, cfg.missing_eos_penalty)
+    rollout.scores = raw if cfg.missing_eos_penalty is None else apply_missing_eos_penalty(raw, rollout.contains_eos, cfg.missing_eos_penalty)
     if verifier_fn is not None:
         rollout.verifier = torch.tensor(verifier_fn(rollout.records, rollout.texts), dtype=torch.float32, device=models.device)

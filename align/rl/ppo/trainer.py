@@ -3,7 +3,7 @@
     trainer = PPOTrainer(cfg, models, prompts, reward_fn, dist=dist, callbacks=[...])
     trainer.train()      # run_update() until total_updates: generate, score, advantages, update, log
 
-The phases' math lives elsewhere (align.rl.ppo.rollout, .advantages, align.ppo_math); this module owns the
+The phases' math lives elsewhere (align.rl.ppo.rollout, .advantages, .losses, align.ops); this module owns the
 order they run in, the optimizer, the data order, the all-reduce of gradients, the non-finite checks,
 logging, checkpoints and signals. Every phase is reported to `callbacks` (align.phases), which is how the
 benchmark measures them.
@@ -21,19 +21,19 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from align import ppo_math
 from align.errors import ConfigError
 from align.io import append_jsonl, atomic_dir, atomic_write_json
 from align.log import MAIN_ONLY, get_logger
 from align.phases import notify, reported_phase
 from align.records import PromptRecord
-from align.rl.ppo import checkpoint
+from align.rl.ppo import checkpoint, losses
 from align.rl.ppo.advantages import estimate_advantages
 from align.rl.ppo.checkpoint import CHECKPOINT_PREFIX
 from align.rl.ppo.config import CRITIC, POLICY, PPOArgs, RewardFn
 from align.rl.ppo.dist import Dist
 from align.rl.ppo.health import HealthStop, health_checks, rollout_metrics
 from align.rl.ppo.heldout import evaluate_heldout, hacking_warning, heldout_line
+from align.rl.ppo.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.ppo.models import PPOModels, _adapter_of
 from align.rl.ppo.rollout import Rollout, critic_forward, decode_responses, policy_forward, row_seed, sample_responses, score_rollout
 from align.train import NonFiniteError, peak_memory_mb
@@ -87,8 +87,8 @@ class PPOTrainer:
         )
         steps_per_update = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.lr_scheduler, cfg.total_updates * steps_per_update))
-        self.kl_ctl = (ppo_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
-                       else ppo_math.FixedKLController(cfg.kl_coef))
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
+                       else FixedKLController(cfg.kl_coef))
         self.update_index = 0  # updates completed
         self.tokens = 0  # prompt + response tokens rolled out, all processes
         self.elapsed_before = 0.0  # wall time of earlier sessions (resume)
@@ -276,13 +276,13 @@ class PPOTrainer:
         # same adapter active.
         with models.phase(POLICY, trainable=True):
             logprobs, _ = policy_forward(models, rollout, rows, cfg.temperature)
-            pg_loss, pg_stats = ppo_math.policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows], mask, cfg.cliprange)
+            pg_loss, pg_stats = losses.policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows], mask, cfg.cliprange)
             bad = self._first_non_finite({"the policy loss": pg_loss}, update)
             if bad is None:
                 (pg_loss * weight).backward()
         with models.phase(CRITIC, trainable=True):
             values = critic_forward(models, rollout, rows)
-            vf_loss, vf_clipfrac = ppo_math.value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.cliprange_value)
+            vf_loss, vf_clipfrac = losses.value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.cliprange_value)
             bad = bad or self._first_non_finite({"the value loss": vf_loss}, update)
             if bad is None:
                 (vf_loss * weight).backward()
