@@ -216,6 +216,13 @@ def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
 
 
 @dataclass
+class FreedMemoryArgs:
+    """The switch for `return_freed_memory_to_os`, shared by the DPO, PPO and GRPO configs."""
+
+    return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
+
+
+@dataclass
 class MemoryArgs:
     """Activation-memory settings of the SFT recipe (put first among a config's bases: its
     gradient_checkpointing default then wins over ModelArgs')."""

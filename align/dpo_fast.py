@@ -48,6 +48,7 @@ from torch import Tensor
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
+from align.activations import FreedMemoryArgs
 from align.config import arg
 from align.lm_head import completion_logprobs, transforms_logits
 
@@ -57,11 +58,10 @@ PROMPT, CHOSEN, REJECTED, PAD = 3, 1, 2, 0
 
 
 @dataclass
-class FastDPOArgs:
+class FastDPOArgs(FreedMemoryArgs):
     fast_logprobs: bool = arg(True, "LM head only on completion positions, in chunks, no full-vocabulary logits (align.dpo_fast); off = TRL's fused head")
     share_prompt: bool = arg(True, "one row per pair: chosen and rejected share one copy of the prompt (exact; needs fast_logprobs)")
     logprob_chunk_size: int = arg(256, "positions per LM-head chunk with fast_logprobs (memory vs. speed)")
-    return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
 
 
 # ------------------------------------------------------------------------------------------ the batch

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from align.activations import CompressActivationsMixin, return_freed_memory_to_os
+from align.activations import CompressActivationsMixin, FreedMemoryArgs, return_freed_memory_to_os
 from align.config import arg, parse_config
 from align.data.load import DataArgs, check_lengths, load_prompts
 from align.errors import ConfigError, cli_main
@@ -39,7 +39,7 @@ logger = get_logger(__name__)
 
 
 @dataclass
-class GRPOArgs(RunArgs, ModelArgs, DataArgs):
+class GRPOArgs(RunArgs, ModelArgs, DataArgs, FreedMemoryArgs):
     algorithm: Literal["grpo", "rloo"] = arg("grpo", "grpo: advantage = (reward - group mean) / group std; rloo: reward - mean of the others")
     output_dir: str = arg("outputs/grpo", "where the adapter, checkpoints, metrics and summary go")
     eval_data: str | None = arg("ifprefs:eval", "held-out prompts for the summary's before -> after (greedy); none = skip")
@@ -64,8 +64,6 @@ class GRPOArgs(RunArgs, ModelArgs, DataArgs):
     save_steps: int = arg(4, "checkpoint every N optimizer steps")
     summary_prompts: int = arg(32, "held-out prompts generated (greedy) for the summary's before -> after (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
-    return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back "
-                                          "to the OS (peak RSS; 6 steps of the defaults: 0.82x the peak at 1.13x the time)")
 
     def validate(self) -> None:
         DataArgs.validate(self)

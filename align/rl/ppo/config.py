@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+from align.activations import FreedMemoryArgs
 from align.config import arg
 from align.errors import ConfigError
 from align.log import LogArgs
@@ -18,7 +19,7 @@ RewardFn = Callable[[list[PromptRecord], list[str]], list[float]]
 
 
 @dataclass
-class PPOArgs(ModelArgs, PublishArgs, LogArgs):
+class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     # ---- where the models come from
     sft_dir: str | None = arg("outputs/sft", "the SFT run: a merged model is the base, an adapter is merged into its base in memory; missing = model_name_or_path")
     reward: str = arg("auto", "auto (reward_model if it exists, else verifier) | model | verifier | module.path:function | file.py:function")
@@ -69,7 +70,6 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs):
     report_to: Literal["tensorboard", "none"] = arg("tensorboard", "TensorBoard logs in output_dir/tensorboard, or none")
     min_free_gb: float = arg(1.0, "refuse to start with less free disk than this in output_dir")
     cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores idle when the run starts, at least 1; -1 = leave torch's setting")
-    return_freed_memory: bool = arg(True, "CPU, Linux: allocations of 1 MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
     # ---- health checks (warn in the log and summary; stop the run under stop_on_health)
     stop_on_health: bool = arg(False, "stop the run (after a checkpoint) when a health check crosses its threshold")
     health_min_kl: float = arg(-0.05, "warn when the mean KL per response is below this and 2 standard errors below 0 (a sampling/scoring mismatch)")
