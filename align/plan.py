@@ -172,7 +172,7 @@ def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, dropout
         already counted), else one copy per module; with dropout, each module keeps its dropout output and
         mask instead.
     The frozen base projections save no activations (their weight gradient is never needed).
-    Checked exactly against autograd's saved tensors on tiny models in tests/test_plan.py.
+    Checked exactly against autograd's saved tensors on tiny models in tests/unit/test_plan.py.
     """
     h, I = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 # Added to the variance before the inverse square root, as TRL and OpenRLHF do; the reference values
-# in tests/reference/ppo_math.json were computed with it.
+# in tests/support/reference/ppo_math.json were computed with it.
 WHITEN_EPS = 1e-8
 
 

@@ -1,0 +1,323 @@
+"""align.dpo_fast: the fast log-prob path gives TRL's numbers.
+
+Equivalence invariants on a tiny model in float32: FastDPOTrainer against TRL's own DPOTrainer on the same
+batch, the same weights and the same LoRA values (B made non-zero so the policy differs from the
+reference). Tolerances, and why they are not zero: the fast path runs different matmul shapes (rows of
+prompt + chosen + rejected, the LM head on completion positions only), so float32 sums round
+differently. Per-sequence log-probs are sums of ~100 terms of magnitude ~5, so they agree to
+|diff| <= 1e-4 (float32 epsilon 6e-8 x 500 x a few); the loss to 1e-5; gradients to 1e-4 of the largest
+gradient entry of each tensor. Measured gaps are ~1e-6 relative.
+"""
+
+import pytest
+import torch
+
+from align.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask, preference_rows
+from align.lm_head import completion_logprobs
+
+LOGP_ATOL = 1e-4
+LOSS_ATOL = 1e-5
+GRAD_RTOL = 1e-4
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def _trl_batch(examples):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    return DataCollatorForPreference(pad_token_id=0)(examples)
+
+
+def test_preference_rows_shares_the_prompt():
+    """Two pairs, hand-laid out.
+
+    pair 0: prompt [5 6 7], chosen [8 9], rejected [10]      -> row [5 6 7 8 9 10]
+    pair 1: prompt [5 6],   chosen [11],  rejected [12 13 14] -> row [5 6 11 12 13 14]
+    TRL's layout: rows chosen0, chosen1, rejected0, rejected1, length L = 5, log-probs (4, L - 1 = 4).
+    The hidden state predicting a token: chosen token at TRL column t <- row column t - 1; the first
+    rejected token <- the last prompt token; later rejected tokens <- the rejected token before them,
+    shifted right by the chosen reply's length (pair 0: +2, pair 1: +1). Flat index = row * 6 + column.
+    """
+    batch = _trl_batch([
+        {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10]},
+        {"prompt_ids": [5, 6], "chosen_ids": [11], "rejected_ids": [12, 13, 14]},
+    ])
+    rows = preference_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], True, pad_token_id=0)
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [5, 6, 11, 12, 13, 14]]
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 2, 3, 4]]
+    assert rows["branch"].tolist() == [[PROMPT] * 3 + [CHOSEN] * 2 + [REJECTED], [PROMPT] * 2 + [CHOSEN] + [REJECTED] * 3]
+    # per pair: chosen tokens, then rejected tokens
+    assert rows["targets"].tolist() == [8, 9, 10, 11, 12, 13, 14]
+    assert rows["hidden_index"].tolist() == [2, 3, 2, 6 + 1, 6 + 1, 6 + 3, 6 + 4]
+    # TRL rows: chosen0 = 0, chosen1 = 1, rejected0 = 2, rejected1 = 3; index = row * 4 + (t - 1)
+    assert rows["out_index"].tolist() == [0 * 4 + 2, 3, 2 * 4 + 2, 1 * 4 + 1, 3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3]
+
+
+def test_preference_rows_without_sharing_keeps_trl_rows():
+    batch = _trl_batch([{"prompt_ids": [5, 6], "chosen_ids": [8, 9], "rejected_ids": [10]}])
+    rows = preference_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], False, pad_token_id=0)
+    assert rows["input_ids"].tolist() == [[5, 6, 8, 9], [5, 6, 10, 0]]
+    assert rows["branch"].tolist() == [[CHOSEN] * 4, [CHOSEN] * 3 + [PAD]]
+    assert rows["hidden_index"].tolist() == [1, 2, 4 + 1]
+
+
+def test_different_prompts_are_not_shared():
+    """keep_end truncation can cut the two prompts of a pair differently: such a pair keeps two rows."""
+    batch = _trl_batch([{"prompt_ids": [5, 6], "chosen_ids": [8], "rejected_ids": [10]}])
+    batch["input_ids"][1, 0] = 7  # the rejected sequence's prompt now differs
+    rows = preference_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], True, pad_token_id=0)
+    assert rows["input_ids"].tolist() == [[5, 6, 8], [7, 6, 10]]
+
+
+def test_branch_attention_mask_by_hand():
+    """Row [p p p c c r] (bits 3 3 3 1 1 2) plus one padding token: the rejected token sees the prompt and
+    itself, not the chosen reply; the padding token sees everything before it (no empty softmax row)."""
+    branch = torch.tensor([[PROMPT, PROMPT, PROMPT, CHOSEN, CHOSEN, REJECTED, PAD]], dtype=torch.uint8)
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0, 1, 0],
+        [1, 1, 1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(branch_attention_mask(branch)[0, 0], expected)
+
+
+# ------------------------------------------------------------------------------------------ LM head
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])
+def test_completion_logprobs_equals_log_softmax(chunk_size):
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64)
+    targets = torch.randint(0, 11, (7,))
+    logps, entropy, mean_logits, is_top1 = completion_logprobs(hidden, weight, bias, targets, chunk_size)
+    logits = hidden @ weight.T + bias
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-12)
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(entropy.double(), -(probs * probs.log()).sum(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(mean_logits.double(), logits.mean(-1), rtol=0, atol=1e-5)
+    assert torch.equal(is_top1, logits.argmax(-1) == targets)
+    weights = torch.randn(7, dtype=torch.float64)
+    grads = torch.autograd.grad((logps * weights).sum(), (hidden, weight))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (hidden, weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+def _pairs():
+    from align.records import PreferencePair
+
+    topics = ["cats", "the sea", "bread", "trains", "chess", "rain"]
+    return [
+        PreferencePair(
+            prompt=[{"role": "user", "content": f"Tell me about {t}." + " Please be brief." * (i % 3)}],
+            chosen=f"{t.capitalize()} are interesting. " * (1 + i % 3),
+            rejected="I do not know." + " Sorry." * (i % 4),
+        )
+        for i, t in enumerate(topics)
+    ]
+
+
+def _trainer(model_dir, fast, tmp_path, share_prompt=True, precompute=True, gradient_checkpointing=False, truncation_mode="keep_start", max_length=128):
+    """A fresh tiny LoRA model (same seed: same LoRA init) and a trainer; then the same non-zero LoRA B
+    in every trainer, so that the policy differs from the (already computed) reference."""
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    from align.data.load import to_hf_dataset
+    from align.dpo_fast import FastDPOTrainer
+    from align.models import ModelArgs, load_model
+
+    transformers.set_seed(0)
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype="fp32", quantization="none", lora_r=4, lora_alpha=8))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_length=max_length, truncation_mode=truncation_mode,
+        precompute_ref_log_probs=precompute, gradient_checkpointing=gradient_checkpointing, use_cpu=True, bf16=False,
+        report_to=[], save_strategy="no", logging_steps=1, max_steps=3, learning_rate=5e-2, seed=0,
+    )
+    # a fresh dataset per trainer: TRL caches precomputed reference log-probs by dataset fingerprint
+    common = dict(model=model, args=args, train_dataset=to_hf_dataset(_pairs()), processing_class=tokenizer)
+    if fast:
+        trainer = FastDPOTrainer(**common, share_prompt=share_prompt, chunk_size=5)
+    else:
+        trainer = DPOTrainer(**common)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    return trainer
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+@pytest.mark.parametrize(
+    "share_prompt,precompute,gradient_checkpointing",
+    [(True, True, False), (False, True, False), (True, False, False), (True, True, True)],
+)
+def test_fast_trainer_matches_trl(tiny_model_dir, tmp_path, share_prompt, precompute, gradient_checkpointing):
+    stock = _trainer(tiny_model_dir, False, tmp_path / "stock", precompute=precompute, gradient_checkpointing=gradient_checkpointing)
+    fast = _trainer(tiny_model_dir, True, tmp_path / "fast", share_prompt, precompute, gradient_checkpointing)
+    batch = next(iter(stock.get_train_dataloader()))
+    fast_batch = next(iter(fast.get_train_dataloader()))
+    assert torch.equal(batch["input_ids"], fast_batch["input_ids"])  # same rows, same order
+    if precompute:  # the reference log-probs the fast trainer precomputed through its own path
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            torch.testing.assert_close(fast_batch[key], batch[key], rtol=0, atol=LOGP_ATOL)
+
+    loss, grads, metrics = _loss_and_grads(stock, batch)
+    fast_loss, fast_grads, fast_metrics = _loss_and_grads(fast, fast_batch)
+    assert abs(loss.item() - 0.6931) > 1e-3  # the policy differs from the reference: a real test
+    torch.testing.assert_close(fast_loss, loss, rtol=0, atol=LOSS_ATOL)
+    assert grads.keys() == fast_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        tol = GRAD_RTOL * grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(fast_grads[name], grad, rtol=0, atol=tol, msg=name)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert fast_metrics[key] == pytest.approx(metrics[key], abs=LOGP_ATOL), key
+    for key in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens"):
+        assert fast_metrics[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def test_reference_log_probs_match_trl(tiny_model_dir, tmp_path):
+    """compute_ref_log_probs (adapter disabled / "ref" adapter), with and without the shared prompt."""
+    stock = _trainer(tiny_model_dir, False, tmp_path / "stock", precompute=False)
+    batch = next(iter(stock.get_train_dataloader()))
+    want = stock.compute_ref_log_probs(stock.model, batch)
+    for share in (True, False):
+        fast = _trainer(tiny_model_dir, True, tmp_path / f"fast{share}", share_prompt=share, precompute=False)
+        got = fast.compute_ref_log_probs(fast.model, batch)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=LOGP_ATOL)
+
+
+def test_keep_end_truncation_matches_trl(tiny_model_dir, tmp_path):
+    """Truncated from the left, the chosen and rejected prompts differ: those pairs keep two rows."""
+    stock = _trainer(tiny_model_dir, False, tmp_path / "stock", truncation_mode="keep_end", max_length=40)
+    fast = _trainer(tiny_model_dir, True, tmp_path / "fast", truncation_mode="keep_end", max_length=40)
+    batch = next(iter(stock.get_train_dataloader()))
+    loss, grads, _ = _loss_and_grads(stock, batch)
+    fast_loss, fast_grads, _ = _loss_and_grads(fast, next(iter(fast.get_train_dataloader())))
+    torch.testing.assert_close(fast_loss, loss, rtol=0, atol=LOSS_ATOL)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=0, atol=GRAD_RTOL * grad.abs().max().item() + 1e-12)
+
+
+def test_training_trajectory_matches_trl(tiny_model_dir, tmp_path):
+    """Three optimizer steps (learning rate 5e-2, so the weights move): the same loss at every step."""
+    losses = {}
+    for fast in (False, True):
+        trainer = _trainer(tiny_model_dir, fast, tmp_path / str(fast))
+        trainer.train()
+        losses[fast] = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses[False]) == 3  # max_steps=3 (6 pairs, 3 per step: the third step starts epoch 2)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+def test_fast_off_is_trl(tiny_model_dir, tmp_path):
+    """fast=False: no patched forward is used, and the loss is TRL's to the last bit."""
+    stock = _trainer(tiny_model_dir, False, tmp_path / "stock")
+    off = _trainer(tiny_model_dir, False, tmp_path / "off")
+    from align.dpo_fast import FastDPOTrainer
+
+    batch = next(iter(stock.get_train_dataloader()))
+    loss = _loss_and_grads(stock, batch)[0]
+    off.__class__ = FastDPOTrainer
+    off._fast, off._share_prompt, off._chunk_size, off._fallback_reason = False, True, 5, None
+    assert torch.equal(_loss_and_grads(off, batch)[0], loss)
+
+
+def _recipe():
+    import importlib.util
+
+    from repo_paths import REPO
+
+    path = REPO / "recipes" / "dpo.py"
+    spec = importlib.util.spec_from_file_location("recipe_dpo", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
+    """recipes/dpo.py's own trainer (build_trainer) with the recipe's defaults, on a tiny model."""
+    from align.config import build_config
+    from align.data.load import to_hf_dataset
+    from align.models import load_model
+
+    recipe = _recipe()
+    cfg = build_config(recipe.DPOArgs, {"model_name_or_path": model_dir, "output_dir": str(tmp_path), "max_steps": 1,
+                                        "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1, **overrides})
+    model, tokenizer = load_model(cfg)
+    return recipe.build_trainer(cfg, model, tokenizer, to_hf_dataset(pairs), [])
+
+
+def test_recipe_builds_the_fast_trainer(tiny_model_dir, tmp_path):
+    from align.dpo_fast import FastDPOTrainer
+
+    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs())
+    assert isinstance(trainer, FastDPOTrainer) and trainer._fast and trainer._share_prompt
+    assert "ref_chosen_logps" not in trainer.train_dataset.column_names  # the reference on each step's own batch
+    pre = _recipe_trainer(tiny_model_dir, tmp_path / "pre", _pairs(), precompute_ref_log_probs=True)
+    assert "ref_chosen_logps" in pre.train_dataset.column_names
+
+
+def _uneven_pairs():
+    """Pairs of very different lengths (40 to 400 tokens): a batch's padded width depends on which pairs it holds."""
+    from align.records import PreferencePair
+
+    return [
+        PreferencePair(prompt=[{"role": "user", "content": "Hi there. " * (1 + 20 * (i % 2))}],
+                       chosen="Yes indeed. " * (1 + 15 * (i % 3)), rejected="No. " * (1 + i))
+        for i in range(6)
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_recipe_first_step_is_exactly_ln2(tiny_quant_model_dir, tmp_path, dtype):
+    """Before the first update the policy is the reference, so every implicit reward is exactly 0 and the
+    sigmoid loss exactly ln 2, in every dtype: the recipe computes the reference on the step's own batch
+    through the policy's own path and sums it in the same order. (Precomputed in other batches, bf16
+    log-probs of a row depend on the padded width of the batch it sat in: on the real model the first loss
+    was 0.6971 instead of 0.6931.) The 64-wide tiny model is wide enough for bf16 matmuls to round by shape."""
+    trainer = _recipe_trainer(tiny_quant_model_dir, tmp_path, _uneven_pairs(), dtype=dtype, max_length=512,
+                              per_device_train_batch_size=2)
+    assert (trainer.args.bf16, trainer._fast) == (dtype == "bf16", True)
+    trainer.model.train()
+    for batch in list(trainer.get_train_dataloader())[:2]:
+        loss = trainer.compute_loss(trainer.model, batch)
+        assert loss.item() == torch.tensor(2.0).log().item()
+        metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == metrics["rewards/margins"] == 0.0
+
+
+def test_recipe_loss_weights_reach_the_loss(tiny_model_dir, tmp_path):
+    """--loss_weights goes to TRL's multi-loss sum: sigmoid,sft weighted 1,0 is DPO alone (ln 2 at the first step,
+    policy = reference), weighted 0,1 is the SFT term alone, and 1,1 is their sum."""
+    losses = {}
+    for weights in ("1.0,0.0", "0.0,1.0", "1.0,1.0"):
+        trainer = _recipe_trainer(tiny_model_dir, tmp_path / weights, _pairs(), loss_type="sigmoid,sft", loss_weights=weights)
+        assert trainer.args.loss_weights == [float(w) for w in weights.split(",")]
+        batch = next(iter(trainer.get_train_dataloader()))
+        losses[weights] = trainer.compute_loss(trainer.model, batch).item()
+    assert losses["1.0,0.0"] == pytest.approx(torch.tensor(2.0).log().item(), abs=1e-6)
+    assert losses["0.0,1.0"] > 1.0  # an untrained tiny model's NLL per token of the chosen reply
+    assert losses["1.0,1.0"] == pytest.approx(losses["1.0,0.0"] + losses["0.0,1.0"], rel=1e-5)
