@@ -479,13 +479,13 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
 
 def load_records(cfg: Any, kind: str, tokenizer: Any) -> tuple[list, list]:
     """Training and held-out records for `kind` ("prefs" or "sft"), length-checked against max_length."""
-    from align.data.load import check_lengths, load_preferences, load_sft
+    from align.data.load import check_lengths, load_preferences, load_sft, load_train
 
     loader = load_preferences if kind == "prefs" else load_sft
     options = dict(format=cfg.data_format, on_bad_rows=cfg.on_bad_rows, extra_fields=cfg.extra_fields)
     if kind == "prefs":
         options["pairs"] = cfg.ranked_pairs
-    train = loader(cfg.train_data, max_rows=cfg.max_train_rows, **options)
+    train = load_train(loader, cfg, **options)
     held_out = loader(cfg.eval_data, max_rows=cfg.max_eval_rows or cfg.eval_rows, **options) if cfg.eval_data else []
     train = check_lengths(train, tokenizer, cfg.max_length, cfg.on_too_long)
     held_out = check_lengths(held_out, tokenizer, cfg.max_length, cfg.on_too_long)

@@ -50,7 +50,7 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~1/3 more compute, a fraction of the "
                                                 "activation memory; none = hardware default (GPU: on, CPU: off)")
     lora_dropout: float = arg(0.0, "LoRA dropout (0: TRL's DPOTrainer sets every dropout to 0 anyway, disable_dropout=True)")
-    summary_prompts: int = arg(32, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
+    summary_prompts: int = arg(128, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:
@@ -70,7 +70,7 @@ def main() -> None:
     cfg = parse_config(DPOArgs)
     check_peft_supported(cfg, "dpo")
     start_run(cfg, "dpo", cpu_max_steps=24)
-    if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run reads only the rows it trains on
+    if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run: one pass over a sample of the rows (train_rows_from)
         cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
     started = time.time()
 
