@@ -77,9 +77,18 @@ def default_gradient_checkpointing() -> bool:
     return on_gpu()
 
 
-def apply_hardware_defaults(cfg: Any, cpu_max_steps: int) -> list[str]:
-    """Fill `auto` fields by hardware and return lines that say what was chosen (printed at start)."""
+def hardware_learning_rate(learning_rates: tuple[float, float]) -> float:
+    """The (CPU short run, GPU) learning rate of a recipe for this machine."""
+    return learning_rates[1] if on_gpu() else learning_rates[0]
+
+
+def apply_hardware_defaults(cfg: Any, cpu_max_steps: int, learning_rates: tuple[float, float] | None = None) -> list[str]:
+    """Fill `auto` fields by hardware and return lines that say what was chosen (printed at start).
+    learning_rates: (CPU short run, GPU) for a recipe whose learning_rate none means "by hardware"."""
     notes = []
+    if learning_rates is not None and getattr(cfg, "learning_rate", 0) is None:
+        cfg.learning_rate = hardware_learning_rate(learning_rates)
+        notes.append(f"learning_rate={cfg.learning_rate:g} ({'GPU: a full run' if on_gpu() else 'CPU: the short run'})")
     if getattr(cfg, "quantization", None) == "auto":
         cfg.quantization = "4bit" if on_gpu() else "none"
         notes.append(f"quantization={cfg.quantization} ({'CUDA GPU: 4-bit QLoRA' if on_gpu() else 'CPU: full-precision base'})")
@@ -440,7 +449,7 @@ def set_cpu_threads(requested: int) -> str:
     return f"threads={threads} (cpu_threads auto: {cores} cores, {busy:.1f} busy, {processes} process(es))"
 
 
-def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
+def start_run(cfg: Any, stage: str, cpu_max_steps: int, learning_rates: tuple[float, float] | None = None) -> list[str]:
     """--push_to_hub's target checked; hardware defaults; the output dir claimed (align.runs: an earlier run refused
     or moved aside, --resume's settings checked, the folder locked, the disk checked now, not after an hour);
     resolved config saved."""
@@ -461,7 +470,7 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # before the model is built: LoRA initialisation follows --seed
-    notes = apply_hardware_defaults(cfg, cpu_max_steps) + [set_cpu_threads(cfg.cpu_threads)]
+    notes = apply_hardware_defaults(cfg, cpu_max_steps, learning_rates) + [set_cpu_threads(cfg.cpu_threads)]
     if is_main_process():
         claimed, extra = claim_output_dir(cfg, cfg.min_free_gb)
         for line in claimed:
@@ -479,13 +488,13 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int) -> list[str]:
 
 def load_records(cfg: Any, kind: str, tokenizer: Any) -> tuple[list, list]:
     """Training and held-out records for `kind` ("prefs" or "sft"), length-checked against max_length."""
-    from align.data.load import check_lengths, load_preferences, load_sft
+    from align.data.load import check_lengths, load_preferences, load_sft, load_train
 
     loader = load_preferences if kind == "prefs" else load_sft
     options = dict(format=cfg.data_format, on_bad_rows=cfg.on_bad_rows, extra_fields=cfg.extra_fields)
     if kind == "prefs":
         options["pairs"] = cfg.ranked_pairs
-    train = loader(cfg.train_data, max_rows=cfg.max_train_rows, **options)
+    train = load_train(loader, cfg, **options)
     held_out = loader(cfg.eval_data, max_rows=cfg.max_eval_rows or cfg.eval_rows, **options) if cfg.eval_data else []
     train = check_lengths(train, tokenizer, cfg.max_length, cfg.on_too_long)
     held_out = check_lengths(held_out, tokenizer, cfg.max_length, cfg.on_too_long)

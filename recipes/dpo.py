@@ -34,14 +34,19 @@ from align.publish import publish_run
 from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
 
 logger = get_logger(__name__)
+LEARNING_RATES = (1e-3, 1e-4)  # learning_rate none: (CPU short run, GPU); the CPU one measured best (issue 18)
 
 
 @dataclass
 class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     output_dir: str = arg("outputs/dpo", "where the adapter, checkpoints, metrics and summary go")
-    learning_rate: float = arg(1e-4, "peak learning rate (LoRA)")
+    learning_rate: float | None = arg(None, "peak learning rate (LoRA); none = by hardware: 1e-3 for the CPU short run (the best "
+                                            "measured, issue 18), 1e-4 on a GPU")
+    lr_scheduler_type: str = arg("cosine", "learning-rate schedule (any transformers scheduler name)")
+    warmup_steps: float = arg(0.1, "learning-rate warmup: a number of steps, or a fraction of all steps when < 1")
     beta: float = arg(0.1, "DPO beta: strength of the implicit KL penalty towards the reference")
-    loss_type: list[str] = arg(["sigmoid"], "TRL DPO loss(es): sigmoid, ipo, hinge, robust, apo_zero, ... (comma-separated to combine)")
+    loss_type: list[str] = arg(["sigmoid", "sft"], "TRL DPO loss(es): sigmoid, ipo, hinge, robust, apo_zero, sft, ... (comma-separated "
+                                                   "to combine); sigmoid,sft = DPO with an SFT term on the chosen reply (RPO)")
     loss_weights: list[float] | None = arg(None, "one weight per loss_type, comma-separated (e.g. sigmoid,sft with 0.2,1.0: "
                                                  "mostly the SFT term); none = 1.0 each")
     label_smoothing: float = arg(0.0, "assumed share of flipped labels (robust / cDPO losses)")
@@ -50,7 +55,7 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~1/3 more compute, a fraction of the "
                                                 "activation memory; none = hardware default (GPU: on, CPU: off)")
     lora_dropout: float = arg(0.0, "LoRA dropout (0: TRL's DPOTrainer sets every dropout to 0 anyway, disable_dropout=True)")
-    summary_prompts: int = arg(32, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
+    summary_prompts: int = arg(128, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:
@@ -69,8 +74,8 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
 def main() -> None:
     cfg = parse_config(DPOArgs)
     check_peft_supported(cfg, "dpo")
-    start_run(cfg, "dpo", cpu_max_steps=24)
-    if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run reads only the rows it trains on
+    start_run(cfg, "dpo", cpu_max_steps=56, learning_rates=LEARNING_RATES)
+    if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run: one pass over a sample of the rows (train_rows_from)
         cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
     started = time.time()
 

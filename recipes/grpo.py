@@ -25,7 +25,7 @@ from typing import Literal
 
 from align.activations import CompressActivationsMixin, FreedMemoryArgs, return_freed_memory_to_os
 from align.config import arg, parse_config
-from align.data.load import DataArgs, check_lengths, load_prompts
+from align.data.load import DataArgs, check_lengths, load_prompts, load_train
 from align.errors import ConfigError, cli_main
 from align.log import get_logger
 from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
@@ -62,7 +62,7 @@ class GRPOArgs(RunArgs, ModelArgs, DataArgs, FreedMemoryArgs):
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward; none = hardware default (GPU: on, CPU: off)")
     lora_dropout: float = arg(0.0, "LoRA dropout (0: sampling and the loss then see the same policy, ratio 1 on policy)")
     save_steps: int = arg(4, "checkpoint every N optimizer steps")
-    summary_prompts: int = arg(32, "held-out prompts generated (greedy) for the summary's before -> after (0 = skip)")
+    summary_prompts: int = arg(128, "held-out prompts generated (greedy) for the summary's before -> after (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:
@@ -99,8 +99,7 @@ def main() -> None:
     started = time.time()
 
     # Prompts: the prompt part of any supported data; the verifier needs their constraints
-    records = load_prompts(cfg.train_data, format=cfg.data_format, on_bad_rows=cfg.on_bad_rows, extra_fields=cfg.extra_fields,
-                           max_rows=cfg.max_train_rows)
+    records = load_train(load_prompts, cfg, format=cfg.data_format, on_bad_rows=cfg.on_bad_rows, extra_fields=cfg.extra_fields)
     if any(r.kind == "verifier" for r in rewards):
         check_constraints_present(records, cfg.train_data)
     eval_prompts = load_prompts(cfg.eval_data, max_rows=cfg.summary_prompts) if cfg.eval_data and cfg.summary_prompts else []

@@ -120,8 +120,8 @@ def trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out
             trainer = align_trainer(stage, cfg, module, model, tokenizer, dataset, guard_callbacks(out_dir) + [recorder])
             trainer.args.save_strategy = "no"  # the recipe would also save at the end; no arm saves here
         else:
-            learning_rate = recipe_config(stage, load_recipe(stage), spec, out_dir, {}).learning_rate  # as align trains
-            trainer = baseline_trainer(stage, spec, dataset, tokenizer, out_dir, learning_rate)
+            recipe_cfg = recipe_config(stage, load_recipe(stage), spec, out_dir, {})  # learning rate, schedule, loss as align trains
+            trainer = baseline_trainer(stage, spec, dataset, tokenizer, out_dir, recipe_cfg)
             trainer.add_callback(recorder)
 
     base_model, lora, lora_checksum = trained_model(trainer)

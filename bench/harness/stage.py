@@ -13,7 +13,8 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
   name, `peft_config=LoraConfig(...)`, `DPOConfig`/`SFTConfig`/`RewardConfig` defaults: no precomputed
   reference log-probs, gradient checkpointing on, TRL's fused LM head). What it shares with `align` so
   that the two train the same thing: model, data rows and order, seed, LoRA (r, alpha, dropout, all
-  linear), learning rate and schedule, batch size, max_length, steps. One departure: on a CPU without
+  linear), learning rate and schedule, batch size, max_length, steps, and for DPO the loss (loss_type,
+  loss_weights, beta: the recipe's DPO + SFT term). One departure: on a CPU without
   native bf16, `bf16=False` (TRL's default would emulate bf16, several times slower). SFT: the recipe trains
   on assistant turns only, so the baseline sets `assistant_only_loss=True` and gets the recipe's marked chat
   template (align.chat.training_chat_template): both losses are the mean NLL of the same tokens.

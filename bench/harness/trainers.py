@@ -38,6 +38,10 @@ def recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[
         values["per_device_train_batch_size"] = spec["batch_size"] * int(generations)
     values.update(overrides)
     cfg = build_config(getattr(module, cls), values, where=f"align arm overrides ({stage})")
+    if getattr(cfg, "learning_rate", 0) is None:  # the recipe's hardware default
+        from align.train import hardware_learning_rate
+
+        cfg.learning_rate = hardware_learning_rate(module.LEARNING_RATES)
     if getattr(cfg, "gradient_checkpointing", False) is None:  # the recipe's hardware default
         from align.train import default_gradient_checkpointing
 
@@ -45,11 +49,13 @@ def recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[
     return cfg
 
 
-def _baseline_args(spec: dict, out_dir: str, learning_rate: float) -> dict:
-    """The fields every baseline sets in its TRL config; the rest are the config's defaults."""
+def _baseline_args(spec: dict, out_dir: str, cfg) -> dict:
+    """The fields every baseline sets in its TRL config (the learning rate and its schedule as the recipe's config
+    `cfg` has them); the rest are the TRL config's defaults."""
     import torch
 
-    args = dict(output_dir=out_dir, seed=spec["seed"], max_steps=spec["steps"], learning_rate=learning_rate, logging_steps=1,
+    args = dict(output_dir=out_dir, seed=spec["seed"], max_steps=spec["steps"], learning_rate=cfg.learning_rate,
+                lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_steps, logging_steps=1,
                 save_strategy="no", report_to=[], model_init_kwargs={"dtype": spec["dtype_name_torch"]})
     if not torch.cuda.is_available():
         args.update(use_cpu=True, bf16=spec["dtype"] == "bf16")  # TRL's bf16 default would be emulated here
@@ -60,17 +66,19 @@ def _baseline_lora(spec: dict) -> dict:
     return dict(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.05, target_modules="all-linear")
 
 
-def baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, learning_rate: float):
-    """The stage's TRL documentation script: the model by name, a LoraConfig, the config's defaults."""
+def baseline_trainer(stage: str, spec: dict, dataset, tokenizer, out_dir: str, cfg):
+    """The stage's TRL documentation script: the model by name, a LoraConfig, the config's defaults, with the
+    recipe's (`cfg`) learning rate, schedule and, for DPO, loss: both arms train the same objective."""
     from peft import LoraConfig
 
-    common = dict(_baseline_args(spec, out_dir, learning_rate), per_device_train_batch_size=spec["batch_size"],
+    common = dict(_baseline_args(spec, out_dir, cfg), per_device_train_batch_size=spec["batch_size"],
                   max_length=spec["max_length"])
     lora = _baseline_lora(spec)
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        return DPOTrainer(model=spec["model_path"], args=DPOConfig(**common), train_dataset=dataset,
+        objective = dict(loss_type=cfg.loss_type, loss_weights=cfg.loss_weights, beta=cfg.beta)
+        return DPOTrainer(model=spec["model_path"], args=DPOConfig(**common, **objective), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **lora))
     if stage == "sft":  # assistant_only_loss, as the recipe trains: both arms' losses are over the same tokens
         from trl import SFTConfig, SFTTrainer
@@ -101,7 +109,7 @@ def grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, out
     class TRLGRPOTrainer(ReportGenerationMixin, GRPOTrainer):
         """TRL's GRPOTrainer, unchanged but for the phase events the bench listens to (align.phases)."""
 
-    args = GRPOConfig(**_baseline_args(spec, out_dir, cfg.learning_rate), per_device_train_batch_size=cfg.per_device_train_batch_size,
+    args = GRPOConfig(**_baseline_args(spec, out_dir, cfg), per_device_train_batch_size=cfg.per_device_train_batch_size,
                       num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length)
     return TRLGRPOTrainer(model=spec["model_path"], reward_funcs=reward_funcs, args=args, train_dataset=dataset,
                        processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **_baseline_lora(spec)))

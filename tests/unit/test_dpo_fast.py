@@ -265,7 +265,8 @@ def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
 
     recipe = _recipe()
     cfg = build_config(recipe.DPOArgs, {"model_name_or_path": model_dir, "output_dir": str(tmp_path), "max_steps": 1,
-                                        "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1, **overrides})
+                                        "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1,
+                                        "learning_rate": recipe.LEARNING_RATES[0], **overrides})
     model, tokenizer = load_model(cfg)
     return recipe.build_trainer(cfg, model, tokenizer, to_hf_dataset(pairs), [])
 
@@ -299,7 +300,7 @@ def test_recipe_first_step_is_exactly_ln2(tiny_quant_model_dir, tmp_path, dtype)
     log-probs of a row depend on the padded width of the batch it sat in: on the real model the first loss
     was 0.6971 instead of 0.6931.) The 64-wide tiny model is wide enough for bf16 matmuls to round by shape."""
     trainer = _recipe_trainer(tiny_quant_model_dir, tmp_path, _uneven_pairs(), dtype=dtype, max_length=512,
-                              per_device_train_batch_size=2)
+                              per_device_train_batch_size=2, loss_type="sigmoid")
     assert (trainer.args.bf16, trainer._fast) == (dtype == "bf16", True)
     trainer.model.train()
     for batch in list(trainer.get_train_dataloader())[:2]:

@@ -32,7 +32,7 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     max_prompts: int | None = arg(None, "use at most this many training prompts; none = all")
     max_prompt_length: int = arg(256, "prompts longer than this many tokens (with the chat template) are skipped and counted")
     eval_prompts: str | None = arg("ifprefs:eval", "held-out prompts for the verifier score before/after training; none = skip")
-    num_eval_prompts: int = arg(32, "how many held-out prompts to answer greedily before and after training (0 = skip)")
+    num_eval_prompts: int = arg(128, "how many held-out prompts to answer greedily before and after training (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest held-out reply generated before and after training (as the other recipes' summaries)")
     # ---- rollout
     rollout_batch_size: int = arg(8, "prompts per update, over all processes")

@@ -758,3 +758,27 @@ def test_hf_source_loads_through_datasets(tmp_path):
     result = run_cli(f"hf:{folder}:train", env={"HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home")})
     assert result.returncode == 0, result.stderr
     assert "3 preference pairs from 3 rows (0 skipped), format 'strings'" in result.stdout
+
+
+def test_max_train_rows_takes_a_seeded_sample_of_the_whole_file(tmp_path):
+    """A short run's rows come from all of the file, not its head (ifprefs is ordered by prompt: the head of
+    prefs_train holds 33 of 412 prompts); --train_rows_from head keeps the first rows and reads only those."""
+    from align.data.load import load_train
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(100))
+                    + "not json at all\n")
+    head = build_config(DataArgs, {"train_data": str(path), "max_train_rows": 10, "train_rows_from": "head"})
+    assert [r.prompt[0]["content"] for r in load_train(load_preferences, head)] == [f"p{i}" for i in range(10)]
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(path.read_text().splitlines(keepends=True)[:100]))
+    sample = build_config(DataArgs, {"train_data": str(good), "max_train_rows": 10})
+    assert sample.train_rows_from == "sample"
+    picked = [int(r.prompt[0]["content"][1:]) for r in load_train(load_preferences, sample)]
+    assert len(picked) == 10 == len(set(picked)) and picked == sorted(picked)  # no repeats, file order
+    assert max(picked) >= 50  # spread over the file, not its first rows
+    assert picked == [int(r.prompt[0]["content"][1:]) for r in load_train(load_preferences, sample)]  # seeded
+    # a sample reads the whole file, so a bad row anywhere in it is an error naming its line
+    with pytest.raises(DataError, match="line 101: malformed JSON"):
+        load_train(load_preferences, build_config(DataArgs, {"train_data": str(path), "max_train_rows": 10}))
