@@ -80,6 +80,9 @@ EXACT = dict(lora_dropout=0.0, compress_activations="false")
 
 
 def dpo_args(tiny_model_dir, tiny_data, output_dir, batch: int, **flags) -> list[str]:
+    """The sigmoid loss alone: a mean over pairs, so 2 processes x 2 pairs equal 1 x 4 exactly. (The recipe's default
+    adds the SFT term, a mean over each process's chosen tokens: DDP then averages two token means, as TRL does.)"""
+    flags = {"loss_type": "sigmoid", **flags}
     return recipe_args("dpo", tiny_model_dir, tiny_data, output_dir, max_steps=4, save_steps=2,
                        per_device_train_batch_size=batch, **EXACT, **flags)
 
