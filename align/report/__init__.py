@@ -10,7 +10,7 @@ What it holds, each number computed from the JSON lines whose paths the report n
 
 - which method: paired differences (same prompts) between PPO and DPO runs and against their SFT start,
   with CIs, a plain reading, and how many prompts would resolve a difference of 0.05; coherent strict
-  (strict AND not degenerate, align.degeneration) first, then IFEval strict and the degenerate share;
+  (strict AND not degenerate, align.evaluation.degeneration) first, then IFEval strict and the degenerate share;
 - a metrics table per sampling mode with percentile-bootstrap 95% confidence intervals over prompts
   (Efron & Tibshirani 1993, ch. 13), seeded, so that small differences are not over-read;
 - pairwise win rates judged by the verifier and by the reward model, ties counted apart;
