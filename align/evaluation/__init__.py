@@ -55,5 +55,8 @@ bench/generation_settings.py evaluates one model under a list of settings and ta
 
 The package, by concern: args.py (EvalArgs, what must match to compare), policy.py (loading the policy and its
 reference), generate.py (generation settings, batched generation), logprobs.py (reply log-probs on left-padded
-rows), metrics.py (per-reply text metrics, pure), run.py (one evaluation end to end and `align eval`).
+rows), metrics.py (per-reply text metrics, pure), run.py (one evaluation end to end and `align eval`); the
+checks every score rests on: verifier.py (the built-in data's constraints, the gold check), text_counts.py (its
+word, sentence and paragraph counts) and degeneration.py (the degenerate-reply check); and policy_report.py, the
+cheap before/after subset a training recipe prints in its summary.
 """

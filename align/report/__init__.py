@@ -24,4 +24,8 @@ What it holds, each number computed from the JSON lines whose paths the report n
 
 Runs are compared only when they were evaluated on the same prompts with the same sampling settings
 (`check_comparable`); otherwise the comparison stops with an error naming the setting and the runs.
+
+The modules: results.py (loading evaluations, comparability), stats.py (intervals, paired differences, win rates,
+hacking checks), plots.py, render.py (Markdown and HTML), build.py (one report from loaded results) and compare.py
+(`align compare`: evaluates the runs that need it, then builds the report).
 """
