@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def _quiet_bitsandbytes_kernels_warning() -> None:
     """bitsandbytes warns on import, on every avx512_bf16 CPU, that the optional `kernels` package is missing,
-    even in runs that never quantize. Its own kernel is used instead; the startup line (align.models.
+    even in runs that never quantize. Its own kernel is used instead; the startup line (align.models.loading.
     compute_note) says which 4-bit path a quantized run takes, so the warning only adds noise."""
     import logging
 
@@ -19,7 +19,7 @@ def _quiet_bitsandbytes_kernels_warning() -> None:
 def _quiet_checkpointing_renames() -> None:
     """transformers 5 renamed gradient checkpointing to activation checkpointing and warns (FutureWarning) when
     the old names are used: by TRL's configs (gradient_checkpointing defaults to True there), by TRL and peft
-    reading `model.is_gradient_checkpointing`, and by align.train and align.models, which keep the old names while
+    reading `model.is_gradient_checkpointing`, and by align.trainers.common and align.models.loading, which keep the old names while
     transformers 4.57 (no activation_* names) is supported. A user cannot act on these; only they are dropped."""
     import warnings
 

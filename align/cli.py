@@ -24,8 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("align.data.check", "check a data source: row count and detected format, or the first bad row (align data check FILE)"),
     "plan": ("align.plan", "will it fit? expected peak memory of a training stage, from the model's config alone"),
     "eval": ("align.evaluation.run", "evaluate one policy on a fixed prompt set; every generation and score as JSON lines"),
-    "compare": ("align.compare", "compare several runs in one report (Markdown, HTML, summary.json)"),
-    "chat": ("align.chat", "talk to a run, a merged model or base in the terminal, or answer one --prompt"),
+    "compare": ("align.report.compare", "compare several runs in one report (Markdown, HTML, summary.json)"),
+    "chat": ("align.models.chat", "talk to a run, a merged model or base in the terminal, or answer one --prompt"),
 }
 
 

@@ -8,10 +8,10 @@
     est = estimate(PlanArgs(model="Qwen2.5-7B", stage="sft", quantization="4bit"))
     est.peak_bytes, est.verdict, est.components
 
-The model (align.architecture) is a preset (`--list_models`), a directory with a config.json, or a Hub id whose config.json is
+The model (align.models.architecture) is a preset (`--list_models`), a directory with a config.json, or a Hub id whose config.json is
 already in the local Hugging Face cache. Nothing is ever downloaded: only the config is needed.
 
-What is counted follows the code paths this project runs (align.models, align.train over TRL, align.rl.ppo):
+What is counted follows the code paths this project runs (align.models.loading, align.trainers.common over TRL, align.rl.ppo):
 
 - weights: the frozen base. 4-bit is NF4 with double quantization (0.5 byte + 1/64 byte of 8-bit block
   scales + 4 bytes per 256 blocks per weight); 8-bit is LLM.int8 (1 byte + one fp32 scale per output row).
@@ -47,9 +47,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from align.architecture import PRESETS, PROJECTIONS, Arch, resolve_arch
 from align.config import arg, parse_config
 from align.errors import ConfigError, cli_main
+from align.models.architecture import PRESETS, PROJECTIONS, Arch, resolve_arch
 
 GiB = 2**30
 GPU_SIZES_GB = (8, 12, 16, 24, 48, 80)

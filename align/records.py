@@ -7,7 +7,7 @@ A chat message is a dict `{"role": "system" | "user" | "assistant", "content": s
 - `SFTExample`: a conversation (chat messages with at least one assistant turn).
 - `PromptRecord`: a prompt with no reply, for generation (PPO rollouts, evaluation).
 
-`constraints` carries the machine-checkable instructions of the built-in data (see align.verifier); it
+`constraints` carries the machine-checkable instructions of the built-in data (see align.evaluation.verifier); it
 is None for data that has none: a list of `{"type": name, ...args}` objects, kept unchanged. `id` is the
 row's own id where the data has one. `source` says where the record came from, for error messages
 ("prefs.jsonl line 3", "prefs.csv row 2 (line 3)", "hf:name[train] row 5").

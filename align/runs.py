@@ -13,7 +13,7 @@ The rules every recipe, the pipeline, eval/evaluate.py and eval/compare.py follo
   written in it) for its lifetime. The kernel drops a flock when its process dies, kill -9 included, so a
   killed run's lock is taken over by the next run without guessing from pids. The other processes of one
   `accelerate launch` share the run: only the main process takes the lock, the others wait at a barrier
-  until it has claimed the folder (see align.train.start_run and recipes/ppo.py).
+  until it has claimed the folder (see align.trainers.common.start_run and recipes/ppo.py).
 """
 
 from __future__ import annotations

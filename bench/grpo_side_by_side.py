@@ -9,7 +9,7 @@ rate 2e-4 (constant), 8 replies to each of 2 prompts a step, up to 128 new token
 temperature 1 (TRL's default):
 
     raw      --reward_guard false   the verifier's score as it is (what TRL's trainer does with it as reward function)
-    guarded  --reward_guard true    a degenerate reply (align.degeneration) earns 0
+    guarded  --reward_guard true    a degenerate reply (align.evaluation.degeneration) earns 0
 
 Each trains alone on the machine (all its cores; one after the other) for --minutes of training (--max_train_minutes:
 the step that crosses it is the last); --parallel runs both at once with one thread each instead, which is fair

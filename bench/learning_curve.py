@@ -10,8 +10,8 @@ is the model a k-step run would give) saves a checkpoint at every step count in 
 checkpoints/update-N, whose policy adapter is evaluated); each checkpoint and
 the starting model answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py,
 128 new tokens). For every checkpoint the JSON gives coherent strict (every constraint met and not degenerate,
-align.degeneration), IFEval strict, verifier score, the degenerate share, the share of replies with a format
-no constraint asked for (align.degeneration.unasked_formats) and the EOS rate, each as the paired
+align.evaluation.degeneration), IFEval strict, verifier score, the degenerate share, the share of replies with a format
+no constraint asked for (align.evaluation.degeneration.unasked_formats) and the EOS rate, each as the paired
 difference from the starting model with its 95% bootstrap interval (align.report.stats.paired_delta, 2,000
 resamples), and the training tokens and seconds spent to reach it. Written to OUT/learning_curve.json and
 plotted to OUT/learning_curve.png; arguments after `--` go to the recipe unchanged.
@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 from align.errors import ConfigError, cli_main  # noqa: E402
 from align.evaluation.metrics import judge_again  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
-from align.models import cpu_bf16_flags  # noqa: E402
 from align.io import read_jsonl  # noqa: E402
+from align.models.loading import cpu_bf16_flags  # noqa: E402
 from align.report.stats import paired_delta  # noqa: E402
-from align.train import MARKER, last_marked_checkpoint  # noqa: E402
+from align.trainers.common import MARKER, last_marked_checkpoint  # noqa: E402
 
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
 RECIPES = ("sft", "dpo", "ppo")  # sft, dpo: TrainArgs (HF checkpoint-N); ppo: align.rl.ppo (checkpoints/update-N)

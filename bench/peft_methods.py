@@ -4,7 +4,7 @@
     python bench/peft_methods.py --methods lora,ia3 --steps 10 --eval_prompts 8 --ppl_rows 4 --out /tmp/peft
     python bench/peft_methods.py --out OUT --learning_rates ia3=1e-2 -- --max_length 384
 
-Every method (`--peft`, align.models.peft_config) trains `recipes/sft.py` for the same --steps on the built-in
+Every method (`--peft`, align.models.loading.peft_config) trains `recipes/sft.py` for the same --steps on the built-in
 ifprefs:sft rows (batch 4, the recipe's linear schedule, no merge, no summary), one after the other; the starting
 model is the recipe's (--model_name_or_path after `--`, else the embedded default). Each run and the starting model are then evaluated by eval/evaluate.py: greedy replies to the first
 --eval_prompts held-out `ifprefs:eval` prompts (128 new tokens) and the perplexity of the last reply of the first
@@ -31,8 +31,8 @@ from learning_curve import cpu_description, evaluate, point, run, split_at_dashe
 
 from align.errors import ConfigError, cli_main
 from align.io import atomic_write_json, atomic_write_text
-from align.models import PEFT_METHODS
 from align.io import read_jsonl
+from align.models.loading import PEFT_METHODS
 
 LEARNING_RATES = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-3, "prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2}
 
@@ -45,7 +45,7 @@ def evaluate_with_metrics(model: str, out: Path, n_prompts: int, ppl_rows: int, 
 
 def training_cost(run_dir: Path) -> dict:
     """Trainable parameters (the saved adapter loaded trainable), peak RSS and training tokens/s of one run."""
-    from align.models import count_parameters, load_trained
+    from align.models.loading import count_parameters, load_trained
 
     model, _ = load_trained(str(run_dir), trainable=True)
     trainable, total = count_parameters(model)

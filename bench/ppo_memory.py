@@ -61,11 +61,11 @@ def measure_ppo(args: PPOMemoryArgs) -> dict:
     import torch
 
     from align.config import build_config
+    from align.records import PromptRecord
     from align.rl.ppo.config import PPOArgs
     from align.rl.ppo.models import build_models
     from align.rl.ppo.rewards import reward_function
     from align.rl.ppo.trainer import PPOTrainer
-    from align.records import PromptRecord
 
     torch.set_num_threads(args.threads)
     start_rss = rss_bytes()
@@ -101,7 +101,7 @@ def measure_ppo(args: PPOMemoryArgs) -> dict:
 
 def make_reward_adapter(args: PPOMemoryArgs, directory: Path) -> str:
     """A random SEQ_CLS LoRA adapter + score head on the base, as recipes/reward.py saves a trained one."""
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     model, tokenizer = load_model(ModelArgs(model_name_or_path=args.model, dtype=args.dtype, quantization="none",
                                             lora_r=args.lora_r, lora_alpha=2 * args.lora_r), task="reward")

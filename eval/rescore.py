@@ -2,9 +2,9 @@
 
     python eval/rescore.py outputs/base/eval outputs/dpo/eval [more eval dirs ...]
 
-When align.degeneration gains a rule, replies already generated (generations.jsonl of eval/evaluate.py) can be
+When align.evaluation.degeneration gains a rule, replies already generated (generations.jsonl of eval/evaluate.py) can be
 judged again in seconds: coherent strict, the degenerate share and the share of formats nobody asked for
-(align.degeneration.unasked_formats) of each run, greedy replies, with the paired
+(align.evaluation.degeneration.unasked_formats) of each run, greedy replies, with the paired
 95% bootstrap interval of run - baseline over the same prompts (align.report.stats.paired_delta).
 """
 

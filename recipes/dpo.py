@@ -9,13 +9,13 @@ model_name_or_path points at outputs/sft/merged (the SFT adapter merged in, so "
 frozen SFT policy). Reference log-probs are computed on each step's own batch, through the policy's own path, so
 before the first update every implicit reward is exactly 0 in every dtype (tests/unit/test_dpo_fast.py);
 --precompute_ref_log_probs true computes them once before training instead (other batches: bf16 rounds differently).
-The trainer is TRL's DPOTrainer with the faster log-probs of align/dpo_fast.py (prompt run once per pair,
+The trainer is TRL's DPOTrainer with the faster log-probs of align/trainers/dpo_fast.py (prompt run once per pair,
 LM head only on completion tokens; same loss, see tests/unit/test_dpo_fast.py); --fast_logprobs false is stock TRL.
 
 Writes output_dir/adapter, config.yaml, run_info.json, metrics.jsonl (train/loss, rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, ...), tensorboard/ and summary.json with held-out
 preference accuracy and the verifier's score of the trained policy against the starting model, then the
-model card (README.md, align.model_card); --push_to_hub user/name uploads adapter, card and summary.
+model card (README.md, align.publish.model_card); --push_to_hub user/name uploads adapter, card and summary.
 """
 
 import time
@@ -23,15 +23,15 @@ from dataclasses import dataclass
 
 from align.config import arg, parse_config
 from align.data.load import DataArgs, load_prompts
-from align.activations import CompressActivationsMixin, return_freed_memory_to_os
-from align.dpo_fast import FastDPOArgs, FastDPOTrainer
 from align.errors import ConfigError, cli_main
+from align.evaluation.policy_report import before_after
 from align.log import get_logger
-from align.models import ModelArgs, check_peft_supported, load_model
-from align.phases import ReportPhasesMixin
-from align.policy_report import before_after
-from align.publish import publish_run
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
+from align.models.activations import CompressActivationsMixin, return_freed_memory_to_os
+from align.models.loading import ModelArgs, check_peft_supported, load_model
+from align.publish.hub import publish_run
+from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
+from align.trainers.dpo_fast import FastDPOArgs, FastDPOTrainer
+from align.trainers.phases import ReportPhasesMixin
 
 logger = get_logger(__name__)
 LEARNING_RATES = (1e-3, 1e-4)  # learning_rate none: (CPU short run, GPU); the CPU one measured best (issue 18)
@@ -121,7 +121,7 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
     if notes:
         logger.info(f"dpo: {'; '.join(notes)}")
 
-    # ReportPhasesMixin: callbacks hear the precomputed reference log-probs as a phase (align.phases)
+    # ReportPhasesMixin: callbacks hear the precomputed reference log-probs as a phase (align.trainers.phases)
     class Trainer(ReportPhasesMixin, FiniteLossMixin, CompressActivationsMixin, FastDPOTrainer):
         compress_activations = cfg.compress_activations
 
@@ -141,7 +141,7 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
 
 def policy_report(model, tokenizer, pairs, prompts, cfg: DPOArgs, adapter: bool, start_logps: dict) -> dict:
     """Held-out preference accuracy and verifier score of the policy (adapter=False: the starting model)."""
-    from align.policy_report import summarize_policy
+    from align.evaluation.policy_report import summarize_policy
 
     return summarize_policy(model, tokenizer, pairs, prompts, beta=cfg.beta, adapter=adapter,
                             max_new_tokens=cfg.summary_max_new_tokens, batch_size=16, start_logps=start_logps)

@@ -11,8 +11,8 @@ that beat their group: GRPO's advantage is (reward - group mean) / group std (Sh
 eq. 3), RLOO's is reward - the mean of the other replies to the same prompt (Ahmadian et al. 2024). No critic,
 so less memory and fewer settings than PPO (recipes/ppo.py). The reference for the KL term (beta > 0) is the
 policy's base with the adapter disabled: TRL does that when it builds the LoRA itself (peft_config).
-A reward is `verifier` (align.verifier, guarded: a degenerate reply earns 0), a reward-model directory from
-recipes/reward.py, or any `fn(prompt_records, responses) -> list[float]` (PPO's signature); see align.grpo.
+A reward is `verifier` (align.evaluation.verifier, guarded: a degenerate reply earns 0), a reward-model directory from
+recipes/reward.py, or any `fn(prompt_records, responses) -> list[float]` (PPO's signature); see align.trainers.grpo.
 
 Writes output_dir/adapter, config.yaml, run_info.json, metrics.jsonl (train/reward, train/reward_std,
 train/kl, clip_ratio/*, completions/mean_length, completions/eos_rate, rewards/<name>/mean, ...),
@@ -23,17 +23,17 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from align.activations import CompressActivationsMixin, FreedMemoryArgs, return_freed_memory_to_os
 from align.config import arg, parse_config
 from align.data.load import DataArgs, check_lengths, load_prompts, load_train
 from align.errors import ConfigError, cli_main
+from align.evaluation.policy_report import before_after, summarize_policy
 from align.log import get_logger
-from align.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
-from align.models import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
-from align.phases import ReportGenerationMixin
-from align.policy_report import before_after, summarize_policy
-from align.publish import publish_run
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
+from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, return_freed_memory_to_os
+from align.models.loading import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
+from align.publish.hub import publish_run
+from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
+from align.trainers.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
+from align.trainers.phases import ReportGenerationMixin
 
 logger = get_logger(__name__)
 
@@ -45,7 +45,7 @@ class GRPOArgs(RunArgs, ModelArgs, DataArgs, FreedMemoryArgs):
     eval_data: str | None = arg("ifprefs:eval", "held-out prompts for the summary's before -> after (greedy); none = skip")
     reward: list[str] = arg(["verifier"], "reward(s), comma-separated: verifier | a reward-model directory | file.py:function | module:function")
     reward_weights: list[float] | None = arg(None, "one weight per reward (comma-separated); none = 1.0 each")
-    reward_guard: bool = arg(True, "verifier reward: a degenerate reply (align.degeneration) earns 0; false = the raw verifier score")
+    reward_guard: bool = arg(True, "verifier reward: a degenerate reply (align.evaluation.degeneration) earns 0; false = the raw verifier score")
     reward_batch_size: int = arg(8, "rows per forward pass of a reward model")
     num_generations: int = arg(4, "replies sampled per prompt (the group); must divide the replies per step")
     per_device_train_batch_size: int = arg(8, "replies per micro-batch per process (8 = 2 prompts x 4 generations)")
@@ -169,7 +169,7 @@ def build_trainer(cfg: GRPOArgs, model, tokenizer, train_dataset, reward_funcs, 
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
 
-    # ReportGenerationMixin: callbacks hear each step's generation and log-prob passes (align.phases)
+    # ReportGenerationMixin: callbacks hear each step's generation and log-prob passes (align.trainers.phases)
     class Trainer(ReportGenerationMixin, FiniteLossMixin, CompressActivationsMixin, EosRateMixin, Base):
         compress_activations = cfg.compress_activations
 

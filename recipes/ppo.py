@@ -11,7 +11,7 @@
 One base model carries the policy, the critic, the reward model and the reference (see align.rl.ppo); the
 loop's phases (generate, score, estimate advantages, update) are PPOTrainer.run_update, and their math
 is pure functions (align.ops; align.rl.ppo's advantages, losses, kl_control). Writes to output_dir: adapter/ (the policy; evaluate it with `align eval` or load it
-with align.models.load_trained), critic/ (adapter + value_head.safetensors), checkpoints/update-N/,
+with align.models.loading.load_trained), critic/ (adapter + value_head.safetensors), checkpoints/update-N/,
 config.yaml, run_info.json, metrics.jsonl, tensorboard/, summary.json and the model card (README.md);
 --push_to_hub user/name uploads the policy adapter, its card and the summary.
 """
@@ -23,15 +23,16 @@ import sys
 import numpy as np
 import torch
 
-from align.activations import return_freed_memory_to_os
 from align.config import parse_config
 from align.data.load import check_lengths, load_prompts
 from align.errors import AlignError, ConfigError, cli_main
+from align.evaluation.policy_report import before_after
+from align.evaluation.verifier import verifier_reward
 from align.io import write_run_info
 from align.log import MAIN_ONLY, get_logger
-from align.models import compute_note, resolve_quantization
-from align.policy_report import before_after
-from align.publish import check_push_target, publish_run
+from align.models.activations import return_freed_memory_to_os
+from align.models.loading import compute_note, resolve_quantization
+from align.publish.hub import check_push_target, publish_run
 from align.rl.ppo.checkpoint import list_checkpoints
 from align.rl.ppo.config import PPOArgs
 from align.rl.ppo.dist import init_distributed
@@ -39,8 +40,7 @@ from align.rl.ppo.models import build_models
 from align.rl.ppo.rewards import reward_function
 from align.rl.ppo.trainer import PPOTrainer
 from align.runs import claim_output_dir
-from align.train import set_cpu_threads
-from align.verifier import verifier_reward
+from align.trainers.common import set_cpu_threads
 
 logger = get_logger(__name__, tag="ppo")
 
@@ -124,7 +124,7 @@ def main() -> None:
                  for k, block in summary.items()}  # per-prompt rows: in summary.json
         print(json.dumps(shown, indent=2), flush=True)
         before, after = summary["heldout_before"], summary["heldout_after"]
-        if before and after:  # greedy, the same block as the other recipes' summaries (align.policy_report)
+        if before and after:  # greedy, the same block as the other recipes' summaries (align.evaluation.policy_report)
             logger.info(before_after(before, after))
         publish_run(cfg)  # the model card (with the held-out numbers), then the upload when --push_to_hub asks
         logger.info(f"done: policy adapter in {cfg.output_dir}/adapter (evaluate: align eval {cfg.output_dir}; talk to it: align chat {cfg.output_dir})")

@@ -8,7 +8,7 @@ loss = -log sigmoid(r(chosen) - r(rejected) - margin)   (margin from the data's 
 
 Writes output_dir/adapter (LoRA + the `score` head, as PEFT saves it), config.yaml, metrics.jsonl,
 tensorboard/, summary.json with held-out accuracy and reward margins, and the model card (README.md). Score text with it through
-`align.reward_model.load_reward_model` and `score_texts`, as PPO and evaluation do.
+`align.models.reward_model.load_reward_model` and `score_texts`, as PPO and evaluation do.
 """
 
 import time
@@ -18,11 +18,11 @@ from pathlib import Path
 from align.config import arg, parse_config
 from align.data.load import DataArgs, to_hf_dataset
 from align.errors import cli_main
-from align.models import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
-from align.publish import publish_run
-from align.reward_model import Float32ScoreHeadMixin, score_texts
-from align.activations import CompressActivationsMixin
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.models.activations import CompressActivationsMixin
+from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
+from align.models.reward_model import Float32ScoreHeadMixin, score_texts
+from align.publish.hub import publish_run
+from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
 
 @dataclass

@@ -4,7 +4,7 @@
     accelerate launch recipes/sft.py --config recipes/configs/sft_400.yaml --lora_r 32
     accelerate launch --multi_gpu --num_processes 2 recipes/sft.py    # two processes (CPU: gloo)
 
-The trainer is TRL's SFTTrainer with the LM head of align/sft_fast.py (only on assistant tokens, in chunks; the
+The trainer is TRL's SFTTrainer with the LM head of align/trainers/sft_fast.py (only on assistant tokens, in chunks; the
 same loss and metrics, tests/unit/test_sft_fast.py) and each batch's conversations in one row without padding
 (padding_free); --label_head false --padding_free false is TRL's path. Gradient checkpointing follows the
 hardware (CPU off: fastest; --gradient_checkpointing true: ~0.6x the memory at ~0.65x the speed).
@@ -17,17 +17,17 @@ reward, DPO and PPO. --push_to_hub user/name uploads adapter, card and summary.
 import time
 from dataclasses import dataclass
 
-from align.chat import training_chat_template
 from align.config import arg, parse_config
 from align.data.load import DataArgs, load_prompts, to_hf_dataset
 from align.errors import cli_main
+from align.evaluation.policy_report import before_after, summarize_policy
 from align.log import get_logger
-from align.models import PROMPT_LEARNING, ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
-from align.policy_report import before_after, summarize_policy
-from align.publish import publish_run
-from align.activations import CompressActivationsMixin, MemoryArgs, apply_memory_settings
-from align.sft_fast import FastSFTArgs, FastSFTTrainer
-from align.train import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.models.activations import CompressActivationsMixin, MemoryArgs, apply_memory_settings
+from align.models.chat import training_chat_template
+from align.models.loading import PROMPT_LEARNING, ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
+from align.publish.hub import publish_run
+from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.trainers.sft_fast import FastSFTArgs, FastSFTTrainer
 
 logger = get_logger(__name__)
 

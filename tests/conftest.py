@@ -28,7 +28,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def tiny_quant_model_dir(tmp_path_factory) -> str:
     """The tiny causal LM at widths every bitsandbytes 4-bit path accepts (hidden 64, MLP 128; heads of 16): the
     avx512_bf16 CPU kernel needs input widths that are multiples of the 64-wide quantization block, which the
-    32-wide tiny model is not (align.models.check_4bit_widths). For every test that quantizes."""
+    32-wide tiny model is not (align.models.loading.check_4bit_widths). For every test that quantizes."""
     from align.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_quant") / "model", hidden_size=64, intermediate_size=128)

@@ -21,7 +21,7 @@ How it works:
 
 Everything is seeded; the files are a function of the seed and the cached generations. The edits of steps 2
 and 3 are tools/ifprefs_edits.py. Nothing in the `align` package imports this builder: the splits are read as data
-(`ifprefs:NAME`, align.data) and scored by align.verifier.
+(`ifprefs:NAME`, align.data) and scored by align.evaluation.verifier.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from align.config import arg, parse_config  # noqa: E402
 from align.errors import DataError, cli_main  # noqa: E402
+from align.evaluation.text_counts import count_words  # noqa: E402
+from align.evaluation.verifier import phrasings, verify  # noqa: E402
 from align.io import atomic_write_json, atomic_write_text  # noqa: E402
-from align.text_counts import count_words  # noqa: E402
-from align.verifier import phrasings, verify  # noqa: E402
 from ifprefs_edits import Draft, clean_reply, comply, draw_types, rejected_candidates, sample_for_eval, sample_for_reply  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def load_generator(model_name: str, threads: int):
     """The model and tokenizer, fp32, eval mode, tokenizer left-padded for batched generation."""
     import torch
 
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     # On a CPU shared by several jobs, OpenMP threads wait on each other at every small op (measured:
     # a 32x1 forward of the 135M model took 8.5 s with 2 threads on a loaded 2-core box, 0.66 s with 1).
@@ -360,10 +360,10 @@ def target_reply(row: dict) -> tuple[list[dict], str]:
 
 def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
     """Drop, in place, every training row whose target reply (SFT reply, chosen reply) is degenerate text
-    (align.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
+    (align.evaluation.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
     SFT replies and DPO moves towards its chosen ones. Returns the rows dropped per split. Rejected replies
     may be degenerate; that is what they are for."""
-    from align.degeneration import check_reply
+    from align.evaluation.degeneration import check_reply
 
     dropped = {}
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from align.errors import DataError
-from align.text_counts import count_words, split_sentences
-from align.verifier import TYPES, verify
+from align.evaluation.text_counts import count_words, split_sentences
+from align.evaluation.verifier import TYPES, verify
 
 # ------------------------------------------------------------------------------------------------
 # Cleaning a raw reply

@@ -21,8 +21,8 @@ Written to OUT (default RUN/eval; for `base`, outputs/base/eval):
 
     generations.jsonl  one line per (prompt, sampling mode): prompt id and messages, the reply, mode, seed,
                        temperature, the mode's generation settings ("generation"), coherent_strict (the headline: strict pass AND not degenerate),
-                       degenerate and its reasons (align.degeneration), unasked_format(s) (formats no
-                       constraint asked for: align.degeneration.unasked_formats), the verifier's per-constraint
+                       degenerate and its reasons (align.evaluation.degeneration), unasked_format(s) (formats no
+                       constraint asked for: align.evaluation.degeneration.unasked_formats), the verifier's per-constraint
                        results, score and strict pass, the reward-model score, length in tokens and words, whether it ended with EOS,
                        distinct-1/2, the share of repeated 4-grams, whether it loops to the token limit, and the
                        per-sequence KL estimates
@@ -44,7 +44,7 @@ Repetition follows Welleck et al. 2019 ("Neural Text Generation with Unlikelihoo
 arXiv:1908.04319): distinct-n is the number of unique n-grams over the number of n-grams of one reply,
 and the repeated 4-gram share (their seq-rep-4) is 1 - distinct-4. Words are lower-cased whitespace
 tokens, so the numbers do not depend on the policy's tokenizer. A reply loops to the limit when it did not
-end with EOS within max_new_tokens AND align.degeneration finds it degenerate: the failure the generation
+end with EOS within max_new_tokens AND align.evaluation.degeneration finds it degenerate: the failure the generation
 controls (--repetition_penalty, --no_repeat_ngram_size, --num_beams, sampling) are meant to change.
 
 Generation controls: each mode generates with one `GenerationSettings` record (`settings_for`), written
@@ -55,5 +55,8 @@ bench/generation_settings.py evaluates one model under a list of settings and ta
 
 The package, by concern: args.py (EvalArgs, what must match to compare), policy.py (loading the policy and its
 reference), generate.py (generation settings, batched generation), logprobs.py (reply log-probs on left-padded
-rows), metrics.py (per-reply text metrics, pure), run.py (one evaluation end to end and `align eval`).
+rows), metrics.py (per-reply text metrics, pure), run.py (one evaluation end to end and `align eval`); the
+checks every score rests on: verifier.py (the built-in data's constraints, the gold check), text_counts.py (its
+word, sentence and paragraph counts) and degeneration.py (the degenerate-reply check); and policy_report.py, the
+cheap before/after subset a training recipe prints in its summary.
 """

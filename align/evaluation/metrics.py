@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 
-from align.degeneration import Degeneration
+from align.evaluation.degeneration import Degeneration
 from align.records import Message
 
 
@@ -43,7 +43,7 @@ def loops_to_limit(eos: bool, degeneration: Degeneration) -> bool:
 
 def coherent_strict(strict: bool | None, degeneration: Degeneration) -> bool | None:
     """The headline pass: every constraint met (IFEval strict) AND the reply is not degenerate text
-    (align.degeneration); None when the prompt has no constraints."""
+    (align.evaluation.degeneration); None when the prompt has no constraints."""
     return None if strict is None else bool(strict and not degeneration.degenerate)
 
 
@@ -51,7 +51,7 @@ def judge_again(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Saved generation rows (generations.jsonl) judged by today's checks, in place: `degenerate`,
     `degenerate_reasons`, `coherent_strict` and `unasked_format` from the reply, prompt, constraints and EOS;
     so that evaluations made before a check gained a rule compare with new ones. Returns `rows`."""
-    from align.degeneration import check_reply, unasked_formats
+    from align.evaluation.degeneration import check_reply, unasked_formats
 
     for r in rows:
         verdict = check_reply(r["reply"], r["prompt"], r["constraints"], ended=r["eos"])

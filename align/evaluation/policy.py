@@ -69,9 +69,9 @@ def _read_run_file(run: Path, name: str) -> dict[str, Any]:
 
 
 def merged_for_eval(cfg: EvalArgs, model):
-    """`model` with its adapter folded into a copy of the weights (align.models.merged_copy) when
+    """`model` with its adapter folded into a copy of the weights (align.models.loading.merged_copy) when
     cfg.merge_adapter says so (auto = on a CPU); None when not merged."""
-    from align.models import merged_copy
+    from align.models.loading import merged_copy
 
     on_cpu = next(model.parameters()).device.type == "cpu"
     if cfg.merge_adapter == "true" or (cfg.merge_adapter == "auto" and on_cpu):
@@ -94,7 +94,7 @@ def load_run(run: str, dtype: str = "auto") -> tuple[Any, Any, Literal["model", 
     """(model, tokenizer, kind, path) of `run`, unquantized, in eval mode: `base` (the embedded default), a Hub id in
     the local cache, a model directory (kind "model"), or a run directory (kind "adapter": the PeftModel, or
     "merged": the full model a recipe saved). What `align eval` and `align chat` accept as RUN."""
-    from align.models import DEFAULT_MODEL, ModelArgs, load_model, load_trained
+    from align.models.loading import DEFAULT_MODEL, ModelArgs, load_model, load_trained
 
     root = Path(run)
     if run == "base" or not root.exists():
@@ -115,7 +115,7 @@ def load_run(run: str, dtype: str = "auto") -> tuple[Any, Any, Literal["model", 
 
 def load_policy(run: str, cfg: EvalArgs) -> Policy:
     """Load `run` (base, a model directory or a run directory) with its reference; see the module docstring."""
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     model, tokenizer, kind, path = load_run(run, cfg.dtype)
     if kind == "model":

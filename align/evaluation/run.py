@@ -14,16 +14,16 @@ from typing import Any
 import torch
 
 from align.config import parse_config
-from align.degeneration import check_reply, unasked_formats
 from align.errors import AlignError, ConfigError, cli_main
-from align.io import atomic_write_json, atomic_write_text
-from align.log import get_logger
-from align.records import Message
 from align.evaluation.args import DEFAULT_BETA, EvalArgs
+from align.evaluation.degeneration import check_reply, unasked_formats
 from align.evaluation.generate import Generation, generate, settings_for
 from align.evaluation.logprobs import reply_logps
 from align.evaluation.metrics import coherent_strict, distinct_n, loops_to_limit, pass_rates_by_constraint, prompt_fingerprint, repeated_ngram_share, words
 from align.evaluation.policy import Policy, default_out_dir, load_policy, merged_for_eval, reference_of
+from align.io import atomic_write_json, atomic_write_text
+from align.log import get_logger
+from align.records import Message
 
 logger = get_logger(__name__, tag="eval")
 
@@ -67,7 +67,7 @@ def generation_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _verdict(reply: str, constraints: list[dict] | None, where: str) -> tuple[list[bool] | None, float | None, bool | None]:
     if not constraints:
         return None, None, None
-    from align.verifier import verify
+    from align.evaluation.verifier import verify
 
     verdict = verify(reply, constraints, where)
     return [bool(p) for p in verdict.passed], float(verdict.score), bool(verdict.strict)
@@ -117,7 +117,7 @@ def _preference_rows(policy: Policy, cfg: EvalArgs, rm, log) -> list[dict[str, A
 
 
 def _rm_scores(model, tokenizer, prompts: list[list[Message]], replies: list[str], batch_size: int) -> list[float]:
-    from align.reward_model import score_texts
+    from align.models.reward_model import score_texts
 
     return [float(s) for s in score_texts(model, tokenizer, prompts, replies, batch_size=batch_size)]
 
@@ -196,7 +196,7 @@ def _eval_prompts(cfg: EvalArgs) -> tuple[list[Any], list[str]]:
     """The held-out prompt records and their ids (unique: replies are matched across runs by id); an unknown
     constraint fails here, not after the generation."""
     from align.data.load import load_prompts
-    from align.verifier import check_constraints
+    from align.evaluation.verifier import check_constraints
 
     records = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)
     if not records:
@@ -234,7 +234,7 @@ def _reply_row(record, prompt_id: str, gen: Generation, rm_score: float | None, 
 
 
 def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
-    from align.train import peak_memory_mb
+    from align.trainers.common import peak_memory_mb
 
     t0 = time.time()
     records, prompt_ids = _eval_prompts(cfg)
@@ -244,7 +244,7 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
     policy = load_policy(run, cfg)
     rm = None
     if cfg.reward_model:
-        from align.reward_model import load_reward_model
+        from align.models.reward_model import load_reward_model
 
         rm_model, rm_tokenizer = load_reward_model(cfg.reward_model, dtype=cfg.dtype)
         merged = merged_for_eval(cfg, rm_model)

@@ -1,7 +1,7 @@
 """Per-token log-probs and entropies from logits, chunk by chunk so the float32 log-softmax of every
 position over the whole vocabulary never exists at once.
 
-Used wherever a model's log-probs of given tokens are needed: the DPO fast path (through align.lm_head),
+Used wherever a model's log-probs of given tokens are needed: the DPO fast path (through align.models.lm_head),
 evaluation and the PPO engine. Pure functions: tensors in, tensors out.
 """
 

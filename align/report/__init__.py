@@ -10,7 +10,7 @@ What it holds, each number computed from the JSON lines whose paths the report n
 
 - which method: paired differences (same prompts) between PPO and DPO runs and against their SFT start,
   with CIs, a plain reading, and how many prompts would resolve a difference of 0.05; coherent strict
-  (strict AND not degenerate, align.degeneration) first, then IFEval strict and the degenerate share;
+  (strict AND not degenerate, align.evaluation.degeneration) first, then IFEval strict and the degenerate share;
 - a metrics table per sampling mode with percentile-bootstrap 95% confidence intervals over prompts
   (Efron & Tibshirani 1993, ch. 13), seeded, so that small differences are not over-read;
 - pairwise win rates judged by the verifier and by the reward model, ties counted apart;
@@ -24,4 +24,8 @@ What it holds, each number computed from the JSON lines whose paths the report n
 
 Runs are compared only when they were evaluated on the same prompts with the same sampling settings
 (`check_comparable`); otherwise the comparison stops with an error naming the setting and the runs.
+
+The modules: results.py (loading evaluations, comparability), stats.py (intervals, paired differences, win rates,
+hacking checks), plots.py, render.py (Markdown and HTML), build.py (one report from loaded results) and compare.py
+(`align compare`: evaluates the runs that need it, then builds the report).
 """

@@ -15,7 +15,7 @@ GENERATION_METRICS = (
     ("coherent_strict", "coherent strict", True),
     ("verifier_strict", "verifier strict", True),
     ("degenerate", "degenerate share", False),
-    ("unasked_format", "format nobody asked for", False),  # align.degeneration.unasked_formats
+    ("unasked_format", "format nobody asked for", False),  # align.evaluation.degeneration.unasked_formats
     ("verifier_score", "verifier score", True),
     ("rm_score", "RM score", True),
     ("length_tokens", "length (tokens)", None),
@@ -189,9 +189,9 @@ def training_reward_trend(train_metrics: list[dict[str, Any]]) -> tuple[float, f
 
 
 def degeneration_warnings(baseline: EvalResult, run: EvalResult, mode: str) -> list[str]:
-    """align.degeneration.hacking_warning for `run` against `baseline` (its start) on the prompts both
+    """align.evaluation.degeneration.hacking_warning for `run` against `baseline` (its start) on the prompts both
     answered: its training reward rose (metrics.jsonl) while coherent strict fell or the degenerate share rose."""
-    from align.degeneration import hacking_warning
+    from align.evaluation.degeneration import hacking_warning
 
     trend = training_reward_trend(run.train_metrics)
     if trend is None:
@@ -213,7 +213,7 @@ def degeneration_warnings(baseline: EvalResult, run: EvalResult, mode: str) -> l
 # (key, label, mode, resolution): the measures of the decision table, in this order. `resolution` is the
 # interval half-width the table says how many prompts would reach (None: the scale is the reward model's own).
 DECISION_MEASURES = (
-    # coherent strict decides (strict AND not degenerate, align.degeneration); the degenerate share sits
+    # coherent strict decides (strict AND not degenerate, align.evaluation.degeneration); the degenerate share sits
     # next to every verifier number, since a verifier gain bought with loops shows up there
     ("coherent_strict", "coherent strict", "greedy", 0.05),
     ("coherent_strict", "coherent strict", "sample", 0.05),

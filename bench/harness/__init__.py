@@ -9,7 +9,7 @@ Modules, in the order a stage benchmark uses them:
     stage.py          BenchArgs, the parent process: every arm in a fresh child, the report (docstring: what is measured)
     runs.py           one run of one arm in the child: the TRL stages, PPO, GRPO
     trainers.py       what an arm trains: the recipe's own trainer or TRL's documented script
-    recorders.py      step records from TRL's callbacks and the phase events the trainers report (align.phases)
+    recorders.py      step records from TRL's callbacks and the phase events the trainers report (align.trainers.phases)
     meter.py          time and peak memory: MemoryMeter, Phases, PeakRSS, the /proc/self/status reader
     flops.py          model FLOPs per token and per phase, the matmul peak MFU is measured against
     data.py           the rows every arm trains on (built-in data or synthetic pairs)

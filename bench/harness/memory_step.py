@@ -10,7 +10,7 @@ planner_check.py and bench/validate_planner.py). The step has the stage's real s
     reward  sequence classification (one-output score head), 2 x micro_batch rows, Bradley-Terry loss
     ppo     the engine's update: policy forward and backward (align.ops.logprobs.logprobs_from_logits on the
             response logits), then the critic adapter and value head forward and backward
-followed by AdamW on the trainable parameters. The model comes from align.models.load_model.
+followed by AdamW on the trainable parameters. The model comes from align.models.loading.load_model.
 
 What is measured:
     cpu   peak RSS minus the RSS at process start (after imports), with MALLOC_MMAP_THRESHOLD_=65536 set by
@@ -36,7 +36,7 @@ from .meter import PeakRSS, rss_bytes, status_kib
 
 @dataclass
 class StepArgs:
-    model: str = arg("SmolLM2-135M-Instruct", "model name or directory (resolved by align.models)")
+    model: str = arg("SmolLM2-135M-Instruct", "model name or directory (resolved by align.models.loading)")
     stage: Literal["sft", "reward", "dpo", "ppo"] = arg("sft", "training stage whose step is measured")
     quantization: Literal["none", "8bit", "4bit"] = arg("none", "bitsandbytes quantization of the base")
     dtype: Literal["bf16", "fp16", "fp32"] = arg("fp32", "compute dtype (fp32 on CPUs without native bf16)")
@@ -71,7 +71,7 @@ def build(bench: StepArgs):
     """(model, tokenizer, extras): the LoRA model as a recipe loads it; extras holds PPO's value head."""
     import torch
 
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     margs = ModelArgs(
         model_name_or_path=bench.model, quantization=bench.quantization, dtype=bench.dtype, lora_r=bench.lora_r,
@@ -86,7 +86,7 @@ def build(bench: StepArgs):
 
         add_fused_lm_head(model.get_base_model(), outputs=("log_probs",))
     if bench.stage == "ppo":
-        from align.models import lora_config
+        from align.models.loading import lora_config
 
         critic = lora_config(margs, "causal_lm")
         critic.task_type = None
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers  # noqa: F401
     import trl.trainer.utils  # noqa: F401
 
-    import align.models  # noqa: F401
+    import align.models.loading  # noqa: F401
     import align.ops.logprobs  # noqa: F401
 
     result = measure(bench)

@@ -128,7 +128,7 @@ class Phases:
     """Time and peak memory of named phases; a phase opened inside another pauses the outer one's clock.
 
     Open a phase with `with phases(name):`, or let a trainer report it: Phases is a phase listener
-    (align.phases), so `on_phase_start(name)` / `on_phase_end(name)` open and close the same phase.
+    (align.trainers.phases), so `on_phase_start(name)` / `on_phase_end(name)` open and close the same phase.
     """
 
     def __init__(self, meter: MemoryMeter, device: str):

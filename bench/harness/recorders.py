@@ -1,6 +1,6 @@
 """Step records of a benchmarked run, built from the events the trainers send: TRL's TrainerCallback events
 (on_step_begin, on_step_end, on_log, whose `num_tokens` gives a step's tokens) and the phases a trainer reports
-(align.phases). The bench listens; it replaces nothing in a trainer."""
+(align.trainers.phases). The bench listens; it replaces nothing in a trainer."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class StepClock(TrainerCallback):
 
 
 class TrainerSteps(StepClock):
-    """TRL's step events, and the phases the recipe's trainer reports (align.phases: DPO's precompute_ref,
+    """TRL's step events, and the phases the recipe's trainer reports (align.trainers.phases: DPO's precompute_ref,
     which TRL runs inside DPOTrainer.__init__) timed as phases of their own in `phases`."""
 
     def __init__(self, device: str, meter: MemoryMeter, phases: Phases):
@@ -67,7 +67,7 @@ class TrainerSteps(StepClock):
 
 
 class PPOSteps:
-    """One step record per PPO update, built from the events the trainer reports (align.phases): its generate,
+    """One step record per PPO update, built from the events the trainer reports (align.trainers.phases): its generate,
     score and update phases timed and measured by a `Phases` of their own, then `on_log` with the update's
     rollout. A phase the trainer did not report is an error, not a zero."""
 
@@ -88,7 +88,7 @@ class PPOSteps:
     def on_log(self, metrics: dict, rollout) -> None:
         missing = [p for p in self.MEASURED if p not in self.phases.result]
         if missing:
-            raise RuntimeError(f"PPO update {len(self.steps) + 1}: the trainer reported no {', '.join(missing)} phase (align.phases)")
+            raise RuntimeError(f"PPO update {len(self.steps) + 1}: the trainer reported no {', '.join(missing)} phase (align.trainers.phases)")
         measured = dict(self.phases.result)
         self.phases.result.clear()  # the next update must report its own
         prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
@@ -123,7 +123,7 @@ def ppo_step_record(index: int, time_s: float, prompt_tokens: int, new_tokens: i
 
 
 class GRPOSteps(StepClock):
-    """TRL's step events, and what the trainer reports inside a step (align.phases.ReportGenerationMixin):
+    """TRL's step events, and what the trainer reports inside a step (align.trainers.phases.ReportGenerationMixin):
     generate, nested in generate_and_score (whose rest is the score phase), the tokens generated, and
     every log-prob pass (no grad: score; with grad: the loss's, in update). Set n_params, n_head and
     trained_per_token (FLOPS_PER_TOKEN) before training."""

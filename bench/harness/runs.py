@@ -27,8 +27,8 @@ def run_child(spec: dict) -> dict:
     import transformers
     from trl import DPOTrainer, RewardTrainer, SFTTrainer  # noqa: F401
 
-    import align.train  # noqa: F401
-    from align.models import resolve_model_path
+    import align.trainers.common  # noqa: F401
+    from align.models.loading import resolve_model_path
 
     if spec["stage"] == "ppo":
         import align.rl.ppo.trainer  # noqa: F401
@@ -88,7 +88,7 @@ def trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out
     import transformers
 
     from align.data.load import to_hf_dataset
-    from align.models import load_model, load_tokenizer
+    from align.models.loading import load_model, load_tokenizer
 
     from .recorders import TrainerSteps
 
@@ -109,13 +109,13 @@ def trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out
             transformers.set_seed(cfg.seed)
             model, tokenizer = load_model(cfg, task="reward" if stage == "reward" else "causal_lm")
         if stage == "sft" and (name != "align" or cfg.assistant_only_loss):
-            from align.chat import training_chat_template
+            from align.models.chat import training_chat_template
 
             # the recipe's marked template in both arms (TRL would swap in its own), so that the same tokens carry labels
             tokenizer.chat_template = training_chat_template(tokenizer)
     with phases("init"):
         if name == "align":
-            from align.train import guard_callbacks
+            from align.trainers.common import guard_callbacks
 
             trainer = align_trainer(stage, cfg, module, model, tokenizer, dataset, guard_callbacks(out_dir) + [recorder])
             trainer.args.save_strategy = "no"  # the recipe would also save at the end; no arm saves here
@@ -133,7 +133,7 @@ def trainer_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out
     if unlogged:
         raise RuntimeError(f"steps {unlogged}: the trainer logged no num_tokens (the bench logs every step: logging_steps 1)")
     if name == "align" and getattr(cfg, "precompute_ref_log_probs", False) and "precompute_ref" not in phases.result:
-        raise RuntimeError("the DPO trainer precomputed reference log-probs without reporting the phase (align.phases)")
+        raise RuntimeError("the DPO trainer precomputed reference log-probs without reporting the phase (align.trainers.phases)")
 
     precomputed = "precompute_ref" in phases.result
     ref_in_step = stage == "dpo" and not precomputed  # TRL's default: a reference forward every step
@@ -156,15 +156,15 @@ def ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir
     """The PPO engine (align.rl.ppo) with the PPO recipe's defaults and the verifier as the reward; every
     update's generate, score and update phases timed and measured through the trainer's phase events
     (`PPOSteps`; see stage.py's docstring)."""
+    from align.evaluation.verifier import verifier_reward
     from align.rl.ppo.models import build_models
     from align.rl.ppo.trainer import PPOTrainer
-    from align.verifier import verifier_reward
 
     from .recorders import PPOSteps
 
     cfg = ppo_arm_config(spec, out_dir)
     if cfg.return_freed_memory:  # as recipes/ppo.py does (the DPO arm's build_trainer does the same)
-        from align.activations import return_freed_memory_to_os
+        from align.models.activations import return_freed_memory_to_os
 
         return_freed_memory_to_os()
     with phases("load"):
@@ -216,13 +216,13 @@ def ppo_config_summary(cfg) -> dict:
 def grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:
     """GRPO through TRL: the grpo recipe's build_trainer (align arms) or TRL's documented script (trl-baseline), the
     recipe's reward functions in both; every step's generate, score and update timed and measured from the events
-    the trainer reports (align.phases.ReportGenerationMixin; see stage.py's docstring)."""
+    the trainer reports (align.trainers.phases.ReportGenerationMixin; see stage.py's docstring)."""
     import transformers
 
     from align.data.load import check_lengths, load_prompts
-    from align.grpo import check_constraints_present, parse_rewards, prompt_dataset
-    from align.models import load_model, load_tokenizer
-    from align.train import guard_callbacks
+    from align.models.loading import load_model, load_tokenizer
+    from align.trainers.common import guard_callbacks
+    from align.trainers.grpo import check_constraints_present, parse_rewards, prompt_dataset
 
     from .recorders import GRPOSteps
 
@@ -262,7 +262,7 @@ def grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_di
         trainer.train()
     steps = recorder.steps
     if not any(s["new_tokens"] for s in steps):
-        raise RuntimeError("the GRPO trainer reported no generation (align.phases.ReportGenerationMixin)")
+        raise RuntimeError("the GRPO trainer reported no generation (align.trainers.phases.ReportGenerationMixin)")
     config_keys = ("per_device_train_batch_size", "num_generations", "max_completion_length", "temperature", "beta",
                    "loss_type", "learning_rate", "gradient_checkpointing")
     return {"data": source, "n_params_matmul": n_params, "n_params_lm_head": n_head, "lora": lora, "lora_A_init_abs_sum": lora_checksum,

@@ -17,15 +17,15 @@ mixes; arms alternate (A B A B ...) so that load from other processes hits them 
   loss_weights, beta: the recipe's DPO + SFT term). One departure: on a CPU without
   native bf16, `bf16=False` (TRL's default would emulate bf16, several times slower). SFT: the recipe trains
   on assistant turns only, so the baseline sets `assistant_only_loss=True` and gets the recipe's marked chat
-  template (align.chat.training_chat_template): both losses are the mean NLL of the same tokens.
+  template (align.models.chat.training_chat_template): both losses are the mean NLL of the same tokens.
 - `align`: the recipe (`recipes/<stage>.py`) with its defaults; `align:field=value:...` overrides fields
-  of the recipe's config (ablations of the DPO levers in align/dpo_fast.py).
+  of the recipe's config (ablations of the DPO levers in align/trainers/dpo_fast.py).
 
 Measured, per step: wall time (end of one optimizer step to the end of the next, data loading
 included), tokens, tokens/s, peak memory, loss. Per phase (load, init, precompute_ref, train): time and
 peak memory. The bench listens and replaces nothing in a trainer: steps and losses come from TRL's
 callback events (a TrainerCallback: on_step_begin, on_step_end, on_log, whose `num_tokens` gives a step's
-tokens), the phases inside a trainer from the events it reports (align.phases): the DPO recipe's
+tokens), the phases inside a trainer from the events it reports (align.trainers.phases): the DPO recipe's
 precompute_ref, the PPO trainer's generate, score and update, GRPO's generate and score (below).
 Peak memory on CPU is the peak resident set size (VmHWM, reset per phase and step through
 /proc/self/clear_refs) over the resident set size after imports; on CUDA it is
@@ -58,7 +58,7 @@ left on) except what both arms share: model, prompts and their order, seed, LoRA
 build_reward_funcs: the guarded verifier), replies per prompt, longest reply and learning rate (the recipe's
 defaults), steps. `--batch_size` is prompts per step (per_device_train_batch_size = batch_size x num_generations
 replies); prompts come from the recipe's train_data (ifprefs) unless --data names another source with constraints.
-A step's phases, as both arms' trainers report them (align.phases.ReportGenerationMixin: the recipe's trainer
+A step's phases, as both arms' trainers report them (align.trainers.phases.ReportGenerationMixin: the recipe's trainer
 mixes it in, the baseline is TRL's GRPOTrainer with it and nothing else): generate (`_generate`: sampling with
 transformers' generate and decoding), score (the rest of `_generate_and_score_completions`: forward-only passes
 for the reference and old-policy log-probs, when TRL makes them, and the rewards) and update (the rest of the
@@ -155,7 +155,7 @@ def run_arm(spec: dict, log_path: Path, timeout_s: int) -> dict:
 def main_parent(cfg: BenchArgs) -> dict:
     import torch
 
-    from align.models import resolve_dtype
+    from align.models.loading import resolve_dtype
 
     from .flops import machine_peak
 

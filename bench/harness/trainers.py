@@ -39,11 +39,11 @@ def recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[
     values.update(overrides)
     cfg = build_config(getattr(module, cls), values, where=f"align arm overrides ({stage})")
     if getattr(cfg, "learning_rate", 0) is None:  # the recipe's hardware default
-        from align.train import hardware_learning_rate
+        from align.trainers.common import hardware_learning_rate
 
         cfg.learning_rate = hardware_learning_rate(module.LEARNING_RATES)
     if getattr(cfg, "gradient_checkpointing", False) is None:  # the recipe's hardware default
-        from align.train import default_gradient_checkpointing
+        from align.trainers.common import default_gradient_checkpointing
 
         cfg.gradient_checkpointing = default_gradient_checkpointing()
     return cfg
@@ -104,10 +104,10 @@ def grpo_baseline_trainer(spec: dict, cfg, dataset, tokenizer, reward_funcs, out
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from align.phases import ReportGenerationMixin
+    from align.trainers.phases import ReportGenerationMixin
 
     class TRLGRPOTrainer(ReportGenerationMixin, GRPOTrainer):
-        """TRL's GRPOTrainer, unchanged but for the phase events the bench listens to (align.phases)."""
+        """TRL's GRPOTrainer, unchanged but for the phase events the bench listens to (align.trainers.phases)."""
 
     args = GRPOConfig(**_baseline_args(spec, out_dir, cfg), per_device_train_batch_size=cfg.per_device_train_batch_size,
                       num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length)

@@ -16,7 +16,7 @@ def load_old_tokenizer(path: str):
     TokenizersBackend and keeps its chat template in chat_template.jinja, which 4.46 reads neither of."""
     from transformers import PreTrainedTokenizerFast
 
-    from align.models import load_tokenizer
+    from align.models.loading import load_tokenizer
 
     try:
         return load_tokenizer(path)
@@ -63,7 +63,7 @@ def load_policy_with_value_head(spec: dict, cfg):
     import torch
     from trl import AutoModelForCausalLMWithValueHead
 
-    from align.models import lora_config
+    from align.models.loading import lora_config
 
     lora = lora_config(cfg, "causal_lm")
     lora.lora_dropout = 0.0  # as the align arm (dropout off everywhere)
@@ -118,7 +118,7 @@ def verify_and_step(trainer, tokenizer, records, queries, responses) -> tuple[li
     Returns the scores, TRL's stats and the verifier's seconds; the minibatches' losses are left in trainer.minibatches."""
     import torch
 
-    from align.verifier import verifier_reward
+    from align.evaluation.verifier import verifier_reward
 
     verifier_start = time.perf_counter()
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -168,10 +168,10 @@ def trl_ppo_run(spec: dict, phases, meter, device: str, out_dir: str) -> dict:
     from bench.harness.meter import Phases
     from bench.harness.recorders import ppo_step_record  # noqa: F401
     from bench.harness.runs import ppo_arm_config, ppo_arm_prompts, ppo_config_summary
-    from align.models import lora_config  # noqa: F401
+    from align.evaluation.verifier import verifier_reward  # noqa: F401
+    from align.models.loading import lora_config  # noqa: F401
     from align.rl.ppo.rollout import GumbelSampler  # noqa: F401
     from align.rl.ppo.trainer import PPOTrainer as AlignPPOTrainer
-    from align.verifier import verifier_reward  # noqa: F401
     from bench.trl_ppo.settings import trl_ppo_config
 
     # trl-ppo:field=value overrides the same PPOArgs fields as align:field=value

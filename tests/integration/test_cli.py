@@ -1,4 +1,4 @@
-"""The `align` command (align/cli.py) and `align chat` (align/chat.py), on tiny models: the console script pip
+"""The `align` command (align/cli.py) and `align chat` (align/models/chat.py), on tiny models: the console script pip
 installs, every command's help, both flag spellings, one-line errors with exit code 2, a one-shot reply, the
 conversation in process, and an interactive session in a real terminal (tmux). Also: no startup noise."""
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from align.chat import ChatArgs, ChatSession, chat_loop, load_chat_model, printable
 from align.cli import COMMANDS
 from align.config import build_config, parse_config
 from align.errors import AlignError, ConfigError
+from align.models.chat import ChatArgs, ChatSession, chat_loop, load_chat_model, printable
 from repo_paths import REPO
 
 # This checkout's code, whichever checkout the installed console script was installed from
@@ -146,7 +146,7 @@ def test_eval_scripts_are_thin_and_do_not_touch_sys_path():
     for script in sorted((REPO / "eval").glob("*.py")):
         text = script.read_text()
         assert "sys.path" not in text, f"{script.name} edits sys.path"
-    for name, module in (("evaluate", "align.evaluation.run"), ("compare", "align.compare")):
+    for name, module in (("evaluate", "align.evaluation.run"), ("compare", "align.report.compare")):
         text = (REPO / "eval" / f"{name}.py").read_text()
         assert f"from {module} import main" in text and len(text.splitlines()) < 20
 
@@ -384,7 +384,7 @@ def test_no_startup_noise_a_user_cannot_act_on(tmp_path):
     code = """
 import warnings, logging
 warnings.simplefilter("default")
-import align.data.load, align.models
+import align.data.load, align.models.loading
 import bitsandbytes
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig

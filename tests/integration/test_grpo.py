@@ -1,6 +1,6 @@
 """GRPO and RLOO (recipes/grpo.py over TRL's GRPOTrainer / RLOOTrainer): the recipe as a real process on the tiny
 model with the verifier, with a reward model plus a weighted function, with RLOO; resume after SIGTERM equals an
-uninterrupted run; bad reward specs end with one line and exit 2; and the reward adapter (align.grpo) on its own."""
+uninterrupted run; bad reward specs end with one line and exit 2; and the reward adapter (align.trainers.grpo) on its own."""
 
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ from recipe_harness import (  # noqa: F401  (tiny_data is a fixture)
 )
 
 from align.errors import ConfigError
-from align.grpo import parse_rewards, prompt_dataset, trl_reward_func
 from align.records import PromptRecord
-from align.train import NonFiniteError
+from align.trainers.common import NonFiniteError
+from align.trainers.grpo import parse_rewards, prompt_dataset, trl_reward_func
 
-# What TRL logs each step, namespaced by align.train.MetricsFile (plus completions/eos_rate from align.grpo).
+# What TRL logs each step, namespaced by align.trainers.common.MetricsFile (plus completions/eos_rate from align.trainers.grpo).
 STEP_KEYS = ("train/loss", "train/reward", "train/reward_std", "train/kl", "train/entropy", "clip_ratio/region_mean",
              "completions/mean_length", "completions/clipped_ratio", "completions/eos_rate")
 
@@ -100,7 +100,7 @@ def test_grpo_with_the_verifier(tiny_model_dir, tiny_data, tmp_path):
     for name in ("adapter/adapter_model.safetensors", "config.yaml", "run_info.json", "metrics.jsonl", "summary.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "run_info.json").read_text())["stage"] == "grpo"
-    assert "grpo: reward 1 x the built-in verifier (align.verifier, unguarded)" in log
+    assert "grpo: reward 1 x the built-in verifier (align.evaluation.verifier, unguarded)" in log
     assert "grpo: malloc: mmap threshold" in log  # freed activations go back to the OS (return_freed_memory)
 
     steps = _steps(out)
@@ -122,7 +122,7 @@ def test_grpo_with_the_verifier(tiny_model_dir, tiny_data, tmp_path):
         assert summary[block]["verifier/prompts"] == 4 and len(summary[block]["rows"]) == 4
     assert "[align] starting model -> trained policy (0 pairs, 4 prompts):" in log
     assert "coherent strict (strict and not degenerate):" in log and "paired 95% CI" in log
-    card = (out / "adapter" / "README.md").read_text()  # align.model_card's, with the summary's numbers
+    card = (out / "adapter" / "README.md").read_text()  # align.publish.model_card's, with the summary's numbers
     assert "Method: GRPO, advantage (reward - group mean) / group std" in card and f"`{tiny_data['prompts']}` (8 prompts used)" in card
     assert f"| coherent strict (strict and not degenerate) | {summary['before']['verifier/coherent_strict']:.3f} |" in card
 
@@ -205,8 +205,8 @@ def test_bad_reward_specs_and_vllm_on_a_cpu_end_with_one_line_and_exit_2(tiny_mo
 
 def test_the_verifier_reward_is_guarded_by_default():
     """GRPOArgs.reward_guard defaults to true (tests/unit/test_config.py parses the recipe configs strictly)."""
-    from align.grpo import load_reward, parse_rewards
-    from align.verifier import guarded_verifier_reward
+    from align.evaluation.verifier import guarded_verifier_reward
+    from align.trainers.grpo import load_reward, parse_rewards
     (spec,) = parse_rewards(["verifier"])
-    assert spec.describe(True) == "the built-in verifier (align.verifier, guarded: 0 for a degenerate reply)"
+    assert spec.describe(True) == "the built-in verifier (align.evaluation.verifier, guarded: 0 for a degenerate reply)"
     assert load_reward(spec, guard=True) is guarded_verifier_reward

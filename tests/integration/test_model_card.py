@@ -1,4 +1,4 @@
-"""Model cards (align.model_card, align.publish), the SFT summary's before/after block they read, and --push_to_hub's
+"""Model cards (align.publish.model_card, align.publish.hub), the SFT summary's before/after block they read, and --push_to_hub's
 refusal before training.
 
 The end-to-end test runs the card's own snippet in a fresh interpreter, from another directory: the card is
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align.model_card import BaseModel, describe_base, model_card
-from align.publish import hub_problem, push_run, write_model_cards
+from align.publish.hub import hub_problem, push_run, write_model_cards
+from align.publish.model_card import BaseModel, describe_base, model_card
 from recipe_harness import assert_no_traceback, recipe_args, run_recipe, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 DPO_CONFIG = {"model_name_or_path": "SmolLM2-135M-Instruct", "quantization": "auto", "dtype": "auto", "use_lora": True, "lora_r": 16,

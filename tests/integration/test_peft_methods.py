@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError
-from align.models import (
+from align.models.loading import (
     PEFT_METHODS,
     PEFT_UNSUPPORTED,
     PROMPT_LEARNING,
@@ -122,7 +122,7 @@ def test_recipe_trains_saves_and_loads_each_method(tiny_model_dir, tiny_data, tm
     assert code == 0, log[-4000:]
     adapter = out / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
-    from align.models import method_of_config
+    from align.models.loading import method_of_config
 
     assert method_of_config(config) == method
     summary = json.loads((out / "summary.json").read_text())
@@ -132,7 +132,7 @@ def test_recipe_trains_saves_and_loads_each_method(tiny_model_dir, tiny_data, tm
     if stage == "dpo" and method in PROMPT_LEARNING:
         assert "prompt-learning adapter" in log and "stock log-probs" in log  # the fast path steps aside
     if stage == "reward":
-        from align.reward_model import load_reward_model, score_texts
+        from align.models.reward_model import load_reward_model, score_texts
 
         model, tok = load_reward_model(str(out), dtype="fp32")
         scores = score_texts(model, tok, [[{"role": "user", "content": "hi"}]], ["hello"], batch_size=1)

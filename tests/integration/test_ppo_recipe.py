@@ -45,7 +45,7 @@ def run_recipe(args: list[str], launcher: list[str] | None = None, timeout: int 
 
 
 def test_recipe_end_to_end_with_the_verifier(tiny_model_dir, tmp_path):
-    from align.models import load_trained
+    from align.models.loading import load_trained
 
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out"
@@ -74,7 +74,7 @@ def test_recipe_end_to_end_with_the_verifier(tiny_model_dir, tmp_path):
     assert len(summary["heldout_after"]["rows"]) == 4
     assert "unguarded (reward_guard false)" in summary["reward"]
     assert "coherent strict (strict and not degenerate):" in result.stderr
-    card = (out / "adapter" / "README.md").read_text()  # align.model_card's, with the held-out numbers
+    card = (out / "adapter" / "README.md").read_text()  # align.publish.model_card's, with the held-out numbers
     assert "Method: PPO with a LoRA critic" in card and f"BASE = {str(Path(tiny_model_dir).resolve())!r}" in card
     assert f"| coherent strict (strict and not degenerate) | {summary['heldout_before']['verifier/coherent_strict']:.3f} |" in card
     model, _ = load_trained(str(out), dtype="fp32")  # the policy loads like any other adapter

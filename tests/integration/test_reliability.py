@@ -270,7 +270,7 @@ def test_run_train_loss_adds_back_the_steps_before_the_resume():
     """Steps 1-3 logged losses 1, 2, 3 (checkpoint at 3); the resumed call ran steps 4-5 with mean 6:
     whole run = (1 + 2 + 3 + 6 * 2) / 5 = 18 / 5 = 3.6. Logging every 2 steps (1.5 at step 2, nothing at
     step 3, checkpoint at 3): step 3's loss is unknown, so (1.5 * 2 + 6 * 2) / (2 + 2) = 15 / 4 = 3.75."""
-    from align.train import run_train_loss
+    from align.trainers.common import run_train_loss
 
     every_step = [{"loss": 1.0, "step": 1}, {"loss": 2.0, "step": 2}, {"loss": 3.0, "step": 3}, {"loss": 7.0, "step": 4}]
     assert run_train_loss(every_step, 6.0, first_step=3, global_step=5) == 3.6
@@ -279,7 +279,7 @@ def test_run_train_loss_adds_back_the_steps_before_the_resume():
 
 
 def test_metrics_lines_kept_when_training_restarts():
-    from align.train import _kept_on_restart
+    from align.trainers.common import _kept_on_restart
 
     lines = [json.dumps({"step": s, "train/loss": 0.5}) + "\n" for s in (1, 2, 3)]
     lines.append(json.dumps({"step": 2, "train/train_loss": 0.5, "train/train_runtime": 1.0}) + "\n")  # end of a call

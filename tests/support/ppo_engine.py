@@ -67,7 +67,7 @@ def resume_from_update_2_matches(whole: PPOTrainer, cfg: PPOArgs, whole_dir: Pat
 def make_reward_adapter(base_dir: str, out_dir: Path, seed: int = 0) -> str:
     """What recipes/reward.py writes: a SEQ_CLS LoRA adapter + `score` head (modules_to_save) on `base_dir`.
     The LoRA B matrices and the head are random (not zero) so that the reward adapter changes the model."""
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     model, tokenizer = load_model(ModelArgs(model_name_or_path=base_dir, dtype="fp32", quantization="none", lora_r=4, lora_alpha=8), task="reward")
     torch.manual_seed(seed)

@@ -30,7 +30,7 @@ from repo_paths import REPO
 
 RECIPES = {"sft": REPO / "recipes" / "sft.py", "reward": REPO / "recipes" / "reward.py", "dpo": REPO / "recipes" / "dpo.py",
            "grpo": REPO / "recipes" / "grpo.py", "ppo": REPO / "recipes" / "ppo.py"}
-PRELOAD = ["torch", "transformers", "peft", "datasets", "trl", "align.train", "align.data.load", "align.models", "recipe_harness"]
+PRELOAD = ["torch", "transformers", "peft", "datasets", "trl", "align.trainers.common", "align.data.load", "align.models.loading", "recipe_harness"]
 # Keys whose values depend on wall time or the machine's load; everything else a run logs must be reproducible.
 TIMING_KEYS = {"time_s", "wall_time_s", "train/train_runtime", "train/train_samples_per_second", "train/train_steps_per_second",
                "train/train_tokens_per_second", "train/step_time"}
@@ -124,7 +124,7 @@ def _hold_until_signal_after_step(step: int) -> None:
     """At the end of optimizer step `step`, wait (up to 60 s) for a signal before StopOnSignal looks for one, so a
     signal the test sends lands at a known step whatever the machine's load. It is still a real signal, sent by
     another process and handled by the recipe's own handler."""
-    from align.train import StopOnSignal
+    from align.trainers.common import StopOnSignal
 
     original = StopOnSignal.on_step_end
 
@@ -141,22 +141,22 @@ def _hold_until_signal_after_step(step: int) -> None:
 
 def _nan_loss_at_step(step: int) -> None:
     """The training loss of optimizer step `step` becomes NaN just before the recipe's own check reads it (the
-    trainers' FiniteLossMixin calls align.train.check_loss): what a model that has gone bad produces."""
-    import align.train
+    trainers' FiniteLossMixin calls align.trainers.common.check_loss): what a model that has gone bad produces."""
+    import align.trainers.common
 
-    original = align.train.check_loss
+    original = align.trainers.common.check_loss
 
     def check_loss(loss, at_step):
         return original(loss * float("nan") if at_step == step else loss, at_step)
 
-    align.train.check_loss = check_loss
+    align.trainers.common.check_loss = check_loss
 
 
 def _nan_grad_at_step(step: int) -> None:
     """At optimizer step `step` the LAST trainable tensor's gradient becomes NaN while the loss stays finite, just
     before the recipe's own gradient check (FiniteLossMixin._clip_grad_norm). The last one, so that naming the
     first tensor of the model would be caught."""
-    from align.train import FiniteLossMixin
+    from align.trainers.common import FiniteLossMixin
 
     original = FiniteLossMixin._clip_grad_norm
 
@@ -318,7 +318,7 @@ def adapter_tensors(directory: str | Path) -> dict:
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[int]:
-    from align.train import MARKER
+    from align.trainers.common import MARKER
 
     return sorted(int(p.name.split("-")[1]) for p in Path(output_dir).glob("checkpoint-*") if (p / MARKER).is_file())
 

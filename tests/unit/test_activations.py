@@ -1,4 +1,4 @@
-"""align.activations: saved activations in bf16, compute in float32.
+"""align.models.activations: saved activations in bf16, compute in float32.
 
 A tiny Llama with LoRA on every projection, float32. With compression the loss is bit-identical (the
 forward does not change), the gradients differ (so the hooks really ran) but only by bf16 rounding of the
@@ -10,7 +10,7 @@ operations is compressed once.
 import pytest
 import torch
 
-from align.activations import compressed_saved_activations
+from align.models.activations import compressed_saved_activations
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_saved_tensors_come_back_with_their_strides(layout):
     often expanded over heads, stride 0) and refuses it in backward otherwise ("attn_bias is not correctly
     aligned"): seen on an H200 when a compressed mask came back as a plain contiguous copy. Such tensors are
     kept as they are; a dense permuted one (a transpose) is compressed and keeps its strides."""
-    from align.activations import dense_layout
+    from align.models.activations import dense_layout
 
     torch.manual_seed(0)
     if layout == "padded rows":  # 66 columns in rows of 68, as sdpa pads an attention bias
@@ -131,7 +131,7 @@ def test_saved_tensors_come_back_with_their_strides(layout):
 
 
 def test_dense_layout_hand_cases():
-    from align.activations import dense_layout
+    from align.models.activations import dense_layout
 
     assert dense_layout(torch.zeros(3, 4)) and dense_layout(torch.zeros(3, 4).t()) and dense_layout(torch.zeros(1, 5)[:, :5])
     assert dense_layout(torch.zeros(2, 1, 4).expand(2, 1, 4)) and dense_layout(torch.zeros(()))

@@ -44,7 +44,7 @@ def test_matmul_params_of_the_tiny_models(tiny_model_dir, tiny_reward_dir):
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     assert matmul_params(AutoModelForCausalLM.from_pretrained(tiny_model_dir)) == 26_880
     assert matmul_params(AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir)) == 18_624

@@ -1,4 +1,4 @@
-"""align.degeneration on real replies.
+"""align.evaluation.degeneration on real replies.
 
 tests/support/data/base_replies.jsonl and base_replies_degenerate.jsonl are the greedy replies of the embedded
 default model (SmolLM2-135M-Instruct, no training) to the first 80 prompts of `ifprefs:eval`, generated once
@@ -25,7 +25,7 @@ import json
 
 import pytest
 
-from align.degeneration import (
+from align.evaluation.degeneration import (
     COPY_MIN_WORDS, LINE_MIN_COUNT, check_reply, copied_instruction, degenerate_share, repeated_line, repeated_tail,
     no_answer, repetition_loop,
 )
@@ -194,7 +194,7 @@ def test_bad_input_is_a_clear_error():
 def test_hacking_warning_fires_on_the_issue_23_run_and_not_on_an_honest_one():
     """Issue 23's GRPO run, greedy on 128 prompts: training reward up, coherent strict 0.156 -> 0.109 and
     4-gram loops 39 -> 86 of 128 (read here as the degenerate share, 0.305 -> 0.672)."""
-    from align.degeneration import DEGENERATE_RISE, hacking_warning
+    from align.evaluation.degeneration import DEGENERATE_RISE, hacking_warning
 
     start = {"coherent_strict": 0.156, "degenerate_share": 39 / 128}
     end = {"coherent_strict": 0.109, "degenerate_share": 86 / 128}
@@ -208,7 +208,7 @@ def test_hacking_warning_fires_on_the_issue_23_run_and_not_on_an_honest_one():
 
 
 def test_unasked_formats_name_each_format_no_constraint_asked_for():
-    from align.degeneration import unasked_formats
+    from align.evaluation.degeneration import unasked_formats
 
     # the learning-curve SFT run's leaks: a placeholder line, a whole reply in quotes, SECTION markers
     leaked = '"Ladakh: Kite flying\n***\nIn the 19th century a festival was held.\nSign up by [date] with [name]."'

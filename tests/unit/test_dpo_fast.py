@@ -1,4 +1,4 @@
-"""align.dpo_fast: the fast log-prob path gives TRL's numbers.
+"""align.trainers.dpo_fast: the fast log-prob path gives TRL's numbers.
 
 Equivalence invariants on a tiny model in float32: FastDPOTrainer against TRL's own DPOTrainer on the same
 batch, the same weights and the same LoRA values (B made non-zero so the policy differs from the
@@ -12,8 +12,8 @@ gradient entry of each tensor. Measured gaps are ~1e-6 relative.
 import pytest
 import torch
 
-from align.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask, preference_rows
-from align.lm_head import completion_logprobs
+from align.models.lm_head import completion_logprobs
+from align.trainers.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask, preference_rows
 
 LOGP_ATOL = 1e-4
 LOSS_ATOL = 1e-5
@@ -135,8 +135,8 @@ def _trainer(model_dir, fast, tmp_path, share_prompt=True, precompute=True, grad
     from trl import DPOConfig, DPOTrainer
 
     from align.data.load import to_hf_dataset
-    from align.dpo_fast import FastDPOTrainer
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
+    from align.trainers.dpo_fast import FastDPOTrainer
 
     transformers.set_seed(0)
     model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype="fp32", quantization="none", lora_r=4, lora_alpha=8))
@@ -236,7 +236,7 @@ def test_fast_off_is_trl(tiny_model_dir, tmp_path):
     """fast=False: no patched forward is used, and the loss is TRL's to the last bit."""
     stock = _trainer(tiny_model_dir, False, tmp_path / "stock")
     off = _trainer(tiny_model_dir, False, tmp_path / "off")
-    from align.dpo_fast import FastDPOTrainer
+    from align.trainers.dpo_fast import FastDPOTrainer
 
     batch = next(iter(stock.get_train_dataloader()))
     loss = _loss_and_grads(stock, batch)[0]
@@ -261,7 +261,7 @@ def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
     """recipes/dpo.py's own trainer (build_trainer) with the recipe's defaults, on a tiny model."""
     from align.config import build_config
     from align.data.load import to_hf_dataset
-    from align.models import load_model
+    from align.models.loading import load_model
 
     recipe = _recipe()
     cfg = build_config(recipe.DPOArgs, {"model_name_or_path": model_dir, "output_dir": str(tmp_path), "max_steps": 1,
@@ -272,7 +272,7 @@ def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
 
 
 def test_recipe_builds_the_fast_trainer(tiny_model_dir, tmp_path):
-    from align.dpo_fast import FastDPOTrainer
+    from align.trainers.dpo_fast import FastDPOTrainer
 
     trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs())
     assert isinstance(trainer, FastDPOTrainer) and trainer._fast and trainer._share_prompt

@@ -1,4 +1,4 @@
-"""Evaluation of one policy (align.evaluation, eval/evaluate.py) and the comparison (align.compare, eval/compare.py) on tiny models."""
+"""Evaluation of one policy (align.evaluation, eval/evaluate.py) and the comparison (align.report.compare, eval/compare.py) on tiny models."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_eval_args_are_checked():
 
 
 def test_reply_ids_are_what_the_policy_emits(tiny_model_dir):
-    from align.models import load_tokenizer
+    from align.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     prompt = [{"role": "user", "content": "hi"}]
@@ -369,7 +369,7 @@ def test_scripts_start_from_the_command_line():
 def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
     """The recipe's before/after summary: the adapter=True call reads the starting model's log-probs from the
     adapter=False call instead of recomputing them, and gets the same implicit-reward numbers."""
-    from align.policy_report import summarize_policy
+    from align.evaluation.policy_report import summarize_policy
     from align.records import PreferencePair
 
     policy = load_policy(adapter_run, EvalArgs(dtype="fp32", merge_adapter="false"))  # the recipe's PEFT model
@@ -393,7 +393,7 @@ def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
 def test_before_after_leads_with_coherent_strict_and_its_paired_interval():
     """4 prompts: coherent strict 1/4 -> 3/4 (+0.5; every bootstrap resample of the per-prompt differences
     (0, 1, 1, 0) lies in [0, 1]), strict 2/4 -> 4/4, degenerate 2/4 -> 1/4, formats nobody asked for 0/4 -> 2/4."""
-    from align.policy_report import before_after
+    from align.evaluation.policy_report import before_after
 
     def rows(coherent, strict, degenerate, unasked):
         return [{"prompt_id": f"p{i}", "mode": "greedy", "coherent_strict": c, "verifier_strict": s, "degenerate": d,
@@ -430,7 +430,7 @@ def test_pass_rates_by_constraint_count_instances_per_type():
 
 
 def test_before_after_lists_constraint_types_biggest_change_first():
-    from align.policy_report import by_constraint_line
+    from align.evaluation.policy_report import by_constraint_line
 
     before = {"capitals": {"passed": 0, "total": 15, "rate": 0.0}, "lowercase": {"passed": 1, "total": 18, "rate": 1 / 18},
               "json_format": {"passed": 1, "total": 5, "rate": 0.2}}

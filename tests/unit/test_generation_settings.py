@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from align.config import parse_config
-from align.degeneration import check_reply
 from align.errors import ConfigError
 from align.evaluation.args import EvalArgs
+from align.evaluation.degeneration import check_reply
 from align.evaluation.generate import GenerationSettings, settings_for
 from align.evaluation.metrics import loops_to_limit
 from align.evaluation.run import generation_summary
@@ -84,7 +84,7 @@ def test_loops_to_limit_needs_both_no_eos_and_degenerate_text():
 def test_no_repeat_ngram_size_is_applied_to_the_generation(tiny_model_dir, one_thread):
     """The tiny random model repeats token bigrams when greedy over 40 tokens; with no_repeat_ngram_size 2 from the
     eval settings, none of its replies does."""
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     model, tok = load_model(ModelArgs(model_name_or_path=tiny_model_dir, quantization="none", dtype="fp32"), lora=False)
     model.eval()

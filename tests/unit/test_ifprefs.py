@@ -38,8 +38,8 @@ from ifprefs_edits import (  # noqa: E402
     sample_for_eval,
     sample_for_reply,
 )
-from align.text_counts import count_words
-from align.verifier import TYPES, check_constraints, verify
+from align.evaluation.text_counts import count_words
+from align.evaluation.verifier import TYPES, check_constraints, verify
 
 DATA = REPO / "datasets" / "ifprefs"
 
@@ -317,11 +317,11 @@ def test_the_splits_load_through_the_data_layer():
 
 
 def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
-    """Every SFT reply and chosen reply passes align.degeneration (drop_degenerate ran on the shipped
+    """Every SFT reply and chosen reply passes align.evaluation.degeneration (drop_degenerate ran on the shipped
     files); stats.json records what was dropped: 2,484 - 41 = 2,443 SFT rows, 3,273 - 46 = 3,227 pairs, 449 - 2 = 447
     held-out pairs (35 and 43 by the first rules, 4, 2 and 2 more when the no-answer rule came, 2 and 1 more when it
     came to want 4 words of the reply's own)."""
-    from align.degeneration import check_reply
+    from align.evaluation.degeneration import check_reply
 
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
         for row in data[name]:

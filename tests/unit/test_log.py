@@ -81,7 +81,7 @@ def test_env_var_sets_the_level_and_the_flag_wins(monkeypatch, capsys):
 
 def test_every_run_config_has_the_log_level_field():
     from align.rl.ppo.config import PPOArgs
-    from align.train import RunArgs  # SFT, reward, DPO and GRPO args extend it
+    from align.trainers.common import RunArgs  # SFT, reward, DPO and GRPO args extend it
 
     assert parse_config(RunArgs, ["--log_level", "error"]).log_level == "error"
     assert parse_config(PPOArgs, ["--log_level", "error"]).log_level == "error"
@@ -133,7 +133,7 @@ def test_no_duplicate_lines_from_many_loggers_a_root_handler_or_a_second_import(
     logging.getLogger().addHandler(collect)
     try:
         importlib.reload(align_log)
-        loggers = [get_logger(name) for name in ("align.train", "align.data", "__main__", "tests.log_f")]
+        loggers = [get_logger(name) for name in ("align.trainers.common", "align.data", "__main__", "tests.log_f")]
         for i, logger in enumerate(loggers):
             logger.info(f"line {i}")
     finally:

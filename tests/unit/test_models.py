@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.errors import AlignError, ConfigError
-from align.models import DEFAULT_MODEL, ModelArgs, cache_dir, count_parameters, load_model, load_trained, resolve_dtype, resolve_model_path
+from align.models.loading import DEFAULT_MODEL, ModelArgs, cache_dir, count_parameters, load_model, load_trained, resolve_dtype, resolve_model_path
 
 
 def test_fresh_lora_leaves_model_unchanged_and_one_step_trains_only_lora(tiny_model_dir):
@@ -76,7 +76,7 @@ def _lora_step_gradients(model_dir: str, generate_first: bool):
 
 def test_4bit_lora_gradients_are_the_same_after_a_generation(tiny_quant_model_dir):
     """On avx512_bf16 CPUs bitsandbytes packs 4-bit weights at the first inference and then runs training
-    forwards through a kernel with no backward (align.models.keep_4bit_trainable). Before the fix, on such a
+    forwards through a kernel with no backward (align.models.loading.keep_4bit_trainable). Before the fix, on such a
     CPU, every one of these 28 gradients differed (by up to 0.21). Elsewhere bitsandbytes never packs, and the
     flag checked last is what stops it where it would."""
     _, plain = _lora_step_gradients(tiny_quant_model_dir, generate_first=False)
@@ -89,19 +89,19 @@ def test_4bit_lora_gradients_are_the_same_after_a_generation(tiny_quant_model_di
 
 
 def test_compute_note_names_the_numeric_path(monkeypatch):
-    import align.models
-    from align.models import compute_note
+    import align.models.loading
+    from align.models.loading import compute_note
 
-    monkeypatch.setattr(align.models, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(align.models.loading, "cpu_has_bf16", lambda: True)
     assert compute_note("auto", "none").startswith("dtype=bfloat16 (auto: CPU with avx512_bf16/AMX")
     assert compute_note("fp32", "none").startswith("dtype=float32 (set: CPU with avx512_bf16/AMX")
-    monkeypatch.setattr(align.models, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(align.models.loading, "cpu_has_bf16", lambda: False)
     assert compute_note("auto", "none").startswith("dtype=float32 (auto: CPU without avx512_bf16")
     assert "bitsandbytes" not in compute_note("auto", "none")
-    monkeypatch.setattr(align.models, "bnb_cpu_packs_4bit", lambda: True)
+    monkeypatch.setattr(align.models.loading, "bnb_cpu_packs_4bit", lambda: True)
     assert compute_note("auto", "4bit").endswith("4-bit on CPU: dequantize + matmul (its avx512_bf16 inference kernel is kept "
-                                                 "off: see align.models.keep_4bit_trainable)")
-    monkeypatch.setattr(align.models, "bnb_cpu_packs_4bit", lambda: False)
+                                                 "off: see align.models.loading.keep_4bit_trainable)")
+    monkeypatch.setattr(align.models.loading, "bnb_cpu_packs_4bit", lambda: False)
     assert compute_note("auto", "4bit").endswith("4-bit on CPU: dequantize + matmul")
 
 
@@ -193,7 +193,7 @@ def test_merged_copy_computes_what_the_adapter_does_and_leaves_it_alone(tiny_mod
     LoRA layers and its disabled-adapter output (the reference); a 4-bit base is not merged."""
     from peft import LoraConfig, get_peft_model
 
-    from align.models import is_quantized, merged_copy
+    from align.models.loading import is_quantized, merged_copy
 
     batch = {"input_ids": torch.tensor([[5, 9, 17, 33, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     for task, peft_task in (("causal_lm", "CAUSAL_LM"), ("reward", "SEQ_CLS")):

@@ -1,4 +1,4 @@
-"""Phase events (align.phases): the trainers report their phases themselves, in order, to whoever listens.
+"""Phase events (align.trainers.phases): the trainers report their phases themselves, in order, to whoever listens.
 
 The bench measures through these events only, so a phase that stops being reported fails here (and in
 tests/unit/test_bench_harness.py's PPOSteps test) instead of silently dropping out of the measurements.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from align.phases import notify, reported_phase
+from align.trainers.phases import notify, reported_phase
 from repo_paths import REPO
 
 
@@ -61,7 +61,7 @@ def test_dpo_recipe_reports_its_precomputed_reference_as_a_phase(tiny_model_dir,
 
     from align.config import build_config
     from align.data.load import to_hf_dataset
-    from align.models import load_model
+    from align.models.loading import load_model
     from transformers import TrainerCallback
 
     class Heard(TrainerCallback, Listener):
@@ -89,9 +89,9 @@ def test_grpo_recipe_reports_generation_inside_scoring_and_every_log_prob_pass(t
     from transformers import TrainerCallback
 
     from align.config import build_config
-    from align.grpo import parse_rewards, prompt_dataset
-    from align.models import load_model
+    from align.models.loading import load_model
     from align.records import PromptRecord
+    from align.trainers.grpo import parse_rewards, prompt_dataset
 
     class Heard(TrainerCallback, Listener):
         def __init__(self):

@@ -11,8 +11,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from align import architecture, plan
+from align import plan
 from align.errors import AlignError, ConfigError
+from align.models import architecture
 from align.plan import PlanArgs, estimate
 from repo_paths import REPO
 

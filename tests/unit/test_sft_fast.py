@@ -1,4 +1,4 @@
-"""align.sft_fast: the label-only LM head gives TRL's SFT loss, gradients and metrics.
+"""align.trainers.sft_fast: the label-only LM head gives TRL's SFT loss, gradients and metrics.
 
 Equivalence invariants on a tiny model: FastSFTTrainer against TRL's own SFTTrainer (assistant_only_loss,
 multi-turn chats, right padding) on the same batch, the same weights and the same LoRA values (B made
@@ -39,17 +39,17 @@ def _trainer(model_dir, fast, tmp_path, dtype="fp32", gradient_checkpointing=Fal
     import transformers
     from trl import SFTConfig, SFTTrainer
 
-    from align.chat import training_chat_template
     from align.data.load import to_hf_dataset
-    from align.models import ModelArgs, load_model
-    from align.sft_fast import FastSFTTrainer
+    from align.models.chat import training_chat_template
+    from align.models.loading import ModelArgs, load_model
+    from align.trainers.sft_fast import FastSFTTrainer
 
     transformers.set_seed(0)
     model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype=dtype, quantization="none", lora_r=4,
                                             lora_alpha=8, lora_dropout=lora_dropout))
     tokenizer.chat_template = training_chat_template(tokenizer)
     if selective:
-        from align.activations import enable_selective_checkpointing
+        from align.models.activations import enable_selective_checkpointing
 
         enable_selective_checkpointing(model.get_base_model())
     args = SFTConfig(
@@ -114,7 +114,7 @@ def test_head_sees_only_labelled_positions(tiny_model_dir, tmp_path, one_thread,
     """The fast head gets exactly the hidden states whose next token is labelled, and TRL's tiled head is never run."""
     import trl.trainer.utils as trl_utils
 
-    import align.lm_head as lm_head
+    import align.models.lm_head as lm_head
 
     fast = _trainer(tiny_model_dir, True, tmp_path / "fast")
     batch = next(iter(fast.get_train_dataloader()))
@@ -180,7 +180,7 @@ def test_selective_checkpointing_is_exact(tiny_model_dir, tmp_path, one_thread, 
     """Selective checkpointing (keep matmul and attention outputs, recompute the rest) gives the loss and gradients of no
     checkpointing, bit for bit in float32 (a recomputed op repeats its forward), with LoRA dropout on (the masks are
     replayed); and it is in effect: the policy kept some outputs."""
-    import align.activations as activations
+    import align.models.activations as activations
 
     kept = []
     policy_factory = activations.keep_matmul_outputs
@@ -226,10 +226,10 @@ def test_logit_softcapping_falls_back_to_trl(tiny_model_dir, tmp_path, one_threa
     import transformers
     from trl import SFTConfig
 
-    from align.chat import training_chat_template
     from align.data.load import to_hf_dataset
-    from align.models import ModelArgs, load_model
-    from align.sft_fast import FastSFTTrainer
+    from align.models.chat import training_chat_template
+    from align.models.loading import ModelArgs, load_model
+    from align.trainers.sft_fast import FastSFTTrainer
 
     transformers.set_seed(0)
     model, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none", lora_r=4))

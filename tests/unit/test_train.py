@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from align.chat import has_generation_markers, training_chat_template
 from align.errors import ConfigError
-from align.train import MARKER, MetricsFile, last_complete_checkpoint, out_of_memory_advice
+from align.models.chat import has_generation_markers, training_chat_template
+from align.trainers.common import MARKER, MetricsFile, last_complete_checkpoint, out_of_memory_advice
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align.errors import DataError
+from align.evaluation.text_counts import count_bullets, count_highlights, count_paragraphs, count_placeholders, count_words, split_sentences
+from align.evaluation.verifier import TYPES, ChoiceArg, IntArg, LetterArg, PhraseArg, WordArg, WordListArg, describe, phrasings, verifier_reward, verify
 from align.records import PromptRecord
-from align.text_counts import count_bullets, count_highlights, count_paragraphs, count_placeholders, count_words, split_sentences
-from align.verifier import TYPES, ChoiceArg, IntArg, LetterArg, PhraseArg, WordArg, WordListArg, describe, phrasings, verifier_reward, verify
 
 
 def ok(response: str, constraint: dict) -> bool:
@@ -346,7 +346,7 @@ def _guard_cases():
 
 
 def test_guarded_reward_pays_nothing_for_the_four_kinds_the_raw_verifier_pays_for():
-    from align.verifier import GUARD_REWARD, guarded_verifier_reward
+    from align.evaluation.verifier import GUARD_REWARD, guarded_verifier_reward
 
     cases = _guard_cases()
     records = [PromptRecord([{"role": "user", "content": p}], f"t.jsonl:{i}", constraints=c) for i, (p, c, _) in enumerate(cases)]
@@ -360,7 +360,7 @@ def test_guarded_reward_pays_nothing_for_the_four_kinds_the_raw_verifier_pays_fo
 
 
 def test_guarded_reward_keeps_the_full_score_of_an_ordinary_compliant_reply():
-    from align.verifier import guarded_verifier_reward
+    from align.evaluation.verifier import guarded_verifier_reward
 
     prompt = "Write a short cover letter for a volunteer job related to octopuses. Mark at least 2 key phrases with single asterisks, e.g. *important*."
     record = PromptRecord([{"role": "user", "content": prompt}], "t.jsonl:1", constraints=[{"type": "num_highlights", "num_highlights": 2}])

@@ -18,7 +18,7 @@ The modules, in the order a run meets them:
     advantages.py  phase 3: KL-penalised rewards, GAE and whitening over the global batch
     kl_control.py  the KL coefficient of those rewards: fixed or adaptive
     losses.py      phase 4's losses: the clipped policy surrogate and the clipped value loss
-    trainer.py     PPOTrainer: the loop, phase 4 (the update) and the events it reports (align.phases)
+    trainer.py     PPOTrainer: the loop, phase 4 (the update) and the events it reports (align.trainers.phases)
     health.py      phase 5: per-update metrics and the checks on them
     heldout.py     greedy replies to held-out prompts before and after training
     checkpoint.py  adapters, optimizer and RNG state on disk; resume
@@ -36,7 +36,7 @@ active (none for the reference) and only a trainable phase's own parameters have
 
 The reward can also be a separate reward model (another checkpoint, even another tokenizer: responses
 are decoded to text and re-encoded with its tokenizer) or a Python function
-`fn(prompt_records, responses) -> list[float]`; the built-in verifier (align.verifier) is one.
+`fn(prompt_records, responses) -> list[float]`; the built-in verifier (align.evaluation.verifier) is one.
 
 Each update (PPOTrainer.run_update) runs five phases; the math is a call into those pure functions:
     1. generate              one sampled response per prompt (pure sampling at `temperature`)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from align.activations import FreedMemoryArgs
 from align.config import arg
 from align.errors import ConfigError
 from align.log import LogArgs
-from align.models import ModelArgs, check_peft_supported
-from align.publish import PublishArgs
+from align.models.activations import FreedMemoryArgs
+from align.models.loading import ModelArgs, check_peft_supported
+from align.publish.hub import PublishArgs
 from align.records import PromptRecord
 
 # the adapters on the shared base (align.rl.ppo.models); the reference is the base with none active
@@ -38,7 +38,7 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     rollout_batch_size: int = arg(8, "prompts per update, over all processes")
     response_length: int = arg(64, "maximum new tokens per response")
     temperature: float = arg(0.7, "sampling temperature (pure sampling: no top-k, top-p or repetition penalty)")
-    reward_guard: bool = arg(True, "with the verifier reward: a degenerate reply (align.degeneration: a loop, a line repeated 3 times, "
+    reward_guard: bool = arg(True, "with the verifier reward: a degenerate reply (align.evaluation.degeneration: a loop, a line repeated 3 times, "
                                    "an instruction copied back) earns 0; false = the raw verifier score, for ablations")
     missing_eos_penalty: float | None = arg(None, "subtracted from the score of a response that hit the length limit without EOS")
     forward_batch_size: int = arg(8, "rows per no-grad forward pass (scoring) per process")

@@ -1,5 +1,5 @@
 """Greedy replies of the policy to held-out prompts, before and after training, scored as every recipe's
-summary scores them (align.policy_report), and the reward-hacking verdict that compares them."""
+summary scores them (align.evaluation.policy_report), and the reward-hacking verdict that compares them."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from align.rl.ppo.models import PPOModels
 def evaluate_heldout(models: PPOModels, eval_prompts: list[PromptRecord], cfg: PPOArgs, dist: Dist,
                      reward_fn: RewardFn | None) -> dict[str, Any]:
     """Greedy replies of the policy to `eval_prompts`, scored as every recipe's summary scores them
-    (align.policy_report: coherent strict first, the verifier, degenerate and unasked-format shares, per-prompt
+    (align.evaluation.policy_report: coherent strict first, the verifier, degenerate and unasked-format shares, per-prompt
     rows for the paired interval), plus the mean of `reward_fn` over those replies when it is given (a reward
     that is not the verifier). Prompts are split over the processes and the rows gathered back in prompt order."""
     from align.evaluation.args import EvalArgs
     from align.evaluation.generate import generate as generate_replies
     from align.evaluation.policy import Policy
-    from align.policy_report import generation_block, reply_rows
+    from align.evaluation.policy_report import generation_block, reply_rows
 
     indices = list(range(dist.rank, len(eval_prompts), dist.world))
     mine = [eval_prompts[i] for i in indices]
@@ -61,9 +61,9 @@ def heldout_line(block: dict[str, Any]) -> str:
 
 def hacking_warning(history: list[dict[str, float]], eval_before: dict[str, Any] | None, eval_after: dict[str, Any] | None,
                     window: int) -> str | None:
-    """align.degeneration.hacking_warning on a run: the mean reward of its first and of its last window / 2
+    """align.evaluation.degeneration.hacking_warning on a run: the mean reward of its first and of its last window / 2
     updates, and the held-out evaluations before and after training."""
-    from align.degeneration import hacking_warning as verdict
+    from align.evaluation.degeneration import hacking_warning as verdict
 
     k = max(1, window // 2)
     if len(history) < 2 * k:

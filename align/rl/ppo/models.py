@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from align.errors import AlignError, ConfigError
 from align.io import atomic_dir
 from align.log import get_logger
-from align.models import ModelArgs, load_model, load_tokenizer, lora_config, resolve_model_path, resolve_quantization
+from align.models.loading import ModelArgs, load_model, load_tokenizer, lora_config, resolve_model_path, resolve_quantization
 from align.rl.ppo.config import CRITIC, POLICY, REWARD, PPOArgs
 from align.rl.ppo.dist import Dist
 
@@ -204,7 +204,7 @@ def load_base(cfg: PPOArgs, dist: Dist | None = None):
     sft_dir holding a merged model (config.json, or merged/config.json): that model. sft_dir holding only an
     adapter (adapter_config.json, or adapter/): its base with the adapter merged in memory. The merged model is
     also written once to output_dir/sft_merged: the saved PPO adapter names it as its base (so that
-    align.models.load_trained can load the policy), and a quantized base, which cannot take a merge, is
+    align.models.loading.load_trained can load the policy), and a quantized base, which cannot take a merge, is
     loaded from it. No sft_dir: model_name_or_path, and say so.
     """
     quantization = resolve_quantization(cfg.quantization)
@@ -297,7 +297,7 @@ def plan_reward(cfg: PPOArgs, base: BaseInfo) -> RewardPlan:
     choice = cfg.reward
     guard = ", guarded: 0 for a degenerate reply" if cfg.reward_guard else ", unguarded (reward_guard false)"
     if choice == "verifier":
-        return RewardPlan("function", f"the built-in verifier (align.verifier{guard})", function="verifier")
+        return RewardPlan("function", f"the built-in verifier (align.evaluation.verifier{guard})", function="verifier")
     if choice not in ("auto", "model"):
         if ":" not in choice:
             raise ConfigError(f"config: reward: expected auto, model, verifier, module.path:function or file.py:function, got {choice!r}")

@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from align.errors import ConfigError
-from align.models import eval_mode, resolve_quantization
+from align.models.loading import eval_mode, resolve_quantization
 from align.records import PromptRecord
 from align.rl.ppo.config import REWARD, PPOArgs, RewardFn
 from align.rl.ppo.models import PPOModels, RewardPlan
@@ -41,11 +41,11 @@ def import_function(spec: str) -> RewardFn:
 
 def reward_function(cfg: PPOArgs, plan: RewardPlan, models: PPOModels) -> RewardFn:
     """The reward as one call: (prompt_records, response_texts) -> list of floats."""
-    from align.reward_model import load_reward_model, score_texts
+    from align.models.reward_model import load_reward_model, score_texts
 
     if plan.kind == "function":
         if plan.function == "verifier":
-            from align.verifier import guarded_verifier_reward, verifier_reward
+            from align.evaluation.verifier import guarded_verifier_reward, verifier_reward
 
             return guarded_verifier_reward if cfg.reward_guard else verifier_reward
         return import_function(str(plan.function))

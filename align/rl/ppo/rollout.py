@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from align.errors import AlignError
-from align.models import eval_mode
+from align.models.loading import eval_mode
 from align.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from align.ops.responses import truncate_after_eos
 from align.records import PromptRecord

@@ -5,7 +5,7 @@
 
 The phases' math lives elsewhere (align.rl.ppo.rollout, .advantages, .losses, align.ops); this module owns the
 order they run in, the optimizer, the data order, the all-reduce of gradients, the non-finite checks,
-logging, checkpoints and signals. Every phase is reported to `callbacks` (align.phases), which is how the
+logging, checkpoints and signals. Every phase is reported to `callbacks` (align.trainers.phases), which is how the
 benchmark measures them.
 """
 
@@ -24,7 +24,6 @@ from torch import Tensor
 from align.errors import ConfigError
 from align.io import append_jsonl, atomic_dir, atomic_write_json
 from align.log import MAIN_ONLY, get_logger
-from align.phases import notify, reported_phase
 from align.records import PromptRecord
 from align.rl.ppo import checkpoint, losses
 from align.rl.ppo.advantages import estimate_advantages
@@ -36,7 +35,8 @@ from align.rl.ppo.heldout import evaluate_heldout, hacking_warning, heldout_line
 from align.rl.ppo.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.ppo.models import PPOModels, _adapter_of
 from align.rl.ppo.rollout import Rollout, critic_forward, decode_responses, policy_forward, row_seed, sample_responses, score_rollout
-from align.train import NonFiniteError, peak_memory_mb
+from align.trainers.common import NonFiniteError, peak_memory_mb
+from align.trainers.phases import notify, reported_phase
 
 # token-weighted sums that minibatch_gradient returns ("tokens": the weight)
 logger = get_logger(__name__, tag="ppo")
@@ -55,7 +55,7 @@ class PPOTrainer:
 
     `verifier_fn` (the built-in verifier, when the prompts carry constraints) is logged next to the reward
     as `objective/verifier` and scores the held-out `eval_prompts` before and after training. `callbacks`
-    hear every phase of every update and each update's metrics (align.phases).
+    hear every phase of every update and each update's metrics (align.trainers.phases).
     """
 
     def __init__(self, cfg: PPOArgs, models: PPOModels, prompts: list[PromptRecord], reward_fn: RewardFn, *,
@@ -142,7 +142,7 @@ class PPOTrainer:
 
     def run_update(self) -> dict[str, float]:
         """One PPO update: generate, score, estimate advantages, update, then log, checkpoint and check health.
-        Each of the first four is a reported phase (align.phases); returns the update's metrics."""
+        Each of the first four is a reported phase (align.trainers.phases); returns the update's metrics."""
         update, seconds = self.update_index, {}
         with self._phase("generate", seconds):
             rollout = self.generate(update)
@@ -493,7 +493,7 @@ class PPOTrainer:
 
     # ---- outputs
     def save_final(self) -> None:
-        """adapter/ (the policy: loads with align.models.load_trained) and critic/ (adapter + value head)."""
+        """adapter/ (the policy: loads with align.models.loading.load_trained) and critic/ (adapter + value head)."""
         if self.dist.is_main:
             for name, sub in ((POLICY, "adapter"), (CRITIC, "critic")):
                 with atomic_dir(self.out / sub) as tmp:

@@ -14,11 +14,11 @@ import torch
 
 from align.config import build_config
 from align.errors import ConfigError
+from align.records import PromptRecord
 from align.rl.ppo.config import CRITIC, POLICY, REWARD, PPOArgs
 from align.rl.ppo.models import adapter_phase, build_models, plan_reward
 from align.rl.ppo.rewards import reward_function
 from align.rl.ppo.trainer import PPOTrainer
-from align.records import PromptRecord
 from ppo_engine import make_reward_adapter
 
 PROMPTS = [PromptRecord(prompt=[{"role": "user", "content": f"write about {w}"}], constraints=[{"type": "lowercase"}])
@@ -60,7 +60,7 @@ def stack(request, tmp_path):
     cfg = tiny_cfg(base, tmp_path / "out", reward="model", reward_model=reward, quantization=request.param)
     models, plan = build_models(cfg)
     assert plan.kind == "shared"
-    from align.models import is_quantized
+    from align.models.loading import is_quantized
 
     assert is_quantized(models.model) == (request.param == "4bit")
     return cfg, models, plan
@@ -123,7 +123,7 @@ def _logits(models, ids, name):
 
 
 def test_reference_is_the_base_with_adapters_disabled(stack):
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
 
     cfg, models, _ = stack
     with torch.no_grad():  # make the policy differ from the base
@@ -140,7 +140,7 @@ def test_reference_is_the_base_with_adapters_disabled(stack):
 
 
 def test_shared_reward_adapter_scores_like_the_reward_model(stack):
-    from align.reward_model import load_reward_model, score_texts
+    from align.models.reward_model import load_reward_model, score_texts
 
     cfg, models, plan = stack
     reward = reward_function(cfg, plan, models)
@@ -215,7 +215,7 @@ def test_reward_plans(tiny_model_dir, reward_dir, tmp_path):
 
 def test_separate_reward_model_with_another_tokenizer(tiny_model_dir, tmp_path):
     """A reward model with a different tokenizer and chat template scores the decoded text, re-encoded its way."""
-    from align.reward_model import load_reward_model, score_texts
+    from align.models.reward_model import load_reward_model, score_texts
     from align.testing import make_tiny_model
 
     rm_dir = make_tiny_model(tmp_path / "rm_full", task="reward", seed=3)

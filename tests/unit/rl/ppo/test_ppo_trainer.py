@@ -19,7 +19,7 @@ from align.rl.ppo.health import HealthStop, health_checks
 from align.rl.ppo.models import build_models
 from align.rl.ppo.rollout import GumbelSampler, row_seed, sample_responses
 from align.rl.ppo.trainer import PPOTrainer
-from align.train import NonFiniteError
+from align.trainers.common import NonFiniteError
 from ppo_engine import PROMPTS, adapter_state, resume_from_update_2_matches, tiny_cfg, trainer_for
 from recipe_harness import reproducible
 from repo_paths import REPO
@@ -337,13 +337,13 @@ def test_health_checks_name_each_problem(tmp_path):
 
 
 def test_hacking_warning_from_the_reward_history_and_the_heldout_evals(tmp_path):
-    """The trainer's one-line warning (align.degeneration.hacking_warning) on constructed runs: the mean
+    """The trainer's one-line warning (align.evaluation.degeneration.hacking_warning) on constructed runs: the mean
     reward of the first 3 updates 0.1 (0.0, 0.1, 0.2) and of the last 3 0.4 (0.3, 0.4, 0.5)."""
     from align.rl.ppo.heldout import hacking_warning
 
     cfg = tiny_cfg("unused", tmp_path)  # health_window 6
     rising = [_metrics(**{"objective/scores": 0.1 * i}) for i in range(6)]
-    def block(coherent, degenerate):  # evaluate_heldout's keys (align.policy_report.generation_block), 16 prompts
+    def block(coherent, degenerate):  # evaluate_heldout's keys (align.evaluation.policy_report.generation_block), 16 prompts
         return {"verifier/coherent_strict": coherent, "gen/degenerate_share": degenerate, "rows": [{}] * 16}
 
     before = block(0.25, 0.30)
@@ -404,13 +404,13 @@ def test_reward_function_from_a_file(tiny_model_dir, tmp_path):
 
 
 def test_verifier_reward_is_guarded_by_default(tiny_model_dir, tmp_path):
+    from align.evaluation.verifier import guarded_verifier_reward
     from align.rl.ppo.rewards import reward_function
-    from align.verifier import guarded_verifier_reward
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, reward="verifier")
     assert cfg.reward_guard is True and PPOArgs().reward_guard is True
     models, plan = build_models(cfg)
-    assert plan.description == "the built-in verifier (align.verifier, guarded: 0 for a degenerate reply)"
+    assert plan.description == "the built-in verifier (align.evaluation.verifier, guarded: 0 for a degenerate reply)"
     assert reward_function(cfg, plan, models) is guarded_verifier_reward
 
 
@@ -420,7 +420,7 @@ def test_sft_adapter_is_merged_and_the_policy_loads_on_it(tiny_model_dir, tmp_pa
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.models import ModelArgs, load_model, load_trained, lora_config
+    from align.models.loading import ModelArgs, load_model, load_trained, lora_config
 
     sft, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none", lora_r=4), lora=False)
     sft = get_peft_model(sft, lora_config(ModelArgs(lora_r=4, lora_alpha=8)))

@@ -27,7 +27,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     "verifier/strict", "gen/degenerate_share", "gen/unasked_format_share", "rows", ...}.
 
     verifier/coherent_strict: share of prompts with constraints whose greedy reply meets every constraint
-    AND is not degenerate (align.degeneration); gen/degenerate_share over all prompts. `rows` holds the
+    AND is not degenerate (align.evaluation.degeneration); gen/degenerate_share over all prompts. `rows` holds the
     per-prompt values so that before_after can report a paired interval.
 
     logp_accuracy: share of pairs where the policy gives the chosen reply a higher log-probability than the
@@ -84,11 +84,11 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
 
 def reply_rows(prompts: list[PromptRecord], replies: list[tuple[str, bool, int]]) -> list[dict]:
     """One row per prompt for its reply (text, ended by EOS, length in tokens): the verifier's verdict per
-    constraint, IFEval strict, coherent strict (strict and not degenerate: align.degeneration), degenerate,
+    constraint, IFEval strict, coherent strict (strict and not degenerate: align.evaluation.degeneration), degenerate,
     formats nobody asked for. A prompt without constraints has None for the verifier's fields."""
-    from align.degeneration import check_reply, unasked_formats
+    from align.evaluation.degeneration import check_reply, unasked_formats
     from align.evaluation.metrics import coherent_strict
-    from align.verifier import verify
+    from align.evaluation.verifier import verify
 
     rows = []
     for i, (p, (reply, ended, length)) in enumerate(zip(prompts, replies, strict=True)):

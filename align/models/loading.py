@@ -1,6 +1,6 @@
 """Models: resolve a name to a local directory, load it (optionally quantized), attach a PEFT adapter.
 
-    from align.models import ModelArgs, load_model
+    from align.models.loading import ModelArgs, load_model
     model, tokenizer = load_model(ModelArgs(quantization="4bit", lora_r=16))
     model, tokenizer = load_model(ModelArgs(peft="ia3"))          # or dora, prompt_tuning, p_tuning, prefix_tuning
 
@@ -63,7 +63,7 @@ class ModelArgs:
     trust_remote_code: bool = arg(False, "run model code shipped with a Hub checkpoint (off: safe by default)")
     use_lora: bool = arg(True, "train a PEFT adapter (the method is --peft) instead of all weights")
     peft: PeftMethod = arg("lora", "adapter method: lora | dora | ia3 (weight updates) | prompt_tuning | p_tuning | prefix_tuning "
-                                   "(learned virtual tokens); see align.models and check_peft_supported for which stage takes which")
+                                   "(learned virtual tokens); see align.models.loading and check_peft_supported for which stage takes which")
     lora_r: int = arg(16, "LoRA rank")
     lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = arg(0.05, "LoRA dropout")
@@ -253,7 +253,7 @@ def compute_note(dtype: str = "auto", quantization: str = "none") -> str:
     if resolve_quantization(quantization) == "4bit" and not torch.cuda.is_available():
         note += "; bitsandbytes 4-bit on CPU: dequantize + matmul"
         if bnb_cpu_packs_4bit():
-            note += " (its avx512_bf16 inference kernel is kept off: see align.models.keep_4bit_trainable)"
+            note += " (its avx512_bf16 inference kernel is kept off: see align.models.loading.keep_4bit_trainable)"
     return note
 
 
@@ -555,7 +555,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, dtype: str = "auto") -> str:
     method = adapter_method(model)
     if not can_merge(method):
         raise ConfigError(f"{adapter_dir}: a {method} adapter adds virtual tokens and cannot be merged into the weights; "
-                          "load it as an adapter (align.models.load_trained) or set merge: false")
+                          "load it as an adapter (align.models.loading.load_trained) or set merge: false")
     merged = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -1,5 +1,5 @@
 """IFEval's counting rules on plain text: words, sentences, paragraphs, bullets, highlights, placeholders,
-titles (see align.verifier for the rules in words and their sources). Pure functions; the verifier, the
+titles (see align.evaluation.verifier for the rules in words and their sources). Pure functions; the verifier, the
 degeneration check and the dataset builder count with them."""
 
 from __future__ import annotations

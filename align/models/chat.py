@@ -5,7 +5,7 @@ marked-up training templates for many model families (Llama 3, Qwen, Gemma, Phi,
 such as SmolLM2's are not among them, so we mark them up here: the assistant's content and its
 `<|im_end|>` (so the model learns to stop) are inside the markers; everything else renders unchanged.
 
-`align chat RUN` (also `python -m align.chat RUN`):
+`align chat RUN` (also `python -m align.models.chat RUN`):
 
     align chat outputs/dpo                                   # a run directory: its adapter on its base
     align chat outputs/sft/merged --temperature 0.7 --top_p 0.9
@@ -218,9 +218,9 @@ class ChatSession:
 
 def load_chat_model(run: str, dtype: str = "auto"):
     """(model, tokenizer, description) of `run` for chatting: align.evaluation.policy.load_run, with a LoRA adapter
-    folded into the weights on a CPU (align.models.merged_copy: one matmul per layer instead of three)."""
+    folded into the weights on a CPU (align.models.loading.merged_copy: one matmul per layer instead of three)."""
     from align.evaluation.policy import load_run
-    from align.models import merged_copy
+    from align.models.loading import merged_copy
 
     model, tokenizer, kind, path = load_run(run, dtype)
     if kind == "adapter" and next(model.parameters()).device.type == "cpu":
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print("Talk to a policy in the terminal: align chat RUN [--prompt TEXT] [--option value ...]\n")
-        print(__doc__.split("(also `python -m align.chat RUN`):", 1)[1].strip("\n") + "\n")
+        print(__doc__.split("(also `python -m align.models.chat RUN`):", 1)[1].strip("\n") + "\n")
         parse_config(ChatArgs, ["--help"])
     if not argv or argv[0].startswith("--"):
         raise ConfigError("command line: expected RUN first (a run directory, a model directory or 'base'); see --help")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from align.train import set_cpu_threads
+    from align.trainers.common import set_cpu_threads
 
     threads = set_cpu_threads(cfg.cpu_threads)
     model, tokenizer, description = load_chat_model(run, cfg.dtype)

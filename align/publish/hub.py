@@ -3,7 +3,7 @@
     check_push_target(cfg)   # at start, before anything is trained: fails in one line when the upload could not happen
     publish_run(cfg)         # at the end, after summary.json: the cards written, then the upload when asked
 
-The cards (align.model_card) go to output_dir/README.md, output_dir/adapter/README.md and, where the run
+The cards (align.publish.model_card) go to output_dir/README.md, output_dir/adapter/README.md and, where the run
 merged its adapter, output_dir/merged/README.md, replacing what TRL and PEFT wrote there. The upload is the
 adapter folder (with its card) plus summary.json and config.yaml, in one commit.
 """
@@ -22,7 +22,7 @@ from align.config import arg
 from align.errors import AlignError, ConfigError
 from align.io import atomic_write_text
 from align.log import get_logger
-from align.model_card import BaseModel, describe_base, model_card
+from align.publish.model_card import BaseModel, describe_base, model_card
 
 logger = get_logger(__name__)
 HUB_CHECK_TIMEOUT_S = 3.0  # a TCP connection to the Hub; not huggingface_hub's ~20 s of retries

@@ -27,7 +27,7 @@ from align.config import arg
 from align.errors import AlignError
 from align.io import append_jsonl, atomic_write_json, atomic_write_text
 from align.log import MAIN_ONLY, LogArgs, get_logger
-from align.publish import PublishArgs, check_push_target
+from align.publish.hub import PublishArgs, check_push_target
 
 MARKER = "align_complete.json"
 logger = get_logger(__name__)
@@ -64,7 +64,7 @@ class RunArgs(PublishArgs, LogArgs):
     min_free_gb: float = arg(1.0, "refuse to start with less free disk than this in output_dir")
     cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores idle when the run starts, at least 1; -1 = leave torch's setting")
     compress_activations: bool = arg(True, "keep float32 activations saved for backward in bf16: about half their memory, gradients "
-                                           "within bf16 rounding, forward unchanged (align.activations); no effect on bf16 compute")
+                                           "within bf16 rounding, forward unchanged (align.models.activations); no effect on bf16 compute")
 
 
 def on_gpu() -> bool:
@@ -101,7 +101,7 @@ def apply_hardware_defaults(cfg: Any, cpu_max_steps: int, learning_rates: tuple[
         notes.append(
             f"max_steps={cfg.max_steps} ({'GPU: full epochs' if on_gpu() else f'CPU: a short run of {cpu_max_steps} steps'})"
         )
-    from align.models import compute_note
+    from align.models.loading import compute_note
 
     notes.append(compute_note(getattr(cfg, "dtype", "auto"), getattr(cfg, "quantization", "none")))
     return notes
@@ -109,7 +109,7 @@ def apply_hardware_defaults(cfg: Any, cpu_max_steps: int, learning_rates: tuple[
 
 def trainer_kwargs(cfg: Any) -> dict[str, Any]:
     """The TrainingArguments fields every recipe sets the same way."""
-    from align.models import resolve_dtype
+    from align.models.loading import resolve_dtype
 
     dtype = resolve_dtype(getattr(cfg, "dtype", "auto"))
     report_to = [] if cfg.report_to == "none" else [r.strip() for r in cfg.report_to.split(",") if r.strip()]

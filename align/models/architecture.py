@@ -63,7 +63,7 @@ def _preset(name, hidden, layers, heads, kv_heads, intermediate, vocab, tied, qk
 
 # Numbers from each model's published config.json (Instruct variants share the base's architecture).
 PRESETS: dict[str, Arch] = {
-    # align.models caches the embedded default as fp32 safetensors (dequantized from its GGUF)
+    # align.models.loading caches the embedded default as fp32 safetensors (dequantized from its GGUF)
     "SmolLM2-135M-Instruct": _preset("SmolLM2-135M-Instruct", 576, 30, 9, 3, 1536, 49152, True, checkpoint_bytes=4),
     "Llama-3.2-1B": _preset("Llama-3.2-1B", 2048, 16, 32, 8, 8192, 128256, True, max_positions=131072),
     "Llama-3.2-3B": _preset("Llama-3.2-3B", 3072, 28, 24, 8, 8192, 128256, True, max_positions=131072),

@@ -5,7 +5,7 @@ next token at the positions that carry a label (SFT: assistant tokens; DPO: comp
 one chunk of those logits at a time. `completion_logprobs` runs the head on chosen hidden states,
 `chunk_size` rows at a time, and recomputes each chunk's logits in backward, so no `(positions, vocab)`
 float32 tensor, and no logits at all for unscored positions, is ever held. The DPO fast path
-(align/dpo_fast.py) and the SFT fast path (align/sft_fast.py, through `add_label_head`) both use it.
+(align/trainers/dpo_fast.py) and the SFT fast path (align/trainers/sft_fast.py, through `add_label_head`) both use it.
 
 TRL's own fused head (`trl.trainer.utils.add_fused_lm_head`) scores only labelled positions where Triton
 runs (CUDA); elsewhere (CPU) it scores every position, prompt and padding included, in float32 tiles of
@@ -119,7 +119,7 @@ def add_label_head(model, chunk_size: int = 256) -> None:
         if not fused_lm_head or labels is None or reason:
             if reason and reason not in warned:
                 warned.add(reason)
-                warnings.warn(f"align.lm_head: {reason}: this batch goes through TRL's fused LM head", stacklevel=2)
+                warnings.warn(f"align.models.lm_head: {reason}: this batch goes through TRL's fused LM head", stacklevel=2)
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
 

@@ -7,7 +7,7 @@
 names the base and its source, the method and loss, the data and row counts, the settings that decide what
 was trained, the held-out before -> after numbers of the summary, and a snippet that loads the result with
 plain transformers + peft. It replaces the cards TRL and PEFT write (`fine-tuned version of [None]`,
-`model="None"`), which are wrong for every run of this project. Reading and writing files: align.publish.
+`model="None"`), which are wrong for every run of this project. Reading and writing files: align.publish.hub.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # align.models' embedded default (not imported: that module needs torch)
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # align.models.loading's embedded default (not imported: that module needs torch)
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 Artifact = Literal["adapter", "merged"]
@@ -36,7 +36,7 @@ RESULT_ROWS = (
 # Where each recipe's summary prompts come from: sft.py and dpo.py always use the built-in held-out split.
 SUMMARY_PROMPTS_FIELD = {"ppo": "eval_prompts", "grpo": "eval_data", "rloo": "eval_data"}
 BUILT_IN_SUMMARY_PROMPTS = "ifprefs:eval"
-# The adapter methods of align.models' --peft, as a reader calls them (config.yaml without `peft`: LoRA)
+# The adapter methods of align.models.loading's --peft, as a reader calls them (config.yaml without `peft`: LoRA)
 PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning", "p_tuning": "P-tuning",
               "prefix_tuning": "prefix-tuning"}
 METHOD_NAMES = {"sft": "SFT", "reward": "Reward model", "dpo": "DPO", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO"}

@@ -30,9 +30,9 @@ from align.evaluation.args import COMPARABLE_SETTINGS, EvalArgs
 from align.evaluation.run import evaluate
 from align.io import inside
 from align.log import get_logger
-from align.runs import REPORT_ARTEFACTS, check_folder, take_folder
 from align.report.build import ReportArgs, build_report
 from align.report.results import check_comparable, checkpoint_dirs, eval_dir_of, has_eval, load_eval, unique_names
+from align.runs import REPORT_ARTEFACTS, check_folder, take_folder
 
 logger = get_logger(__name__, tag="compare")
 

@@ -230,7 +230,7 @@ class MemoryArgs:
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~0.6x the peak memory of no checkpointing, "
                                                     "~0.65x its speed (SFT bench, CPU); none = hardware default (GPU: on, CPU: off)")
     selective_checkpointing: bool = arg(False, "with gradient_checkpointing: keep the outputs of attention and the big matmuls, "
-                                               "recompute only the cheap ops between them (align.activations.keep_matmul_outputs); "
+                                               "recompute only the cheap ops between them (align.models.activations.keep_matmul_outputs); "
                                                "exact, but measured slower than whole-layer recompute with 2 CPU threads")
     mmap_threshold_mb: int = arg(32, "CPU, Linux: allocations of this many MiB and more come from mmap, so freeing them returns the "
                                      "memory to the OS (peak RSS); 1 = DPO's setting, a lower peak for ~40% more step time "

@@ -13,7 +13,7 @@ Two levers, each with a switch in `FastDPOArgs`:
 - `fast_logprobs`: TRL's fused LM head scores every position, prompt and padding included, on devices
   without Triton (CPU), in tiles of 4096 x 32768 float32 logits. Here the LM head runs only on the hidden
   states that predict completion tokens, `logprob_chunk_size` positions at a time; each chunk's logits
-  are recomputed in backward (activation checkpointing): `align.lm_head.completion_logprobs`, shared
+  are recomputed in backward (activation checkpointing): `align.models.lm_head.completion_logprobs`, shared
   with the SFT fast path, so no full-vocabulary float32 logits are ever held for the batch, in forward
   or backward.
 
@@ -23,8 +23,8 @@ in the same order as the policy's: on the same batch, before the first update, t
 every dtype. Precomputed ones come from other batches, and in bf16 a row's log-probs depend on the
 padded shape of its batch (matmul and attention blocking), by ~0.1 nat per sequence on the default model.
 
-The recipe also returns freed activations to the OS (align.activations.return_freed_memory_to_os, shared
-with SFT, PPO and GRPO); torch's threads are set for every recipe by align.train.set_cpu_threads.
+The recipe also returns freed activations to the OS (align.models.activations.return_freed_memory_to_os, shared
+with SFT, PPO and GRPO); torch's threads are set for every recipe by align.trainers.common.set_cpu_threads.
 `python bench/run.py --stage dpo --compare trl-baseline,align` measures all of it against stock TRL.
 
 Where the fast path cannot be exact it is not used and the trainer says so once: truncation that cuts
@@ -48,9 +48,9 @@ from torch import Tensor
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
-from align.activations import FreedMemoryArgs
 from align.config import arg
-from align.lm_head import completion_logprobs, transforms_logits
+from align.models.activations import FreedMemoryArgs
+from align.models.lm_head import completion_logprobs, transforms_logits
 
 # Per-token branch bits of a shared-prompt row: a query token sees a key token iff the key is not later
 # and the key belongs to every branch the query belongs to (query_bits & key_bits == query_bits).
@@ -59,7 +59,7 @@ PROMPT, CHOSEN, REJECTED, PAD = 3, 1, 2, 0
 
 @dataclass
 class FastDPOArgs(FreedMemoryArgs):
-    fast_logprobs: bool = arg(True, "LM head only on completion positions, in chunks, no full-vocabulary logits (align.dpo_fast); off = TRL's fused head")
+    fast_logprobs: bool = arg(True, "LM head only on completion positions, in chunks, no full-vocabulary logits (align.trainers.dpo_fast); off = TRL's fused head")
     share_prompt: bool = arg(True, "one row per pair: chosen and rejected share one copy of the prompt (exact; needs fast_logprobs)")
     logprob_chunk_size: int = arg(256, "positions per LM-head chunk with fast_logprobs (memory vs. speed)")
 
@@ -260,7 +260,7 @@ class _TRLLayoutModel:
 
 
 class FastDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer with the log-probs of `align.dpo_fast` (see the module docstring).
+    """TRL's DPOTrainer with the log-probs of `align.trainers.dpo_fast` (see the module docstring).
 
     Takes the model as an instance (a PEFT model or a plain causal LM) and two extra keyword arguments,
     `share_prompt` and `chunk_size`; `fast=False` makes it TRL's DPOTrainer exactly.
@@ -304,7 +304,7 @@ class FastDPOTrainer(DPOTrainer):
             reason = "DeepSpeed ZeRO-3 (the recomputed LM head would see a sharded weight)"
         if reason and self._fallback_reason is None:
             self._fallback_reason = reason
-            warnings.warn(f"align.dpo_fast: {reason}: using TRL's stock log-probs", stacklevel=2)
+            warnings.warn(f"align.trainers.dpo_fast: {reason}: using TRL's stock log-probs", stacklevel=2)
         return reason is None
 
     def _rows(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ its check copies IFEval's published counting rules, quirks included; each type n
 
 - words: runs of `\\w` characters (IFEval's `RegexpTokenizer(r"\\w+")`), so "don't" is two words and
   "naïve" or "東京" are one; Markdown symbols are not words.
-- sentences: see `align.text_counts.split_sentences`. IFEval uses a regex splitter; ours is written here (no nltk) and
+- sentences: see `align.evaluation.text_counts.split_sentences`. IFEval uses a regex splitter; ours is written here (no nltk) and
   follows the same idea: a sentence ends at `.`, `!`, `?` or `…` unless the dot belongs to an
   abbreviation, an initial, a decimal number or a web address; line breaks are plain spaces.
 - paragraphs: pieces of the text split on `***` (with one optional space or newline either side); an
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from align.errors import DataError
-from align.text_counts import (count_bullets, count_highlights, count_paragraphs, count_placeholders, count_sentences, count_words,
+from align.evaluation.text_counts import (count_bullets, count_highlights, count_paragraphs, count_placeholders, count_sentences, count_words,
                                has_title)
 
 RELATIONS = ("less than", "at least")
@@ -488,14 +488,14 @@ GUARD_REWARD = 0.0
 
 
 def guarded_verifier_reward(prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
-    """`verifier_reward`, except that a degenerate reply (align.degeneration.check_reply: a repetition
+    """`verifier_reward`, except that a degenerate reply (align.evaluation.degeneration.check_reply: a repetition
     loop, a repeated tail or line, an instruction copied from the prompt) earns GUARD_REWARD.
 
     The raw verifier pays 1.0 for `*Important*` forty times on "mark at least 2 key phrases"; a policy
     optimised against it learns such text (issue 23). `prompts` as in `verifier_reward`; a prompt's
     `.prompt` messages (or dict "prompt") are what its instructions are read from.
     """
-    from align.degeneration import check_reply
+    from align.evaluation.degeneration import check_reply
 
     rewards = verifier_reward(prompts, responses)
     for i, (prompt, response) in enumerate(zip(prompts, responses)):

@@ -1,6 +1,6 @@
 """Scoring text with a trained reward model: the one call that PPO and evaluation use.
 
-    from align.reward_model import load_reward_model, score_texts
+    from align.models.reward_model import load_reward_model, score_texts
     model, tokenizer = load_reward_model("outputs/reward")
     scores = score_texts(model, tokenizer, prompts, replies)   # list[float], higher = preferred
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from align.errors import AlignError
-from align.models import ModelArgs, load_model, load_tokenizer, resolve_dtype
+from align.models.loading import ModelArgs, load_model, load_tokenizer, resolve_dtype
 from align.records import Message
 
 
@@ -71,7 +71,7 @@ class Float32ScoreHeadMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from align.models import is_quantized
+        from align.models.loading import is_quantized
 
         if is_quantized(self.model):
             score_head_in_float32(self.model)

@@ -36,7 +36,7 @@ class RewardSpec:
 
     def describe(self, guard: bool) -> str:
         if self.kind == "verifier":
-            return "the built-in verifier (align.verifier" + (", guarded: 0 for a degenerate reply)" if guard else ", unguarded)")
+            return "the built-in verifier (align.evaluation.verifier" + (", guarded: 0 for a degenerate reply)" if guard else ", unguarded)")
         if self.kind == "model":
             return f"the reward model {self.spec}"
         return f"the Python function {self.spec}"
@@ -90,19 +90,19 @@ def load_reward(spec: RewardSpec, *, guard: bool, dtype: str = "auto", quantizat
     from align.rl.ppo.rewards import import_function
 
     if spec.kind == "verifier":
-        from align.verifier import guarded_verifier_reward, verifier_reward
+        from align.evaluation.verifier import guarded_verifier_reward, verifier_reward
 
         return guarded_verifier_reward if guard else verifier_reward
     if spec.kind == "function":
         return import_function(spec.spec)
-    from align.reward_model import load_reward_model, score_texts
+    from align.models.reward_model import load_reward_model, score_texts
 
     model, tokenizer = load_reward_model(spec.spec, dtype=dtype, quantization=quantization)
     if quantization == "none" and device is not None:
         model.to(device)
 
     def reward_model(records: list[PromptRecord], responses: list[str]) -> list[float]:
-        # Text in, text scored: the reward model's own tokenizer and chat template, as in training (align.reward_model).
+        # Text in, text scored: the reward model's own tokenizer and chat template, as in training (align.models.reward_model).
         return score_texts(model, tokenizer, [r.prompt for r in records], responses, batch_size=batch_size)
 
     return reward_model
@@ -133,7 +133,7 @@ def trl_reward_func(fn: RewardFn, name: str, records: Sequence[PromptRecord]) ->
     A non-finite reward stops the run (NonFiniteError) instead of reaching the advantages: TRL would treat NaN
     as "no reward" and average around it.
     """
-    from align.train import NonFiniteError
+    from align.trainers.common import NonFiniteError
 
     def reward(prompts: list, completions: list, record: list[int], **kwargs: Any) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational: one assistant turn

@@ -1,7 +1,7 @@
 """Is a reply degenerate text? A check a person would agree with, so that a verifier pass bought with a
 loop, a repeated line or the instructions read back is not counted as a gain.
 
-    from align.degeneration import check_reply
+    from align.evaluation.degeneration import check_reply
     verdict = check_reply(reply, prompt=messages, constraints=constraints, ended=eos)
     verdict.degenerate, verdict.reasons        # False, () for ordinary text
 
@@ -170,7 +170,7 @@ def required_phrases(constraints: Sequence[dict] | None) -> list[str]:
 def copied_instruction(reply: str, prompt_text: str, constraints: Sequence[dict] | None = None) -> str | None:
     """The first prompt sentence of >= COPY_MIN_WORDS words (after removing required phrases) that the
     reply repeats word for word, else None."""
-    from align.text_counts import split_sentences
+    from align.evaluation.text_counts import split_sentences
 
     norm_reply = _normalized_words(reply)
     required = [_normalized_words(p) for p in required_phrases(constraints)]
