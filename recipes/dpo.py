@@ -7,10 +7,10 @@
 The reference is the policy's base with the adapter disabled: the plain base model, or the SFT model when
 model_name_or_path points at outputs/sft/merged (the SFT adapter merged in, so "adapter disabled" is the
 frozen SFT policy). Reference log-probs are computed on each step's own batch, through the policy's own path, so
-before the first update every implicit reward is exactly 0 in every dtype (tests/unit/test_dpo_fast.py);
+before the first update every implicit reward is exactly 0 in every dtype (tests/unit/trainers/test_dpo_fast.py);
 --precompute_ref_log_probs true computes them once before training instead (other batches: bf16 rounds differently).
 The trainer is TRL's DPOTrainer with the faster log-probs of align/trainers/dpo_fast.py (prompt run once per pair,
-LM head only on completion tokens; same loss, see tests/unit/test_dpo_fast.py); --fast_logprobs false is stock TRL.
+LM head only on completion tokens; same loss, see tests/unit/trainers/test_dpo_fast.py); --fast_logprobs false is stock TRL.
 
 Writes output_dir/adapter, config.yaml, run_info.json, metrics.jsonl (train/loss, rewards/chosen,
 rewards/rejected, rewards/margins, rewards/accuracies, ...), tensorboard/ and summary.json with held-out

@@ -5,7 +5,7 @@
     accelerate launch --multi_gpu --num_processes 2 recipes/sft.py    # two processes (CPU: gloo)
 
 The trainer is TRL's SFTTrainer with the LM head of align/trainers/sft_fast.py (only on assistant tokens, in chunks; the
-same loss and metrics, tests/unit/test_sft_fast.py) and each batch's conversations in one row without padding
+same loss and metrics, tests/unit/trainers/test_sft_fast.py) and each batch's conversations in one row without padding
 (padding_free); --label_head false --padding_free false is TRL's path. Gradient checkpointing follows the
 hardware (CPU off: fastest; --gradient_checkpointing true: ~0.6x the memory at ~0.65x the speed).
 

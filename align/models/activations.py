@@ -172,7 +172,7 @@ def enable_selective_checkpointing(model, min_inner_dim: int = 64) -> None:
     does it when training starts), checkpoint each layer with the `keep_matmul_outputs` policy. Idempotent.
 
     Exact: a recomputed op gives the value it gave in the forward, so losses and gradients are those of no
-    checkpointing (tests/unit/test_sft_fast.py)."""
+    checkpointing (tests/unit/trainers/test_sft_fast.py)."""
     if getattr(model.activation_checkpointing_enable, "_align_selective", False):
         return
     from functools import partial

@@ -1,6 +1,6 @@
 """The stage benchmark end to end (bench/run.py): each stage's arms on a tiny model, 2 steps each in fresh
 subprocesses, a well-formed JSON report; unknown arms refused. The harness's own arithmetic and bookkeeping are
-tests/unit/test_bench_harness.py."""
+tests/unit/bench/test_bench_harness.py."""
 
 import json
 import math

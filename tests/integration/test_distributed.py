@@ -75,7 +75,7 @@ def run_launch(recipe: str, argv: list[str], port: int) -> subprocess.CompletedP
 
 # The 2-versus-1-process comparisons hold to float32 rounding, so they run without compressed activations: bf16
 # rounding of the saved activations turns 1e-7 summation-order differences into occasional one-bf16-ulp flips
-# (seen: grad norm 2e-5 relative apart). Compression itself is tested in tests/unit/test_activations.py.
+# (seen: grad norm 2e-5 relative apart). Compression itself is tested in tests/unit/models/test_activations.py.
 EXACT = dict(lora_dropout=0.0, compress_activations="false")
 
 

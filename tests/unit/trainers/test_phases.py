@@ -1,7 +1,7 @@
 """Phase events (align.trainers.phases): the trainers report their phases themselves, in order, to whoever listens.
 
 The bench measures through these events only, so a phase that stops being reported fails here (and in
-tests/unit/test_bench_harness.py's PPOSteps test) instead of silently dropping out of the measurements.
+tests/unit/bench/test_bench_harness.py's PPOSteps test) instead of silently dropping out of the measurements.
 """
 
 from __future__ import annotations
