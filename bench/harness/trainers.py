@@ -38,14 +38,10 @@ def recipe_config(stage: str, module, spec: dict, out_dir: str, overrides: dict[
         values["per_device_train_batch_size"] = spec["batch_size"] * int(generations)
     values.update(overrides)
     cfg = build_config(getattr(module, cls), values, where=f"align arm overrides ({stage})")
-    if getattr(cfg, "learning_rate", 0) is None:  # the recipe's hardware default
-        from align.trainers.common import hardware_learning_rate
+    from align.trainers.common import apply_hardware_defaults
 
-        cfg.learning_rate = hardware_learning_rate(module.LEARNING_RATES)
-    if getattr(cfg, "gradient_checkpointing", False) is None:  # the recipe's hardware default
-        from align.trainers.common import default_gradient_checkpointing
-
-        cfg.gradient_checkpointing = default_gradient_checkpointing()
+    # the recipe's hardware defaults (learning rate, gradient checkpointing), as its start_run fills them
+    apply_hardware_defaults(cfg, spec["steps"], getattr(module, "LEARNING_RATES", None))
     return cfg
 
 
