@@ -28,6 +28,9 @@ What is counted follows the code paths this project runs (align.models.loading, 
 - PPO: one shared base with policy, critic and reward adapters plus value and reward heads; the peak is the
   largest of generation (KV cache), scoring (no-grad forwards) and the update (policy and critic are
   backpropagated one after the other, so their activations do not add up).
+- GRPO/RLOO (TRL): one policy adapter, no critic; a reward model (`--grpo_reward_model`) is its own frozen
+  copy of the base (no LM head) with the reward adapter and score head, loaded beside the policy
+  (align.trainers.grpo.load_reward), scoring ppo_forward_batch replies at a time.
 - DPO: chosen and rejected are concatenated (the batch doubles); reference log-probs come from an
   adapter-disabled no-grad forward in each step (the recipe's default) or are precomputed (no memory
   during training).
@@ -91,8 +94,11 @@ class PlanArgs:
     ppo_response_len: int = arg(256, "PPO and GRPO: generated tokens per reply (part of seq_len)")
     ppo_rollout_batch: int = arg(8, "PPO: prompts generated at once per process; GRPO: replies generated at once per process "
                                     "(prompts x num_generations; the KV cache batch)")
-    ppo_forward_batch: int = arg(8, "PPO: rows per no-grad scoring forward")
+    ppo_forward_batch: int = arg(8, "PPO: rows per no-grad scoring forward; GRPO: replies per reward-model forward")
     grpo_beta: float = arg(0.05, "GRPO: KL coefficient (recipes/grpo.py's default); > 0 adds the reference forward (adapter disabled)")
+    grpo_reward_model: bool = arg(False, "GRPO: the reward is a model (recipes/grpo.py --reward outputs/reward): a second copy of the "
+                                         "base with the reward adapter and score head, loaded beside the policy; the verifier or a "
+                                         "Python function costs nothing")
     gpu_gb: float = arg(24.0, "GPU memory in GB as sold (a 24 GB card has 24 GiB)")
     cuda_overhead_gb: float = arg(1.0, "CUDA context plus caching-allocator slack, outside max_memory_allocated (an assumed margin, not measured here)")
     target: Literal["cuda", "cpu"] = arg("cuda", "cuda: GPU memory; cpu: process RSS over its start (with the CPU calibration)")
@@ -321,6 +327,10 @@ def _persistent_bytes(arch: Arch, args: PlanArgs, num: Numerics) -> tuple[dict[s
         "gradients": trainable * 4.0,
         "optimizer": trainable * float(ADAMW_STATE_BYTES),
     }
+    if args.stage == "grpo" and args.grpo_reward_model:
+        # align.models.reward_model.load_reward_model: the base again, as a sequence classifier, with the frozen
+        # reward adapter (fp32) and its one-output score head
+        components["reward_model"] = base_weight_bytes(arch, args.quantization, dtype_bytes, with_lm_head=False) + (adapter + head) * 4.0
     if num.autocast:
         components["adapters"] += trainable * 2.0  # autocast keeps a bf16 copy of each trainable weight in its cache
     return components, trainable
@@ -372,6 +382,10 @@ def _phase_bytes(arch: Arch, args: PlanArgs, num: Numerics, components: dict[str
         phases["generation"] = {**no_grads, **_generation(arch, args, num), "transient": dequant}
         if args.grpo_beta > 0:
             phases["reference forward"] = {**no_grads, "activations": no_grad, "logits": logits, "transient": dequant}
+        if args.grpo_reward_model:
+            _, scoring = _activations(arch, args, num, args.ppo_forward_batch * T, 0.0)
+            phases["reward scoring"] = {**no_grads, "activations": scoring, "transient": dequant}
+            notes.append("GRPO/RLOO: the reward model is a second frozen copy of the base beside the policy")
         notes.append("GRPO/RLOO: one policy adapter, no critic or value head; micro_batch counts replies")
     return phases, notes
 
@@ -441,6 +455,7 @@ COMPONENT_HELP = {
     "logits": "LM head (fused tile / PPO response logits)",
     "transient": "dequantized projection",
     "kv_cache": "KV cache of generation (PPO, GRPO)",
+    "reward_model": "GRPO: frozen reward model beside the policy",
     "runtime_overhead": "CUDA context + allocator slack (assumed margin)",
     "mapped_checkpoint": "cpu only: checkpoint pages still mapped",
 }

@@ -173,6 +173,26 @@ def test_grpo_is_an_sft_step_on_replies_plus_generation_and_no_critic(tiny_dir):
     assert "reference forward" not in estimate(PlanArgs(stage="grpo", grpo_beta=0.0, **training)).phases
 
 
+def test_a_grpo_reward_model_adds_a_frozen_copy_of_the_base_beside_the_policy(tiny_dir):
+    """recipes/grpo.py --reward outputs/reward loads the reward model as a second base (no LM head) with the frozen
+    reward adapter and score head: every phase carries it, and scoring the replies is a phase of its own."""
+    from align.models.architecture import resolve_arch
+    from align.plan import base_weight_bytes, lora_params
+
+    training = dict(model=tiny_dir, stage="grpo", quantization="none", dtype="fp32", seq_len=96, micro_batch=16, ppo_response_len=32)
+    program, model = estimate(PlanArgs(**training)), estimate(PlanArgs(**training, grpo_reward_model=True))
+    arch = resolve_arch(tiny_dir)
+    expected = base_weight_bytes(arch, "none", 4, with_lm_head=False) + (lora_params(arch, PlanArgs().target_modules(), 16) + arch.hidden + 1) * 4
+    assert "reward_model" not in program.components
+    assert model.components["reward_model"] == pytest.approx(expected)
+    assert set(model.phases) == set(program.phases) | {"reward scoring"}
+    for phase, total in program.phases.items():
+        assert model.phases[phase] == pytest.approx(total + expected), phase
+    assert model.trainable_params == program.trainable_params  # frozen: no gradients or optimizer state
+    quantized = estimate(PlanArgs(**{**training, "quantization": "4bit"}, grpo_reward_model=True))
+    assert quantized.components["reward_model"] < model.components["reward_model"]
+
+
 # ------------------------------------------------------------------------------------------ searches
 
 
