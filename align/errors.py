@@ -37,7 +37,8 @@ def close_process_group() -> None:
 
 
 def cli_main(fn: F) -> F:
-    """Run `fn`; turn an AlignError into `error: <message>` on stderr and exit code 2; release run locks."""
+    """Run `fn`; turn an AlignError into `error: <message>` on stderr and exit code 2; once `fn` has returned, destroy
+    the torch.distributed process group (close_process_group); release run locks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -243,7 +243,7 @@ def sample_records(records: list[Record], n: int, seed: int) -> list[Record]:
     """`n` of `records` drawn at random without replacement (seeded), kept in their original order.
 
     A short run that took the first rows of a file ordered by prompt would see few prompts: the head of
-    `ifprefs:prefs_train` (256 pairs, the main job's 24 steps) holds 33 of its 412 base prompts; a sample holds ~200.
+    `ifprefs:prefs_train` (256 pairs: 64 steps of 4) holds 33 of its 412 base prompts; a sample holds ~200.
     """
     if n >= len(records):
         return list(records)

@@ -83,7 +83,8 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
 
 
 def reply_rows(prompts: list[PromptRecord], replies: list[tuple[str, bool, int]]) -> list[dict]:
-    """One row per prompt for its reply (text, ended by EOS, length in tokens): the verifier's verdict per
+    """One row per prompt for its reply (text, ended by EOS, length in tokens): the reply itself (so a person can
+    read the summary's replies before and after side by side), the verifier's verdict per
     constraint, IFEval strict, coherent strict (strict and not degenerate: align.evaluation.degeneration), degenerate,
     formats nobody asked for. A prompt without constraints has None for the verifier's fields."""
     from align.evaluation.degeneration import check_reply, unasked_formats
@@ -95,7 +96,7 @@ def reply_rows(prompts: list[PromptRecord], replies: list[tuple[str, bool, int]]
         verdict = verify(reply, p.constraints) if p.constraints else None  # none: nothing to verify
         degeneration = check_reply(reply, p.prompt, p.constraints, ended=ended)
         unasked = unasked_formats(reply, p.constraints)
-        rows.append({"prompt_id": p.id if p.id is not None else str(i), "mode": "greedy",
+        rows.append({"prompt_id": p.id if p.id is not None else str(i), "mode": "greedy", "reply": reply,
                      "coherent_strict": coherent_strict(verdict.strict if verdict else None, degeneration),
                      "verifier_strict": verdict.strict if verdict else None,
                      "verifier_score": verdict.score if verdict else None, "degenerate": degeneration.degenerate,

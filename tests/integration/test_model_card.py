@@ -231,6 +231,7 @@ def test_sft_summary_has_the_before_after_block_of_dpo(tiny_model_dir, tiny_data
         assert len(block["rows"]) == 2 and block["verifier/prompts"] == 2
         assert {"verifier/coherent_strict", "verifier/strict", "gen/degenerate_share", "gen/unasked_format_share", "verifier/by_constraint"} <= block.keys()
         assert all(r["unasked_format"] == bool(r["unasked_formats"]) for r in block["rows"])
+        assert all(isinstance(r["reply"], str) for r in block["rows"])  # the text itself, for a person to read
     assert [r["prompt_id"] for r in summary["before"]["rows"]] == [r["prompt_id"] for r in summary["after"]["rows"]]
     assert "[align] starting model -> trained policy (0 pairs, 2 prompts):" in log
     assert "  coherent strict (strict and not degenerate): " in log and "  constraints met, by type: " in log
