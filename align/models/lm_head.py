@@ -77,6 +77,28 @@ def completion_logprobs(
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model) -> bool:
+    """Give the LM head a contiguous input (a forward pre-hook; a no-op for an input that already is one).
+
+    transformers slices the last position, hidden[:, -1:, :], before the head in every generation prefill
+    (logits_to_keep=1), a non-contiguous (batch, 1, hidden) view. With a frozen head weight (a PEFT base, a
+    loaded model for evaluation) torch's matmul then does not fold the batch into one matrix product: it
+    expands the (vocab, hidden) weight to every row and copies it, batch x vocab x hidden elements. On the
+    default model a 64-prompt prefill spent 15.5 s of 21.7 s in that copy and raised peak RSS by 3.4 GB
+    (bf16, 2 threads); with a contiguous input it is one matrix product. Returns whether a hook was added.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_align_contiguous_input", False):
+        return False
+    head.register_forward_pre_hook(_contiguous_input)
+    head._align_contiguous_input = True
+    return True
+
+
 def transforms_logits(config) -> bool:
     """Whether the model's config asks for logit soft-capping or scaling (see LOGIT_TRANSFORMS)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

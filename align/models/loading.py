@@ -42,6 +42,7 @@ import torch
 from align.config import arg
 from align.errors import AlignError, ConfigError
 from align.log import get_logger
+from align.models.lm_head import contiguous_head_input
 
 logger = get_logger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -442,6 +443,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        contiguous_head_input(model)  # generation's prefill would copy the head weight once per row (align.models.lm_head)
     if qconfig is not None and qconfig.load_in_4bit and not torch.cuda.is_available():
         keep_4bit_trainable(model)
     if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
@@ -493,6 +495,7 @@ def load_trained(run_dir: str, *, dtype: str = "auto", quantization: str = "none
         path = str(cand)
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), use_safetensors=True)
+        contiguous_head_input(model)
     if not trainable:
         model.eval()
     return model, tokenizer

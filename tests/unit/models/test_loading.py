@@ -218,3 +218,29 @@ def test_merged_copy_computes_what_the_adapter_does_and_leaves_it_alone(tiny_mod
     assert is_quantized(quantized) and merged_copy(quantized) is None
     plain, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none"), lora=False)
     assert not is_quantized(model) and merged_copy(plain) is None  # nothing to fold
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_generation_gives_the_lm_head_a_contiguous_input(tiny_model_dir, lora):
+    """A left-padded batch's prefill slices the last position (logits_to_keep=1), a non-contiguous view; with the
+    head's weight frozen, torch's matmul then copies the (vocab, hidden) weight once per row (3.4 GB on the
+    default model at 64 prompts). load_model's pre-hook (align.models.lm_head.contiguous_head_input) hands the
+    head a contiguous input; the logits are those of the plain forward."""
+    import torch
+
+    from align.models.loading import ModelArgs, load_model
+
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32"), lora=lora)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0], [1]])).long()
+    with torch.no_grad():
+        kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+        full = model(input_ids=ids, attention_mask=mask).logits[:, -1:]
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert seen and all(seen)
+    torch.testing.assert_close(kept, full)
