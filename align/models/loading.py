@@ -424,7 +424,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
     shared base); it may be quantized. Only a config that asks to train a quantized base without LoRA
     (use_lora false) is refused.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     args = args or ModelArgs()
     use_lora = args.use_lora if lora is None else lora
@@ -442,8 +442,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        contiguous_head_input(model)  # generation's prefill would copy the head weight once per row (align.models.lm_head)
+        model = _causal_lm(path, **kwargs)
     if qconfig is not None and qconfig.load_in_4bit and not torch.cuda.is_available():
         keep_4bit_trainable(model)
     if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
@@ -462,6 +461,16 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
     return model, tokenizer
 
 
+def _causal_lm(path: str, **kwargs):
+    """AutoModelForCausalLM.from_pretrained, its LM head given a contiguous input: without it a generation
+    prefill with frozen weights copies the head's weight once per prompt (align.models.lm_head.contiguous_head_input)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    contiguous_head_input(model)
+    return model
+
+
 def _device_index():
     if torch.cuda.is_available():
         from accelerate import PartialState
@@ -475,8 +484,6 @@ def load_trained(run_dir: str, *, dtype: str = "auto", quantization: str = "none
 
     Looks in run_dir, then run_dir/adapter and run_dir/merged. Returns (model, tokenizer) in eval mode.
     """
-    from transformers import AutoModelForCausalLM
-
     root = Path(run_dir)
     for cand in (root, root / "adapter", root / "merged"):
         if (cand / "adapter_config.json").is_file() or (cand / "config.json").is_file():
@@ -494,8 +501,7 @@ def load_trained(run_dir: str, *, dtype: str = "auto", quantization: str = "none
     else:
         path = str(cand)
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), use_safetensors=True)
-        contiguous_head_input(model)
+        model = _causal_lm(path, dtype=resolve_dtype(dtype), use_safetensors=True)
     if not trainable:
         model.eval()
     return model, tokenizer

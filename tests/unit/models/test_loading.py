@@ -226,11 +226,7 @@ def test_generation_gives_the_lm_head_a_contiguous_input(tiny_model_dir, lora):
     head's weight frozen, torch's matmul then copies the (vocab, hidden) weight once per row (3.4 GB on the
     default model at 64 prompts). load_model's pre-hook (align.models.lm_head.contiguous_head_input) hands the
     head a contiguous input; the logits are those of the plain forward."""
-    import torch
-
-    from align.models.loading import ModelArgs, load_model
-
-    model, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32"), lora=lora)
+    model, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32"), lora=lora)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
