@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -43,12 +44,22 @@ def evaluate_with_metrics(model: str, out: Path, n_prompts: int, ppl_rows: int, 
     return rows, json.loads((out / "summary.json").read_text())["metrics"]
 
 
+def adapter_parameters(run_dir: Path) -> int:
+    """Elements in the run's saved adapter: the parameters the method trained (peft saves exactly those; a
+    virtual-token adapter cannot be loaded back trainable to count them: peft refuses)."""
+    from safetensors import safe_open
+
+    path = run_dir / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as tensors:
+        return sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+
+
 def training_cost(run_dir: Path) -> dict:
-    """Trainable parameters (the saved adapter loaded trainable), peak RSS and training tokens/s of one run."""
+    """Trainable parameters (the saved adapter's), peak RSS and training tokens/s of one run."""
     from align.models.loading import count_parameters, load_trained
 
-    model, _ = load_trained(str(run_dir), trainable=True)
-    trainable, total = count_parameters(model)
+    model, _ = load_trained(str(run_dir))
+    trainable, total = adapter_parameters(run_dir), count_parameters(model)[1]
     summary = json.loads((run_dir / "summary.json").read_text())
     speed = next((r["train/train_tokens_per_second"] for r in reversed(read_jsonl(run_dir / "metrics.jsonl"))
                   if "train/train_tokens_per_second" in r), None)

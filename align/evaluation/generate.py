@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from align.log import get_logger
+from align.models.generation import generate_ids
 from align.records import Message
 from align.evaluation.args import EvalArgs
 from align.evaluation.logprobs import left_pad, last_token_logps
@@ -109,7 +110,7 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
         seed = cfg.seed + batch_index if mode == "sample" else None
         if seed is not None:
             torch.manual_seed(seed)
-        sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+        sequences = generate_ids(model, ids, mask, generation_config=gen_config)
         responses, response_mask, _, contains_eos = truncate_after_eos(sequences[:, ids.shape[1] :], eos, pad)
         kl_k1 = kl_k3 = [None] * len(batch)
         if mode == "sample" and policy.has_reference:

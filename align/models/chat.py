@@ -197,14 +197,16 @@ class ChatSession:
         """Answer `text` in the conversation, streaming the reply to `out`; returns the reply."""
         import torch
 
+        from align.models.generation import generate_ids
+
         self.messages.append({"role": "user", "content": text})
         device = next(self.model.parameters()).device
         ids = torch.tensor([self._fit_context()], device=device)
         streaming = self.cfg.num_beams == 1  # transformers streams one sequence, not a beam search
         try:
             with torch.no_grad():
-                output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=self.gen_config,
-                                             streamer=_streamer(self.tokenizer, self.out) if streaming else None)
+                output = generate_ids(self.model, ids, torch.ones_like(ids), generation_config=self.gen_config,
+                                      streamer=_streamer(self.tokenizer, self.out) if streaming else None)
         except BaseException:  # Ctrl-C in the middle of a reply: the message goes unanswered, the conversation goes on
             self.messages.pop()
             raise

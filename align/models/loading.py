@@ -361,6 +361,9 @@ PEFT_UNSUPPORTED: dict[str, dict[str, str]] = {
         "prefix_tuning": "peft's prefix tuning for sequence classification passes past_key_values to the model's forward, "
                          "which transformers' sequence-classification models do not take",
     },
+    "grpo": {m: "TRL generates GRPO's and RLOO's replies with peft's generate, which with transformers 5 re-feeds a prompt-tuning "
+                "or p-tuning prompt at every step and drops a prefix-tuning prefix (align.models.generation): the rollouts "
+                "would not come from the trained adapter" for m in PROMPT_LEARNING},
     "ppo": {
         **{m: f"PPO shares one base between LoRA adapters (policy, critic, reward) and calls its decoder directly, and {_PROMPT_WHY}"
            for m in PROMPT_LEARNING},

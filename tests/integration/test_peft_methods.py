@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError
+from align.models.generation import generate_ids
 from align.models.loading import (
     PEFT_METHODS,
     PEFT_UNSUPPORTED,
@@ -142,7 +143,7 @@ def test_recipe_trains_saves_and_loads_each_method(tiny_model_dir, tiny_data, tm
     assert adapter_method(model) == method
     batch = tok(["hello"], return_tensors="pt")
     with torch.no_grad():
-        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        generated = generate_ids(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
 
 

@@ -1,0 +1,62 @@
+"""model.generate for every adapter we train, the virtual-token ones included.
+
+peft 0.21 with transformers 5 gets generation wrong for every adapter made of virtual tokens:
+- prompt tuning and p-tuning (virtual tokens as input embeddings): after the prefill,
+  PeftModelForCausalLM.prepare_inputs_for_generation hands the model the embeddings of the whole prompt again at every
+  decode step instead of the one new token, so the KV cache grows by the prompt's length per token and every step after
+  the first attends to duplicated context (a 2-row, 17-token prompt fed (2, 33) then (2, 17) embeddings at each step;
+  64 held-out prompts took over 8 minutes instead of 45 s);
+- prefix tuning (virtual keys and values in the KV cache): the prefix never reaches the model; the first step's logits
+  equal the plain base model's (to 1e-7 on the tiny model), so a prefix-tuned policy answers as its base.
+`generate_ids` does what peft's forward does in training instead: the virtual tokens' embeddings go before the
+prompt's (prompt and p-tuning), or the adapter's prefix is the generation's starting cache (prefix tuning), their
+attention mask ones, and the base model generates one token a step. tests/unit/models/test_generation.py checks every
+step's logits against the training forward without a cache, and that peft's own generate still differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def virtual_token_method(model) -> str | None:
+    """"PROMPT_TUNING", "P_TUNING" or "PREFIX_TUNING" for a PeftModel whose active, enabled adapter is one of these;
+    None for any other model or adapter, or inside `disable_adapter()`."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or getattr(model, "_adapters_disabled", False) or not getattr(config, "is_prompt_learning", False):
+        return None
+    method = str(getattr(config.peft_type, "value", config.peft_type))
+    return method if method in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING") else None
+
+
+def generate_ids(model, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+    """model.generate(input_ids=..., attention_mask=..., **kwargs) -> (batch, prompt + new) token ids, the prompt
+    included, for any model; a virtual-token adapter's tokens go first, as in its training forward, and the base model
+    generates (see the module docstring)."""
+    method = virtual_token_method(model)
+    if method is None:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    batch, base = input_ids.shape[0], model.get_base_model()
+    n_virtual = model.active_peft_config.num_virtual_tokens
+    mask = torch.cat([attention_mask.new_ones(batch, n_virtual), attention_mask], dim=1)
+    if method == "PREFIX_TUNING":
+        # The prefix is the starting cache; placeholder ids stand for its positions (generate reads the ids past
+        # the cache). Every row's prefix is the same, so a cache for every beam or returned sequence fits however
+        # generate orders them.
+        rows = batch * _expansion(model, kwargs)
+        placeholders = input_ids.new_full((batch, n_virtual), input_ids[0, -1].item())
+        ids = base.generate(input_ids=torch.cat([placeholders, input_ids], dim=1), attention_mask=mask,
+                            past_key_values=model.get_prompt(batch_size=rows), **kwargs)
+        return ids[:, n_virtual:]
+    embeds = model.get_input_embeddings()(input_ids)
+    virtual = model.get_prompt(batch_size=batch).to(embeds.dtype)  # (batch, virtual tokens, hidden)
+    new_ids = base.generate(inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask, **kwargs)
+    return torch.cat([input_ids, new_ids], dim=1)  # generate from embeddings returns the new tokens only
+
+
+def _expansion(model, kwargs: dict) -> int:
+    """How many rows generate makes of each prompt: its beams, else its returned sequences."""
+    config = kwargs.get("generation_config") or model.generation_config
+    beams = int(kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1)
+    return beams if beams > 1 else int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1)

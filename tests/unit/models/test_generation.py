@@ -1,0 +1,86 @@
+"""align.models.generation.generate_ids: every adapter generates what its training forward computes."""
+
+import pytest
+import torch
+
+from align.models.generation import generate_ids, virtual_token_method
+from align.models.loading import ModelArgs, load_model
+
+
+def _step_logits_and_forward(model, tokenizer, generate):
+    """(logits of each generated step as generation saw them, the same positions' logits from one forward of the
+    whole sequence without a cache: the path training takes, virtual tokens prepended by peft)."""
+    prompt = tokenizer(["hello there world, and more"], return_tensors="pt")
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out[:, -1].clone()))
+    with torch.no_grad():
+        ids = generate(model, prompt["input_ids"], prompt["attention_mask"], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    hook.remove()
+    n_prompt, n_new = prompt["input_ids"].shape[1], ids.shape[1] - prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -ids.shape[1] :]  # drop virtual positions
+    return ids, torch.stack(seen, 1), logits[:, n_prompt - 1 : n_prompt - 1 + n_new]
+
+
+def _trained_looking(model_dir, method):
+    """The tiny model with a `method` adapter whose parameters are random (LoRA's zero B or a fresh prompt would
+    change too little to tell paths apart), in eval mode."""
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype="fp32", peft=method))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning", "lora", "ia3"])
+def test_each_adapter_generates_what_its_training_forward_computes(tiny_model_dir, one_thread, method):
+    """peft 0.21 with transformers 5 re-feeds a prompt-tuning or p-tuning prompt's embeddings at every decode step
+    (the cache grows by the prompt per token); generate_ids prepends the virtual tokens itself. Every step's logits
+    equal the no-cache forward's at that position, and the prompt comes back in front of the reply."""
+    model, tokenizer = _trained_looking(tiny_model_dir, method)
+    assert virtual_token_method(model) == (method.upper() if method in ("prompt_tuning", "p_tuning", "prefix_tuning") else None)
+    ids, steps, forward = _step_logits_and_forward(model, tokenizer, generate_ids)
+    assert steps.shape == forward.shape and steps.shape[1] == 5
+    torch.testing.assert_close(steps, forward, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_peft_generate_is_what_generate_ids_works_around(tiny_model_dir, one_thread, method):
+    """The bugs themselves, so that the workaround goes when a peft release fixes them: peft's own generate computes
+    logits that the adapter's training forward does not (prompt tuning: from the second step; prefix tuning: from
+    the first, where it answers as the base model)."""
+    model, tokenizer = _trained_looking(tiny_model_dir, method)
+    _, steps, forward = _step_logits_and_forward(
+        model, tokenizer, lambda m, ids, mask, **kw: m.generate(input_ids=ids, attention_mask=mask, **kw))
+    assert not torch.allclose(steps[:, 1:], forward[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_tokens_generate_a_left_padded_batch_and_beams(tiny_model_dir, one_thread, method):
+    """A left-padded batch gives each row the reply it gets alone; beam search returns one sequence per prompt,
+    the prompt in front."""
+    model, tokenizer = _trained_looking(tiny_model_dir, method)
+    tokenizer.padding_side = "left"
+    texts = ["hello there world, and more", "a b"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        together = generate_ids(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=4, do_sample=False)
+        for row, text in enumerate(texts):
+            alone = tokenizer([text], return_tensors="pt")
+            ids = generate_ids(model, alone["input_ids"], alone["attention_mask"], max_new_tokens=4, do_sample=False)
+            assert torch.equal(together[row, -4:], ids[0, -4:])
+        beams = generate_ids(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=4, do_sample=False, num_beams=2)
+    assert beams.shape == (2, batch["input_ids"].shape[1] + 4) and torch.equal(beams[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
+def test_a_disabled_prompt_adapter_generates_as_the_base_model(tiny_model_dir, one_thread):
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", peft="prompt_tuning"))
+    model.eval()
+    prompt = tokenizer(["hello there"], return_tensors="pt")
+    with torch.no_grad(), model.disable_adapter():
+        assert virtual_token_method(model) is None
+        ids = generate_ids(model, prompt["input_ids"], prompt["attention_mask"], max_new_tokens=4, do_sample=False)
+        base = model.get_base_model().generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ids, base)
