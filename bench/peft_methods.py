@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -44,22 +43,18 @@ def evaluate_with_metrics(model: str, out: Path, n_prompts: int, ppl_rows: int, 
     return rows, json.loads((out / "summary.json").read_text())["metrics"]
 
 
-def adapter_parameters(run_dir: Path) -> int:
-    """Elements in the run's saved adapter: the parameters the method trained (peft saves exactly those; a
-    virtual-token adapter cannot be loaded back trainable to count them: peft refuses)."""
-    from safetensors import safe_open
-
-    path = run_dir / "adapter" / "adapter_model.safetensors"
-    with safe_open(str(path), "pt") as tensors:
-        return sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
-
-
 def training_cost(run_dir: Path) -> dict:
-    """Trainable parameters (the saved adapter's), peak RSS and training tokens/s of one run."""
-    from align.models.loading import count_parameters, load_trained
+    """Trainable and total parameters of the method as it trained (its saved peft config on the base, trainable:
+    a saved p-tuning adapter keeps only the prompt its encoder made, and peft refuses to load a virtual-token
+    adapter trainable), peak RSS and training tokens/s of one run."""
+    from peft import PeftConfig, get_peft_model
 
-    model, _ = load_trained(str(run_dir))
-    trainable, total = adapter_parameters(run_dir), count_parameters(model)[1]
+    from align.models.loading import ModelArgs, count_parameters, load_model
+
+    config = PeftConfig.from_pretrained(str(run_dir / "adapter"))
+    config.inference_mode = False
+    base, _ = load_model(ModelArgs(model_name_or_path=config.base_model_name_or_path), lora=False)
+    trainable, total = count_parameters(get_peft_model(base, config))
     summary = json.loads((run_dir / "summary.json").read_text())
     speed = next((r["train/train_tokens_per_second"] for r in reversed(read_jsonl(run_dir / "metrics.jsonl"))
                   if "train/train_tokens_per_second" in r), None)

@@ -5,13 +5,15 @@ peft 0.21 with transformers 5 gets generation wrong for every adapter made of vi
   PeftModelForCausalLM.prepare_inputs_for_generation hands the model the embeddings of the whole prompt again at every
   decode step instead of the one new token, so the KV cache grows by the prompt's length per token and every step after
   the first attends to duplicated context (a 2-row, 17-token prompt fed (2, 33) then (2, 17) embeddings at each step;
-  64 held-out prompts took over 8 minutes instead of 45 s);
+  64 held-out prompts took over 8 minutes, stopped, instead of 43 s);
 - prefix tuning (virtual keys and values in the KV cache): the prefix never reaches the model; the first step's logits
   equal the plain base model's (to 1e-7 on the tiny model), so a prefix-tuned policy answers as its base.
 `generate_ids` does what peft's forward does in training instead: the virtual tokens' embeddings go before the
 prompt's (prompt and p-tuning), or the adapter's prefix is the generation's starting cache (prefix tuning), their
-attention mask ones, and the base model generates one token a step. tests/unit/models/test_generation.py checks every
-step's logits against the training forward without a cache, and that peft's own generate still differs.
+attention mask ones, and the base model generates one token a step. Placeholder ids hold the virtual positions, so
+the returned ids and the logits processors that read them (repetition penalty) see the prompt as without an adapter.
+tests/unit/models/test_generation.py checks every step's logits against the training forward without a cache, and
+that peft's own generate still differs.
 """
 
 from __future__ import annotations
@@ -39,20 +41,21 @@ def generate_ids(model, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> 
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     batch, base = input_ids.shape[0], model.get_base_model()
     n_virtual = model.active_peft_config.num_virtual_tokens
+    # Placeholder ids stand for the virtual positions (generate counts positions by ids). Each row's first token
+    # is one it already has, so logits processors that read the ids (repetition penalty) see the prompt's tokens
+    # as they do without an adapter.
+    ids = torch.cat([input_ids[:, :1].expand(batch, n_virtual), input_ids], dim=1)
     mask = torch.cat([attention_mask.new_ones(batch, n_virtual), attention_mask], dim=1)
     if method == "PREFIX_TUNING":
-        # The prefix is the starting cache; placeholder ids stand for its positions (generate reads the ids past
-        # the cache). Every row's prefix is the same, so a cache for every beam or returned sequence fits however
-        # generate orders them.
-        rows = batch * _expansion(model, kwargs)
-        placeholders = input_ids.new_full((batch, n_virtual), input_ids[0, -1].item())
-        ids = base.generate(input_ids=torch.cat([placeholders, input_ids], dim=1), attention_mask=mask,
-                            past_key_values=model.get_prompt(batch_size=rows), **kwargs)
-        return ids[:, n_virtual:]
-    embeds = model.get_input_embeddings()(input_ids)
-    virtual = model.get_prompt(batch_size=batch).to(embeds.dtype)  # (batch, virtual tokens, hidden)
-    new_ids = base.generate(inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask, **kwargs)
-    return torch.cat([input_ids, new_ids], dim=1)  # generate from embeddings returns the new tokens only
+        # The prefix is the starting cache. Every row's prefix is the same, so a cache row for every beam or
+        # returned sequence fits however generate orders them.
+        cache = model.get_prompt(batch_size=batch * _expansion(model, kwargs))
+        sequences = base.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kwargs)
+    else:
+        embeds = model.get_input_embeddings()(input_ids)
+        virtual = model.get_prompt(batch_size=batch).to(embeds.dtype)  # (batch, virtual tokens, hidden)
+        sequences = base.generate(input_ids=ids, inputs_embeds=torch.cat([virtual, embeds], dim=1), attention_mask=mask, **kwargs)
+    return sequences[:, n_virtual:]
 
 
 def _expansion(model, kwargs: dict) -> int:

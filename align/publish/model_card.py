@@ -39,6 +39,7 @@ BUILT_IN_SUMMARY_PROMPTS = "ifprefs:eval"
 # The adapter methods of align.models.loading's --peft, as a reader calls them (config.yaml without `peft`: LoRA)
 PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prompt_tuning": "prompt-tuning", "p_tuning": "P-tuning",
               "prefix_tuning": "prefix-tuning"}
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # align.models.loading.PROMPT_LEARNING, without torch
 METHOD_NAMES = {"sft": "SFT", "reward": "Reward model", "dpo": "DPO", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO"}
 
 
@@ -122,7 +123,8 @@ def model_card(config: dict[str, Any], run_info: dict[str, Any], summary: dict[s
     lines += [f"- {line}" for line in _setting_lines(stage, config, run_info, summary)]
     lines += ["", "## Held-out results (before -> after)", ""] + _result_lines(stage, config, summary)
     qlora = _quantization(config, run_info).startswith("4-bit") and artifact == "adapter"
-    lines += ["", "## How to load", ""] + _snippet(artifact, reward_model, base_ref, load_from, base, qlora)
+    virtual_tokens = artifact == "adapter" and config.get("peft") in VIRTUAL_TOKEN_METHODS
+    lines += ["", "## How to load", ""] + _snippet(artifact, reward_model, base_ref, load_from, base, qlora, virtual_tokens)
     lines += ["", "## Versions", "", ", ".join(f"{k} {v}" for k, v in (run_info.get("versions") or {}).items()
                                                if v != "not installed") or "not recorded", ""]
     return "\n".join(lines)
@@ -236,7 +238,8 @@ def _result_lines(stage: str, config: dict[str, Any], summary: dict[str, Any]) -
     return lines
 
 
-def _snippet(artifact: Artifact, reward_model: bool, base_ref: str, load_from: str, base: BaseModel, qlora: bool) -> list[str]:
+def _snippet(artifact: Artifact, reward_model: bool, base_ref: str, load_from: str, base: BaseModel, qlora: bool,
+             virtual_tokens: bool = False) -> list[str]:
     """A Python snippet that loads the artifact with transformers (+ peft for an adapter) and uses it once."""
     code = ["```python"]
     if artifact == "merged":
@@ -269,6 +272,10 @@ def _snippet(artifact: Artifact, reward_model: bool, base_ref: str, load_from: s
     else:
         code += ["", "messages = [{\"role\": \"user\", \"content\": \"Name three colours, in lowercase.\"}]",
                  "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors=\"pt\")",
+                 *(["# peft 0.21's generate with transformers 5 gets virtual-token adapters wrong (the reply is not the",
+                    "# adapter's); with align installed: from align.models.generation import generate_ids, then",
+                    "# output = generate_ids(model, inputs[\"input_ids\"], inputs[\"attention_mask\"], max_new_tokens=64, do_sample=False)"]
+                   if virtual_tokens else []),
                  "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
                  "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
     code.append("```")

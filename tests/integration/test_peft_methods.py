@@ -130,6 +130,7 @@ def test_recipe_trains_saves_and_loads_each_method(tiny_model_dir, tiny_data, tm
     assert summary["steps"] == 1 and summary["train_loss"] == summary["train_loss"]  # finite, not NaN
     card = (adapter / "README.md").read_text()
     assert f"{method} adapter" in card.lower() or f"peft method {method}" in card.lower(), card[:1500]
+    assert ("generate_ids(model" in card) == (method in PROMPT_LEARNING and stage != "reward")  # peft's generate is wrong for them
     if stage == "dpo" and method in PROMPT_LEARNING:
         assert "prompt-learning adapter" in log and "stock log-probs" in log  # the fast path steps aside
     if stage == "reward":

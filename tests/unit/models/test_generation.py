@@ -84,3 +84,16 @@ def test_a_disabled_prompt_adapter_generates_as_the_base_model(tiny_model_dir, o
         ids = generate_ids(model, prompt["input_ids"], prompt["attention_mask"], max_new_tokens=4, do_sample=False)
         base = model.get_base_model().generate(**prompt, max_new_tokens=4, do_sample=False)
     assert torch.equal(ids, base)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_logits_processors_see_the_prompt_as_without_an_adapter(tiny_model_dir, one_thread, method):
+    """A repetition penalty reads the ids generate holds; with the virtual tokens in front they are still the
+    prompt's (plus placeholders it already has): a prohibitive penalty keeps every prompt token out of the reply."""
+    model, tokenizer = _trained_looking(tiny_model_dir, method)
+    prompt = tokenizer(["hello there world, and more"], return_tensors="pt")
+    with torch.no_grad():
+        ids = generate_ids(model, prompt["input_ids"], prompt["attention_mask"], max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False, repetition_penalty=1e6)
+    reply = ids[0, prompt["input_ids"].shape[1] :].tolist()
+    assert not set(reply) & set(prompt["input_ids"][0].tolist()), reply
