@@ -34,11 +34,12 @@ import sys
 import time
 from pathlib import Path
 
-from learning_curve import ROOT, cpu_description, evaluate, point, split_at_dashes
+from learning_curve import ROOT, evaluate, point, split_at_dashes
 
 from align.errors import ConfigError, cli_main
 from align.io import atomic_write_json, atomic_write_text
 from align.io import read_jsonl
+from align.models.loading import cpu_description
 from align.report.stats import paired_delta
 
 PEER = ["--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "2e-4", "--lr_scheduler_type", "constant",

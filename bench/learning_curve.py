@@ -24,10 +24,8 @@ for with more steps continues the run (`--resume true`) from its last checkpoint
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,22 +40,12 @@ from align.errors import ConfigError, cli_main  # noqa: E402
 from align.evaluation.metrics import judge_again  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
 from align.io import read_jsonl  # noqa: E402
-from align.models.loading import cpu_bf16_flags  # noqa: E402
+from align.models.loading import cpu_description  # noqa: E402
 from align.report.stats import paired_delta  # noqa: E402
 from align.trainers.common import MARKER, last_marked_checkpoint  # noqa: E402
 
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
 RECIPES = ("sft", "dpo", "ppo")  # sft, dpo: TrainArgs (HF checkpoint-N); ppo: align.rl.ppo (checkpoints/update-N)
-
-
-def cpu_description() -> str:
-    """The CPU model and its native bf16 instructions (numbers differ between machine kinds)."""
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), model)
-    bf16 = cpu_bf16_flags()
-    return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16) if bf16 else 'no bf16 matmul (AVX2 only)'}"
 
 
 def run(cmd: list[str], log: Path) -> None:

@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-from learning_curve import cpu_description, evaluate, point, run, split_at_dashes, starting_model
+from learning_curve import evaluate, point, run, split_at_dashes, starting_model
 
 from align.errors import ConfigError, cli_main
 from align.io import atomic_write_json, atomic_write_text
 from align.io import read_jsonl
-from align.models.loading import PEFT_METHODS
+from align.models.loading import PEFT_METHODS, cpu_description
 
 LEARNING_RATES = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-3, "prompt_tuning": 3e-2, "p_tuning": 1e-3, "prefix_tuning": 1e-2}
 

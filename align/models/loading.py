@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -207,6 +208,17 @@ def cpu_bf16_flags() -> list[str]:
     except OSError:
         return []
     return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+
+
+def cpu_description() -> str:
+    """The CPU model, its cores and its native bf16 instructions (numbers differ between machine kinds), e.g.
+    "Intel(R) Xeon(R) Processor @ 2.80GHz, 2 cores, no bf16 matmul (AVX2 only)"."""
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), model)
+    bf16 = cpu_bf16_flags()
+    return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16) if bf16 else 'no bf16 matmul (AVX2 only)'}"
 
 
 def cpu_has_bf16() -> bool:

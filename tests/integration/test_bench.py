@@ -28,6 +28,10 @@ def test_bench_runs_dpo_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "bench_dpo.json").read_text())
     assert _finite_positive(report["setup"]["peak_flops"])
+    from align.models.loading import cpu_bf16_flags
+
+    cpu = report["setup"]["cpu"]  # which machine kind the numbers come from
+    assert cpu.endswith("+".join(cpu_bf16_flags()) or "no bf16 matmul (AVX2 only)") and " cores, " in cpu, cpu
     assert [r["arm"] for r in report["runs"]] == ["trl-baseline", "align"]
     for r in report["runs"]:
         assert "error" not in r, r.get("error")
