@@ -23,13 +23,12 @@ from torch import Tensor
 
 
 def virtual_token_method(model) -> str | None:
-    """"PROMPT_TUNING", "P_TUNING" or "PREFIX_TUNING" for a PeftModel whose active, enabled adapter is one of these;
-    None for any other model or adapter, or inside `disable_adapter()`."""
-    config = getattr(model, "active_peft_config", None)
-    if config is None or getattr(model, "_adapters_disabled", False) or not getattr(config, "is_prompt_learning", False):
-        return None
-    method = str(getattr(config.peft_type, "value", config.peft_type))
-    return method if method in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING") else None
+    """The --peft name (align.models.loading.PROMPT_LEARNING) of `model`'s active adapter when it is made of
+    virtual tokens and enabled; None for any other model or adapter, or inside `disable_adapter()`."""
+    from align.models.loading import PROMPT_LEARNING, adapter_method
+
+    method = adapter_method(model)
+    return method if method in PROMPT_LEARNING and not getattr(model, "_adapters_disabled", False) else None
 
 
 def generate_ids(model, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
@@ -46,7 +45,7 @@ def generate_ids(model, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> 
     # as they do without an adapter.
     ids = torch.cat([input_ids[:, :1].expand(batch, n_virtual), input_ids], dim=1)
     mask = torch.cat([attention_mask.new_ones(batch, n_virtual), attention_mask], dim=1)
-    if method == "PREFIX_TUNING":
+    if method == "prefix_tuning":
         # The prefix is the starting cache. Every row's prefix is the same, so a cache row for every beam or
         # returned sequence fits however generate orders them.
         cache = model.get_prompt(batch_size=batch * _expansion(model, kwargs))
