@@ -41,12 +41,14 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     from align.evaluation.generate import generate
     from align.evaluation.logprobs import reply_logps
     from align.evaluation.policy import Policy
+    from align.models.generation import merged_adapter
 
     started = time.time()
     out: dict = {}
     was_training = model.training
     model.eval()
-    with _starting_model(model, adapter):
+    # the trained policy runs with its adapter merged where that is exact (align.models.generation.merged_adapter)
+    with _starting_model(model, adapter), (merged_adapter(model) if adapter else contextlib.nullcontext()):
         if pairs:
             logger.info(f"summary: log-probs of {len(pairs)} held-out pairs")
             prompts_p = [p.prompt for p in pairs]

@@ -62,3 +62,65 @@ def _expansion(model, kwargs: dict) -> int:
     config = kwargs.get("generation_config") or model.generation_config
     beams = int(kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1)
     return beams if beams > 1 else int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1)
+
+
+MERGEABLE = ("lora", "dora", "ia3")  # weight updates peft can fold into the base weights
+
+
+def merged_weights_are_exact(model) -> bool:
+    """Whether `merged_adapter` merges: an enabled LoRA/DoRA/IA3 adapter whose base layers hold plain float32
+    weights. bf16/fp16 are left alone (the update is mostly below their rounding step, so the merged model would be
+    another model), and so are quantized or sharded weights (bitsandbytes, FSDP, ZeRO-3: not a plain float32 matrix)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from align.models.loading import adapter_method
+
+    if adapter_method(model) not in MERGEABLE or getattr(model, "_adapters_disabled", False):
+        return False
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or any(m.merged for m in layers):
+        return False
+    for layer in layers:
+        base = layer.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if (type(base) is not torch.nn.Linear or weight is None or weight.dtype != torch.float32
+                or tuple(weight.shape) != (base.out_features, base.in_features)):
+            return False
+    return True
+
+
+class merged_adapter:
+    """`with merged_adapter(model):` runs inference with the adapter's update folded into the base weights (one
+    matmul per linear layer instead of the base's plus the adapter's two: generation on the default model ~1.3x
+    faster on a CPU, bench/summary_generation_memory.py), and puts the base weights back bit for bit on exit (a
+    copy is kept: unmerging by subtraction would round them). A model `merged_weights_are_exact` refuses is used as
+    it is. The merged model computes W' x with W' = W + scale B A rounded once to float32, where the adapter
+    computes W x + scale B (A x): the same function up to float32 rounding, not bit for bit."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def __enter__(self):
+        if not merged_weights_are_exact(self.model):
+            return self.model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for layer in self.model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                base = layer.get_base_layer()
+                self.saved += [(p, p.detach().clone()) for p in (base.weight, base.bias) if p is not None]
+        self.model.merge_adapter()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        if self.saved:
+            import warnings
+
+            with warnings.catch_warnings():  # IA3 warns that unmerging by division is inexact: the copies are exact
+                warnings.filterwarnings("ignore", message="Unmerge result can be inaccurate")
+                self.model.unmerge_adapter()  # peft's bookkeeping (merged flags); the weights come from the copies
+            with torch.no_grad():
+                for param, original in self.saved:
+                    param.copy_(original)
+            self.saved = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -388,6 +389,37 @@ def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
     assert reused["pref/implicit_reward_accuracy"] == recomputed["pref/implicit_reward_accuracy"]
     assert reused["pref/implicit_margin_mean"] == pytest.approx(recomputed["pref/implicit_margin_mean"], abs=1e-6)
     assert recomputed["pref/implicit_margin_mean"] != 0  # the adapter moved the policy: margins are not all 0
+
+
+def test_policy_summary_runs_the_trained_policy_merged_and_leaves_it_as_it_was(adapter_run, monkeypatch):
+    """adapter=True scores and generates with the adapter merged into the float32 base weights (faster), the same
+    numbers as unmerged up to float32 rounding, and every parameter is bit for bit what it was afterwards."""
+    import align.models.generation as generation
+    from align.evaluation.policy_report import summarize_policy
+    from align.records import PreferencePair
+
+    policy = load_policy(adapter_run, EvalArgs(dtype="fp32", merge_adapter="false"))
+    pairs = [PreferencePair(prompt=[{"role": "user", "content": p["prompt"]}], chosen=p["chosen"], rejected=p["rejected"])
+             for p in PAIRS]
+    model, tokenizer = policy.model, policy.tokenizer
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merges = []
+    real = generation.merged_adapter
+
+    class Spy(real):
+        def __enter__(self):
+            out = super().__enter__()
+            merges.append(bool(self.saved))
+            return out
+
+    monkeypatch.setattr(generation, "merged_adapter", Spy)
+    merged = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True)
+    assert merges == [True]
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    monkeypatch.setattr(generation, "merged_adapter", lambda m: contextlib.nullcontext(m))
+    unmerged = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True)
+    assert merged["pref/implicit_margin_mean"] == pytest.approx(unmerged["pref/implicit_margin_mean"], abs=1e-4)
+    assert merged["pref/mean_logp_accuracy"] == unmerged["pref/mean_logp_accuracy"]
 
 
 def test_before_after_leads_with_coherent_strict_and_its_paired_interval():

@@ -97,3 +97,49 @@ def test_logits_processors_see_the_prompt_as_without_an_adapter(tiny_model_dir, 
                            do_sample=False, repetition_penalty=1e6)
     reply = ids[0, prompt["input_ids"].shape[1] :].tolist()
     assert not set(reply) & set(prompt["input_ids"][0].tolist()), reply
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_merged_adapter_computes_the_same_and_restores_every_weight_bit_for_bit(tiny_model_dir, one_thread, method):
+    from align.models.generation import merged_adapter
+
+    model, _ = _trained_looking(tiny_model_dir, method)
+    ids = torch.randint(0, 100, (2, 12))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        with merged_adapter(model) as merged:
+            assert merged is model
+            changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+            assert changed and all("base_layer" in n for n in changed)  # the update went into the base weights
+            inside = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(inside, unmerged, rtol=1e-4, atol=1e-4)  # float32 rounding of W + scale B A
+    assert not torch.equal(inside, unmerged) or method == "ia3"  # the merged path really ran (IA3 may round alike)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert torch.equal(after, unmerged)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_merged_adapter_leaves_alone_what_it_cannot_merge_exactly(tiny_model_dir, one_thread):
+    """bf16 weights (the update is below their rounding step), a disabled adapter, virtual tokens: used as they are;
+    an error inside the block still restores the weights."""
+    from align.models.generation import merged_adapter, merged_weights_are_exact
+
+    bf16, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="bf16", peft="lora"))
+    prompt, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", peft="prompt_tuning"))
+    lora, _ = _trained_looking(tiny_model_dir, "lora")
+    assert not merged_weights_are_exact(bf16) and not merged_weights_are_exact(prompt)
+    with lora.disable_adapter():
+        assert not merged_weights_are_exact(lora)
+    assert merged_weights_are_exact(lora)
+    for model in (bf16, prompt):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with merged_adapter(model):
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with merged_adapter(lora):
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, before[n]) for n, p in lora.named_parameters())
+    assert merged_weights_are_exact(lora)  # unmerged again: it can merge next time

@@ -1,0 +1,115 @@
+"""Settings side by side: one recipe run per setting, each judged on the same held-out prompts, paired.
+
+    python bench/settings_search.py --recipe dpo --out curves/search \
+        --variant default= --variant beta0.5="--beta 0.5" --variant sft_only="--loss_type sft" -- --max_steps 56
+    python bench/settings_search.py --recipe dpo --out curves/search --reuse default=outputs/dpo ...
+
+Each variant is one `accelerate launch recipes/<recipe>.py --output_dir OUT/NAME/run --summary_prompts 0` with the
+arguments after `--` (common to all) and then the variant's own, so every variant runs the recipe's own schedule
+(unlike bench/learning_curve.py's constant learning rate). --reuse NAME=DIR takes an existing run of the same recipe
+(e.g. the main job's output folder) as that variant instead of training it; its config.yaml is recorded. The
+starting model and every run answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily
+(eval/evaluate.py, 128 new tokens). OUT/search.json gives, per variant, the paired difference from the starting model
+and from the first variant (the reference setting) of coherent strict, IFEval strict, verifier score, degenerate
+share, formats nobody asked for and EOS rate, with 95% bootstrap intervals (align.report.stats.paired_delta,
+2,000 resamples), and its training tokens and seconds. A part already done is reused when the script runs again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from learning_curve import METRICS, ROOT, checkpoint_cost, evaluate, point, run, split_at_dashes, starting_model  # noqa: E402
+
+from align.errors import ConfigError, cli_main  # noqa: E402
+from align.io import atomic_write_json  # noqa: E402
+from align.models.loading import cpu_description  # noqa: E402
+from align.report.stats import paired_delta  # noqa: E402
+from align.trainers.common import last_marked_checkpoint  # noqa: E402
+
+RECIPES = ("sft", "dpo")
+
+
+def named(values: list[str], flag: str) -> list[tuple[str, str]]:
+    """NAME=VALUE pairs, in order, names unique."""
+    out = []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or "/" in name:
+            raise ConfigError(f"{flag}: expected NAME=VALUE with a plain name, got {value!r}")
+        out.append((name, rest))
+    return out
+
+
+def run_cost(run_dir: Path) -> dict:
+    """Training tokens and seconds of a finished run (its last checkpoint), and its resolved settings."""
+    import yaml
+
+    checkpoint = last_marked_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir}: no finished checkpoint; is it a run of this recipe?")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return checkpoint_cost(checkpoint) | {"config": config}
+
+
+@cli_main
+def main() -> None:
+    argv, common = split_at_dashes(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", required=True, choices=RECIPES)
+    parser.add_argument("--out", required=True, help="directory for the runs, the evaluations and search.json")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=ARGS: a setting to train (ARGS may be empty)")
+    parser.add_argument("--reuse", action="append", default=[], help="NAME=DIR: an existing run of the recipe as a variant")
+    parser.add_argument("--eval_prompts", type=int, default=320, help="first N held-out ifprefs:eval prompts (all: 320)")
+    parser.add_argument("--base_eval", default=None, help="an existing greedy evaluation of the starting model to reuse")
+    args = parser.parse_args(argv)
+    reused = dict(named(args.reuse, "--reuse"))
+    variants = named(args.reuse, "--reuse") + named(args.variant, "--variant")
+    names = [name for name, _ in variants]
+    if not variants or len(set(names)) != len(names):
+        raise ConfigError(f"--variant/--reuse: expected at least one setting and unique names, got {names}")
+    for name, folder in reused.items():
+        if not (Path(folder) / "config.yaml").exists():
+            raise ConfigError(f"--reuse {name}={folder}: no config.yaml there; expected a run folder of recipes/{args.recipe}.py")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "search.log"
+
+    started = time.time()
+    base = evaluate(starting_model(args.recipe, common), Path(args.base_eval) if args.base_eval else out / "eval-base",
+                    args.eval_prompts, log)
+    results, reference = [], None
+    for name, value in variants:
+        run_dir = Path(reused[name]).resolve() if name in reused else out / name / "run"
+        own = [] if name in reused else shlex.split(value)
+        if name not in reused and not (run_dir / "summary.json").exists():  # the recipe writes it last
+            run(["accelerate", "launch", f"recipes/{args.recipe}.py", "--output_dir", str(run_dir), "--summary_prompts", "0",
+                 *(["--resume", "true"] if run_dir.exists() else []), *common, *own], log)
+        rows = evaluate(str(run_dir), out / name / "eval", args.eval_prompts, log)
+        result = {"name": name, "args": own, "run": str(run_dir), "reused": name in reused} | point(base, rows, run_cost(run_dir))
+        if reference is None:
+            reference = rows
+        else:
+            result["vs_first"] = {}
+            for key in METRICS:
+                d = paired_delta(reference, rows, key, 2000, 0)
+                result["vs_first"][key] = {k: round(d[k], 4) for k in ("mean", "lo", "hi")}
+        results.append(result)
+        m = result["metrics"]["coherent_strict"]
+        print(f"{name}: coherent strict {m['baseline_mean']:.3f} -> {m['run_mean']:.3f} "
+              f"({m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}])", flush=True)
+    atomic_write_json(out / "search.json", {
+        "recipe": args.recipe, "common_args": common, "eval_prompts": args.eval_prompts,
+        "decoding": "greedy, 128 new tokens", "cpu": cpu_description(), "first_is_reference": names[0],
+        "wall_seconds_this_call": round(time.time() - started, 1), "variants": results})
+    print(f"wrote {out / 'search.json'}")
+
+
+if __name__ == "__main__":
+    main()
