@@ -39,7 +39,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     """
     from align.evaluation.args import EvalArgs
     from align.evaluation.generate import generate
-    from align.evaluation.logprobs import reply_logps
+    from align.evaluation.logprobs import pair_logps
     from align.evaluation.policy import Policy
     from align.models.generation import merged_adapter
 
@@ -52,8 +52,8 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
         if pairs:
             logger.info(f"summary: log-probs of {len(pairs)} held-out pairs")
             prompts_p = [p.prompt for p in pairs]
-            chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
-            rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
+            chosen, rejected = pair_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], [p.rejected for p in pairs],
+                                          batch_size)
             out["pref/logp_accuracy"] = sum(c[0] > r[0] for c, r in zip(chosen, rejected)) / len(pairs)
             out["pref/mean_logp_accuracy"] = sum(c[0] / max(c[1], 1) > r[0] / max(r[1], 1) for c, r in zip(chosen, rejected)) / len(pairs)
             if not adapter:
@@ -73,8 +73,8 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
             ref_chosen, ref_rejected = start_logps["chosen"], start_logps["rejected"]
         else:
             with model.disable_adapter():
-                ref_chosen = reply_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs], batch_size)
-                ref_rejected = reply_logps(model, tokenizer, prompts_p, [p.rejected for p in pairs], batch_size)
+                ref_chosen, ref_rejected = pair_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs],
+                                                      [p.rejected for p in pairs], batch_size)
         margins = [beta * ((c[0] - rc[0]) - (r[0] - rr[0])) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
         out["pref/implicit_reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)
         out["pref/implicit_ties"] = sum(m == 0 for m in margins)

@@ -18,7 +18,7 @@ from align.errors import AlignError, ConfigError, cli_main
 from align.evaluation.args import DEFAULT_BETA, EvalArgs
 from align.evaluation.degeneration import check_reply, unasked_formats
 from align.evaluation.generate import Generation, generate, settings_for
-from align.evaluation.logprobs import reply_logps
+from align.evaluation.logprobs import pair_logps, reply_logps
 from align.evaluation.metrics import coherent_strict, distinct_n, loops_to_limit, pass_rates_by_constraint, prompt_fingerprint, repeated_ngram_share, words
 from align.evaluation.policy import Policy, default_out_dir, load_policy, merged_for_eval, reference_of
 from align.io import atomic_write_json, atomic_write_text
@@ -99,14 +99,13 @@ def _preference_rows(policy: Policy, cfg: EvalArgs, rm, log) -> list[dict[str, A
         for row in rows:
             row.update(implicit_chosen=0.0, implicit_rejected=0.0)
     elif policy.has_reference:
-        both = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        logps = reply_logps(policy.model, policy.tokenizer, prompts + prompts, both, cfg.batch_size)
+        chosen_replies, rejected_replies = [p.chosen for p in pairs], [p.rejected for p in pairs]
+        logps = pair_logps(policy.model, policy.tokenizer, prompts, chosen_replies, rejected_replies, cfg.batch_size)
         with reference_of(policy) as reference:
-            ref_logps = reply_logps(reference, policy.tokenizer, prompts + prompts, both, cfg.batch_size)
-        n = len(pairs)
+            ref_logps = pair_logps(reference, policy.tokenizer, prompts, chosen_replies, rejected_replies, cfg.batch_size)
         for i, row in enumerate(rows):
-            lc, lr = logps[i][0], logps[n + i][0]
-            rc, rr = ref_logps[i][0], ref_logps[n + i][0]
+            lc, lr = logps[0][i][0], logps[1][i][0]
+            rc, rr = ref_logps[0][i][0], ref_logps[1][i][0]
             # DPO's implicit reward [Rafailov et al. 2023, eq. 5 without the partition term, which cancels
             # between the two replies of one prompt]: beta * (log pi(y|x) - log pi_ref(y|x)).
             row.update(

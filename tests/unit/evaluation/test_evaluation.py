@@ -165,6 +165,28 @@ def test_reply_logps_do_not_depend_on_batching_or_padding(adapter_run):
     assert batched[1][0] == pytest.approx(direct, abs=1e-4) and batched[1][1] == len(reply)
 
 
+def test_pair_logps_run_each_prompt_once_and_equal_reply_logps(adapter_run, tiny_model_dir):
+    """Prompts of different lengths in one batch (left padding in the cache), replies of different lengths in
+    one continuation (right padding), a one-token reply: the same numbers as reply_logps, and a virtual-token
+    adapter (peft prepends its tokens to every call, so no shared cache) takes reply_logps itself."""
+    from align.evaluation.logprobs import pair_logps
+    from align.models.loading import ModelArgs, load_model
+
+    policy = load_policy(adapter_run, EvalArgs(dtype="fp32", merge_adapter="false"))
+    prompts = [[{"role": "user", "content": "a much longer prompt than the others"}], [{"role": "user", "content": "b"}],
+               [{"role": "user", "content": "cc"}], [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "d"}]]
+    chosen = ["short", "a considerably longer reply", "mid length", ""]
+    rejected = ["a much longer rejected reply here", "no", "", "x y z"]
+    for model in (policy.model, load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", peft="prompt_tuning"))[0]):
+        for batch_size in (8, 4, 2):
+            c, r = pair_logps(model, policy.tokenizer, prompts, chosen, rejected, batch_size=batch_size)
+            for got, want in ((c, reply_logps(model, policy.tokenizer, prompts, chosen, 1)),
+                              (r, reply_logps(model, policy.tokenizer, prompts, rejected, 1))):
+                assert [n for _, n in got] == [n for _, n in want]
+                assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=2e-5, abs=1e-4)  # float32 sums
+    assert min(n for _, n in c + r) == 1  # the empty reply is its EOS alone
+
+
 def test_sampled_logprobs_match_generate_with_left_padding(adapter_run, data_files):
     """The log-probs behind the KL are those of the distribution generate() sampled from, with our sampling
     settings: same positions under left padding, same temperature, and no hidden top-k (generate()'s
