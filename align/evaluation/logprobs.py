@@ -131,7 +131,7 @@ def pair_logps(model, tokenizer, prompts: list[list[Message]], chosen: list[str]
         prefill = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), use_cache=True,
                         logits_to_keep=1)
         first = torch.log_softmax(prefill.logits[:, -1].float(), dim=-1).repeat_interleave(2, dim=0)  # (2b, vocab)
-        cache = prefill.past_key_values
+        cache = prefill.cache  # transformers 5: the KV cache (past_key_values before)
         cache.batch_repeat_interleave(2)
         replies = [reply for i in rows for reply in (encoded[i][1], encoded[i][2])]
         width = max(len(r) for r in replies)
@@ -144,7 +144,7 @@ def pair_logps(model, tokenizer, prompts: list[list[Message]], chosen: list[str]
         prompt_mask = mask.repeat_interleave(2, dim=0)
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device)
         rest = model(input_ids=reply_ids, attention_mask=torch.cat([prompt_mask, reply_mask], dim=1), position_ids=positions,
-                     past_key_values=cache, use_cache=True).logits[:, :-1]  # position j predicts reply token j + 1
+                     cache=cache, use_cache=True).logits[:, :-1]  # position j predicts reply token j + 1
         token_logps = torch.cat([first.gather(-1, reply_ids[:, :1]),
                                  logprobs_from_logits(rest, reply_ids[:, 1:]).float()], dim=1) * reply_mask
         for j, i in enumerate(rows):
