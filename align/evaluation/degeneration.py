@@ -43,7 +43,10 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   length limit in its data still leaves a sentence; such replies meet constraints like `quotation`,
   `lowercase` or `no_comma` without doing the task (a DPO + SFT policy earned 3 of its new strict passes
   so), so they are not counted as a gain. A one-sentence answer ("*Important: fires* are a critical issue
-  that requires immediate attention.") passes.
+  that requires immediate attention.") passes. The answer is the text before a postscript: a P.S. (or P.P.S)
+  is a note after the main text, so a reply that is only its postscript (`P.S. I'm glad you found the
+  puzzle game I'm writing about.` for "Write a persuasive paragraph about puzzle games. ... End with a
+  short note starting with P.S.", which a DPO + SFT policy wrote for several such prompts) is no answer.
 
 `ended` (did the reply end with EOS before the token limit) is not a reason on its own: the starting
 model ends only about a third of its greedy replies within 128 tokens, and a reply cut off in the
@@ -196,6 +199,15 @@ def prompt_text(prompt: str | Sequence[dict[str, Any]]) -> str:
 
 
 _SENTENCE_RE = re.compile(r"[^.!?]+[.!?]")
+# A postscript marker at the start of a line (after quotes or markup): P.S., P. S., P.P.S (IFEval's spellings)
+_POSTSCRIPT_RE = re.compile(r"^[ \t\"'*_>#-]*p\.\s?(?:p\.\s?)?s\b", re.IGNORECASE | re.MULTILINE)
+
+
+def before_postscript(reply: str) -> str:
+    """The reply's main text: everything before its first line that starts with a postscript marker (the
+    whole reply when there is none)."""
+    found = _POSTSCRIPT_RE.search(reply)
+    return reply[: found.start()] if found else reply
 
 
 def no_answer(reply: str, prompt_text: str = "") -> str | None:
@@ -239,7 +251,7 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
     copied = copied_instruction(reply, prompt_text(prompt), constraints) if prompt else None
     if copied:
         reasons.append(f"instruction copied from the prompt: {_shorten(copied, 60)!r}")
-    empty = no_answer(reply, prompt_text(prompt) if prompt else "")
+    empty = no_answer(before_postscript(reply), prompt_text(prompt) if prompt else "")
     if empty:
         reasons.append(empty)
     return Degeneration(tuple(reasons))

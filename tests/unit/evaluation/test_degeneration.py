@@ -27,7 +27,7 @@ import pytest
 
 from align.evaluation.degeneration import (
     COPY_MIN_WORDS, LINE_MIN_COUNT, check_reply, copied_instruction, degenerate_share, repeated_line, repeated_tail,
-    no_answer, repetition_loop,
+    before_postscript, no_answer, repetition_loop,
 )
 from align.errors import DataError
 from repo_paths import DATA
@@ -161,6 +161,22 @@ def test_a_title_or_an_empty_reply_is_no_answer():
     assert no_answer('"Lunar Eclipse: The Night of the Moon\'s Eclipse"') == "no answer: 9 words and no sentence"  # Moon's: 2
     assert no_answer("*Important: *fires* are a critical issue that requires immediate attention.") is None
     assert no_answer("roses climb the garden wall\nbees hum in the warm still air\nsummer takes its time") is None  # 16 words
+
+
+def test_a_reply_that_is_only_its_postscript_is_no_answer():
+    """Real greedy replies of the main job's DPO + SFT policy (AVX2 run, ifprefs-eval-00115 and -00107): a postscript
+    is a note after the main text, so the answer is what comes before it. With a main text, the P.S. is fine."""
+    prompt = [{"role": "user", "content": "Write the reply without a single comma. End with a short note starting with P.S. "
+                                          "Write a persuasive paragraph about puzzle games."}]
+    constraints = [{"type": "no_comma"}, {"type": "postscript", "postscript_marker": "P.S."}]
+    only_ps = "P.S. I'm glad you found the puzzle game I'm writing about."
+    assert check_reply(only_ps, prompt, constraints).reasons == ("no answer: 0 words and no sentence of its own",)
+    assert check_reply("<<electric scooters>>\n\nP.S. I hope this helps.").reasons == ("no answer: 2 words and no sentence",)
+    assert check_reply('"P.P.S I hope this helps with the plaque."').degenerate
+    answered = "Puzzle games train patience and reward a curious mind at any age.\n\nP.S. Try one tonight."
+    assert not check_reply(answered, prompt, constraints).degenerate
+    assert before_postscript(answered) == "Puzzle games train patience and reward a curious mind at any age.\n\n"
+    assert before_postscript("Write to your local MP. Apps, ps. and sports are fine.") == "Write to your local MP. Apps, ps. and sports are fine."
 
 
 def test_a_label_made_of_the_prompts_words_is_no_answer():
