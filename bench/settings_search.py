@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--reuse", action="append", default=[], help="NAME=DIR: an existing run of the recipe as a variant")
     parser.add_argument("--eval_prompts", type=int, default=320, help="first N held-out ifprefs:eval prompts (all: 320)")
     parser.add_argument("--base_eval", default=None, help="an existing greedy evaluation of the starting model to reuse")
+    parser.add_argument("--replies", default=None, help="FIRST:END: also write OUT/replies.md, the replies to those held-out "
+                                                       "prompts (0-based, END excluded) side by side, to read")
     args = parser.parse_args(argv)
+    shown = replies_range(args.replies, args.eval_prompts)
     reused = dict(named(args.reuse, "--reuse"))
     variants = named(args.reuse, "--reuse") + named(args.variant, "--variant")
     names = [name for name, _ in variants]
@@ -84,7 +87,7 @@ def main() -> None:
     started = time.time()
     base = evaluate(starting_model(args.recipe, common), Path(args.base_eval) if args.base_eval else out / "eval-base",
                     args.eval_prompts, log)
-    results, reference = [], None
+    results, reference, replies = [], None, {"start": base}
     for name, value in variants:
         run_dir = Path(reused[name]).resolve() if name in reused else out / name / "run"
         own = [] if name in reused else shlex.split(value)
@@ -92,6 +95,7 @@ def main() -> None:
             run(["accelerate", "launch", f"recipes/{args.recipe}.py", "--output_dir", str(run_dir), "--summary_prompts", "0",
                  *(["--resume", "true"] if run_dir.exists() else []), *common, *own], log)
         rows = evaluate(str(run_dir), out / name / "eval", args.eval_prompts, log)
+        replies[name] = rows
         result = {"name": name, "args": own, "run": str(run_dir), "reused": name in reused} | point(base, rows, run_cost(run_dir))
         if reference is None:
             reference = rows
@@ -109,6 +113,38 @@ def main() -> None:
         "decoding": "greedy, 128 new tokens", "cpu": cpu_description(), "first_is_reference": names[0],
         "wall_seconds_this_call": round(time.time() - started, 1), "variants": results})
     print(f"wrote {out / 'search.json'}")
+    if shown:
+        (out / "replies.md.tmp").write_text(side_by_side(replies, *shown))
+        (out / "replies.md.tmp").replace(out / "replies.md")
+        print(f"wrote {out / 'replies.md'}")
+
+
+def replies_range(value: str | None, n_prompts: int) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    first, sep, end = value.partition(":")
+    if not (sep and first.isdigit() and end.isdigit() and int(first) < int(end) <= n_prompts):
+        raise ConfigError(f"--replies: expected FIRST:END with 0 <= FIRST < END <= --eval_prompts ({n_prompts}), got {value!r}")
+    return int(first), int(end)
+
+
+def side_by_side(replies: dict[str, list[dict]], first: int, end: int) -> str:
+    """Markdown: per prompt, its text and constraints, then each setting's reply with its verdicts."""
+    lines = [f"# Greedy replies to held-out prompts {first}-{end - 1}, side by side",
+             "", "cs = coherent strict, strict = IFEval strict, deg = degenerate (its reasons), eos = ended by EOS.", ""]
+    start = replies["start"]
+    for i in range(first, end):
+        prompt = start[i]["prompt"]
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt if m["role"] == "user")
+        lines += [f"## {start[i]['prompt_id']}", "", "> " + text.replace("\n", "\n> "), "",
+                  "constraints: " + ", ".join(c["type"] for c in start[i]["constraints"]), ""]
+        for name, rows in replies.items():
+            r = rows[i]
+            why = "; ".join(r.get("degenerate_reasons") or [])
+            lines += [f"**{name}** (cs {int(bool(r['coherent_strict']))}, strict {int(bool(r['verifier_strict']))}, "
+                      f"deg {int(bool(r['degenerate']))}{': ' + why if why else ''}, eos {int(bool(r['eos']))})", "",
+                      "```", r["reply"].replace("```", "'''"), "```", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

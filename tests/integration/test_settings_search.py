@@ -16,7 +16,7 @@ def _flags(model_dir, data):
 def test_two_dpo_settings_side_by_side(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "search"
     cmd = ["bench/settings_search.py", "--recipe", "dpo", "--out", str(out), "--eval_prompts", "2",
-           "--variant", "first=", "--variant", "beta=--beta 0.5", "--", *_flags(tiny_model_dir, tiny_data)]
+           "--variant", "first=", "--variant", "beta=--beta 0.5", "--replies", "0:2", "--", *_flags(tiny_model_dir, tiny_data)]
     result = run_cli(cmd, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     search = json.loads((out / "search.json").read_text())
@@ -26,6 +26,8 @@ def test_two_dpo_settings_side_by_side(tiny_model_dir, tiny_data, tmp_path):
     assert first["config"]["lr_scheduler_type"] == "cosine"  # the recipe's own schedule, not a constant one
     assert first["step"] == beta["step"] == 2 and first["tokens"] > 0 and first["train_seconds"] > 0
     assert "vs_first" not in first
+    replies = (out / "replies.md").read_text()  # both prompts, each with the start's and both settings' replies
+    assert replies.count("## ifprefs-eval-0000") == 2 and replies.count("**start**") == replies.count("**beta**") == 2
     for key in ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos"):
         m = beta["metrics"][key]
         assert m["n"] == 2 and m["lo"] <= m["mean"] <= m["hi"]
@@ -47,3 +49,6 @@ def test_a_setting_needs_a_name(tmp_path):
     result = run_cli(["bench/settings_search.py", "--recipe", "dpo", "--out", str(tmp_path / "s"), "--variant", "--beta 0.5"])
     assert result.returncode != 0
     assert "--variant: expected NAME=VALUE with a plain name, got '--beta 0.5'" in result.stderr
+    result = run_cli(["bench/settings_search.py", "--recipe", "dpo", "--out", str(tmp_path / "s"), "--variant", "a=",
+                      "--replies", "5:3"])
+    assert result.returncode != 0 and "--replies: expected FIRST:END" in result.stderr
