@@ -318,9 +318,9 @@ def test_the_splits_load_through_the_data_layer():
 
 def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     """Every SFT reply and chosen reply passes align.evaluation.degeneration (drop_degenerate ran on the shipped
-    files); stats.json records what was dropped: 2,484 - 41 = 2,443 SFT rows, 3,273 - 46 = 3,227 pairs, 449 - 2 = 447
+    files); stats.json records what was dropped: 2,484 - 41 = 2,443 SFT rows, 3,273 - 52 = 3,221 pairs, 449 - 2 = 447
     held-out pairs (35 and 43 by the first rules, 4, 2 and 2 more when the no-answer rule came, 2 and 1 more when it
-    came to want 4 words of the reply's own)."""
+    came to want 4 words of the reply's own, 6 pairs more when the answer became the text before a postscript)."""
     from align.evaluation.degeneration import check_reply
 
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
@@ -328,9 +328,9 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
             prompt, reply = ifprefs.target_reply(row)
             assert not check_reply(reply, prompt, row["constraints"]).degenerate, row["id"]
     stats = json.loads((DATA / "meta" / "stats.json").read_text())
-    assert stats["dropped_degenerate"] == {"sft": 41, "sft_test": 0, "prefs_train": 46, "prefs_test": 2}
+    assert stats["dropped_degenerate"] == {"sft": 41, "sft_test": 0, "prefs_train": 52, "prefs_test": 2}
     assert {k: len(v) for k, v in data.items()} == stats["sizes"]
-    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 41, 3273 - 46, 449 - 2)
+    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 41, 3273 - 52, 449 - 2)
 
 
 def test_drop_degenerate_keeps_ordinary_rows_and_renumbers():
