@@ -202,15 +202,21 @@ def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
 
 
+def evaluation_parser(doc: str, out_help: str, recipes: tuple[str, ...] = RECIPES) -> argparse.ArgumentParser:
+    """The arguments every held-out comparison script here shares: the recipe, the output folder, the prompts."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--recipe", required=True, choices=recipes)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--eval_prompts", type=int, default=320, help="first N held-out ifprefs:eval prompts (all: 320)")
+    parser.add_argument("--base_eval", default=None, help="an existing greedy evaluation of the starting model to reuse")
+    return parser
+
+
 @cli_main
 def main() -> None:
     argv, recipe_args = split_at_dashes(sys.argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", required=True, choices=RECIPES)
+    parser = evaluation_parser(__doc__, "directory for the run, the evaluations and the results")
     parser.add_argument("--steps", required=True, help="comma-separated optimizer step counts to evaluate at")
-    parser.add_argument("--out", required=True, help="directory for the run, the evaluations and the results")
-    parser.add_argument("--eval_prompts", type=int, default=320, help="first N held-out ifprefs:eval prompts (all: 320)")
-    parser.add_argument("--base_eval", default=None, help="an existing greedy evaluation of the starting model to reuse")
     args = parser.parse_args(argv)
     try:
         steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})

@@ -17,7 +17,6 @@ share, formats nobody asked for and EOS rate, with 95% bootstrap intervals (alig
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning_curve import METRICS, ROOT, checkpoint_cost, evaluate, point, run, split_at_dashes, starting_model  # noqa: E402
+from learning_curve import (METRICS, checkpoint_cost, evaluate, evaluation_parser, point, run,  # noqa: E402
+                            split_at_dashes, starting_model)
 
 from align.errors import ConfigError, cli_main  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
@@ -61,13 +61,9 @@ def run_cost(run_dir: Path) -> dict:
 @cli_main
 def main() -> None:
     argv, common = split_at_dashes(sys.argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", required=True, choices=RECIPES)
-    parser.add_argument("--out", required=True, help="directory for the runs, the evaluations and search.json")
+    parser = evaluation_parser(__doc__, "directory for the runs, the evaluations and search.json", RECIPES)
     parser.add_argument("--variant", action="append", default=[], help="NAME=ARGS: a setting to train (ARGS may be empty)")
     parser.add_argument("--reuse", action="append", default=[], help="NAME=DIR: an existing run of the recipe as a variant")
-    parser.add_argument("--eval_prompts", type=int, default=320, help="first N held-out ifprefs:eval prompts (all: 320)")
-    parser.add_argument("--base_eval", default=None, help="an existing greedy evaluation of the starting model to reuse")
     parser.add_argument("--replies", default=None, help="FIRST:END: also write OUT/replies.md, the replies to those held-out "
                                                        "prompts (0-based, END excluded) side by side, to read")
     args = parser.parse_args(argv)

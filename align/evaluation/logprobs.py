@@ -65,14 +65,25 @@ def encode_reply(tokenizer, prompt: list[Message], reply: str) -> tuple[list[int
     return prefix, reply_ids
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one (len(rows), longest) int64 batch and its attention mask (1 on real tokens).
+
+    side "left" puts the padding before each row (prompts to continue), "right" after it (continuations of a cache).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side: expected 'left' or 'right', got {side!r}")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
+        cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = 1
     return ids, mask
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_rows(rows, pad_id, "left")
 
 
 @torch.no_grad()
@@ -134,13 +145,9 @@ def pair_logps(model, tokenizer, prompts: list[list[Message]], chosen: list[str]
         cache = prefill.cache  # transformers 5: the KV cache (past_key_values before)
         cache.batch_repeat_interleave(2)
         replies = [reply for i in rows for reply in (encoded[i][1], encoded[i][2])]
-        width = max(len(r) for r in replies)
-        reply_ids = torch.full((len(replies), width), tokenizer.pad_token_id, dtype=torch.long)
-        reply_mask = torch.zeros((len(replies), width), dtype=torch.long)
-        for j, reply in enumerate(replies):
-            reply_ids[j, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-            reply_mask[j, : len(reply)] = 1
+        reply_ids, reply_mask = pad_rows(replies, tokenizer.pad_token_id, "right")
         reply_ids, reply_mask = reply_ids.to(device), reply_mask.to(device)
+        width = reply_ids.shape[1]
         prompt_mask = mask.repeat_interleave(2, dim=0)
         positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(width, device=device)
         rest = model(input_ids=reply_ids, attention_mask=torch.cat([prompt_mask, reply_mask], dim=1), position_ids=positions,

@@ -15,7 +15,7 @@ import torch
 
 from align.evaluation.args import EvalArgs
 from align.evaluation.generate import generate
-from align.evaluation.logprobs import left_pad, encode_reply, last_token_logps, reply_logps
+from align.evaluation.logprobs import left_pad, encode_reply, last_token_logps, pad_rows, reply_logps
 from align.evaluation.metrics import distinct_n, prompt_fingerprint, repeated_ngram_share, words
 from align.evaluation.policy import load_policy
 from align.evaluation.run import evaluate
@@ -144,6 +144,16 @@ def test_reply_ids_are_what_the_policy_emits(tiny_model_dir):
     assert tokenizer.decode(prefix).endswith("<|im_start|>assistant\n")
     assert reply[-1] == tokenizer.eos_token_id  # the template's newline after <|im_end|> is cut
     assert tokenizer.decode(reply[:-1]) == "hello"
+
+
+def test_pad_rows_puts_padding_on_the_side_asked():
+    rows = [[5, 6, 7], [8]]
+    ids, mask = pad_rows(rows, 0, "left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows(rows, 0, "right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="side"):
+        pad_rows(rows, 0, "middle")
 
 
 def test_reply_logps_do_not_depend_on_batching_or_padding(adapter_run):
