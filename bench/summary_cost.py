@@ -4,13 +4,16 @@
 
 1. held-out pair log-probs: two reply_logps calls (chosen, rejected: every prompt run twice) against pair_logps
    (each prompt once, its KV cache repeated for both replies); the recipe's 64 held-out pairs, batch 16;
-2. greedy generation of the summary (128 held-out prompts, 96 new tokens, align.evaluation.generate as the
-   summary calls it) with the adapter unmerged against merged (align.models.generation.merged_adapter).
+2. greedy generation of the summary (128 held-out prompts, 96 new tokens) three ways: model.generate over the
+   prompts in their order with the adapter unmerged (the summary before issue 19), the same merged
+   (align.models.generation.merged_adapter), and what align.evaluation.generate does now: merged, prompts batched
+   by length, each row dropped at its EOS (align.models.generation.greedy_ids); and the starting model (adapter
+   disabled, as the "before" summary runs) with model.generate against greedy_ids.
 
 Each is timed --repeats times, old and new alternating, on the default model with the given adapter (a trained
 one: merging a zero adapter would change nothing). The JSON has every time, the medians' ratios, how far the
-log-probs of the two paths differ, and how many greedy replies are identical (merging rounds differently, so a
-near-tie may flip).
+log-probs of the two paths differ, and how many greedy replies are identical to the first arm's (merging and
+smaller batches round differently, so a near-tie may flip).
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from align.data.load import load_preferences, load_prompts  # noqa: E402
 from align.errors import cli_main  # noqa: E402
 from align.evaluation.args import EvalArgs  # noqa: E402
-from align.evaluation.generate import generate  # noqa: E402
-from align.evaluation.logprobs import pair_logps, reply_logps  # noqa: E402
+from align.evaluation.generate import generate, settings_for  # noqa: E402
+from align.evaluation.logprobs import left_pad, pair_logps, reply_logps  # noqa: E402
 from align.evaluation.policy import Policy  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
-from align.models.generation import merged_adapter  # noqa: E402
+from align.models.generation import generate_ids, merged_adapter  # noqa: E402
 from align.models.loading import cpu_description, load_trained  # noqa: E402
 
 
@@ -38,6 +41,26 @@ def timed(fn):
     started = time.perf_counter()
     out = fn()
     return time.perf_counter() - started, out
+
+
+def generate_in_order(policy: Policy, prompts: list, cfg: EvalArgs) -> list[tuple[str, int]]:
+    """(reply, new tokens before EOS) per prompt the way the summary generated before issue 19: model.generate on
+    batches of cfg.generate_batch_size prompts in their order, every row run until the batch's last one ends."""
+    from align.ops.responses import truncate_after_eos
+
+    tokenizer, gen_config = policy.tokenizer, settings_for("greedy", cfg).generation_config(policy.tokenizer)
+    out = []
+    for start in range(0, len(prompts), cfg.generate_batch_size):
+        prefixes = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                              add_special_tokens=False)["input_ids"] for p in prompts[start : start + cfg.generate_batch_size]]
+        ids, mask = left_pad(prefixes, tokenizer.pad_token_id)
+        sequences = generate_ids(policy.model, ids, mask, generation_config=gen_config)
+        responses, response_mask, _, contains_eos = truncate_after_eos(sequences[:, ids.shape[1] :], tokenizer.eos_token_id,
+                                                                       tokenizer.pad_token_id)
+        for row in range(len(prefixes)):
+            n = int(response_mask[row].sum()) - int(contains_eos[row])
+            out.append((tokenizer.decode(responses[row, :n].tolist(), skip_special_tokens=True), n))
+    return out
 
 
 @cli_main
@@ -62,36 +85,57 @@ def main() -> None:
     cfg = EvalArgs(max_new_tokens=args.max_new_tokens, batch_size=16, modes=["greedy"])
     policy = Policy(model=model, tokenizer=tokenizer, kind="model", path=args.adapter)
 
-    times: dict[str, list[float]] = {"logps_twice": [], "logps_pair": [], "generate_unmerged": [], "generate_merged": []}
+    def merged(fn):
+        with merged_adapter(model):
+            return fn()
+
+    def starting_model(fn):
+        with model.disable_adapter():
+            return fn()
+
+    now = lambda: [(g.reply, g.length_tokens) for g in generate(policy, prompts, "greedy", cfg)]  # noqa: E731
+    before = lambda: generate_in_order(policy, prompts, cfg)  # noqa: E731
+    arms = {  # name: what it runs; generation arms return (reply, new tokens) per prompt
+        "logps_twice": lambda: (reply_logps(model, tokenizer, prompts_p, chosen, 16),
+                                reply_logps(model, tokenizer, prompts_p, rejected, 16)),
+        "logps_pair": lambda: pair_logps(model, tokenizer, prompts_p, chosen, rejected, 16),
+        "generate_unmerged": before,
+        "generate_merged": lambda: merged(before),
+        "generate_merged_pruned": lambda: merged(now),
+        "start_generate": lambda: starting_model(before),
+        "start_generate_pruned": lambda: starting_model(now),
+    }
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    outputs: dict = {}
     with torch.no_grad():
         for _ in range(args.repeats):
-            t, old = timed(lambda: (reply_logps(model, tokenizer, prompts_p, chosen, 16),
-                                    reply_logps(model, tokenizer, prompts_p, rejected, 16)))
-            times["logps_twice"].append(t)
-            t, new = timed(lambda: pair_logps(model, tokenizer, prompts_p, chosen, rejected, 16))
-            times["logps_pair"].append(t)
-            t, unmerged = timed(lambda: generate(policy, prompts, "greedy", cfg))
-            times["generate_unmerged"].append(t)
-
-            def merged_run():
-                with merged_adapter(model):
-                    return generate(policy, prompts, "greedy", cfg)
-
-            t, merged = timed(merged_run)
-            times["generate_merged"].append(t)
+            for name, fn in arms.items():
+                t, outputs[name] = timed(fn)
+                times[name].append(t)
     with merged_adapter(model):
         did_merge = any(getattr(m, "merged", False) for m in model.modules())
+    old, new = outputs["logps_twice"], outputs["logps_pair"]
     logp_diff = max(abs(a[0] - b[0]) for side in (0, 1) for a, b in zip(old[side], new[side]))
     median = {k: round(statistics.median(v), 2) for k, v in times.items()}
+
+    def same(a: str, b: str) -> int:
+        return sum(x[0] == y[0] for x, y in zip(outputs[a], outputs[b]))
+
     result = {
         "cpu": cpu_description(), "threads": args.threads, "adapter": args.adapter, "pairs": len(pairs),
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "merged": did_merge,
         "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()}, "median_seconds": median,
         "logps_speedup": round(median["logps_twice"] / median["logps_pair"], 2),
-        "generate_speedup": round(median["generate_unmerged"] / median["generate_merged"], 2),
-        "new_tokens_unmerged": sum(g.length_tokens for g in unmerged), "new_tokens_merged": sum(g.length_tokens for g in merged),
+        "generate_speedup_merge": round(median["generate_unmerged"] / median["generate_merged"], 2),
+        "generate_speedup_pruning": round(median["generate_merged"] / median["generate_merged_pruned"], 2),
+        "generate_speedup_total": round(median["generate_unmerged"] / median["generate_merged_pruned"], 2),
+        "start_generate_speedup_pruning": round(median["start_generate"] / median["start_generate_pruned"], 2),
+        "new_tokens": {k: sum(n for _, n in outputs[k]) for k in arms if k.startswith(("generate", "start"))},
         "max_logp_difference_nats": round(logp_diff, 5),
-        "identical_replies": sum(a.reply == b.reply for a, b in zip(unmerged, merged)),
+        "identical_replies": {"merged_vs_unmerged": same("generate_merged", "generate_unmerged"),
+                              "merged_pruned_vs_unmerged": same("generate_merged_pruned", "generate_unmerged"),
+                              "merged_pruned_vs_merged": same("generate_merged_pruned", "generate_merged"),
+                              "start_pruned_vs_generate": same("start_generate_pruned", "start_generate")},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from align.log import get_logger
-from align.models.generation import generate_ids
+from align.models.generation import generate_ids, greedy_ids, virtual_token_method
 from align.records import Message
 from align.evaluation.args import EvalArgs
 from align.evaluation.logprobs import left_pad, last_token_logps
@@ -90,49 +90,62 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
     'sample', scored in chunks of cfg.batch_size rows.
 
     Batch i of mode 'sample' is drawn after torch.manual_seed(cfg.seed + i), so the same settings (seed,
-    generation batch size, prompt order) give the same replies.
+    generation batch size, prompt order) give the same replies. Plain greedy decoding (one beam, no repetition
+    controls) batches the prompts by length and stops computing each row at its EOS (`greedy_ids`); the replies come
+    back in the prompts' order.
     """
     from align.ops.kl import token_kl
     from align.ops.responses import truncate_after_eos
 
     model, tokenizer = policy.model, policy.tokenizer
     device = next(model.parameters()).device
-    gen_config = settings_for(mode, cfg).generation_config(tokenizer)
+    settings = settings_for(mode, cfg)
+    gen_config = settings.generation_config(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    results: list[Generation] = []
+    encoded = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for p in prompts]
+    # Plain greedy decoding runs prompts of similar length together (less padding) and drops each row once it ends
+    # (greedy_ids); its replies do not depend on the batching. Sampling keeps the given order: its batches are seeded.
+    plain_greedy = (settings.mode == "greedy" and (settings.num_beams or 1) == 1 and settings.repetition_penalty == 1.0
+                    and settings.no_repeat_ngram_size == 0 and virtual_token_method(model) is None)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i])) if plain_greedy else list(range(len(prompts)))
+    results: list[Generation | None] = [None] * len(prompts)
+    done = 0
     start_time = time.time()
     for batch_index, start in enumerate(range(0, len(prompts), cfg.generate_batch_size)):
-        batch = prompts[start : start + cfg.generate_batch_size]
-        prefixes = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                              add_special_tokens=False)["input_ids"] for p in batch]
-        ids, mask = left_pad(prefixes, pad)
+        indices = order[start : start + cfg.generate_batch_size]
+        ids, mask = left_pad([encoded[i] for i in indices], pad)
         ids, mask = ids.to(device), mask.to(device)
         seed = cfg.seed + batch_index if mode == "sample" else None
         if seed is not None:
             torch.manual_seed(seed)
-        sequences = generate_ids(model, ids, mask, generation_config=gen_config)
+        if plain_greedy:
+            sequences = greedy_ids(model, ids, mask, settings.max_new_tokens, eos, pad)
+        else:
+            sequences = generate_ids(model, ids, mask, generation_config=gen_config)
         responses, response_mask, _, contains_eos = truncate_after_eos(sequences[:, ids.shape[1] :], eos, pad)
-        kl_k1 = kl_k3 = [None] * len(batch)
+        kl_k1 = kl_k3 = [None] * len(indices)
         if mode == "sample" and policy.has_reference:
             if policy.is_own_reference:
-                kl_k1 = kl_k3 = [0.0] * len(batch)  # the policy is its reference: KL is exactly 0
+                kl_k1 = kl_k3 = [0.0] * len(indices)  # the policy is its reference: KL is exactly 0
             else:
                 full_ids = torch.cat([ids, responses], dim=1)
                 full_mask = torch.cat([mask, response_mask.long()], dim=1)
                 n = responses.shape[1]
                 kl_k1, kl_k3 = [], []
-                for rows in torch.arange(len(batch)).split(cfg.batch_size):  # logits are rows x n x vocab
+                for rows in torch.arange(len(indices)).split(cfg.batch_size):  # logits are rows x n x vocab
                     logps = last_token_logps(model, full_ids[rows], full_mask[rows], n, cfg.temperature)
                     with reference_of(policy) as reference:
                         ref_logps = last_token_logps(reference, full_ids[rows], full_mask[rows], n, cfg.temperature)
                     kl_k1 += token_kl(logps, ref_logps, response_mask[rows], "k1").sum(-1).tolist()
                     kl_k3 += token_kl(logps, ref_logps, response_mask[rows], "k3").sum(-1).tolist()
-        for row in range(len(batch)):
+        for row, i in enumerate(indices):
             n_tokens = int(response_mask[row].sum()) - int(contains_eos[row])
             text = tokenizer.decode(responses[row, :n_tokens].tolist(), skip_special_tokens=True)
-            results.append(Generation(text, n_tokens, bool(contains_eos[row]), seed, kl_k1[row], kl_k3[row]))
+            results[i] = Generation(text, n_tokens, bool(contains_eos[row]), seed, kl_k1[row], kl_k3[row])
+        done += len(indices)
         if log:
-            log(f"generate {mode}: {len(results)}/{len(prompts)} prompts, {time.time() - start_time:.1f} s")
+            log(f"generate {mode}: {done}/{len(prompts)} prompts, {time.time() - start_time:.1f} s")
     return results
 
 
