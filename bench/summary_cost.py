@@ -7,8 +7,11 @@
 2. greedy generation of the summary (128 held-out prompts, 96 new tokens) three ways: model.generate over the
    prompts in their order with the adapter unmerged (the summary before issue 19), the same merged
    (align.models.generation.merged_adapter), and what align.evaluation.generate does now: merged, prompts batched
-   by length, each row dropped at its EOS (align.models.generation.greedy_ids); and the starting model (adapter
-   disabled, as the "before" summary runs) with model.generate against greedy_ids.
+   by length, each row dropped at its EOS (align.models.generation.decode_ids); and the starting model (adapter
+   disabled, as the "before" summary runs) with model.generate against decode_ids;
+3. PPO's rollout sampling at its defaults (8 prompts a batch, 64 new tokens, temperature 0.7, the per-row
+   GumbelSampler; the starting model, as PPO from the plain model): model.generate with the sampler as its logits
+   processor (align.rl.ppo before issue 19) against decode_ids with its per-row pick (now): the same draws.
 
 Each is timed --repeats times, old and new alternating, on the default model with the given adapter (a trained
 one: merging a zero adapter would change nothing). The JSON has every time, the medians' ratios, how far the
@@ -33,7 +36,7 @@ from align.evaluation.generate import generate, settings_for  # noqa: E402
 from align.evaluation.logprobs import left_pad, pair_logps, reply_logps  # noqa: E402
 from align.evaluation.policy import Policy  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
-from align.models.generation import generate_ids, merged_adapter  # noqa: E402
+from align.models.generation import decode_ids, generate_ids, merged_adapter  # noqa: E402
 from align.models.loading import cpu_description, load_trained  # noqa: E402
 
 
@@ -105,6 +108,34 @@ def main() -> None:
         "start_generate": lambda: starting_model(before),
         "start_generate_pruned": lambda: starting_model(now),
     }
+    def rollouts(pruned: bool) -> list[tuple[str, int]]:
+        """PPO's sampling of every prompt, in batches of 8: (reply, new tokens before EOS)."""
+        from transformers import LogitsProcessorList
+
+        from align.ops.responses import truncate_after_eos
+        from align.rl.ppo.rollout import GumbelSampler, row_seed
+
+        out = []
+        for start in range(0, len(prompts), 8):
+            prefixes = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                                  add_special_tokens=False)["input_ids"] for p in prompts[start : start + 8]]
+            ids, mask = left_pad(prefixes, tokenizer.pad_token_id)
+            sampler = GumbelSampler([row_seed(0, 0, start + i) for i in range(len(prefixes))], 0.7)
+            if pruned:
+                sequences = decode_ids(model, ids, mask, 64, tokenizer.eos_token_id, tokenizer.pad_token_id, pick=sampler.pick)
+            else:
+                sequences = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0,
+                                           top_p=1.0, max_new_tokens=64, eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([sampler]))
+            responses, response_mask, _, eos = truncate_after_eos(sequences[:, ids.shape[1] :], tokenizer.eos_token_id,
+                                                                  tokenizer.pad_token_id)
+            for row in range(len(prefixes)):
+                n = int(response_mask[row].sum()) - int(eos[row])
+                out.append((tokenizer.decode(responses[row, :n].tolist(), skip_special_tokens=True), n))
+        return out
+
+    arms["rollout_generate"] = lambda: starting_model(lambda: rollouts(False))
+    arms["rollout_pruned"] = lambda: starting_model(lambda: rollouts(True))
     times: dict[str, list[float]] = {name: [] for name in arms}
     outputs: dict = {}
     with torch.no_grad():
@@ -130,12 +161,14 @@ def main() -> None:
         "generate_speedup_pruning": round(median["generate_merged"] / median["generate_merged_pruned"], 2),
         "generate_speedup_total": round(median["generate_unmerged"] / median["generate_merged_pruned"], 2),
         "start_generate_speedup_pruning": round(median["start_generate"] / median["start_generate_pruned"], 2),
-        "new_tokens": {k: sum(n for _, n in outputs[k]) for k in arms if k.startswith(("generate", "start"))},
+        "rollout_speedup_pruning": round(median["rollout_generate"] / median["rollout_pruned"], 2),
+        "new_tokens": {k: sum(n for _, n in outputs[k]) for k in arms if k.startswith(("generate", "start", "rollout"))},
         "max_logp_difference_nats": round(logp_diff, 5),
         "identical_replies": {"merged_vs_unmerged": same("generate_merged", "generate_unmerged"),
                               "merged_pruned_vs_unmerged": same("generate_merged_pruned", "generate_unmerged"),
                               "merged_pruned_vs_merged": same("generate_merged_pruned", "generate_merged"),
-                              "start_pruned_vs_generate": same("start_generate_pruned", "start_generate")},
+                              "start_pruned_vs_generate": same("start_generate_pruned", "start_generate"),
+                              "rollout_pruned_vs_generate": same("rollout_pruned", "rollout_generate")},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

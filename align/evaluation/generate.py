@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from align.log import get_logger
-from align.models.generation import generate_ids, greedy_ids, virtual_token_method
+from align.models.generation import decode_ids, decodes_alone, generate_ids
 from align.records import Message
 from align.evaluation.args import EvalArgs
 from align.evaluation.logprobs import left_pad, last_token_logps
@@ -91,7 +91,7 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
 
     Batch i of mode 'sample' is drawn after torch.manual_seed(cfg.seed + i), so the same settings (seed,
     generation batch size, prompt order) give the same replies. Plain greedy decoding (one beam, no repetition
-    controls) batches the prompts by length and stops computing each row at its EOS (`greedy_ids`); the replies come
+    controls) batches the prompts by length and stops computing each row at its EOS (`decode_ids`); the replies come
     back in the prompts' order.
     """
     from align.ops.kl import token_kl
@@ -105,9 +105,9 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
     encoded = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for p in prompts]
     # Plain greedy decoding runs prompts of similar length together (less padding) and drops each row once it ends
-    # (greedy_ids); its replies do not depend on the batching. Sampling keeps the given order: its batches are seeded.
+    # (decode_ids); its replies do not depend on the batching. Sampling keeps the given order: its batches are seeded.
     plain_greedy = (settings.mode == "greedy" and (settings.num_beams or 1) == 1 and settings.repetition_penalty == 1.0
-                    and settings.no_repeat_ngram_size == 0 and virtual_token_method(model) is None)
+                    and settings.no_repeat_ngram_size == 0 and decodes_alone(model))
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i])) if plain_greedy else list(range(len(prompts)))
     results: list[Generation | None] = [None] * len(prompts)
     done = 0
@@ -120,7 +120,7 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
         if seed is not None:
             torch.manual_seed(seed)
         if plain_greedy:
-            sequences = greedy_ids(model, ids, mask, settings.max_new_tokens, eos, pad)
+            sequences = decode_ids(model, ids, mask, settings.max_new_tokens, eos, pad)
         else:
             sequences = generate_ids(model, ids, mask, generation_config=gen_config)
         responses, response_mask, _, contains_eos = truncate_after_eos(sequences[:, ids.shape[1] :], eos, pad)

@@ -18,6 +18,8 @@ that peft's own generate still differs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -57,18 +59,33 @@ def generate_ids(model, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> 
     return sequences[:, n_virtual:]
 
 
+def decodes_alone(model) -> bool:
+    """Whether `decode_ids` can run `model`: no virtual-token adapter (those need `generate_ids`) and no weights
+    sharded over processes (DeepSpeed ZeRO-3, FSDP: every process must run as many forward passes as the others,
+    which model.generate keeps with synced_gpus and decode_ids, stopping when its own rows end, would not)."""
+    import torch.distributed as dist
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    sharded = (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)) and dist.is_available() \
+        and dist.is_initialized() and dist.get_world_size() > 1
+    return virtual_token_method(model) is None and not sharded
+
+
 @torch.no_grad()
-def greedy_ids(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, eos_token_id: int,
-               pad_token_id: int) -> Tensor:
-    """Greedy decoding that stops computing a row once it has written EOS: the same ids as
-    `model.generate(do_sample=False, num_beams=1)` with no logits processors, up to float rounding of the smaller
-    batches, and each decode step runs only the rows still writing (generate runs every row until the last one ends;
-    on the default model ~1/4 of a trained policy's row-steps come after its EOS). Not for virtual-token adapters
-    (their tokens go in front of every call: `generate_ids`).
+def decode_ids(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, eos_token_id: int,
+               pad_token_id: int, pick: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """Decoding that stops computing a row once it has written EOS: each step runs only the rows still writing
+    (model.generate runs every row until the last one ends; on the default model ~1/4 of a trained policy's
+    row-steps come after its EOS). With the default `pick` (argmax) the ids are `model.generate(do_sample=False,
+    num_beams=1)`'s with no logits processors, up to float rounding of the smaller batches; a sampler whose draws are
+    per row (align.rl.ppo.rollout.GumbelSampler.pick) gives what generate gives with it as its logits processor. Not
+    for virtual-token adapters or weights sharded over processes (`decodes_alone`).
 
     Args:
         input_ids: (batch, prompt_len) left-padded prompts.
         attention_mask: (batch, prompt_len), 1 on real tokens.
+        pick: (logits (rows, vocab) float32, rows (rows,) indices into the batch) -> (rows,) next tokens.
 
     Returns:
         (batch, prompt_len + n) int64, n <= max_new_tokens the longest reply: each row's prompt, its reply up to and
@@ -76,8 +93,9 @@ def greedy_ids(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens:
     """
     from align.evaluation.logprobs import left_padded_positions
 
-    if virtual_token_method(model) is not None:
-        raise ValueError("greedy_ids: a virtual-token adapter needs generate_ids")
+    if not decodes_alone(model):
+        raise ValueError("decode_ids: a virtual-token adapter or sharded weights need generate_ids (see decodes_alone)")
+    pick = pick or (lambda logits, rows: logits.argmax(-1))
     batch, device = input_ids.shape[0], input_ids.device
     new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=left_padded_positions(attention_mask),
@@ -87,7 +105,7 @@ def greedy_ids(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens:
     rows = torch.arange(batch, device=device)  # the rows still writing, as indices into the batch
     written = 0
     for step in range(max_new_tokens):
-        token = out.logits[:, -1].float().argmax(-1)  # (rows,)
+        token = pick(out.logits[:, -1].float(), rows)  # (rows,)
         new[rows, step] = token
         written = step + 1
         going = token != eos_token_id

@@ -48,7 +48,9 @@ Each update (PPOTrainer.run_update) runs five phases; the math is a call into th
 Sampling. Each response is a function of (seed, update, its index in the global batch) alone:
 `GumbelSampler` draws every row's next token as argmax(logits / T + Gumbel noise) with that row's own
 generator, which samples exactly from softmax(logits / T) (the Gumbel-max trick). A batch split across
-two processes therefore samples the same tokens as one process, and resuming needs no sampler state.
+two processes therefore samples the same tokens as one process, and resuming needs no sampler state. A row
+stops computing once it has written EOS (align.models.generation.decode_ids; only its own generator advances, so
+its draws are the ones model.generate would make with the sampler as its logits processor).
 
 Several processes (`accelerate launch --multi_gpu --num_processes N`, gloo on CPU). Each process rolls out
 rollout_batch_size / N prompts. Advantages are whitened over the global batch (all_gather); minibatches

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from align.errors import AlignError
+from align.models.generation import decode_ids, decodes_alone
 from align.models.loading import eval_mode
 from align.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from align.ops.responses import truncate_after_eos
@@ -48,11 +49,16 @@ class GumbelSampler:
         # CPU generators: the draws do not depend on the device the model runs on
         self.generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+    def pick(self, scores: Tensor, rows: Tensor) -> Tensor:
+        """(len(rows),) tokens drawn for the given rows of the batch (scores: (len(rows), vocab)); only those rows'
+        generators advance, so a row's draws do not depend on which others are still writing."""
         vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
+        uniform = torch.stack([torch.rand(vocab, generator=self.generators[int(r)], dtype=torch.float64) for r in rows])
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300))).to(scores.device)
-        choice = (scores.double() / self.temperature + gumbel).argmax(-1)
+        return (scores.double() / self.temperature + gumbel).argmax(-1)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        choice = self.pick(scores, torch.arange(len(self.generators)))
         out = torch.full_like(scores, -math.inf)
         out.scatter_(-1, choice[:, None], 0.0)
         return out
@@ -98,8 +104,12 @@ def sample_responses(models: PPOModels, records: Sequence[PromptRecord], seeds: 
     )
     sampler = GumbelSampler(seeds, temperature)
     with models.phase(POLICY), eval_mode(models.model):
-        sequences = models.model.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
-                                          logits_processor=LogitsProcessorList([sampler]))
+        if decodes_alone(models.model):  # rows stop computing at their EOS; the same draws as generate's
+            sequences = decode_ids(models.model, query, query_mask, max_new_tokens, tokenizer.eos_token_id,
+                                   tokenizer.pad_token_id, pick=sampler.pick)
+        else:
+            sequences = models.model.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
+                                              logits_processor=LogitsProcessorList([sampler]))
     responses = sequences[:, query.shape[1]:]
     responses, response_mask, _, contains_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return query, query_mask, responses, response_mask, contains_eos

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from align.models.generation import generate_ids, virtual_token_method
 from align.models.loading import ModelArgs, load_model
@@ -145,33 +146,38 @@ def test_merged_adapter_leaves_alone_what_it_cannot_merge_exactly(tiny_model_dir
     assert merged_weights_are_exact(lora)  # unmerged again: it can merge next time
 
 
-def test_greedy_ids_is_generate_with_ended_rows_dropped(tiny_model_dir, one_thread):
-    """greedy_ids stops computing a row at its EOS and returns what model.generate(do_sample=False) returns: the
-    same ids, EOS kept, pad after it, the width of the longest reply. The EOS is a token some rows write early and
-    others never, so rows are dropped from the batch and its cache mid-way."""
+@pytest.mark.parametrize("sampled", [False, True])
+def test_decode_ids_is_generate_with_ended_rows_dropped(tiny_model_dir, one_thread, sampled):
+    """decode_ids stops computing a row at its EOS and returns what model.generate returns: the same ids, EOS kept,
+    pad after it, the width of the longest reply; greedy (argmax), and sampled with PPO's per-row GumbelSampler
+    (generate with it as a logits processor). The EOS is a token some rows write at step 2 or later and others never,
+    so rows leave the batch and its cache mid-way."""
     from align.evaluation.logprobs import left_pad
-    from align.models.generation import greedy_ids
+    from align.models.generation import decode_ids
+    from align.rl.ppo.rollout import GumbelSampler
 
     model, tokenizer = _trained_looking(tiny_model_dir, "lora")
     texts = ["hello there world, and more", "a", "the quick brown fox jumps", "one two", "numbers 1 2 3 4 5 6 7", "why"]
     ids, mask = left_pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
-    n = 12
+    n, seeds = 12, [11, 12, 13, 14, 15, 16]
+    sampler = (lambda: GumbelSampler(seeds, temperature=0.8)) if sampled else (lambda: None)
 
     def reference(eos):
+        processors = [sampler()] if sampled else []
         with torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, num_beams=1,
-                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=sampled, num_beams=1,
+                                  top_k=0, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                  logits_processor=LogitsProcessorList(processors))
 
     free = reference(None)[:, ids.shape[1] :]  # no EOS: every row runs to n tokens
-    # an EOS that some row writes at step 2 or later while another row never writes it
     eos = next(int(t) for t in free[:, 2:].flatten().unique()
                if (free == t).any(-1).sum() < len(texts) and (free[:, :2] != t).all())
     expected = reference(eos)
-    got = greedy_ids(model, ids, mask, n, eos, tokenizer.pad_token_id)
+    pick = sampler().pick if sampled else None
+    got = decode_ids(model, ids, mask, n, eos, tokenizer.pad_token_id, pick=pick)
     assert torch.equal(got, expected)
     ended = (got[:, ids.shape[1] :] == eos).any(-1)
     assert ended.any() and not ended.all()  # rows were dropped and others went on
-    # every row whose reply ended has only pad after its EOS
-    for row in torch.nonzero(ended).flatten().tolist():
+    for row in torch.nonzero(ended).flatten().tolist():  # only pad after an EOS
         reply = got[row, ids.shape[1] :].tolist()
         assert set(reply[reply.index(eos) + 1 :]) <= {tokenizer.pad_token_id}
