@@ -322,3 +322,23 @@ def test_recipe_loss_weights_reach_the_loss(tiny_model_dir, tmp_path):
     assert losses["1.0,0.0"] == pytest.approx(torch.tensor(2.0).log().item(), abs=1e-6)
     assert losses["0.0,1.0"] > 1.0  # an untrained tiny model's NLL per token of the chosen reply
     assert losses["1.0,1.0"] == pytest.approx(losses["1.0,0.0"] + losses["0.0,1.0"], rel=1e-5)
+
+
+def test_cpu_default_weighs_the_dpo_term_a_quarter(monkeypatch):
+    """loss_weights none with the default sigmoid,sft becomes 0.25,1.0 on a CPU (the short run's measured best),
+    and stays as given for other loss types, given weights, or a GPU."""
+    from align.config import build_config
+
+    recipe = _recipe()
+
+    def resolved(on_gpu=False, **fields):
+        monkeypatch.setattr(recipe, "on_gpu", lambda: on_gpu)
+        cfg = build_config(recipe.DPOArgs, fields)
+        recipe.default_loss_weights(cfg)
+        return cfg.loss_weights
+
+    assert resolved() == [0.25, 1.0] == list(recipe.CPU_LOSS_WEIGHTS)
+    assert resolved(on_gpu=True) is None
+    assert resolved(loss_type="sigmoid") is None
+    assert resolved(loss_type="ipo,sft") is None
+    assert resolved(loss_weights="1.0,1.0") == [1.0, 1.0]
