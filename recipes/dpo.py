@@ -75,22 +75,21 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
                               f"({','.join(self.loss_type)}), got {len(self.loss_weights)}")
 
 
-def default_loss_weights(cfg: DPOArgs) -> None:
+def default_loss_weights(cfg: DPOArgs) -> list[str]:
     """loss_weights none -> CPU_LOSS_WEIGHTS for the default sigmoid,sft on a CPU (before start_run: config.yaml
-    records what the run used); any other loss_type, given weights or a GPU: left as they are."""
+    records what the run used); any other loss_type, given weights or a GPU: left as they are. Returns the line
+    start_run prints among the hardware defaults, if any."""
     if cfg.loss_weights is None and list(cfg.loss_type) == ["sigmoid", "sft"] and not on_gpu():
         cfg.loss_weights = list(CPU_LOSS_WEIGHTS)
-        if is_main_process():
-            logger.info(f"dpo: loss_weights={','.join(f'{w:g}' for w in cfg.loss_weights)} (CPU: the short run; "
-                        "the DPO term a quarter of the SFT term)")
+        return [f"loss_weights={','.join(f'{w:g}' for w in cfg.loss_weights)} (CPU: the short run, the DPO term a quarter)"]
+    return []
 
 
 @cli_main
 def main() -> None:
     cfg = parse_config(DPOArgs)
     check_peft_supported(cfg, "dpo")
-    default_loss_weights(cfg)
-    start_run(cfg, "dpo", cpu_max_steps=56, learning_rates=LEARNING_RATES)
+    start_run(cfg, "dpo", cpu_max_steps=56, learning_rates=LEARNING_RATES, notes=default_loss_weights(cfg))
     if cfg.max_train_rows is None and cfg.max_steps > 0:  # a short run: one pass over a sample of the rows (train_rows_from)
         cfg.max_train_rows = cfg.max_steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size()
     started = time.time()

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -449,10 +449,11 @@ def set_cpu_threads(requested: int) -> str:
     return f"threads={threads} (cpu_threads auto: {cores} cores, {busy:.1f} busy, {processes} process(es))"
 
 
-def start_run(cfg: Any, stage: str, cpu_max_steps: int, learning_rates: tuple[float, float] | None = None) -> list[str]:
+def start_run(cfg: Any, stage: str, cpu_max_steps: int, learning_rates: tuple[float, float] | None = None,
+              notes: Sequence[str] = ()) -> list[str]:
     """--push_to_hub's target checked; hardware defaults; the output dir claimed (align.runs: an earlier run refused
     or moved aside, --resume's settings checked, the folder locked, the disk checked now, not after an hour);
-    resolved config saved."""
+    resolved config saved. `notes`: the recipe's own defaults it chose, printed with the hardware defaults."""
     from align.io import write_run_info
     from align.runs import claim_output_dir
 
@@ -470,7 +471,7 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int, learning_rates: tuple[fl
     from transformers import set_seed
 
     set_seed(cfg.seed)  # before the model is built: LoRA initialisation follows --seed
-    notes = apply_hardware_defaults(cfg, cpu_max_steps, learning_rates) + [set_cpu_threads(cfg.cpu_threads)]
+    notes = apply_hardware_defaults(cfg, cpu_max_steps, learning_rates) + list(notes) + [set_cpu_threads(cfg.cpu_threads)]
     if is_main_process():
         claimed, extra = claim_output_dir(cfg, cfg.min_free_gb)
         for line in claimed:

@@ -334,7 +334,8 @@ def test_cpu_default_weighs_the_dpo_term_a_quarter(monkeypatch):
     def resolved(on_gpu=False, **fields):
         monkeypatch.setattr(recipe, "on_gpu", lambda: on_gpu)
         cfg = build_config(recipe.DPOArgs, fields)
-        recipe.default_loss_weights(cfg)
+        notes = recipe.default_loss_weights(cfg)
+        assert bool(notes) == (cfg.loss_weights is not None and "loss_weights" not in fields)  # said when chosen
         return cfg.loss_weights
 
     assert resolved() == [0.25, 1.0] == list(recipe.CPU_LOSS_WEIGHTS)
