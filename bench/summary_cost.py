@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--groups", type=lambda v: v.split(","), default=["logps", "generate", "start", "rollout"],
+                        help="comma-separated: which comparisons to run (logps, generate, start, rollout)")
     args = parser.parse_args()
     import torch
 
@@ -136,6 +138,8 @@ def main() -> None:
 
     arms["rollout_generate"] = lambda: starting_model(lambda: rollouts(False))
     arms["rollout_pruned"] = lambda: starting_model(lambda: rollouts(True))
+    groups = set(args.groups)
+    arms = {name: fn for name, fn in arms.items() if name.split("_")[0] in groups}
     times: dict[str, list[float]] = {name: [] for name in arms}
     outputs: dict = {}
     with torch.no_grad():
@@ -145,31 +149,26 @@ def main() -> None:
                 times[name].append(t)
     with merged_adapter(model):
         did_merge = any(getattr(m, "merged", False) for m in model.modules())
-    old, new = outputs["logps_twice"], outputs["logps_pair"]
-    logp_diff = max(abs(a[0] - b[0]) for side in (0, 1) for a, b in zip(old[side], new[side]))
     median = {k: round(statistics.median(v), 2) for k, v in times.items()}
-
-    def same(a: str, b: str) -> int:
-        return sum(x[0] == y[0] for x, y in zip(outputs[a], outputs[b]))
-
+    # (result key, the old arm, the new arm): a speed-up is old / new, measured where both ran
+    comparisons = [("logps_speedup", "logps_twice", "logps_pair"),
+                   ("generate_speedup_merge", "generate_unmerged", "generate_merged"),
+                   ("generate_speedup_pruning", "generate_merged", "generate_merged_pruned"),
+                   ("generate_speedup_total", "generate_unmerged", "generate_merged_pruned"),
+                   ("start_generate_speedup_pruning", "start_generate", "start_generate_pruned"),
+                   ("rollout_speedup_pruning", "rollout_generate", "rollout_pruned")]
     result = {
         "cpu": cpu_description(), "threads": args.threads, "adapter": args.adapter, "pairs": len(pairs),
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "merged": did_merge,
         "seconds": {k: [round(x, 2) for x in v] for k, v in times.items()}, "median_seconds": median,
-        "logps_speedup": round(median["logps_twice"] / median["logps_pair"], 2),
-        "generate_speedup_merge": round(median["generate_unmerged"] / median["generate_merged"], 2),
-        "generate_speedup_pruning": round(median["generate_merged"] / median["generate_merged_pruned"], 2),
-        "generate_speedup_total": round(median["generate_unmerged"] / median["generate_merged_pruned"], 2),
-        "start_generate_speedup_pruning": round(median["start_generate"] / median["start_generate_pruned"], 2),
-        "rollout_speedup_pruning": round(median["rollout_generate"] / median["rollout_pruned"], 2),
-        "new_tokens": {k: sum(n for _, n in outputs[k]) for k in arms if k.startswith(("generate", "start", "rollout"))},
-        "max_logp_difference_nats": round(logp_diff, 5),
-        "identical_replies": {"merged_vs_unmerged": same("generate_merged", "generate_unmerged"),
-                              "merged_pruned_vs_unmerged": same("generate_merged_pruned", "generate_unmerged"),
-                              "merged_pruned_vs_merged": same("generate_merged_pruned", "generate_merged"),
-                              "start_pruned_vs_generate": same("start_generate_pruned", "start_generate"),
-                              "rollout_pruned_vs_generate": same("rollout_pruned", "rollout_generate")},
+        **{key: round(median[old] / median[new], 2) for key, old, new in comparisons if old in median and new in median},
+        "new_tokens": {k: sum(n for _, n in outputs[k]) for k in arms if not k.startswith("logps")},
+        "identical_replies": {f"{new}_vs_{old}": sum(x[0] == y[0] for x, y in zip(outputs[new], outputs[old]))
+                              for _, old, new in comparisons if old in outputs and new in outputs and old != "logps_twice"},
     }
+    if "logps" in groups:
+        old, new = outputs["logps_twice"], outputs["logps_pair"]
+        result["max_logp_difference_nats"] = round(max(abs(a[0] - b[0]) for side in (0, 1) for a, b in zip(old[side], new[side])), 5)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "summary_cost.json", result)

