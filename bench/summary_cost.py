@@ -46,24 +46,31 @@ def timed(fn):
     return time.perf_counter() - started, out
 
 
-def generate_in_order(policy: Policy, prompts: list, cfg: EvalArgs) -> list[tuple[str, int]]:
-    """(reply, new tokens before EOS) per prompt the way the summary generated before issue 19: model.generate on
-    batches of cfg.generate_batch_size prompts in their order, every row run until the batch's last one ends."""
+def replies_in_batches(tokenizer, prompts: list, batch_size: int, run) -> list[tuple[str, int]]:
+    """(reply, new tokens before EOS) per prompt, in their order: batches of batch_size chat-templated, left-padded
+    prompts, each given to run(ids, mask, first prompt's index) -> (rows, prompt + new) ids."""
     from align.ops.responses import truncate_after_eos
 
-    tokenizer, gen_config = policy.tokenizer, settings_for("greedy", cfg).generation_config(policy.tokenizer)
     out = []
-    for start in range(0, len(prompts), cfg.generate_batch_size):
+    for start in range(0, len(prompts), batch_size):
         prefixes = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                              add_special_tokens=False)["input_ids"] for p in prompts[start : start + cfg.generate_batch_size]]
+                              add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
         ids, mask = left_pad(prefixes, tokenizer.pad_token_id)
-        sequences = generate_ids(policy.model, ids, mask, generation_config=gen_config)
+        sequences = run(ids, mask, start)
         responses, response_mask, _, contains_eos = truncate_after_eos(sequences[:, ids.shape[1] :], tokenizer.eos_token_id,
                                                                        tokenizer.pad_token_id)
         for row in range(len(prefixes)):
             n = int(response_mask[row].sum()) - int(contains_eos[row])
             out.append((tokenizer.decode(responses[row, :n].tolist(), skip_special_tokens=True), n))
     return out
+
+
+def generate_in_order(policy: Policy, prompts: list, cfg: EvalArgs) -> list[tuple[str, int]]:
+    """The summary's replies as generated before issue 19: model.generate on batches of cfg.generate_batch_size
+    prompts in their order, every row run until the batch's last one ends."""
+    gen_config = settings_for("greedy", cfg).generation_config(policy.tokenizer)
+    return replies_in_batches(policy.tokenizer, prompts, cfg.generate_batch_size,
+                              lambda ids, mask, _: generate_ids(policy.model, ids, mask, generation_config=gen_config))
 
 
 @cli_main
@@ -114,27 +121,17 @@ def main() -> None:
         """PPO's sampling of every prompt, in batches of 8: (reply, new tokens before EOS)."""
         from transformers import LogitsProcessorList
 
-        from align.ops.responses import truncate_after_eos
         from align.rl.ppo.rollout import GumbelSampler, row_seed
 
-        out = []
-        for start in range(0, len(prompts), 8):
-            prefixes = [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                                  add_special_tokens=False)["input_ids"] for p in prompts[start : start + 8]]
-            ids, mask = left_pad(prefixes, tokenizer.pad_token_id)
-            sampler = GumbelSampler([row_seed(0, 0, start + i) for i in range(len(prefixes))], 0.7)
+        def run(ids, mask, start):
+            sampler = GumbelSampler([row_seed(0, 0, start + i) for i in range(len(ids))], 0.7)
             if pruned:
-                sequences = decode_ids(model, ids, mask, 64, tokenizer.eos_token_id, tokenizer.pad_token_id, pick=sampler.pick)
-            else:
-                sequences = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0,
-                                           top_p=1.0, max_new_tokens=64, eos_token_id=tokenizer.eos_token_id,
-                                           pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([sampler]))
-            responses, response_mask, _, eos = truncate_after_eos(sequences[:, ids.shape[1] :], tokenizer.eos_token_id,
-                                                                  tokenizer.pad_token_id)
-            for row in range(len(prefixes)):
-                n = int(response_mask[row].sum()) - int(eos[row])
-                out.append((tokenizer.decode(responses[row, :n].tolist(), skip_special_tokens=True), n))
-        return out
+                return decode_ids(model, ids, mask, 64, tokenizer.eos_token_id, tokenizer.pad_token_id, pick=sampler.pick)
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                                  max_new_tokens=64, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  logits_processor=LogitsProcessorList([sampler]))
+
+        return replies_in_batches(tokenizer, prompts, 8, run)
 
     arms["rollout_generate"] = lambda: starting_model(lambda: rollouts(False))
     arms["rollout_pruned"] = lambda: starting_model(lambda: rollouts(True))
