@@ -86,7 +86,7 @@ class PlanArgs:
     dtype: Literal["bf16", "fp16", "fp32"] = arg("bf16", "compute dtype of the base and the activations")
     lora_r: int = arg(16, "LoRA rank (the planner models LoRA training; full fine-tuning is not modelled)")
     lora_targets: list[str] = arg(["all-linear"], "LoRA target modules: all-linear, or a list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    lora_dropout: float = arg(0.05, "LoRA dropout (>0 makes every adapted module keep its own copy of its input and a mask; PPO runs without dropout)")
+    lora_dropout: float = arg(0.05, "LoRA dropout (the recipes draw it inside lora_A and save no extra activations for it: align.models.lora_dropout)")
     seq_len: int = arg(1024, "tokens per sequence, padded (PPO: prompt + response)")
     micro_batch: int = arg(1, "rows per forward/backward: sequences (SFT), pairs (reward, DPO) or rollouts (PPO)")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward")
@@ -147,26 +147,24 @@ class Numerics:
     lora_in: int  # bytes per element of the copy of its input that a LoRA module saves
     lora_out: int  # bytes per element of lora_A's output
     lora_in_shared: bool  # True: modules reading the same tensor share it (no cast); False: one copy each
-    mask: int  # bytes per element of a dropout mask
     head: int  # bytes per element of the LM-head matmul (logits tile or PPO logits)
     autocast: bool
 
 
 def numerics(args: PlanArgs) -> Numerics:
     quantized = args.quantization != "none"
-    mask = 1 if args.target == "cuda" else 4  # CUDA keeps a bool mask; the CPU kernel multiplies by a float mask
     if args.dtype == "fp32":
-        return Numerics(act=4, resid=4, lora_in=4, lora_out=4, lora_in_shared=True, mask=mask, head=4, autocast=False)
+        return Numerics(act=4, resid=4, lora_in=4, lora_out=4, lora_in_shared=True, head=4, autocast=False)
     # prepare_model_for_kbit_training casts embeddings, norms and lm_head to fp32: the residual stream is fp32
     resid = 4 if quantized else 2
     if args.stage == "ppo":  # the bf16 model without autocast: fp32 LoRA weights make peft cast each input to fp32
-        return Numerics(act=2, resid=resid, lora_in=4, lora_out=4, lora_in_shared=quantized, mask=mask,
+        return Numerics(act=2, resid=resid, lora_in=4, lora_out=4, lora_in_shared=quantized,
                         head=4 if quantized else 2, autocast=False)
     # TRL with bf16=True: autocast runs every LoRA matmul in bf16 on its own bf16 copy of the input
-    return Numerics(act=2, resid=resid, lora_in=2, lora_out=2, lora_in_shared=False, mask=mask, head=2, autocast=True)
+    return Numerics(act=2, resid=resid, lora_in=2, lora_out=2, lora_in_shared=False, head=2, autocast=True)
 
 
-def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, dropout: float, num: Numerics) -> float:
+def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, num: Numerics) -> float:
     """Bytes autograd saves for one decoder layer per token (LoRA training, frozen base, SDPA attention).
 
     Term by term (h hidden, q = heads*head_dim, kv = kv_heads*head_dim, I intermediate, r LoRA rank):
@@ -175,8 +173,8 @@ def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, dropout
       SwiGLU MLP: gate and up outputs and silu(gate) (3 * act * I)
       each LoRA module: lora_A's output (lora_out * r) and its input: shared by modules that read the same
         tensor when no cast is needed (q/k/v read the normed input, gate/up too, o reads the SDPA output
-        already counted), else one copy per module; with dropout, each module keeps its dropout output and
-        mask instead.
+        already counted), else one copy per module. LoRA dropout adds nothing: the recipes draw it inside
+        lora_A from a seed and save the undropped input (align.models.lora_dropout.fuse_lora_dropout).
     The frozen base projections save no activations (their weight gradient is never needed).
     Checked exactly against autograd's saved tensors on tiny models in tests/unit/test_plan.py.
     """
@@ -187,8 +185,6 @@ def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, dropout
     total += 3 * num.act * I
     shapes = arch.linear_shapes()
     total += sum(num.lora_out * r for _ in targets)
-    if dropout > 0:
-        return total + sum((num.lora_in + num.mask) * shapes[m][0] for m in targets)
     if not num.lora_in_shared:
         return total + sum(num.lora_in * shapes[m][0] for m in targets)
     # shared (no cast: the normed inputs are already fp32): one saved tensor per group of modules that read it
@@ -245,10 +241,10 @@ class Estimate:
         return out
 
 
-def _activations(arch: Arch, args: PlanArgs, num: Numerics, tokens: int, dropout: float) -> tuple[float, float]:
+def _activations(arch: Arch, args: PlanArgs, num: Numerics, tokens: int) -> tuple[float, float]:
     """(training activations, one no-grad forward's working set) in bytes for `tokens` positions."""
     targets = args.target_modules()
-    layer = layer_activation_bytes(arch, targets, args.lora_r, dropout, num) * tokens
+    layer = layer_activation_bytes(arch, targets, args.lora_r, num) * tokens
     final_norm = (4 * arch.hidden + 4) * tokens
     # Backward holds one layer's gradients while its saved tensors are still alive: about one layer more.
     if args.gradient_checkpointing:
@@ -272,7 +268,7 @@ def _generation(arch: Arch, args: PlanArgs, num: Numerics) -> dict[str, float]:
     generated at once, the prefill's no-grad working set and the last-position logits (fp32 in the sampler)."""
     G, T, R = args.ppo_rollout_batch, args.seq_len, args.ppo_response_len
     return {"kv_cache": 2 * arch.layers * arch.kv_heads * arch.head_dim * num.act * G * T,
-            "activations": _activations(arch, args, num, G * (T - R), 0.0)[1],
+            "activations": _activations(arch, args, num, G * (T - R))[1],
             "logits": G * arch.vocab * 4 * 3}
 
 
@@ -348,7 +344,7 @@ def _phase_bytes(arch: Arch, args: PlanArgs, num: Numerics, components: dict[str
     phases: dict[str, dict[str, float]] = {}
     if args.stage in ("sft", "dpo"):
         rows = B * (2 if args.stage == "dpo" else 1)
-        act, no_grad = _activations(arch, args, num, rows * T, args.lora_dropout)
+        act, no_grad = _activations(arch, args, num, rows * T)
         logits = _fused_head_bytes(arch, num, rows * (T - 1), args.target)
         phases["train step"] = {**components, "activations": act, "logits": logits, "transient": dequant}
         if args.stage == "dpo" and args.dpo_reference == "adapter_disabled":
@@ -357,33 +353,33 @@ def _phase_bytes(arch: Arch, args: PlanArgs, num: Numerics, components: dict[str
             notes.append("DPO: chosen and rejected are one concatenated batch of 2 x micro_batch rows")
     elif args.stage == "reward":
         tokens = 2 * B * T
-        act, _ = _activations(arch, args, num, tokens, args.lora_dropout)
+        act, _ = _activations(arch, args, num, tokens)
         score_in = tokens * arch.hidden * num.resid  # the trainable score head saves its input
         phases["train step"] = {**components, "activations": act + score_in, "transient": dequant}
         notes.append("reward: chosen and rejected are one batch of 2 x micro_batch rows; no vocabulary logits")
     elif args.stage == "ppo":
         R = args.ppo_response_len
         # update: policy then critic, each backpropagated on its own; the policy (with logits) is the larger
-        act, _ = _activations(arch, args, num, B * T, 0.0)
+        act, _ = _activations(arch, args, num, B * T)
         chunk = min(B * R, PPO_LOGPROB_CHUNK) * arch.vocab * 4 * 3  # a float32 chunk, its exp and its gradient
         logits = 2 * B * R * arch.vocab * num.head + chunk  # the response logits saved for backward, their gradient
         phases["update"] = {**components, "activations": act, "logits": logits, "transient": dequant}
         phases["generation"] = {**no_grads, **_generation(arch, args, num), "transient": dequant}
         # scoring: old and reference log-probs, values; no grad, ppo_forward_batch rows at a time
         F = args.ppo_forward_batch
-        _, no_grad = _activations(arch, args, num, F * T, 0.0)
+        _, no_grad = _activations(arch, args, num, F * T)
         score_logits = F * R * arch.vocab * num.head + min(F * R, PPO_LOGPROB_CHUNK) * arch.vocab * 4 * 3
         phases["scoring"] = {**no_grads, "activations": no_grad, "logits": score_logits, "transient": dequant}
         notes.append("PPO: one base with policy, critic and reward adapters; value and reward heads")
     else:  # grpo: TRL's GRPOTrainer/RLOOTrainer, one policy adapter; its log-probs use the fused LM head like SFT
-        act, no_grad = _activations(arch, args, num, B * T, args.lora_dropout)
+        act, no_grad = _activations(arch, args, num, B * T)
         logits = _fused_head_bytes(arch, num, B * args.ppo_response_len, args.target)
         phases["train step"] = {**components, "activations": act, "logits": logits, "transient": dequant}
         phases["generation"] = {**no_grads, **_generation(arch, args, num), "transient": dequant}
         if args.grpo_beta > 0:
             phases["reference forward"] = {**no_grads, "activations": no_grad, "logits": logits, "transient": dequant}
         if args.grpo_reward_model:
-            _, scoring = _activations(arch, args, num, args.ppo_forward_batch * T, 0.0)
+            _, scoring = _activations(arch, args, num, args.ppo_forward_batch * T)
             phases["reward scoring"] = {**no_grads, "activations": scoring, "transient": dequant}
             notes.append("GRPO/RLOO: the reward model is a second frozen copy of the base beside the policy")
         notes.append("GRPO/RLOO: one policy adapter, no critic or value head; micro_batch counts replies")

@@ -44,6 +44,7 @@ from align.config import arg
 from align.errors import AlignError, ConfigError
 from align.log import get_logger
 from align.models.lm_head import contiguous_head_input
+from align.models.lora_dropout import fuse_lora_dropout
 
 logger = get_logger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -471,9 +472,18 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = get_peft_model(model, peft_config(args, task))
+        if not _launched_with_sharded_parameters():
+            fuse_lora_dropout(model)  # the same dropout, without a saved copy of each module's input
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def _launched_with_sharded_parameters() -> bool:
+    """accelerate launch with FSDP or DeepSpeed ZeRO-3: parameters are gathered per module and freed after it, a
+    life cycle fuse_lora_dropout's custom autograd function is not tested under; PEFT's dropout is kept there."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
 
 
 def _causal_lm(path: str, **kwargs):

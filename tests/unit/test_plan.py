@@ -14,6 +14,7 @@ import torch
 from align import plan
 from align.errors import AlignError, ConfigError
 from align.models import architecture
+from align.models.lora_dropout import fuse_lora_dropout
 from align.plan import PlanArgs, estimate
 from repo_paths import REPO
 
@@ -86,6 +87,7 @@ def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets
         cfg = LlamaConfig(**{k: v for k, v in TINY_CONFIG.items() if k != "model_type"} | {"num_hidden_layers": layers})
         cfg._attn_implementation = "sdpa"
         model = get_peft_model(LlamaForCausalLM(cfg).to(dtype), LoraConfig(r=8, target_modules=targets, lora_dropout=dropout))
+        fuse_lora_dropout(model)  # as align.models.loading.load_model does
         model.train()
         params = {p.data_ptr() for p in model.parameters()}
         storages: dict[int, int] = {}
@@ -109,20 +111,21 @@ def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets
         (torch.float32, "sft", "all-linear", 0.0),
         (torch.float32, "sft", ["q_proj", "v_proj"], 0.0),
         (torch.float32, "sft", "all-linear", 0.1),
+        (torch.float32, "sft", ["q_proj", "v_proj"], 0.1),
         (torch.bfloat16, "ppo", "all-linear", 0.0),  # the PPO engine: bf16 model, no autocast
     ],
 )
 def test_layer_activations_match_autograd_saved_tensors(dtype, stage, targets, dropout):
     """The per-layer formula equals what autograd really saves (dedup by storage, parameters excluded).
 
-    The CPU dropout kernel keeps a float mask (4 bytes), hence target="cpu".
+    With dropout, the recipes' fused LoRA dropout saves what no dropout saves (align.models.lora_dropout).
     """
     measured = _saved_bytes_per_layer_token(2, 3, dtype=dtype, targets=targets, dropout=dropout)
     args = PlanArgs(stage=stage, dtype="fp32" if dtype == torch.float32 else "bf16", quantization="none",
                     lora_r=8, lora_dropout=dropout, target="cpu",
                     lora_targets=["all-linear"] if targets == "all-linear" else targets)
     arch = architecture.arch_from_config(TINY_CONFIG, "tiny", "test")
-    predicted = plan.layer_activation_bytes(arch, args.target_modules(), 8, dropout, plan.numerics(args))
+    predicted = plan.layer_activation_bytes(arch, args.target_modules(), 8, plan.numerics(args))
     assert predicted == pytest.approx(measured, abs=1e-6)
 
 
@@ -356,3 +359,22 @@ def test_bench_step_runs_every_stage_on_a_tiny_model(tiny_model_dir):
         loss = train_step(bench, model, extras, bench.seq_len, torch.optim.AdamW(params, lr=1e-2))
         assert loss == loss  # finite, not NaN
         assert any(not torch.equal(a, b) for a, b in zip(before, params)), stage
+
+
+def test_scaling_grid_measures_cells_under_the_budget_and_shows_the_prediction_of_the_rest(tiny_model_dir, tmp_path):
+    """bench/scaling.py: a cell within --max_predicted_gb is a real measured step; one above it is not run."""
+    sys.path.insert(0, str(REPO))
+    from bench.harness.planner_check import plan_args_for
+    from bench.scaling import ScalingArgs, cell_setting, main
+
+    grid = ScalingArgs(model=tiny_model_dir, stages=["dpo"], seq_lens=[16], micro_batches=[1, 8])
+    small, large = (estimate(plan_args_for(cell_setting(grid, "dpo", 16, mb))).peak_bytes / 2**30 for mb in (1, 8))
+    assert small < large
+    main(["--out_dir", str(tmp_path), "--model", tiny_model_dir, "--stages", "dpo", "--seq_lens", "16",
+          "--micro_batches", "1,8", "--max_predicted_gb", str((small + large) / 2)])
+    measured, skipped = json.loads((tmp_path / "scaling.json").read_text())["cells"]
+    assert measured["micro_batch"] == 1 and measured["measured_mib"] > 0 and measured["step_s"] > 0
+    assert measured["tokens"] == 2 * 16 and measured["predicted_over_measured"] > 0
+    assert skipped["micro_batch"] == 8 and "skipped" in skipped and "measured_mib" not in skipped
+    table = (tmp_path / "scaling.md").read_text()
+    assert "| 16 | " in table and "not run / " in table and table.count(" tok/s") == 1

@@ -1,0 +1,122 @@
+"""align.models.lora_dropout: PEFT's LoRA dropout inside lora_A, saving no copy of the input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from align.models.lora_dropout import DroppedLoraA, _DroppedLinear, dropout_scale, fuse_lora_dropout
+
+
+def test_the_mask_keeps_one_minus_p_scaled_and_is_the_same_for_the_same_seed():
+    x = torch.ones(64, 256)
+    scale = dropout_scale(x, 0.25, seed=7)
+    assert scale.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert (scale > 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    assert torch.equal(scale, dropout_scale(x, 0.25, seed=7))
+    assert not torch.equal(scale, dropout_scale(x, 0.25, seed=8))
+
+
+def test_gradients_are_those_of_the_dropped_out_matmul():
+    """gradcheck in float64, and the same gradients as autograd through an explicit mask."""
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _DroppedLinear.apply(a, b, 0.3, 11), (x, w))
+
+    h = _DroppedLinear.apply(x, w, 0.3, 11)
+    grad_x, grad_w = torch.autograd.grad(h.square().sum(), (x, w))
+    reference = (x * dropout_scale(x, 0.3, 11)) @ w.T
+    ref_x, ref_w = torch.autograd.grad(reference.square().sum(), (x, w))
+    assert torch.allclose(h, reference) and torch.allclose(grad_x, ref_x) and torch.allclose(grad_w, ref_w)
+
+
+def _tiny_peft(dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=100)
+    config = LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
+    return get_peft_model(LlamaForCausalLM(cfg), config)
+
+
+def test_fusing_keeps_parameters_and_eval_outputs_and_still_drops_out_in_training():
+    model = _tiny_peft(0.2)
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = model.eval()(input_ids=ids).logits
+    assert fuse_lora_dropout(model) == 2 * 7  # every adapted linear of both layers
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(input_ids=ids).logits, before)
+    lora_a = [m for m in model.modules() if isinstance(m, DroppedLoraA)]
+    assert len(lora_a) == 14 and all(m.dropout_p == 0.2 for m in lora_a)
+    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    model.train()
+    torch.manual_seed(1)
+    first = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    again = model(input_ids=ids).logits
+    torch.manual_seed(2)
+    other = model(input_ids=ids).logits
+    assert torch.equal(first, again) and not torch.allclose(first, other) and not torch.allclose(first, before)
+    assert fuse_lora_dropout(model) == 0  # once only
+
+
+def test_a_training_step_matches_peft_dropout_given_the_same_masks(monkeypatch):
+    """With nn.Dropout made to draw the fused module's masks, PEFT's dropout and the fused one give the same
+    loss and the same LoRA gradients."""
+    import align.models.lora_dropout as fused_module
+
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    seeds = iter(range(1000))
+    draws = []  # (seed, mask) in call order: 14 forward draws, then the same 14 again in backward
+
+    def recording_scale(x, p, seed):
+        scale = dropout_scale(x, p, seed)
+        draws.append((seed, scale))
+        return scale
+
+    monkeypatch.setattr(fused_module, "draw_seed", lambda: next(seeds))
+    monkeypatch.setattr(fused_module, "dropout_scale", recording_scale)
+    fused = _tiny_peft(0.2)
+    fuse_lora_dropout(fused)
+    fused_loss = fused.train()(input_ids=ids, labels=ids).loss
+    fused_loss.backward()
+    forward, backward = dict(draws[:14]), dict(draws[14:])
+    assert len(draws) == 28 and forward.keys() == backward.keys()
+    assert all(torch.equal(forward[seed], backward[seed]) for seed in forward)
+
+    plain = _tiny_peft(0.2)
+    replay = iter(forward.values())
+    for module in plain.modules():
+        if isinstance(module, nn.Dropout):
+            module.forward = lambda x: x * next(replay)
+    loss = plain.train()(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert fused_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    fused_grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    assert grads.keys() == fused_grads.keys() and len(grads) == 28
+    for name in grads:
+        assert torch.allclose(grads[name], fused_grads[name], atol=1e-6), name
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    """Checkpointing restores the RNG state before recomputing a layer: the recomputed forward draws the seeds
+    the first forward drew, so the gradients equal those of a run without checkpointing."""
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny_peft(0.3)
+        fuse_lora_dropout(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(5)
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
