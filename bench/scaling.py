@@ -40,6 +40,8 @@ class ScalingArgs:
     micro_batches: list[int] = arg([1, 2, 4, 8], "pairs (DPO, reward), rollouts (PPO) or rows (SFT) per step")
     response_fraction: float = arg(0.25, "PPO: the response's share of each row")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward (the recipes' CPU default is false)")
+    fuse_lora_dropout: bool = arg(True, "LoRA dropout inside lora_A, as the recipes load it (false: PEFT's nn.Dropout, which "
+                                        "saves each module's dropped input and mask; the planner models the fused one)")
     model: str = arg("SmolLM2-135M-Instruct", "model name or directory")
     max_predicted_gb: float = arg(14.0, "do not run cells whose predicted peak (GiB) is above this")
     timeout_s: int = arg(900, "give up on one cell after this many seconds")
@@ -55,7 +57,7 @@ class ScalingArgs:
 def cell_setting(args: ScalingArgs, stage: str, seq_len: int, micro_batch: int) -> StepArgs:
     response = max(1, int(seq_len * args.response_fraction))
     return StepArgs(model=args.model, stage=stage, seq_len=seq_len, micro_batch=micro_batch, ppo_response_len=response,
-                    gradient_checkpointing=args.gradient_checkpointing)
+                    gradient_checkpointing=args.gradient_checkpointing, fuse_lora_dropout=args.fuse_lora_dropout)
 
 
 def measure_cell(args: ScalingArgs, setting: StepArgs) -> dict:

@@ -430,7 +430,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "reward"] = "causal_lm", lora: bool | None = None):
+def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "reward"] = "causal_lm", lora: bool | None = None,
+               fuse_dropout: bool = True):
     """Return a ready (model, tokenizer) for `args`: resolved, dtype-cast, quantized and LoRA-wrapped.
 
     task "reward" gives a sequence-classification model with one output (a scalar reward head).
@@ -438,7 +439,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
     `peft_config`) is trainable.
     lora=False loads the base alone: frozen, for inference, or for adapters the caller attaches (PPO's
     shared base); it may be quantized. Only a config that asks to train a quantized base without LoRA
-    (use_lora false) is refused.
+    (use_lora false) is refused. fuse_dropout=False keeps PEFT's nn.Dropout (bench/scaling.py compares the two).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -472,7 +473,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model = get_peft_model(model, peft_config(args, task))
-        if not _launched_with_sharded_parameters():
+        if fuse_dropout and not _launched_with_sharded_parameters():
             fuse_lora_dropout(model)  # the same dropout, without a saved copy of each module's input
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

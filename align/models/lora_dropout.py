@@ -71,7 +71,7 @@ class DroppedLoraA(nn.Linear):
     dropout_p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.dropout_p > 0 and torch.is_grad_enabled()):
+        if not (self.training and self.dropout_p > 0):  # like nn.Dropout: on in training mode, with or without grad
             return super().forward(x)
         device = x.device.type
         if torch.is_autocast_enabled(device):

@@ -48,6 +48,7 @@ class StepArgs:
     gradient_checkpointing: bool = arg(False, "recompute activations in backward")
     dpo_reference: Literal["precomputed", "adapter_disabled"] = arg("precomputed", "DPO reference log-probs")
     ppo_response_len: int = arg(64, "PPO: response tokens at the end of each row")
+    fuse_lora_dropout: bool = arg(True, "LoRA dropout inside lora_A as the recipes load it (false: PEFT's nn.Dropout)")
     device: Literal["cpu", "cuda"] = arg("cpu", "where to run")
     threads: int = arg(2, "CPU threads")
     out: str | None = arg(None, "write the result as JSON here (else print it)")
@@ -79,7 +80,7 @@ def build(bench: StepArgs):
         gradient_checkpointing=bench.gradient_checkpointing,
     )
     task = "reward" if bench.stage == "reward" else "causal_lm"
-    model, tokenizer = load_model(margs, task=task)
+    model, tokenizer = load_model(margs, task=task, fuse_dropout=bench.fuse_lora_dropout)
     extras = {}
     if bench.stage in ("sft", "dpo"):
         from trl.trainer.utils import add_fused_lm_head

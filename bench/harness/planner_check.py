@@ -66,6 +66,8 @@ def describe(bench: StepArgs) -> str:
         parts.append(f"ref={bench.dpo_reference}")
     if bench.stage == "ppo":
         parts.append(f"R={bench.ppo_response_len}")
+    if not bench.fuse_lora_dropout:
+        parts.append("peft-dropout")
     return " ".join(parts)
 
 

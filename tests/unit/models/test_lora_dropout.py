@@ -64,13 +64,21 @@ def test_fusing_keeps_parameters_and_eval_outputs_and_still_drops_out_in_trainin
     assert fuse_lora_dropout(model) == 0  # once only
 
 
-def test_a_training_step_matches_peft_dropout_given_the_same_masks(monkeypatch):
-    """With nn.Dropout made to draw the fused module's masks, PEFT's dropout and the fused one give the same
-    loss and the same LoRA gradients."""
+def _step(model, ids, autocast: bool):
+    """Loss and LoRA gradients of one training forward and backward (bf16 autocast as TRL's bf16=True)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model.train()(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_training_step_matches_peft_dropout_given_the_same_masks(monkeypatch, autocast):
+    """With nn.Dropout made to draw the fused module's masks, PEFT's dropout and the fused one give the same loss
+    and LoRA gradients: exactly in float32; under bf16 autocast both are as far from the float32 step."""
     import align.models.lora_dropout as fused_module
 
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
-    seeds = iter(range(1000))
     draws = []  # (seed, mask) in call order: 14 forward draws, then the same 14 again in backward
 
     def recording_scale(x, p, seed):
@@ -78,29 +86,36 @@ def test_a_training_step_matches_peft_dropout_given_the_same_masks(monkeypatch):
         draws.append((seed, scale))
         return scale
 
+    seeds = iter(range(1000))
     monkeypatch.setattr(fused_module, "draw_seed", lambda: next(seeds))
     monkeypatch.setattr(fused_module, "dropout_scale", recording_scale)
     fused = _tiny_peft(0.2)
     fuse_lora_dropout(fused)
-    fused_loss = fused.train()(input_ids=ids, labels=ids).loss
-    fused_loss.backward()
+    fused_loss, fused_grads = _step(fused, ids, autocast)
     forward, backward = dict(draws[:14]), dict(draws[14:])
     assert len(draws) == 28 and forward.keys() == backward.keys()
     assert all(torch.equal(forward[seed], backward[seed]) for seed in forward)
 
-    plain = _tiny_peft(0.2)
-    replay = iter(forward.values())
-    for module in plain.modules():
-        if isinstance(module, nn.Dropout):
-            module.forward = lambda x: x * next(replay)
-    loss = plain.train()(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert fused_loss.item() == pytest.approx(loss.item(), abs=1e-6)
-    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
-    fused_grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    def plain_step(autocast):
+        plain = _tiny_peft(0.2)
+        replay = iter(forward.values())
+        for module in plain.modules():
+            if isinstance(module, nn.Dropout):
+                module.forward = lambda x: x * next(replay).to(x.dtype)
+        return _step(plain, ids, autocast)
+
+    loss, grads = plain_step(autocast)
     assert grads.keys() == fused_grads.keys() and len(grads) == 28
+    if not autocast:
+        assert fused_loss == pytest.approx(loss, abs=1e-6)
+        for name in grads:
+            assert torch.allclose(grads[name], fused_grads[name], rtol=0.0, atol=1e-6), name
+        return
+    exact_loss, exact = plain_step(False)  # PEFT in float32 with the same masks: what bf16 rounding departs from
+    assert abs(fused_loss - exact_loss) <= 2 * abs(loss - exact_loss) + 1e-3
     for name in grads:
-        assert torch.allclose(grads[name], fused_grads[name], atol=1e-6), name
+        error = {k: ((g[name] - exact[name]).norm() / exact[name].norm()).item() for k, g in (("peft", grads), ("fused", fused_grads))}
+        assert error["fused"] <= 1.5 * error["peft"] + 5e-3, (name, error)
 
 
 def test_gradient_checkpointing_recomputes_the_same_masks():
