@@ -42,7 +42,8 @@ def stage_flops(n_params: int, trained_tokens: int, forward_tokens: int, lora: b
     return per_trained * n_params * trained_tokens + FLOPS_PER_TOKEN["forward"] * n_params * forward_tokens
 
 
-def ppo_phase_flops(n_params: int, n_head: int, prompt_tokens: int, new_tokens: int, ppo_epochs: int) -> dict[str, float]:
+def ppo_phase_flops(n_params: int, n_head: int, prompt_tokens: int, new_tokens: int, ppo_epochs: int,
+                    shared_critic: bool = False) -> dict[str, float]:
     """Model FLOPs of one PPO update's phases (align.rl.ppo: LoRA policy and critic on one frozen base).
 
     n_params is the base's N (`matmul_params`), n_head the LM head's part of it (vocabulary x hidden); the
@@ -54,16 +55,19 @@ def ppo_phase_flops(n_params: int, n_head: int, prompt_tokens: int, new_tokens: 
         generate  2D(P + R) + 2 n_head R                  KV cache: each token through the decoder once
         score     3 x 2D(P + R) + 2 x 2 n_head R          policy, reference, critic (a verifier is free)
         update    ppo_epochs x (4D(P + R) + 4 n_head R  +  4D(P + R))    policy, critic (4: LoRA, see stage_flops)
+    With a shared critic (--critic shared) the values come from the policy's passes: score has 2 decoder passes,
+    update 1.
 
     >>> ppo_phase_flops(1100, 100, prompt_tokens=8, new_tokens=2, ppo_epochs=1)["update"]  # 8*1000*10 + 4*100*2
     80800
     """
     decoder, seq = n_params - n_head, prompt_tokens + new_tokens
     forward, trained = FLOPS_PER_TOKEN["forward"], FLOPS_PER_TOKEN["lora"]
+    passes = 1 if shared_critic else 2  # policy and reference score, (+ critic); the update trains policy (+ critic)
     return {
         "generate": forward * (decoder * seq + n_head * new_tokens),
-        "score": 3 * forward * decoder * seq + 2 * forward * n_head * new_tokens,
-        "update": ppo_epochs * (2 * trained * decoder * seq + trained * n_head * new_tokens),
+        "score": (passes + 1) * forward * decoder * seq + 2 * forward * n_head * new_tokens,
+        "update": ppo_epochs * (passes * trained * decoder * seq + trained * n_head * new_tokens),
     }
 
 

@@ -73,9 +73,9 @@ class PPOSteps:
 
     MEASURED = ("generate", "score", "update")
 
-    def __init__(self, meter: MemoryMeter, device: str, n_params: int, n_head: int, ppo_epochs: int):
+    def __init__(self, meter: MemoryMeter, device: str, n_params: int, n_head: int, ppo_epochs: int, shared_critic: bool = False):
         self.phases = Phases(meter, device)
-        self.n_params, self.n_head, self.ppo_epochs = n_params, n_head, ppo_epochs
+        self.n_params, self.n_head, self.ppo_epochs, self.shared_critic = n_params, n_head, ppo_epochs, shared_critic
         self.steps: list[dict] = []
         self.start = time.perf_counter()  # the end of the previous update's log (the caller resets it before training)
 
@@ -92,7 +92,7 @@ class PPOSteps:
         measured = dict(self.phases.result)
         self.phases.result.clear()  # the next update must report its own
         prompt_tokens, new_tokens = int(rollout.query_mask.sum()), int(rollout.response_mask.sum())
-        flops = ppo_phase_flops(self.n_params, self.n_head, prompt_tokens, new_tokens, self.ppo_epochs)
+        flops = ppo_phase_flops(self.n_params, self.n_head, prompt_tokens, new_tokens, self.ppo_epochs, self.shared_critic)
         step = ppo_step_record(len(self.steps) + 1, time.perf_counter() - self.start, prompt_tokens, new_tokens, self.ppo_epochs, measured, flops, metrics)
         if not self.steps:  # the first rollout's responses, to check that another arm sampled the same ones
             from bench.trl_ppo.settings import response_hashes

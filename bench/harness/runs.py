@@ -172,7 +172,7 @@ def ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir
         prompts = ppo_arm_prompts(cfg, models.tokenizer, spec["steps"])
     n_params = matmul_params(models.model.get_base_model())
     n_head = models.lm_head.weight.numel()
-    recorder = PPOSteps(meter, device, n_params, n_head, cfg.ppo_epochs)
+    recorder = PPOSteps(meter, device, n_params, n_head, cfg.ppo_epochs, shared_critic=cfg.critic == "shared")
     with phases("init"):
         trainer = PPOTrainer(cfg, models, prompts, verifier_reward, verifier_fn=verifier_reward,
                              reward_is_verifier=True, reward_description="verifier", callbacks=[recorder])
@@ -210,7 +210,7 @@ def ppo_arm_prompts(cfg, tokenizer, steps: int) -> list:
 
 def ppo_config_summary(cfg) -> dict:
     return {k: getattr(cfg, k) for k in ("rollout_batch_size", "response_length", "ppo_epochs", "minibatch_size",
-                                         "micro_batch_size", "forward_batch_size", "gradient_checkpointing")}
+                                         "micro_batch_size", "forward_batch_size", "gradient_checkpointing", "critic", "vf_coef")}
 
 
 def grpo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir: str) -> dict:

@@ -28,7 +28,9 @@ align.ops (log-probs, masked statistics, KL estimators, EOS truncation) shared w
 One base, several adapters (the base is the SFT model; 4-bit on a GPU):
     policy      LoRA adapter "policy" and the base's lm_head; trained
     critic      LoRA adapter "critic" and a value head; trained. Initialised from the reward model when the
-                reward model shares the base (same LoRA weights, value head = score head), else fresh
+                reward model shares the base (same LoRA weights, value head = score head), else fresh.
+                With --critic shared there is no critic adapter: a fresh value head reads the policy's last
+                hidden state, and the policy's pass is trained on pg_loss + vf_coef * vf_loss (TRL's design)
     reward      LoRA adapter "reward" and the score head of the reward recipe's output; frozen
     reference   the base with every adapter disabled
 `adapter_phase` is the only way the engine switches between them: inside it exactly one adapter is

@@ -26,11 +26,15 @@ CHECKPOINT_PREFIX = "update-"
 
 
 def export_adapter(models: PPOModels, name: str, directory: Path) -> None:
-    """Adapter `name` as a standard PEFT adapter directory (loads with PeftModel.from_pretrained)."""
+    """Adapter `name` as a standard PEFT adapter directory (loads with PeftModel.from_pretrained); the critic's
+    with value_head.safetensors beside it, or that file alone for a shared critic (no adapter of its own)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    if name == CRITIC and models.shared_critic:
+        save_file(_value_head_state(models), str(directory / "value_head.safetensors"))
+        return
     state = get_peft_model_state_dict(models.model, adapter_name=name)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors"))
     config = copy.deepcopy(models.model.peft_config[name])
@@ -38,8 +42,11 @@ def export_adapter(models: PPOModels, name: str, directory: Path) -> None:
     config.inference_mode = True
     config.save_pretrained(str(directory))
     if name == CRITIC:
-        head = {k: v.detach().contiguous().cpu() for k, v in models.value_head.state_dict().items()}
-        save_file(head, str(directory / "value_head.safetensors"))
+        save_file(_value_head_state(models), str(directory / "value_head.safetensors"))
+
+
+def _value_head_state(models: PPOModels) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in models.value_head.state_dict().items()}
 
 
 def load_adapter_weights(models: PPOModels, name: str, directory: Path) -> None:
@@ -47,8 +54,9 @@ def load_adapter_weights(models: PPOModels, name: str, directory: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    state = load_file(str(directory / "adapter_model.safetensors"), device=str(models.device))
-    set_peft_model_state_dict(models.model, state, adapter_name=name)
+    if not (name == CRITIC and models.shared_critic):
+        state = load_file(str(directory / "adapter_model.safetensors"), device=str(models.device))
+        set_peft_model_state_dict(models.model, state, adapter_name=name)
     if name == CRITIC:
         models.value_head.load_state_dict(load_file(str(directory / "value_head.safetensors"), device=str(models.device)))
 

@@ -49,6 +49,11 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     micro_batch_size: int = arg(4, "rows per forward/backward per process (gradient accumulation fills the minibatch)")
     learning_rate: float = arg(5e-5, "policy adapter learning rate")
     critic_learning_rate: float = arg(2e-4, "critic adapter and value head learning rate")
+    critic: Literal["adapter", "shared"] = arg(
+        "adapter", "adapter: the critic is a LoRA adapter of its own on the shared base (from the reward adapter when there is one), "
+                   "with its own forward and backward; shared: a value head on the policy's last hidden state, scored and trained "
+                   "in the policy's pass (TRL's PPOTrainer): fewer passes, and the value loss (x vf_coef) also trains the policy's adapter")
+    vf_coef: float = arg(0.1, "critic shared: weight of the value loss in the policy's loss (TRL's default)")
     lr_scheduler: Literal["constant", "linear"] = arg("constant", "learning rate over the run: constant, or linear decay to 0")
     max_grad_norm: float = arg(1.0, "gradient clipping norm, applied to the policy and to the critic separately")
     cliprange: float = arg(0.2, "PPO ratio clip epsilon")
@@ -93,6 +98,8 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
             raise ConfigError(f"config: temperature: expected > 0, got {self.temperature}")
         if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError(f"config: kl_target: expected > 0 nats or none, got {self.kl_target}")
+        if self.vf_coef < 0:
+            raise ConfigError(f"config: vf_coef: expected >= 0, got {self.vf_coef}")
         if self.health_window < 2:
             raise ConfigError(f"config: health_window: expected at least 2 updates, got {self.health_window}")
         check_peft_supported(self, "ppo")

@@ -128,10 +128,12 @@ class PPOModels:
     reward_head: nn.Linear | None
     base: BaseInfo
     reward_adapter_dir: str | None = None
+    shared_critic: bool = False  # True: no critic adapter; the value head reads the policy's hidden state (--critic shared)
 
     @property
     def heads(self) -> dict[str, nn.Module]:
-        heads: dict[str, nn.Module] = {CRITIC: self.value_head}
+        """The heads by the phase that trains them: the value head with the critic, or with the policy when shared."""
+        heads: dict[str, nn.Module] = {POLICY if self.shared_critic else CRITIC: self.value_head}
         if self.reward_head is not None:
             heads[REWARD] = self.reward_head
         return heads
@@ -152,6 +154,7 @@ class PPOModels:
         return adapter_phase(self.model, name, trainable=trainable, heads=self.heads)
 
     def params_of(self, name: str) -> list[nn.Parameter]:
+        """Adapter `name`'s parameters; CRITIC's include the value head (the value head alone when shared)."""
         adapters = list(self.model.peft_config)
         params = [p for n, p in self.model.named_parameters() if _adapter_of(n, adapters) == name]
         if name == CRITIC:
@@ -383,16 +386,18 @@ def _add_critic_and_reward(cfg: PPOArgs, model, plan: RewardPlan, device: torch.
         if missing or result.unexpected_keys:
             raise ConfigError(f"reward model {plan.path}: its adapter does not fit this base (missing {missing[:2]}, unexpected {list(result.unexpected_keys)[:2]})")
         reward_head = _linear_head(hidden, head_w, head_b, device)
-        critic_config = copy.deepcopy(reward_config)
-        critic_config.inference_mode = False
-        model.add_adapter(CRITIC, critic_config)
-        set_peft_model_state_dict(model, reward_lora, adapter_name=CRITIC)
-    else:
+        if cfg.critic == "adapter":
+            critic_config = copy.deepcopy(reward_config)
+            critic_config.inference_mode = False
+            model.add_adapter(CRITIC, critic_config)
+            set_peft_model_state_dict(model, reward_lora, adapter_name=CRITIC)
+    elif cfg.critic == "adapter":
         critic_config = lora_config(cfg, "causal_lm")
         critic_config.task_type = None
         critic_config.lora_dropout = 0.0
         model.add_adapter(CRITIC, critic_config)
-    value_head = _linear_head(hidden, head_w, head_b, device)
+    # a shared critic reads the policy's hidden state, not the reward adapter's: its head starts fresh
+    value_head = _linear_head(hidden, head_w, head_b, device) if cfg.critic == "adapter" else _linear_head(hidden, None, None, device)
     models = PPOModels(model=model, tokenizer=None, value_head=value_head, reward_head=reward_head, base=None,
-                       reward_adapter_dir=plan.path if plan.kind == "shared" else None)
+                       reward_adapter_dir=plan.path if plan.kind == "shared" else None, shared_critic=cfg.critic == "shared")
     return models, plan

@@ -165,6 +165,19 @@ def policy_forward(models: PPOModels, rollout: Rollout, rows: Tensor, temperatur
 
     Returns (rows, response_width) log-probs, and per-token entropies when asked.
     """
+    logprobs, entropy, _ = _policy_pass(models, rollout, rows, temperature, with_entropy)
+    return logprobs, entropy
+
+
+def policy_and_values_forward(models: PPOModels, rollout: Rollout, rows: Tensor, temperature: float, with_entropy: bool = False):
+    """--critic shared: one pass of the policy gives its token log-probs (and entropies when asked) and, from the
+    same last hidden state, the values V_t: (rows, response_width) each."""
+    logprobs, entropy, hidden = _policy_pass(models, rollout, rows, temperature, with_entropy)
+    return logprobs, entropy, values_from_hidden(models, hidden)
+
+
+def _policy_pass(models: PPOModels, rollout: Rollout, rows: Tensor, temperature: float, with_entropy: bool):
+    """(log-probs, entropies or None, the response positions' hidden states (rows, response_width, hidden))."""
     ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
     hidden = models.response_hidden(ids, mask, rollout.query.shape[1], rollout.responses.shape[1])
     logits = models.lm_head(hidden)
@@ -173,13 +186,18 @@ def policy_forward(models: PPOModels, rollout: Rollout, rows: Tensor, temperatur
     if with_entropy:
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach(), temperature)
-    return logprobs, entropy
+    return logprobs, entropy, hidden
 
 
 def critic_forward(models: PPOModels, rollout: Rollout, rows: Tensor) -> Tensor:
     """(rows, response_width) value estimates V_t, read where the policy's logits for token t are."""
     ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
     hidden = models.response_hidden(ids, mask, rollout.query.shape[1], rollout.responses.shape[1])
+    return values_from_hidden(models, hidden)
+
+
+def values_from_hidden(models: PPOModels, hidden: Tensor) -> Tensor:
+    """(rows, response_width, hidden) -> (rows, response_width) values from the value head."""
     return models.value_head(hidden.to(models.value_head.weight.dtype)).squeeze(-1)
 
 
@@ -211,15 +229,20 @@ def score_rollout(models: PPOModels, rollout: Rollout, reward_fn: RewardFn, cfg:
     with eval_mode(models.model):
         with models.phase(POLICY):
             for rows in _batches(n, size, models.device):
-                lp, ent = policy_forward(models, rollout, rows, cfg.temperature, with_entropy=True)
+                if models.shared_critic:  # the values come from the policy's own pass
+                    lp, ent, v = policy_and_values_forward(models, rollout, rows, cfg.temperature, with_entropy=True)
+                    values.append(v)
+                else:
+                    lp, ent = policy_forward(models, rollout, rows, cfg.temperature, with_entropy=True)
                 old.append(lp)
                 entropy.append(ent)
         with models.phase(None):
             for rows in _batches(n, size, models.device):
                 ref.append(policy_forward(models, rollout, rows, cfg.temperature)[0])
-        with models.phase(CRITIC):
-            for rows in _batches(n, size, models.device):
-                values.append(critic_forward(models, rollout, rows))
+        if not models.shared_critic:
+            with models.phase(CRITIC):
+                for rows in _batches(n, size, models.device):
+                    values.append(critic_forward(models, rollout, rows))
     rollout.old_logprobs, rollout.ref_logprobs = torch.cat(old), torch.cat(ref)
     rollout.old_values, rollout.entropy = torch.cat(values).float(), torch.cat(entropy)
     raw = torch.tensor(reward_fn(rollout.records, rollout.texts), dtype=torch.float32, device=models.device).reshape(-1)

@@ -34,7 +34,8 @@ from align.rl.ppo.health import HealthStop, health_checks, rollout_metrics
 from align.rl.ppo.heldout import evaluate_heldout, hacking_warning, heldout_line
 from align.rl.ppo.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.ppo.models import PPOModels, _adapter_of
-from align.rl.ppo.rollout import Rollout, critic_forward, decode_responses, policy_forward, row_seed, sample_responses, score_rollout
+from align.rl.ppo.rollout import (Rollout, critic_forward, decode_responses, policy_and_values_forward, policy_forward, row_seed,
+                                  sample_responses, score_rollout)
 from align.trainers.common import NonFiniteError, peak_memory_mb
 from align.trainers.phases import notify, reported_phase
 
@@ -273,19 +274,28 @@ class PPOTrainer:
         mask = rollout.response_mask[rows]
         weight = mask.sum() / minibatch_tokens
         # Each loss is backpropagated inside its own phase, so gradient checkpointing recomputes with the
-        # same adapter active.
+        # same adapter active. A shared critic (--critic shared) is one pass: pg_loss + vf_coef * vf_loss.
         with models.phase(POLICY, trainable=True):
-            logprobs, _ = policy_forward(models, rollout, rows, cfg.temperature)
+            if models.shared_critic:
+                logprobs, _, values = policy_and_values_forward(models, rollout, rows, cfg.temperature)
+            else:
+                logprobs, _ = policy_forward(models, rollout, rows, cfg.temperature)
             pg_loss, pg_stats = losses.policy_loss(logprobs, rollout.old_logprobs[rows], rollout.advantages[rows], mask, cfg.cliprange)
             bad = self._first_non_finite({"the policy loss": pg_loss}, update)
-            if bad is None:
+            if models.shared_critic:
+                vf_loss, vf_clipfrac = losses.value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.cliprange_value)
+                bad = bad or self._first_non_finite({"the value loss": vf_loss}, update)
+                if bad is None:
+                    ((pg_loss + cfg.vf_coef * vf_loss) * weight).backward()
+            elif bad is None:
                 (pg_loss * weight).backward()
-        with models.phase(CRITIC, trainable=True):
-            values = critic_forward(models, rollout, rows)
-            vf_loss, vf_clipfrac = losses.value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.cliprange_value)
-            bad = bad or self._first_non_finite({"the value loss": vf_loss}, update)
-            if bad is None:
-                (vf_loss * weight).backward()
+        if not models.shared_critic:
+            with models.phase(CRITIC, trainable=True):
+                values = critic_forward(models, rollout, rows)
+                vf_loss, vf_clipfrac = losses.value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.cliprange_value)
+                bad = bad or self._first_non_finite({"the value loss": vf_loss}, update)
+                if bad is None:
+                    (vf_loss * weight).backward()
         if bad is not None:
             return bad
         n_tok = float(mask.sum())
@@ -493,7 +503,8 @@ class PPOTrainer:
 
     # ---- outputs
     def save_final(self) -> None:
-        """adapter/ (the policy: loads with align.models.loading.load_trained) and critic/ (adapter + value head)."""
+        """adapter/ (the policy: loads with align.models.loading.load_trained) and critic/ (adapter + value head; the
+        value head alone with --critic shared)."""
         if self.dist.is_main:
             for name, sub in ((POLICY, "adapter"), (CRITIC, "critic")):
                 with atomic_dir(self.out / sub) as tmp:

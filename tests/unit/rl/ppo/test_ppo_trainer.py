@@ -64,10 +64,12 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny_model_dir, tmp_path):
 # Identities and invariants
 
 
-def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("critic", ["adapter", "shared"])
+def test_first_minibatch_ratio_is_exactly_one(tiny_model_dir, tmp_path, critic):
     """Dropout is off and the update recomputes the rollout's log-probs on the same rows and widths, so the
-    first minibatch (before any optimizer step) has ratio exp(logp - old_logp) == 1 to the last bit."""
-    trainer = trainer_for(tiny_cfg(tiny_model_dir, tmp_path, total_updates=2))
+    first minibatch (before any optimizer step) has ratio exp(logp - old_logp) == 1 to the last bit; with a
+    shared critic too, whose values come out of the same pass."""
+    trainer = trainer_for(tiny_cfg(tiny_model_dir, tmp_path, total_updates=2, critic=critic))
     trainer.train()
     assert [h["ppo/first_minibatch_ratio_dev"] for h in trainer.history] == [0.0, 0.0]
     assert trainer.history[0]["objective/kl"] == 0.0, "a fresh LoRA adapter (B = 0) is the reference"
@@ -96,8 +98,8 @@ def rollout_with_lengths(trainer: PPOTrainer, lengths: list[int]):
     return rollout
 
 
-@pytest.mark.parametrize("micro", [1, 2, 3])
-def test_gradient_accumulation_gives_the_minibatch_token_mean_gradient(tiny_model_dir, tmp_path, micro):
+@pytest.mark.parametrize("micro,critic", [(1, "adapter"), (2, "adapter"), (3, "adapter"), (3, "shared")])
+def test_gradient_accumulation_gives_the_minibatch_token_mean_gradient(tiny_model_dir, tmp_path, micro, critic):
     """TRL's invariant, on gradients: one minibatch of 8 rollouts as one micro-batch of 8, or as micro-batches
     of `micro` rows with accumulation, gives the same policy LoRA, critic LoRA and value-head gradients just
     before the optimizer step. (Not weights after it: Adam's first step is lr * sign(g) wherever |g| >> eps,
@@ -117,7 +119,8 @@ def test_gradient_accumulation_gives_the_minibatch_token_mean_gradient(tiny_mode
     gradients not divided by the number of micro-batches 1e5-8e5 times.
     """
     lengths = [1, 1, 6, 6, 2, 1, 6, 5]
-    cfg = tiny_cfg(tiny_model_dir, tmp_path, rollout_batch_size=8, minibatch_size=8, micro_batch_size=8, response_length=6)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, rollout_batch_size=8, minibatch_size=8, micro_batch_size=8, response_length=6,
+                   critic=critic)
     trainer = trainer_for(cfg)
     # B != 0: the policy differs from the reference and the lora_A gradients are not zero
     with torch.no_grad():
@@ -141,7 +144,7 @@ def test_gradient_accumulation_gives_the_minibatch_token_mean_gradient(tiny_mode
 
     whole, accumulated = gradients(8), gradients(micro)
     assert whole.keys() == accumulated.keys()
-    for owner in (f".{POLICY}.", f".{CRITIC}.", "value_head."):
+    for owner in (f".{POLICY}.", "value_head.") + ((f".{CRITIC}.",) if critic == "adapter" else ()):
         assert any(g.abs().max() > 1e-4 for n, g in whole.items() if owner in n), f"no gradient reaches {owner}"
     # rounding errors scale with a tensor's largest entries, not with an entry that cancels to almost 0
     scale = {n: float(g.abs().max()) for n, g in whole.items()}
@@ -149,6 +152,44 @@ def test_gradient_accumulation_gives_the_minibatch_token_mean_gradient(tiny_mode
     print(f"micro {micro}: largest difference {used:.3f} of the tolerance")
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-5 * scale[name], msg=name)
+
+
+def test_a_shared_critic_is_one_pass_whose_value_loss_also_trains_the_policy(tiny_model_dir, tmp_path):
+    """--critic shared: no critic adapter, the value head is the critic's only parameters, and one backward of
+    pg_loss + vf_coef * vf_loss: the value head's gradient is proportional to vf_coef (0 at 0) and the policy
+    adapter's gradient is affine in vf_coef, moved by the value loss."""
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, rollout_batch_size=8, minibatch_size=8, micro_batch_size=3, response_length=6,
+                   critic="shared")
+    trainer = trainer_for(cfg)
+    assert CRITIC not in trainer.models.model.peft_config
+    assert trainer.critic_params == list(trainer.models.value_head.parameters())
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for p in trainer.policy_params + trainer.critic_params:
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    rollout = rollout_with_lengths(trainer, [1, 1, 6, 6, 2, 1, 6, 5])
+    rows, token_counts = torch.arange(8), rollout.response_mask.sum(-1).float()
+
+    def gradients(vf_coef: float) -> dict[str, torch.Tensor]:
+        trainer.cfg.vf_coef = vf_coef
+        trainer.models.model.train()
+        try:
+            trainer.minibatch_gradient(rollout, rows, token_counts, update=0)
+        finally:
+            trainer.models.model.eval()
+        named = [(n, p) for n, p in trainer.models.model.named_parameters() if f".{POLICY}." in n]
+        named += [(f"value_head.{n}", p) for n, p in trainer.models.value_head.named_parameters()]
+        return {n: p.grad.detach().clone() for n, p in named}
+
+    g0, g1, g2 = gradients(0.0), gradients(1.0), gradients(2.0)
+    heads = [n for n in g0 if n.startswith("value_head.")]
+    assert heads and all(float(g0[n].abs().max()) == 0.0 and float(g1[n].abs().max()) > 0 for n in heads)
+    for name in heads:
+        torch.testing.assert_close(g2[name], 2 * g1[name])
+    policy = [n for n in g0 if not n.startswith("value_head.")]
+    assert max(float((g1[n] - g0[n]).abs().max()) for n in policy) > 1e-4, "the value loss does not reach the policy"
+    for name in policy:
+        torch.testing.assert_close(g2[name] - g1[name], g1[name] - g0[name], rtol=1e-4, atol=1e-6)
 
 
 def test_ppo_learns_a_programmable_reward_with_bounded_kl(tmp_path):
@@ -179,11 +220,12 @@ def test_ppo_learns_a_programmable_reward_with_bounded_kl(tmp_path):
 # Checkpoints and resume
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("critic", ["adapter", "shared"])
+def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic):
     """4 updates in one go == 2 updates, a checkpoint, a fresh process state, 2 more. Sampling seeds are a
     function of (seed, update, row) and the optimizer, scheduler and KL controller come from the checkpoint,
     so the two runs are bitwise equal (tolerance 0) on one machine with the same thread count."""
-    base = dict(total_updates=4, save_steps=2, kl_target=1.0, lr_scheduler="linear")
+    base = dict(total_updates=4, save_steps=2, kl_target=1.0, lr_scheduler="linear", critic=critic)
     whole = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "whole", **base))
     whole.train()
 
