@@ -66,26 +66,29 @@ class DroppedLoraA(nn.Linear):
     """PEFT's lora_A with the adapter's dropout inside (the class `fuse_lora_dropout` gives lora_A modules).
 
     Same parameters and state-dict keys as the nn.Linear it replaces; in eval mode (or p = 0) it is that
-    nn.Linear. `dropout_p` is set by fuse_lora_dropout."""
+    nn.Linear. `dropout` is the adapter's nn.Dropout, kept as a child module and read at every call, so what
+    turns dropout off still works: TRL's trainers (DPO, reward, GRPO with disable_dropout) set every
+    nn.Dropout's p to 0."""
 
-    dropout_p: float = 0.0
+    dropout: nn.Dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.dropout_p > 0):  # like nn.Dropout: on in training mode, with or without grad
+        p = self.dropout.p
+        if not (self.training and p > 0):  # like nn.Dropout: on in training mode, with or without grad
             return super().forward(x)
         device = x.device.type
         if torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))  # what nn.Linear saves under autocast: its input in that dtype
         elif x.dtype != self.weight.dtype:
             x = x.to(self.weight.dtype)
-        return _DroppedLinear.apply(x, self.weight, self.dropout_p, draw_seed())
+        return _DroppedLinear.apply(x, self.weight, p, draw_seed())
 
 
 def fuse_lora_dropout(model: nn.Module) -> int:
     """Move every vanilla LoRA module's dropout into its lora_A (see the module docstring); returns how many.
 
     DoRA and other variants (PEFT's `lora_variant`) and modules without dropout are left as they are. Only the
-    module classes change: parameters, state dict, saving and merging are untouched."""
+    modules change place and class: parameters, state dict, saving and merging are untouched."""
     fused = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -94,10 +97,10 @@ def fuse_lora_dropout(model: nn.Module) -> int:
         for name, dropout in list(dropouts.items()):
             lora_a = module.lora_A[name] if name in module.lora_A else None
             if (not isinstance(dropout, nn.Dropout) or dropout.p <= 0 or name in getattr(module, "lora_variant", {})
-                    or type(lora_a) not in (nn.Linear, DroppedLoraA)):
+                    or type(lora_a) is not nn.Linear):
                 continue
             lora_a.__class__ = DroppedLoraA
-            lora_a.dropout_p = float(dropout.p)
+            lora_a.dropout = dropout
             dropouts[name] = nn.Identity()
             fused += 1
     return fused

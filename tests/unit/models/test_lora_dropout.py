@@ -51,8 +51,8 @@ def test_fusing_keeps_parameters_and_eval_outputs_and_still_drops_out_in_trainin
     assert list(model.state_dict()) == keys
     assert torch.equal(model(input_ids=ids).logits, before)
     lora_a = [m for m in model.modules() if isinstance(m, DroppedLoraA)]
-    assert len(lora_a) == 14 and all(m.dropout_p == 0.2 for m in lora_a)
-    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    assert len(lora_a) == 14 and all(m.dropout.p == 0.2 for m in lora_a)
+    assert all(isinstance(d, nn.Identity) for m in model.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values())
     model.train()
     torch.manual_seed(1)
     first = model(input_ids=ids).logits
@@ -62,6 +62,20 @@ def test_fusing_keeps_parameters_and_eval_outputs_and_still_drops_out_in_trainin
     other = model(input_ids=ids).logits
     assert torch.equal(first, again) and not torch.allclose(first, other) and not torch.allclose(first, before)
     assert fuse_lora_dropout(model) == 0  # once only
+
+
+def test_what_turns_dropout_off_turns_the_fused_dropout_off():
+    """TRL's DPO, reward and GRPO trainers call disable_dropout_in_model (every nn.Dropout's p = 0): the fused
+    dropout reads its nn.Dropout's p at each call, so a training forward is then the eval forward."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    model = _tiny_peft(0.2)
+    fuse_lora_dropout(model)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    evaluated = model.eval()(input_ids=ids).logits
+    assert not torch.allclose(model.train()(input_ids=ids).logits, evaluated)
+    disable_dropout_in_model(model)
+    assert torch.equal(model.train()(input_ids=ids).logits, evaluated)
 
 
 def _step(model, ids, autocast: bool):

@@ -200,7 +200,7 @@ def test_selective_checkpointing_is_exact(tiny_model_dir, tmp_path, one_thread, 
     plain = _trainer(tiny_model_dir, True, tmp_path / "plain", lora_dropout=0.1)
     selective = _trainer(tiny_model_dir, True, tmp_path / "selective", gradient_checkpointing=True, selective=True, lora_dropout=0.1)
     batch = next(iter(plain.get_train_dataloader()))
-    assert any(isinstance(m, DroppedLoraA) and m.dropout_p > 0 for m in selective.model.modules())  # fused by load_model
+    assert any(isinstance(m, DroppedLoraA) and m.dropout.p > 0 for m in selective.model.modules())  # fused by load_model
     torch.manual_seed(3)
     want = _loss_and_grads(plain, batch)
     torch.manual_seed(3)
