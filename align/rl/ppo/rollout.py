@@ -178,8 +178,7 @@ def policy_and_values_forward(models: PPOModels, rollout: Rollout, rows: Tensor,
 
 def _policy_pass(models: PPOModels, rollout: Rollout, rows: Tensor, temperature: float, with_entropy: bool):
     """(log-probs, entropies or None, the response positions' hidden states (rows, response_width, hidden))."""
-    ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
-    hidden = models.response_hidden(ids, mask, rollout.query.shape[1], rollout.responses.shape[1])
+    hidden = _rows_response_hidden(models, rollout, rows)
     logits = models.lm_head(hidden)
     logprobs = logprobs_from_logits(logits, rollout.responses[rows], temperature)
     entropy = None
@@ -191,9 +190,13 @@ def _policy_pass(models: PPOModels, rollout: Rollout, rows: Tensor, temperature:
 
 def critic_forward(models: PPOModels, rollout: Rollout, rows: Tensor) -> Tensor:
     """(rows, response_width) value estimates V_t, read where the policy's logits for token t are."""
+    return values_from_hidden(models, _rows_response_hidden(models, rollout, rows))
+
+
+def _rows_response_hidden(models: PPOModels, rollout: Rollout, rows: Tensor) -> Tensor:
+    """(rows, response_width, hidden): the active adapter's hidden states where response tokens are predicted."""
     ids, mask = rollout.input_ids[rows], rollout.attention_mask[rows]
-    hidden = models.response_hidden(ids, mask, rollout.query.shape[1], rollout.responses.shape[1])
-    return values_from_hidden(models, hidden)
+    return models.response_hidden(ids, mask, rollout.query.shape[1], rollout.responses.shape[1])
 
 
 def values_from_hidden(models: PPOModels, hidden: Tensor) -> Tensor:
