@@ -48,6 +48,11 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   puzzle game I'm writing about.` for "Write a persuasive paragraph about puzzle games. ... End with a
   short note starting with P.S.", which a DPO + SFT policy wrote for several such prompts) is no answer.
 
+- **empty list item**: a line that is only a list marker (`2.`, `3)`, `*`, `-`, `+`) with nothing after it: a
+  list left unwritten (`1. **Introduce the Concept**: ...` then `2.` and `3.` alone, which an SFT, a DPO and a
+  PPO policy wrote for "a lesson plan ... the letter "i" 5 times or more" and which met the constraint). A
+  markdown rule (`***`, `---`) is not a marker.
+
 `ended` (did the reply end with EOS before the token limit) is not a reason on its own: the starting
 model ends only about a third of its greedy replies within 128 tokens, and a reply cut off in the
 middle of ordinary text is a budget artefact that the EOS rate reports already. When a reply did not
@@ -223,6 +228,18 @@ def no_answer(reply: str, prompt_text: str = "") -> str | None:
     return f"no answer: {len(words)} words and no sentence" + (" of its own" if asked else "")
 
 
+_EMPTY_ITEM_RE = re.compile(r"^[ \t]*(?:\d+[.)]|[*+-])[ \t]*$", re.MULTILINE)
+
+
+def empty_list_item(reply: str) -> str | None:
+    """The empty-list-item reason, or None: a line that is only a list marker (`2.`, `3)`, `*`, `-`, `+`)."""
+    found = _EMPTY_ITEM_RE.search(reply)
+    if not found:
+        return None
+    count = len(_EMPTY_ITEM_RE.findall(reply))
+    return f"empty list item: {found.group().strip()!r}" + (f" and {count - 1} more" if count > 1 else "")
+
+
 def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constraints: Sequence[dict] | None = None,
                 ended: bool | None = None) -> Degeneration:
     """Whether `reply` is degenerate and why (see the module docstring for the rules and thresholds).
@@ -254,6 +271,9 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
     empty = no_answer(before_postscript(reply), prompt_text(prompt) if prompt else "")
     if empty:
         reasons.append(empty)
+    unwritten = empty_list_item(reply)
+    if unwritten:
+        reasons.append(unwritten)
     return Degeneration(tuple(reasons))
 
 

@@ -242,3 +242,17 @@ def test_unasked_formats_name_each_format_no_constraint_asked_for():
     assert unasked_formats("NASA and the ESA launched it.", []) == []  # a few acronyms are not all capitals
     # ordinary text, a quotation inside a reply, markdown emphasis: nothing
     assert unasked_formats('She said "hello" and left. *Important* point.', []) == []
+
+
+def test_an_unwritten_list_item_is_flagged_and_markdown_rules_are_not():
+    """The pipeline's SFT, DPO and PPO policies (December 4) wrote this for "Outline a lesson plan for teaching water
+    filters. Make sure the letter "i" shows up 5 times or more." and it met the constraint: items 2 and 3 are bare."""
+    reply = ("A lesson plan for teaching water filters can be a fun and interactive way to learn about the science of water. "
+             "Here's a possible approach:\n\n1. **Introduce the Concept**: Start by introducing the concept of water filters "
+             "in a non-technical way.\n\n2.\n\n3.")
+    verdict = check_reply(reply, prompt="Outline a lesson plan for teaching water filters.", ended=True)
+    assert verdict.reasons == ("empty list item: '2.' and 1 more",)
+    for bare in ("* ", "-", "4)", "  +  "):
+        assert check_reply(f"A short note about the weather today, which is sunny and warm.\n{bare}").degenerate, bare
+    written = "Three ideas:\n\n1. Boil the water first.\n2. Filter it through sand.\n\n***\n\n- Store it cool.\n---\nDone."
+    assert not check_reply(written).degenerate

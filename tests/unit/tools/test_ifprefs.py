@@ -318,9 +318,10 @@ def test_the_splits_load_through_the_data_layer():
 
 def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     """Every SFT reply and chosen reply passes align.evaluation.degeneration (drop_degenerate ran on the shipped
-    files); stats.json records what was dropped: 2,484 - 41 = 2,443 SFT rows, 3,273 - 52 = 3,221 pairs, 449 - 2 = 447
-    held-out pairs (35 and 43 by the first rules, 4, 2 and 2 more when the no-answer rule came, 2 and 1 more when it
-    came to want 4 words of the reply's own, 6 pairs more when the answer became the text before a postscript)."""
+    files); stats.json records what was dropped: 2,484 - 96 = 2,388 SFT rows, 171 - 9 = 162 held-out SFT rows,
+    3,273 - 124 = 3,149 pairs, 449 - 25 = 424 held-out pairs (35 and 43 by the first rules, 4, 2 and 2 more when the
+    no-answer rule came, 2 and 1 more when it came to want 4 words of the reply's own, 6 pairs more when the answer
+    became the text before a postscript, 55, 9, 72 and 23 when an empty list item became degenerate)."""
     from align.evaluation.degeneration import check_reply
 
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
@@ -328,9 +329,9 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
             prompt, reply = ifprefs.target_reply(row)
             assert not check_reply(reply, prompt, row["constraints"]).degenerate, row["id"]
     stats = json.loads((DATA / "meta" / "stats.json").read_text())
-    assert stats["dropped_degenerate"] == {"sft": 41, "sft_test": 0, "prefs_train": 52, "prefs_test": 2}
+    assert stats["dropped_degenerate"] == {"sft": 96, "sft_test": 9, "prefs_train": 124, "prefs_test": 25}
     assert {k: len(v) for k, v in data.items()} == stats["sizes"]
-    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 41, 3273 - 52, 449 - 2)
+    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 96, 3273 - 124, 449 - 25)
 
 
 def test_drop_degenerate_keeps_ordinary_rows_and_renumbers():
