@@ -43,7 +43,9 @@ from align.errors import DataError, cli_main  # noqa: E402
 from align.evaluation.text_counts import count_words  # noqa: E402
 from align.evaluation.verifier import phrasings, verify  # noqa: E402
 from align.io import atomic_write_json, atomic_write_text  # noqa: E402
-from ifprefs_edits import Draft, clean_reply, comply, draw_types, rejected_candidates, sample_for_eval, sample_for_reply  # noqa: E402
+from ifprefs_edits import (ABSENT_KEYWORDS, Draft, clean_reply, comply, draw_types, rejected_candidates, sample_for_eval,  # noqa: E402
+                           sample_for_reply, work_in_keyword)
+from align.evaluation.degeneration import check_reply  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Tasks and topics. Eval templates and topics never occur in the training splits.
@@ -289,8 +291,10 @@ KIND_WEIGHTS = {"raw": 2.0, "drop_edit": 1.0, "untrimmed": 1.0, "truncated": 1.0
 
 
 def build_splits(bases: list[dict], replies: list[dict], cfg: BuildArgs) -> dict[str, list[dict]]:
-    """The splits: drafted, degenerate target replies dropped (drop_degenerate), numbered."""
+    """The splits: drafted, absent keywords worked in (absent_keywords), degenerate target replies dropped
+    (drop_degenerate), numbered."""
     splits = draft_splits(bases, replies, cfg)
+    absent_keywords(splits)
     drop_degenerate(splits)
     number_rows(splits)
     return splits
@@ -358,6 +362,58 @@ def target_reply(row: dict) -> tuple[list[dict], str]:
     return row["prompt"], row["chosen"][-1]["content"]
 
 
+def absent_keywords(splits: dict[str, list[dict]]) -> dict[str, int]:
+    """Rework, in place, about two thirds of the rows that ask to include a keyword so that they ask for a word the
+    reply lacked (ifprefs_edits.ABSENT_KEYWORDS): a third replace the keyword, a third add one (eval asks for the
+    topic's word, an unrelated word, or both). The target reply gets the word's sentence (work_in_keyword) and must
+    still meet every constraint and not be degenerate; a pair's rejected reply must lack the word. The instruction
+    in the prompt is re-worded in the same phrasing. Which rows and words is seeded by each row's own text, so a
+    row keeps its fate however the rows around it change, and a row already reworked (meta.absent_keyword) is left
+    alone. Returns the rows reworked per split."""
+    changed = {}
+    for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
+        changed[name] = sum(_rework_keyword(row) for row in splits.get(name, []))
+    return changed
+
+
+def _rework_keyword(row: dict) -> bool:
+    at = next((i for i, c in enumerate(row["constraints"]) if c["type"] == "include_keywords"), None)
+    if at is None or "absent_keyword" in row["meta"]:
+        return False
+    prompt, reply = target_reply(row)
+    rejected = row["rejected"][-1]["content"] if "rejected" in row else ""
+    rng = random.Random(hashlib.sha1(json.dumps([prompt, reply]).encode("utf-8")).hexdigest())
+    mode = rng.choice(("keep", "replace", "add"))
+    if mode == "keep":
+        return False
+    old = row["constraints"][at]
+    instruction = next((i for i, text in enumerate(phrasings(old)) if text in prompt[-1]["content"]), None)
+    if instruction is None:
+        raise DataError(f"{row.get('id', 'a row')}: none of the include_keywords phrasings of {old['keywords']} is in its prompt")
+    for word in rng.sample(sorted(ABSENT_KEYWORDS), len(ABSENT_KEYWORDS)):
+        if word in reply.lower() or word in rejected.lower():
+            continue
+        keywords = [word] if mode == "replace" else old["keywords"][:1] + [word]
+        constraints = row["constraints"][:at] + [{**old, "keywords": keywords}] + row["constraints"][at + 1:]
+        edited = work_in_keyword(reply, ABSENT_KEYWORDS[word], constraints)
+        if edited is None:
+            return False
+        if not verify(edited, constraints).strict or check_reply(edited, prompt, constraints).degenerate:
+            continue
+        content = prompt[-1]["content"].replace(phrasings(old)[instruction], phrasings(constraints[at])[instruction], 1)
+        row["constraints"] = constraints
+        row["meta"]["absent_keyword"] = word
+        if "messages" in row:
+            row["messages"] = [{**prompt[-1], "content": content}, {**row["messages"][-1], "content": edited}]
+        else:
+            row["prompt"] = [{**prompt[-1], "content": content}]
+            row["chosen"] = [{**row["chosen"][-1], "content": edited}]
+            row["meta"]["chosen_score"] = verify(edited, constraints).score
+            row["meta"]["rejected_score"] = verify(rejected, constraints).score
+        return True
+    return False
+
+
 def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
     """Drop, in place, every training row whose target reply (SFT reply, chosen reply) is degenerate text
     (align.evaluation.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
@@ -394,6 +450,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def absent_keyword_rows(splits: dict[str, list[dict]]) -> dict[str, int]:
+    """Rows per split that ask for a keyword their reply did not have (absent_keywords)."""
+    return {name: sum("absent_keyword" in r.get("meta", {}) for r in splits[name])
+            for name in ("sft", "sft_test", "prefs_train", "prefs_test") if name in splits}
+
+
 def dataset_stats(splits: dict[str, list[dict]]) -> dict[str, Any]:
     from collections import Counter
 
@@ -409,6 +471,7 @@ def dataset_stats(splits: dict[str, list[dict]]) -> dict[str, Any]:
     stats["constraints_per_prompt"] = dict(sorted(n_constraints.items()))
     replies = [r["messages"][-1]["content"] for r in splits["sft"]]
     stats["sft_reply_words_mean"] = round(sum(count_words(t) for t in replies) / max(1, len(replies)), 1)
+    stats["absent_keyword_rows"] = absent_keyword_rows(splits)
     return stats
 
 
@@ -451,6 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.refilter:
         splits = {name: [json.loads(line) for line in open(out / f"{name}.jsonl", encoding="utf-8")]
                   for name in ("sft", "sft_test", "prefs_train", "prefs_test", "eval")}
+        reworked = absent_keywords(splits)
         dropped = drop_degenerate(splits)
         number_rows(splits)
         for name, rows in splits.items():
@@ -461,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
         earlier = old_stats.get("dropped_degenerate", {})
         stats["dropped_degenerate"] = {k: earlier.get(k, 0) + n for k, n in dropped.items()}
         atomic_write_json(out / "meta" / "stats.json", stats)
-        log(f"dropped degenerate target replies: {json.dumps(dropped)} (since the build: {json.dumps(stats['dropped_degenerate'])}); "
+        log(f"absent keywords worked into {json.dumps(reworked)} rows; "
+            f"dropped degenerate target replies: {json.dumps(dropped)} (since the build: {json.dumps(stats['dropped_degenerate'])}); "
             f"now {json.dumps(stats['sizes'])}")
         return
     if not cfg.skip_build:
@@ -471,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
                                    temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                    batch_size=cfg.batch_size, cache_path=cfg.cache, threads=cfg.threads, log=log)
         splits = draft_splits(bases, replies, cfg)
+        absent_keywords(splits)
         dropped = drop_degenerate(splits)
         number_rows(splits)
         splits["eval"] = eval_prompts(cfg.seed, cfg.n_eval)

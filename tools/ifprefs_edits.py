@@ -275,6 +275,10 @@ def sample_for_reply(name: str, rng: random.Random, text: str, used_words: set[s
     raise DataError(f"no sampler for constraint type {name!r}")
 
 
+# Eval's "include the word X" asks for the topic's word, one of these (unrelated to most topics), or both.
+EVAL_EXTRA_KEYWORDS = ("community", "future", "simple", "history", "friends", "morning", "careful", "bright")
+
+
 def sample_for_eval(name: str, rng: random.Random, topic: str) -> dict:
     """A constraint of type `name` with arguments a reply of ~100 words can meet (there is no reply yet)."""
     relation = rng.choice(("less than", "at least"))
@@ -289,7 +293,7 @@ def sample_for_eval(name: str, rng: random.Random, topic: str) -> dict:
         top = {"num_paragraphs": 3, "num_bullets": 5, "num_sections": 3}[name]
         return {"type": name, name: rng.randint(2, top)}
     if name == "include_keywords":
-        extra = rng.choice(("community", "future", "simple", "history", "friends", "morning", "careful", "bright"))
+        extra = rng.choice(EVAL_EXTRA_KEYWORDS)
         return {"type": name, "keywords": rng.choice(([topic_words[-1]], [extra], [topic_words[-1], extra]))}
     if name == "forbidden_words":
         return {"type": name, "forbidden_words": [rng.choice(GENERIC_FORBIDDEN + (topic_words[-1],))]}
@@ -417,3 +421,62 @@ def rejected_candidates(raw: str, chosen: Draft, constraints: list[dict], topic:
             out.append(("truncated", render(d)))
     return out
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Keywords a reply does not use, worked in. Drawn from the reply, every "include the word X" of the build asks for a
+# word the reply already has, so the data never shows a reply that includes a word because it was asked (eval asks
+# for unrelated ones: EVAL_EXTRA_KEYWORDS). Each word here comes with one sentence, without commas, that fits a
+# reply on most topics; none is an eval word (tests/unit/tools/test_ifprefs.py).
+
+ABSENT_KEYWORDS: dict[str, str] = {
+    "patience": "A little patience goes a long way here.",
+    "curiosity": "Curiosity is a good place to start.",
+    "weekend": "It is a nice way to spend a weekend.",
+    "teamwork": "Good teamwork makes all of this easier.",
+    "kindness": "A bit of kindness helps here too.",
+    "practice": "Like most things it gets easier with practice.",
+    "family": "It is something the whole family can take part in.",
+    "neighbors": "Your neighbors may even want to join in.",
+    "budget": "It does not have to strain your budget.",
+    "safety": "Safety should always come first.",
+    "balance": "It is all about finding the right balance.",
+    "energy": "It is worth the time and energy.",
+    "goals": "Keep your goals in mind as you go.",
+    "details": "The small details matter more than you might think.",
+    "confidence": "Confidence grows with every step.",
+    "creativity": "There is plenty of room for creativity.",
+    "effort": "A small effort can make a real difference.",
+    "habit": "Over time it can become a good habit.",
+    "surprise": "The results may surprise you.",
+    "adventure": "Think of it as a small adventure.",
+    "purpose": "Doing it with purpose makes it more rewarding.",
+    "progress": "Progress may be slow but it is real.",
+    "inspiration": "Inspiration can come from anywhere.",
+    "questions": "Feel free to ask questions along the way.",
+    "together": "It is even better when people do it together.",
+    "season": "Any season is a good time to begin.",
+    "calm": "Stay calm and take it one step at a time.",
+    "honest": "It helps to be honest about what works and what does not.",
+}
+
+_NOT_PROSE_RE = re.compile(r"^\s*(?:[-*+#{\[<]|\d{1,2}[.)]|SECTION\b|Section\b|P\.P?\.S)")
+_FIRST_END_RE = re.compile(r"[.!?](?=\s|$)")
+
+
+def work_in_keyword(reply: str, sentence: str, constraints: Sequence[dict]) -> str | None:
+    """`reply` with `sentence` after the first sentence of its first line of prose (not a list item, heading,
+    section marker, title, JSON or P.S.), in the reply's case where a constraint sets it; None when no line has
+    a sentence to follow."""
+    types = {c["type"] for c in constraints}
+    if "json_format" in types:
+        return None
+    sentence = sentence.lower() if "lowercase" in types else sentence.upper() if "capitals" in types else sentence
+    lines = reply.split("\n")
+    for i, line in enumerate(lines):
+        end = _FIRST_END_RE.search(line)
+        if not line.strip() or _NOT_PROSE_RE.match(line) or end is None:
+            continue
+        lines[i] = line[: end.end()] + " " + sentence + line[end.end():]
+        return "\n".join(lines)
+    return None

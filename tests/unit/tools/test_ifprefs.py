@@ -28,6 +28,8 @@ from build_ifprefs import (  # noqa: E402
     generate_replies,
 )
 from ifprefs_edits import (  # noqa: E402
+    ABSENT_KEYWORDS,
+    EVAL_EXTRA_KEYWORDS,
     Draft,
     clean_reply,
     comply,
@@ -37,6 +39,7 @@ from ifprefs_edits import (  # noqa: E402
     render,
     sample_for_eval,
     sample_for_reply,
+    work_in_keyword,
 )
 from align.evaluation.text_counts import count_words
 from align.evaluation.verifier import TYPES, check_constraints, verify
@@ -348,3 +351,45 @@ def test_drop_degenerate_keeps_ordinary_rows_and_renumbers():
     assert [r["id"] for r in splits["sft"]] == ["ifprefs-sft-00000", "ifprefs-sft-00001"]
     # a degenerate rejected reply is what a rejected reply is for: the pair stays
     assert splits["prefs_train"][0]["rejected"][0]["content"] == looping
+
+
+def test_work_in_keyword_follows_the_first_sentence_of_prose_in_the_reply_case():
+    sentence = ABSENT_KEYWORDS["patience"]
+    letter = "Dear Grandma,\n\nI hope you are well. It is sunny here!\n\nLove,\nSam"
+    assert work_in_keyword(letter, sentence, []) == (
+        "Dear Grandma,\n\nI hope you are well. A little patience goes a long way here. It is sunny here!\n\nLove,\nSam")
+    assert "well. a little patience goes" in work_in_keyword(letter.lower(), sentence, [{"type": "lowercase"}])
+    assert "WELL. A LITTLE PATIENCE GOES" in work_in_keyword(letter.upper(), sentence, [{"type": "capitals"}])
+    # titles, section markers, list items and a P.S. are not prose; the sentence goes after the first line that is
+    sections = "<<Bees>>\nSECTION 1\n* Bees fly. Far.\nBees make honey. They dance.\nP.S. Bye."
+    assert work_in_keyword(sections, "X y z.", []) == "<<Bees>>\nSECTION 1\n* Bees fly. Far.\nBees make honey. X y z. They dance.\nP.S. Bye."
+    assert work_in_keyword('{"reply": "Bees make honey."}', "X y z.", [{"type": "json_format"}]) is None
+    assert work_in_keyword("* one\n* two", "X y z.", []) is None
+
+
+def test_absent_keywords_are_not_eval_words_and_their_sentences_carry_them_without_commas():
+    eval_words = set(EVAL_EXTRA_KEYWORDS) | {w for topic in EVAL_TOPICS for w in topic.lower().split() if len(w) > 3}
+    for word, sentence in ABSENT_KEYWORDS.items():
+        assert word in sentence.lower() and "," not in sentence, word
+        assert not any(word in e or e in word for e in eval_words), word
+
+
+def test_absent_keyword_rows_ask_for_a_word_only_the_target_reply_has(data):
+    """tools/build_ifprefs.py absent_keywords: the rows reworked to ask for a word their reply lacked name it in
+    the instruction, the target reply works it in (and meets every constraint, test above), a pair's rejected reply
+    lacks it; stats.json counts them."""
+    counts = {}
+    for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
+        counts[name] = 0
+        for row in data[name]:
+            word = row["meta"].get("absent_keyword")
+            if word is None:
+                continue
+            counts[name] += 1
+            prompt, reply = ifprefs.target_reply(row)
+            keywords = next(c["keywords"] for c in row["constraints"] if c["type"] == "include_keywords")
+            assert word in keywords and f'"{word}"' in prompt[-1]["content"] and ABSENT_KEYWORDS[word].lower() in reply.lower(), row["id"]
+            if "rejected" in row:
+                assert word not in row["rejected"][-1]["content"].lower(), row["id"]
+    assert counts == json.loads((DATA / "meta" / "stats.json").read_text())["absent_keyword_rows"]
+    assert counts["sft"] > 100 and counts["prefs_train"] > 100
