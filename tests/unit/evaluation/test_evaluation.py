@@ -562,3 +562,28 @@ def test_rows_and_summary_carry_formats_nobody_asked_for():
 
     assert generation_summary([row(True), row(False), row(False), row(None)])["unasked_format_share"] == pytest.approx(1 / 3)
     assert generation_summary([row(None)])["unasked_format_share"] is None
+
+
+def test_keyword_rates_count_unrelated_and_topic_words_apart(tmp_path):
+    """bench/keyword_rates.py: of the prompts that ask for keywords, the eval's unrelated words ("bright") and the
+    topic's words are counted apart, case-insensitively, and a prompt with no keyword constraint is left out."""
+    from recipe_harness import run_cli
+
+    def write(name, replies):
+        d = tmp_path / name
+        d.mkdir()
+        asks = [["bright"], ["kites", "bright"], []]
+        rows = [{"prompt_id": f"p{i}", "mode": "greedy", "prompt": [{"role": "user", "content": "Write about kites."}],
+                 "constraints": [{"type": "include_keywords", "keywords": k}] if k else [{"type": "no_comma"}],
+                 "reply": reply, "eos": True, "verifier_strict": False} for i, (k, reply) in enumerate(zip(asks, replies))]
+        (d / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+
+    start = write("start", ["Kites fly high in the wind today.", "Kites fly high in the wind today.", "Bright kites."])
+    run = write("run", ["A Bright kite flies high in the wind today.", "Kites are bright and fly high today.", "x"])
+    proc = run_cli(["bench/keyword_rates.py", f"start={start}", f"run={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "2 prompts ask to include a keyword" in out
+    assert "unrelated word written: start 0/2, run 2/2" in out and "topic word written: start 1/1, run 1/1" in out
+    assert "start: include_keywords met 0/2" in out and "run: include_keywords met 2/2" in out
