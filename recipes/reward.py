@@ -18,15 +18,18 @@ from pathlib import Path
 from align.config import arg, parse_config
 from align.data.load import DataArgs, to_hf_dataset
 from align.errors import cli_main
-from align.models.activations import CompressActivationsMixin
+from align.log import get_logger
+from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, return_freed_memory_to_os
 from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.models.reward_model import Float32ScoreHeadMixin, score_texts
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
+logger = get_logger(__name__)
+
 
 @dataclass
-class RewardArgs(RunArgs, ModelArgs, DataArgs):
+class RewardArgs(RunArgs, ModelArgs, DataArgs, FreedMemoryArgs):
     output_dir: str = arg("outputs/reward", "where the adapter, checkpoints, metrics and summary go")
     model_name_or_path: str = arg("auto", "base model; auto = outputs/sft/merged when it exists, else the embedded default")
     learning_rate: float = arg(1e-4, "peak learning rate")
@@ -86,6 +89,9 @@ def main() -> None:
 def build_trainer(cfg: RewardArgs, model, tokenizer, train_dataset, callbacks):
     """The reward trainer of this recipe (`python bench/run.py --stage reward` times this same function)."""
     from trl import RewardConfig, RewardTrainer
+
+    if cfg.return_freed_memory:  # as the DPO, PPO and GRPO recipes: freed activations go back to the OS (peak RSS)
+        logger.info(f"reward: {return_freed_memory_to_os()}")
 
     class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, RewardTrainer):
         compress_activations = cfg.compress_activations
