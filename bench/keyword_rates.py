@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "eval")]
 
 from ifprefs_edits import EVAL_EXTRA_KEYWORDS  # noqa: E402
+from rescore import rescored  # noqa: E402
 
 from align.errors import cli_main  # noqa: E402
-from align.evaluation.metrics import judge_again  # noqa: E402
 from align.evaluation.verifier import verify  # noqa: E402
-from align.io import read_jsonl  # noqa: E402
 
 
 def asked(row: dict, unrelated: bool) -> list[str]:
@@ -33,8 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="NAME=EVAL_DIR (eval/evaluate.py output with generations.jsonl)")
     runs = dict(a.split("=", 1) for a in parser.parse_args().runs)
-    rows = {k: {r["prompt_id"]: r for r in judge_again([r for r in read_jsonl(Path(v) / "generations.jsonl") if r["mode"] == "greedy"])}
-            for k, v in runs.items()}
+    rows = {k: {r["prompt_id"]: r for r in rescored(v, "greedy")} for k, v in runs.items()}
     first = next(iter(rows.values()))
     ids = [i for i, r in first.items() if asked(r, True) or asked(r, False)]
     print(f"{len(ids)} prompts ask to include a keyword")

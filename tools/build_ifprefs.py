@@ -398,7 +398,8 @@ def _rework_keyword(row: dict) -> bool:
         edited = work_in_keyword(reply, ABSENT_KEYWORDS[word], constraints)
         if edited is None:
             return False
-        if not verify(edited, constraints).strict or check_reply(edited, prompt, constraints).degenerate:
+        verdict = verify(edited, constraints)
+        if not verdict.strict or check_reply(edited, prompt, constraints).degenerate:
             continue
         content = prompt[-1]["content"].replace(phrasings(old)[instruction], phrasings(constraints[at])[instruction], 1)
         row["constraints"] = constraints
@@ -408,7 +409,7 @@ def _rework_keyword(row: dict) -> bool:
         else:
             row["prompt"] = [{**prompt[-1], "content": content}]
             row["chosen"] = [{**row["chosen"][-1], "content": edited}]
-            row["meta"]["chosen_score"] = verify(edited, constraints).score
+            row["meta"]["chosen_score"] = verdict.score
             row["meta"]["rejected_score"] = verify(rejected, constraints).score
         return True
     return False
@@ -419,8 +420,6 @@ def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
     (align.evaluation.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
     SFT replies and DPO moves towards its chosen ones. Returns the rows dropped per split. Rejected replies
     may be degenerate; that is what they are for."""
-    from align.evaluation.degeneration import check_reply
-
     dropped = {}
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
         rows = splits.get(name, [])
