@@ -197,7 +197,7 @@ def _setting_lines(stage: str, config: dict[str, Any], run_info: dict[str, Any],
         batch = f"minibatch {config.get('minibatch_size')}, {config.get('ppo_epochs')} epoch(s) per update"
     else:
         length = f"{summary.get('steps', '?')} optimizer step(s)"
-        warmup = f", warmup {_num(config['warmup_steps'])}" if config.get("warmup_steps") else ""
+        warmup = f", warmup {_num(config['warmup_steps'])}" if config.get("warmup_steps") and config.get("lr_scheduler_type") != "constant" else ""
         lr = f"learning rate {_num(config.get('learning_rate'))} ({config.get('lr_scheduler_type')}{warmup})"
         batch = (f"batch {config.get('per_device_train_batch_size')} per process x {config.get('gradient_accumulation_steps')} "
                  f"accumulation, max_length {config.get('max_length')}")

@@ -51,6 +51,11 @@ def test_card_names_the_base_its_source_the_method_the_data_and_the_numbers():
     assert "DPO (Rafailov et al. 2023), loss sigmoid+sft, beta 0.1" in card
     assert "`ifprefs:train` (192 preference pairs used)" in card and "`ifprefs:eval_prefs` (64 preference pairs)" in card
     assert "24 optimizer step(s), learning rate 0.0001 (linear), batch 4 per process x 2 accumulation" in card
+    warmed = model_card({**DPO_CONFIG, "warmup_steps": 0.1}, RUN_INFO, SUMMARY, base=base, artifact="adapter", location="x")
+    assert "learning rate 0.0001 (linear, warmup 0.1)" in warmed
+    constant = model_card({**DPO_CONFIG, "warmup_steps": 0.1, "lr_scheduler_type": "constant"}, RUN_INFO, SUMMARY, base=base,
+                          artifact="adapter", location="x")
+    assert "learning rate 0.0001 (constant)," in constant  # transformers' constant schedule has no warmup: not claimed
     assert "LoRA r 16, alpha 32" in card and "Quantization: 4-bit NF4 base (QLoRA)" in card  # auto, resolved by run_info
     assert "| coherent strict (strict and not degenerate) | 0.250 | 0.312 | +0.062 |" in card
     assert "| verifier strict (every constraint met) | 0.312 | 0.344 | +0.031 |" in card
