@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from learning_curve import band, save_figure  # noqa: E402
 
 from align.errors import ConfigError, cli_main  # noqa: E402
 
@@ -67,12 +69,8 @@ def plot(curves: dict[str, dict], path: Path, budget_seconds: float | None) -> N
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
-        points = curve["points"]
-        base = points[0]["metrics"]["coherent_strict"]["baseline_mean"]
-        xs = [0] + [p["train_seconds"] for p in points]
-        ys = [base] + [p["metrics"]["coherent_strict"]["run_mean"] for p in points]
-        lo = [base] + [base + p["metrics"]["coherent_strict"]["lo"] for p in points]
-        hi = [base] + [base + p["metrics"]["coherent_strict"]["hi"] for p in points]
+        xs = [0] + [p["train_seconds"] for p in curve["points"]]
+        ys, lo, hi = band(curve["points"], "coherent_strict")
         ax.plot(xs, ys, marker="o", label=name)
         ax.fill_between(xs, lo, hi, alpha=0.15)
     if budget_seconds:
@@ -85,9 +83,7 @@ def plot(curves: dict[str, dict], path: Path, budget_seconds: float | None) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 @cli_main

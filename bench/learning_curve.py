@@ -160,6 +160,21 @@ def point(base: list[dict], rows: list[dict], cost: dict) -> dict:
     return cost | {"metrics": deltas}
 
 
+def band(points: list[dict], key: str) -> tuple[list[float], list[float], list[float]]:
+    """(run means, lower, upper) of `key` at the starting model (first) and each checkpoint: the line and its shaded
+    95% interval as every curve plot draws them."""
+    base = points[0]["metrics"][key]["baseline_mean"] if points else 0
+    return ([base] + [p["metrics"][key]["run_mean"] for p in points], [base] + [base + p["metrics"][key]["lo"] for p in points],
+            [base] + [base + p["metrics"][key]["hi"] for p in points])
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write the figure atomically (a temporary file renamed over `path`)."""
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -174,10 +189,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, keys, title in ((axes[0], ("coherent_strict", "verifier_strict"), "strict score (held-out, greedy)"),
                             (axes[1], ("degenerate", "unasked_format", "eos"), "degenerate / unasked format / EOS")):
         for key in keys:
-            base = points[0]["metrics"][key]["baseline_mean"] if points else 0
-            y = [base] + [p["metrics"][key]["run_mean"] for p in points]
-            lo = [base] + [base + p["metrics"][key]["lo"] for p in points]
-            hi = [base] + [base + p["metrics"][key]["hi"] for p in points]
+            y, lo, hi = band(points, key)
             xs = [0] + x
             ax.plot(xs, y, marker="o", label=key.replace("_", " "))
             ax.fill_between(xs, lo, hi, alpha=0.2)
@@ -190,9 +202,7 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{result['recipe']} {' '.join(result['recipe_args'])}, constant LR: {result['eval_prompts']} held-out prompts, "
                  f"95% paired intervals\n{result['cpu']}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
