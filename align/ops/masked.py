@@ -78,3 +78,25 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, unbiase
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, 0)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """How much of the returns' variance the value estimates explain: 1 - Var(returns - values) / Var(returns),
+    over the tokens `mask` keeps (population variances; CleanRL's and OpenRLHF's critic diagnostic).
+
+    1 is a perfect critic, 0 one no better than predicting the mean return, below 0 worse than that. A
+    critic that learns shows it rising over a run; the policy loss cannot show it.
+
+    Args:
+        values: (batch, response_len) the critic's estimates V_t when the rollout was scored.
+        returns: (batch, response_len) the GAE targets (`align.rl.ppo.advantages.gae`).
+        mask: (batch, response_len), True/1 where the token counts.
+
+    Returns:
+        A float; nan when the returns do not vary (nothing to explain).
+    """
+    mask = mask.bool()
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if float(var_returns) == 0.0:
+        return float("nan")
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)

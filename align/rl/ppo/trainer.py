@@ -387,10 +387,11 @@ class PPOTrainer:
                 prompt = rollout.records[0].prompt[-1]["content"]
                 self.writer.add_text("rollout/sample", f"**prompt:** {prompt}\n\n**response:** {rollout.texts[0]}", self.update_index)
             seconds = sum(metrics[f"time/{name}_s"] for name in PHASES)
+            explained = f" | value ev {metrics['values/explained_variance']:.2f}" if "values/explained_variance" in metrics else ""
             verifier = f" | verifier {metrics['objective/verifier']:.3f}" if "objective/verifier" in metrics and not self.reward_is_verifier else ""
             logger.info(f"update {self.update_index}/{self.cfg.total_updates} | score {metrics['objective/scores']:.3f}{verifier}"
                         f" | kl {metrics['objective/kl']:.3f} | len {metrics['rollout/response_length']:.1f} | eos {metrics['rollout/eos_rate']:.2f}"
-                        f" | clipfrac {metrics['ppo/clipfrac']:.3f} | {seconds:.1f} s")
+                        f" | clipfrac {metrics['ppo/clipfrac']:.3f}{explained} | {seconds:.1f} s")
         notify(self.callbacks, "on_log", metrics, rollout)
 
     def _warn(self, warning: str) -> None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from align.ops.masked import masked_mean, masked_var, masked_whiten
+from align.ops.masked import explained_variance, masked_mean, masked_var, masked_whiten
 from math_reference import close, prefix_mask, ref, t  # noqa: F401  (ref is a fixture)
 
 
@@ -71,3 +71,18 @@ def test_masked_whiten_ignores_values_in_masked_out_positions(rows, junk):
     with_junk = torch.where(mask, values, junk)
     assert torch.equal(masked_whiten(values, mask), masked_whiten(with_junk, mask))
     assert torch.equal(masked_mean(values, mask), masked_mean(with_junk, mask))
+
+
+def test_explained_variance_by_hand_and_ignores_padding():
+    returns = torch.tensor([[1.0, 2.0, 3.0, float("inf")], [4.0, 5.0, float("nan"), 0.0]])
+    mask = prefix_mask([3, 2], 4)
+    assert explained_variance(returns, returns, mask) == 1.0  # a perfect critic
+    mean = torch.full_like(returns, 3.0)  # the mean return over the 5 tokens: explains nothing
+    assert explained_variance(mean, returns, mask) == pytest.approx(0.0, abs=1e-7)
+    # residuals (1, 1, 1, 1, 1): a constant offset is variance the critic explains; residuals (0, 0, 0, 2, 2): by hand
+    assert explained_variance(returns - 1, returns, mask) == pytest.approx(1.0)
+    off = returns.clone()
+    off[1, :2] -= 2
+    residual_var, returns_var = (4 * 2 - 0.8 ** 2 * 5) / 5, 2.0
+    assert explained_variance(off, returns, mask) == pytest.approx(1 - residual_var / returns_var)
+    assert explained_variance(returns, torch.ones_like(returns), mask) != explained_variance(returns, torch.ones_like(returns), mask)  # nan

@@ -98,6 +98,24 @@ def rollout_with_lengths(trainer: PPOTrainer, lengths: list[int]):
     return rollout
 
 
+@pytest.mark.parametrize("critic", ["adapter", "shared"])
+def test_update_metrics_report_the_critics_explained_variance(tiny_model_dir, tmp_path, critic):
+    """values/explained_variance in the update's metrics (from token sums, so processes add up) is
+    align.ops.masked.explained_variance of the rollout's values and GAE returns; before any update the critic
+    (an untrained head) explains almost nothing of the returns of a reward of +-1/4..+-2."""
+    from align.ops.masked import explained_variance
+    from align.rl.ppo.health import rollout_metrics
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, rollout_batch_size=8, minibatch_size=8, micro_batch_size=8, response_length=6,
+                   critic=critic)
+    trainer = trainer_for(cfg)
+    rollout = rollout_with_lengths(trainer, [1, 1, 6, 6, 2, 1, 6, 5])
+    metrics = rollout_metrics(rollout, cfg, cfg.kl_coef, trainer.dist)
+    expected = explained_variance(rollout.old_values, rollout.returns, rollout.response_mask)
+    assert metrics["values/explained_variance"] == pytest.approx(expected, abs=1e-9)
+    assert expected < 0.5
+
+
 @pytest.mark.parametrize("micro,critic", [(1, "adapter"), (2, "adapter"), (3, "adapter"), (3, "shared")])
 def test_gradient_accumulation_gives_the_minibatch_token_mean_gradient(tiny_model_dir, tmp_path, micro, critic):
     """TRL's invariant, on gradients: one minibatch of 8 rollouts as one micro-batch of 8, or as micro-batches
