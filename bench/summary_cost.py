@@ -11,7 +11,10 @@
    disabled, as the "before" summary runs) with model.generate against decode_ids;
 3. PPO's rollout sampling at its defaults (8 prompts a batch, 64 new tokens, temperature 0.7, the per-row
    GumbelSampler; the starting model, as PPO from the plain model): model.generate with the sampler as its logits
-   processor (align.rl.ppo before issue 19) against decode_ids with its per-row pick (now): the same draws.
+   processor (align.rl.ppo before issue 19) against decode_ids with its per-row pick (now): the same draws;
+4. decode_ids's KV cache (the summary's 128 greedy replies, merged, prompts in order): transformers' DynamicCache,
+   which concatenates every layer's whole cache into new memory at every step, against the buffers allocated once
+   (align.models.generation.preallocated_cache, the default).
 
 Each is timed --repeats times, old and new alternating, on the default model with the given adapter (a trained
 one: merging a zero adapter would change nothing). The JSON has every time, the medians' ratios, how far the
@@ -83,8 +86,8 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--groups", type=lambda v: v.split(","), default=["logps", "generate", "start", "rollout"],
-                        help="comma-separated: which comparisons to run (logps, generate, start, rollout)")
+    parser.add_argument("--groups", type=lambda v: v.split(","), default=["logps", "generate", "start", "rollout", "cache"],
+                        help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache)")
     args = parser.parse_args()
     import torch
 
@@ -133,6 +136,15 @@ def main() -> None:
 
         return replies_in_batches(tokenizer, prompts, 8, run)
 
+    def decoded(preallocate: bool) -> list[tuple[str, int]]:
+        """The trained policy's greedy replies (merged), decode_ids over batches of cfg.generate_batch_size prompts
+        in their order, its KV cache preallocated or transformers' DynamicCache (concatenated every step)."""
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        run = lambda ids, mask, _: decode_ids(model, ids, mask, args.max_new_tokens, eos, pad, preallocate=preallocate)  # noqa: E731
+        return merged(lambda: replies_in_batches(tokenizer, prompts, cfg.generate_batch_size, run))
+
+    arms["cache_dynamic"] = lambda: decoded(False)
+    arms["cache_preallocated"] = lambda: decoded(True)
     arms["rollout_generate"] = lambda: starting_model(lambda: rollouts(False))
     arms["rollout_pruned"] = lambda: starting_model(lambda: rollouts(True))
     groups = set(args.groups)
@@ -153,7 +165,8 @@ def main() -> None:
                    ("generate_speedup_pruning", "generate_merged", "generate_merged_pruned"),
                    ("generate_speedup_total", "generate_unmerged", "generate_merged_pruned"),
                    ("start_generate_speedup_pruning", "start_generate", "start_generate_pruned"),
-                   ("rollout_speedup_pruning", "rollout_generate", "rollout_pruned")]
+                   ("rollout_speedup_pruning", "rollout_generate", "rollout_pruned"),
+                   ("cache_speedup_preallocated", "cache_dynamic", "cache_preallocated")]
     result = {
         "cpu": cpu_description(), "threads": args.threads, "adapter": args.adapter, "pairs": len(pairs),
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "merged": did_merge,

@@ -146,12 +146,14 @@ def test_merged_adapter_leaves_alone_what_it_cannot_merge_exactly(tiny_model_dir
     assert merged_weights_are_exact(lora)  # unmerged again: it can merge next time
 
 
+@pytest.mark.parametrize("preallocate", [True, False])
 @pytest.mark.parametrize("sampled", [False, True])
-def test_decode_ids_is_generate_with_ended_rows_dropped(tiny_model_dir, one_thread, sampled):
+def test_decode_ids_is_generate_with_ended_rows_dropped(tiny_model_dir, one_thread, sampled, preallocate):
     """decode_ids stops computing a row at its EOS and returns what model.generate returns: the same ids, EOS kept,
     pad after it, the width of the longest reply; greedy (argmax), and sampled with PPO's per-row GumbelSampler
     (generate with it as a logits processor). The EOS is a token some rows write at step 2 or later and others never,
-    so rows leave the batch and its cache mid-way."""
+    so rows leave the batch and its cache mid-way. With the KV cache preallocated (the default) and with
+    transformers' DynamicCache."""
     from align.evaluation.logprobs import left_pad
     from align.models.generation import decode_ids
     from align.rl.ppo.rollout import GumbelSampler
@@ -174,10 +176,25 @@ def test_decode_ids_is_generate_with_ended_rows_dropped(tiny_model_dir, one_thre
                if (free == t).any(-1).sum() < len(texts) and (free[:, :2] != t).all())
     expected = reference(eos)
     pick = sampler().pick if sampled else None
-    got = decode_ids(model, ids, mask, n, eos, tokenizer.pad_token_id, pick=pick)
+    got = decode_ids(model, ids, mask, n, eos, tokenizer.pad_token_id, pick=pick, preallocate=preallocate)
     assert torch.equal(got, expected)
     ended = (got[:, ids.shape[1] :] == eos).any(-1)
     assert ended.any() and not ended.all()  # rows were dropped and others went on
     for row in torch.nonzero(ended).flatten().tolist():  # only pad after an EOS
         reply = got[row, ids.shape[1] :].tolist()
         assert set(reply[reply.index(eos) + 1 :]) <= {tokenizer.pad_token_id}
+
+
+def test_preallocated_cache_refuses_more_positions_than_its_capacity(tiny_model_dir):
+    """decode_ids sizes the cache to prompt + max_new_tokens; a write past that is an error, not a silent overwrite."""
+    from align.models.generation import preallocated_cache
+
+    model, tokenizer = _trained_looking(tiny_model_dir, "lora")
+    ids = torch.tensor([tokenizer("hello there world")["input_ids"]])
+    cache = preallocated_cache(ids.shape[1] + 1)
+    with torch.no_grad():
+        out = model(input_ids=ids, cache=cache, use_cache=True)
+        assert out.cache.get_seq_length() == ids.shape[1]
+        out = model(input_ids=ids[:, :1], cache=out.cache, use_cache=True)
+        with pytest.raises(ValueError, match="capacity"):
+            model(input_ids=ids[:, :1], cache=out.cache, use_cache=True)
