@@ -95,8 +95,19 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     Returns:
         A float; nan when the returns do not vary (nothing to explain).
     """
+    return explained_variance_from_sums(*explained_variance_sums(values, returns, mask))
+
+
+def explained_variance_sums(values: Tensor, returns: Tensor, mask: Tensor) -> list[float]:
+    """[tokens, sum of returns, of their squares, sum of residuals returns - values, of their squares] over the
+    masked-in tokens, in float64: the sums of several processes' rows add up to the sums of all of them."""
     mask = mask.bool()
-    var_returns = masked_var(returns, mask, unbiased=False)
-    if float(var_returns) == 0.0:
-        return float("nan")
-    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+    returns64, residuals = returns[mask].double(), (returns - values)[mask].double()
+    return [float(mask.sum()), float(returns64.sum()), float(returns64.square().sum()), float(residuals.sum()),
+            float(residuals.square().sum())]
+
+
+def explained_variance_from_sums(n: float, ret_sum: float, ret_sq: float, res_sum: float, res_sq: float) -> float:
+    """`explained_variance` from `explained_variance_sums` (added over processes); nan when the returns do not vary."""
+    var_returns = ret_sq / n - (ret_sum / n) ** 2
+    return 1 - (res_sq / n - (res_sum / n) ** 2) / var_returns if var_returns > 0 else float("nan")

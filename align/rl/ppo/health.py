@@ -12,7 +12,7 @@ import torch
 
 from align.errors import AlignError
 from align.ops.kl import token_kl
-from align.ops.masked import masked_mean
+from align.ops.masked import explained_variance_from_sums, explained_variance_sums, masked_mean
 from align.rl.ppo.config import PPOArgs
 from align.rl.ppo.dist import Dist
 from align.rl.ppo.rollout import Rollout
@@ -46,29 +46,20 @@ def rollout_metrics(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Dist) 
     keys = list(per_row)
     local = [float(per_row[k].double().sum()) for k in keys]
     local += [float(len(rollout)), float(rollout.entropy[mask].double().sum()), float(mask.sum()), float(rollout.query_mask.sum())]
-    if rollout.returns is not None:  # token sums for the critic's explained variance over every process's tokens
-        returns, residuals = rollout.returns[mask].double(), (rollout.returns - rollout.old_values)[mask].double()
-        local += [float(returns.sum()), float(returns.square().sum()), float(residuals.sum()), float(residuals.square().sum())]
+    if rollout.returns is not None:  # the critic's explained variance over every process's tokens
+        local += explained_variance_sums(rollout.old_values, rollout.returns, mask)
     totals = dist.sum(torch.tensor(local, dtype=torch.float64)).tolist()
     rows, entropy_sum, response_tokens, prompt_tokens = totals[len(keys) : len(keys) + 4]
-    explained = _explained_variance_from_sums(response_tokens, *totals[len(keys) + 4 :]) if rollout.returns is not None else None
+    explained = explained_variance_from_sums(*totals[len(keys) + 4 :]) if rollout.returns is not None else math.nan
     metrics = {k: totals[i] / rows for i, k in enumerate(keys)}
     kl_variance = max(metrics.pop("objective/kl_sq") - metrics["objective/kl"] ** 2, 0.0) * rows / max(rows - 1, 1)
     metrics["objective/kl_stderr"] = (kl_variance / rows) ** 0.5  # over responses: k1 sums are noisy, can be < 0
     metrics["objective/entropy"] = entropy_sum / response_tokens
     metrics["objective/beta"] = kl_coef
     metrics["perf/new_tokens"] = response_tokens + prompt_tokens
-    if explained is not None:
+    if not math.isnan(explained):
         metrics["values/explained_variance"] = explained
     return metrics
-
-
-def _explained_variance_from_sums(n: float, ret_sum: float, ret_sq: float, res_sum: float, res_sq: float) -> float | None:
-    """align.ops.masked.explained_variance from token sums (returns, their squares, residuals returns - values,
-    their squares over n tokens), so that the sums of several processes give the whole batch's; None when the
-    returns do not vary."""
-    var_returns = ret_sq / n - (ret_sum / n) ** 2
-    return 1 - (res_sq / n - (res_sum / n) ** 2) / var_returns if var_returns > 0 else None
 
 
 def mean_of(rows: Sequence[dict[str, float]], key: str) -> float | None:
