@@ -4,16 +4,19 @@ __version__ = "0.1.0"
 
 
 def _quiet_bitsandbytes_kernels_warning() -> None:
-    """bitsandbytes warns on import, on every avx512_bf16 CPU, that the optional `kernels` package is missing,
-    even in runs that never quantize. Its own kernel is used instead; the startup line (align.models.loading.
-    compute_note) says which 4-bit path a quantized run takes, so the warning only adds noise."""
+    """bitsandbytes tries on import, on every avx512_bf16 CPU, to fetch a 4-bit kernel from the Hub's
+    kernels-community repository, even in runs that never quantize, and warns when it cannot: the optional `kernels`
+    package is missing, or (transformers 5 installs it) the Hub is offline, where `kernels` adds a line of its own
+    about skipping the publisher trust check. Its own kernel is used instead; the startup line
+    (align.models.loading.compute_note) says which 4-bit path a quantized run takes, so these lines only add noise."""
     import logging
 
     class _DropKernelsNote(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return "kernels-community" not in record.getMessage()
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsNote())
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).addFilter(_DropKernelsNote())
 
 
 def _quiet_checkpointing_renames() -> None:
