@@ -26,7 +26,7 @@ from align.data.load import DataArgs, load_prompts
 from align.errors import ConfigError, cli_main
 from align.evaluation.policy_report import before_after
 from align.log import get_logger
-from align.models.activations import CompressActivationsMixin, return_freed_memory_to_os
+from align.models.activations import CompressActivationsMixin, heap_for_inference, return_freed_memory_to_os
 from align.models.loading import ModelArgs, check_peft_supported, load_model
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, on_gpu, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
@@ -109,6 +109,8 @@ def main() -> None:
     train_time = time.time() - started
     save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
 
+    if cfg.return_freed_memory:  # training's 1 MiB mmap threshold costs inference page faults (heap_for_inference)
+        logger.info(f"dpo: {heap_for_inference()}")
     after = policy_report(trainer.model, tokenizer, eval_pairs, prompts, cfg, adapter=True, start_logps=start_logps)
     if is_main_process():
         write_summary(cfg.output_dir, {

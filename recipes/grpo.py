@@ -28,7 +28,7 @@ from align.data.load import DataArgs, check_lengths, load_prompts, load_train
 from align.errors import ConfigError, cli_main
 from align.evaluation.policy_report import before_after, summarize_policy
 from align.log import get_logger
-from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, return_freed_memory_to_os
+from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference, return_freed_memory_to_os
 from align.models.loading import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
@@ -120,6 +120,8 @@ def main() -> None:
     train_time = time.time() - started
     save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")
 
+    if cfg.return_freed_memory and eval_prompts:  # training's 1 MiB mmap threshold costs inference page faults
+        logger.info(f"{cfg.algorithm}: {heap_for_inference()}")
     after = summarize_policy(trainer.model, tokenizer, [], eval_prompts, beta=cfg.beta, adapter=True,
                              max_new_tokens=cfg.summary_max_new_tokens, batch_size=16) if eval_prompts else {}
     if is_main_process():

@@ -19,7 +19,7 @@ from align.config import arg, parse_config
 from align.data.load import DataArgs, to_hf_dataset
 from align.errors import cli_main
 from align.log import get_logger
-from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, return_freed_memory_to_os
+from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference, return_freed_memory_to_os
 from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.models.reward_model import Float32ScoreHeadMixin, score_texts
 from align.publish.hub import publish_run
@@ -67,6 +67,8 @@ def main() -> None:
 
     trainer = build_trainer(cfg, model, tokenizer, to_hf_dataset(train_pairs), guard_callbacks(cfg.output_dir))
     result = train(trainer, cfg)
+    if cfg.return_freed_memory:  # training's 1 MiB mmap threshold costs inference page faults (heap_for_inference)
+        logger.info(f"reward: {heap_for_inference()}")
     after = held_out_accuracy(trainer.model.eval(), tokenizer, eval_pairs, cfg.per_device_train_batch_size)
 
     save_adapter(trainer.model, tokenizer, f"{cfg.output_dir}/adapter")

@@ -204,15 +204,41 @@ def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
     """
     if torch.cuda.is_available():
         return "malloc: unchanged (GPU)"
+    ok = _mallopt((M_MMAP_THRESHOLD, threshold_bytes))
+    return f"malloc: mmap threshold {threshold_bytes // 2**20} MiB" if ok else "malloc: unchanged (no glibc mallopt)"
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt(param, value) for each setting; False where there is no glibc or one is refused."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(-3, threshold_bytes) == 1  # M_MMAP_THRESHOLD
+        return all(libc.mallopt(param, value) == 1 for param, value in settings)
     except (OSError, AttributeError):
-        ok = False
-    return f"malloc: mmap threshold {threshold_bytes // 2**20} MiB" if ok else "malloc: unchanged (no glibc mallopt)"
+        return False
+
+
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's dynamic mmap threshold stops rising (64-bit)
+
+
+def heap_for_inference() -> str:
+    """After training: serve allocations below 32 MiB from the heap again (and trim it only past 64 MiB), where
+    `return_freed_memory_to_os` had sent everything from 1 MiB up to mmap.
+
+    Inference after training (a recipe's after-summary) allocates the same activation-sized blocks over and over;
+    with a 1 MiB threshold each one is a fresh mmap whose pages fault in anew. glibc's own dynamic threshold cannot
+    be switched back on once set, so this sets the values it arrives at on its own (mmap threshold 32 MiB, trim
+    threshold twice that). A no-op where `return_freed_memory_to_os` is (no glibc, a GPU).
+    """
+    if torch.cuda.is_available():
+        return "malloc: unchanged (GPU)"
+    ok = _mallopt((M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX), (M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX))
+    return "malloc: mmap threshold 32 MiB, trim threshold 64 MiB (inference)" if ok else "malloc: unchanged (no glibc mallopt)"
 
 
 @dataclass

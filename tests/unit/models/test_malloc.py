@@ -1,0 +1,43 @@
+"""align.models.activations: the glibc malloc settings of the training recipes (return_freed_memory_to_os) and of
+inference after training (heap_for_inference), checked by what they are for: minor page faults.
+
+Each case runs in a fresh interpreter (mallopt settings are process-wide and would leak into the other tests). A
+4 MiB tensor allocated, written and freed 100 times: with the 1 MiB mmap threshold every allocation is a fresh mmap
+whose 1,024 pages fault in again (~100,000 faults); with heap_for_inference's 32 MiB threshold the block comes back
+from the heap, mostly already resident (7,168 faults measured against 102,500, AMD EPYC). The factor asserted (8x)
+leaves room for allocator differences between machines and glibc versions.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import json, resource, torch
+from align.models.activations import heap_for_inference, return_freed_memory_to_os
+notes = [return_freed_memory_to_os()]
+if {inference}:
+    notes.append(heap_for_inference())
+torch.empty(1 << 20).fill_(1.0)  # torch's own first-use allocations, outside the count
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    torch.empty(1 << 20).fill_(1.0)  # 4 MiB of float32, every page written
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({{"faults": faults, "notes": notes}}))
+"""
+
+
+def _faults(inference: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(inference=inference)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_heap_for_inference_stops_the_page_faults_of_training_threshold():
+    training, inference = _faults(False), _faults(True)
+    assert training["notes"] == ["malloc: mmap threshold 1 MiB"]
+    assert inference["notes"][1] == "malloc: mmap threshold 32 MiB, trim threshold 64 MiB (inference)"
+    assert training["faults"] > 100 * 1024 * 0.9  # every 4 MiB block faulted in anew: the setting took
+    assert inference["faults"] * 8 < training["faults"]
