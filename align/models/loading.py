@@ -227,13 +227,16 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_bf16_flags())
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def resolve_dtype(name: str = "auto") -> torch.dtype:
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if name == "fp32":
-        return torch.float32
+    """The torch dtype of ModelArgs.dtype's names; auto = bf16 where the hardware computes it, else fp32 (fp16 on a
+    GPU without bf16). Any other name is a ConfigError (a caller's "float32" must not quietly mean auto)."""
+    if name in DTYPES:
+        return DTYPES[name]
+    if name != "auto":
+        raise ConfigError(f"dtype: expected one of auto, {', '.join(DTYPES)}, got {name!r}")
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else torch.float32

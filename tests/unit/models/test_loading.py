@@ -114,6 +114,8 @@ def test_quantized_base_needs_lora(tiny_model_dir):
 def test_dtype_policy():
     assert resolve_dtype("fp32") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ConfigError, match="dtype: expected one of auto, bf16, fp16, fp32, got 'float32'"):
+        resolve_dtype("float32")  # torch's spelling is not ours: once it silently meant auto (bf16 on an avx512_bf16 CPU)
 
 
 def test_reward_task_has_scalar_head(tiny_model_dir):
