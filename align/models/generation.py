@@ -183,10 +183,15 @@ def _expansion(model, kwargs: dict) -> int:
 MERGEABLE = ("lora", "dora", "ia3")  # weight updates peft can fold into the base weights
 
 
-def merged_weights_are_exact(model) -> bool:
-    """Whether `merged_adapter` merges: an enabled LoRA/DoRA/IA3 adapter whose base layers hold plain float32
-    weights. bf16/fp16 are left alone (the update is mostly below their rounding step, so the merged model would be
-    another model), and so are quantized or sharded weights (bitsandbytes, FSDP, ZeRO-3: not a plain float32 matrix)."""
+MERGE_DTYPES = (torch.float32, torch.bfloat16)  # base weights a merge keeps as faithful as the unmerged model
+
+
+def adapter_merges_faithfully(model) -> bool:
+    """Whether `merged_adapter` merges: an enabled LoRA/DoRA/IA3 adapter whose base layers hold plain float32 or
+    bf16 weights. bf16 too: many entries of the update are below bf16's rounding step, but the merged bf16 model is as
+    close to the float32 adapter as the unmerged bf16 model is (held-out reply log-probs of a trained main-job adapter,
+    README's performance notes; tests/unit/models/test_generation.py checks it on logits). fp16 is left alone (not
+    measured), and so are quantized or sharded weights (bitsandbytes, FSDP, ZeRO-3: not a plain matrix)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from align.models.loading import adapter_method
@@ -199,7 +204,7 @@ def merged_weights_are_exact(model) -> bool:
     for layer in layers:
         base = layer.get_base_layer()
         weight = getattr(base, "weight", None)
-        if (type(base) is not torch.nn.Linear or weight is None or weight.dtype != torch.float32
+        if (type(base) is not torch.nn.Linear or weight is None or weight.dtype not in MERGE_DTYPES
                 or tuple(weight.shape) != (base.out_features, base.in_features)):
             return False
     return True
@@ -209,16 +214,16 @@ class merged_adapter:
     """`with merged_adapter(model):` runs inference with the adapter's update folded into the base weights (one
     matmul per linear layer instead of the base's plus the adapter's two: generation on the default model ~1.3x
     faster on a CPU, bench/summary_cost.py), and puts the base weights back bit for bit on exit (a
-    copy is kept: unmerging by subtraction would round them). A model `merged_weights_are_exact` refuses is used as
-    it is. The merged model computes W' x with W' = W + scale B A rounded once to float32, where the adapter
-    computes W x + scale B (A x): the same function up to float32 rounding, not bit for bit."""
+    copy is kept: unmerging by subtraction would round them). A model `adapter_merges_faithfully` refuses is used as
+    it is. The merged model computes W' x with W' = W + scale B A rounded once to the weights' dtype, where the adapter
+    computes W x + scale B (A x): the same function up to that dtype's rounding, not bit for bit."""
 
     def __init__(self, model):
         self.model = model
         self.saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
 
     def __enter__(self):
-        if not merged_weights_are_exact(self.model):
+        if not adapter_merges_faithfully(self.model):
             return self.model
         from peft.tuners.tuners_utils import BaseTunerLayer
 

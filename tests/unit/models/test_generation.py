@@ -122,19 +122,64 @@ def test_merged_adapter_computes_the_same_and_restores_every_weight_bit_for_bit(
     assert not any(getattr(m, "merged", False) for m in model.modules())
 
 
-def test_merged_adapter_leaves_alone_what_it_cannot_merge_exactly(tiny_model_dir, one_thread):
-    """bf16 weights (the update is below their rounding step), a disabled adapter, virtual tokens: used as they are;
-    an error inside the block still restores the weights."""
-    from align.models.generation import merged_adapter, merged_weights_are_exact
+@pytest.mark.parametrize("b_std, relative, below", [(8e-5, (0.003, 0.012), 0.15), (2e-3, (0.1, 0.2), 0.0)],
+                         ids=["trained-size", "large"])
+def test_bf16_merge_is_as_close_to_the_float32_adapter_as_bf16_unmerged(tiny_model_dir, one_thread, b_std, relative, below):
+    """Merged into bf16 weights, the adapter's logits are no further from the float32 adapter's than the unmerged bf16
+    model's are (within 2x, mean and max), and the weights come back bit for bit. trained-size: |scale B A| / |W|
+    about 0.6% with a fifth of its entries below half of bf16's rounding step of their weight, as in the main job's
+    trained adapter (median 0.57% and 22% over its 210 layers); there the update moves the logits less than bf16
+    rounding does, so the large case (15%, the update's effect 4x+ the bf16 error) is the one a wrong merge would fail."""
+    from align.models.generation import adapter_merges_faithfully, merged_adapter
 
+    fp32, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", peft="lora"))
     bf16, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="bf16", peft="lora"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in fp32.named_parameters():
+            if "lora_A" in name:
+                p.normal_(0, p.shape[1] ** -0.5)
+            elif "lora_B" in name:
+                p.normal_(0, b_std)
+        adapter = {n: p for n, p in fp32.named_parameters() if p.requires_grad}
+        for n, p in bf16.named_parameters():
+            if p.requires_grad:
+                p.copy_(adapter[n])
+        fp32.eval(), bf16.eval()
+        layer = next(m for m in fp32.modules() if hasattr(m, "get_delta_weight"))
+        delta, weight = layer.get_delta_weight("default"), layer.get_base_layer().weight
+        assert relative[0] < float(delta.norm() / weight.norm()) < relative[1]
+        half_step = weight.to(torch.bfloat16).float().abs() * 2.0**-9
+        assert float((delta.abs() < half_step).float().mean()) >= below
+        assert adapter_merges_faithfully(bf16)
+        ids = torch.randint(0, 250, (4, 24))
+        before = {n: p.detach().clone() for n, p in bf16.named_parameters()}
+        reference = fp32(input_ids=ids).logits
+        with fp32.disable_adapter():
+            update = (fp32(input_ids=ids).logits - reference).abs().mean()
+        unmerged = (bf16(input_ids=ids).logits.float() - reference).abs()
+        with merged_adapter(bf16):
+            assert any(not torch.equal(p, before[n]) for n, p in bf16.named_parameters())  # the merge happened
+            merged = (bf16(input_ids=ids).logits.float() - reference).abs()
+    assert all(torch.equal(p, before[n]) for n, p in bf16.named_parameters())
+    assert merged.mean() < 2 * unmerged.mean() and merged.max() < 2 * unmerged.max(), (merged.mean(), unmerged.mean())
+    if below == 0.0:
+        assert update > 4 * unmerged.mean()
+
+
+def test_merged_adapter_leaves_alone_what_it_cannot_merge(tiny_model_dir, one_thread):
+    """fp16 weights (not measured), a disabled adapter, virtual tokens: used as they are; an error inside the block
+    still restores the weights."""
+    from align.models.generation import adapter_merges_faithfully, merged_adapter
+
+    fp16, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp16", peft="lora"))
     prompt, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", peft="prompt_tuning"))
     lora, _ = _trained_looking(tiny_model_dir, "lora")
-    assert not merged_weights_are_exact(bf16) and not merged_weights_are_exact(prompt)
+    assert not adapter_merges_faithfully(fp16) and not adapter_merges_faithfully(prompt)
     with lora.disable_adapter():
-        assert not merged_weights_are_exact(lora)
-    assert merged_weights_are_exact(lora)
-    for model in (bf16, prompt):
+        assert not adapter_merges_faithfully(lora)
+    assert adapter_merges_faithfully(lora)
+    for model in (fp16, prompt):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         with merged_adapter(model):
             assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -143,7 +188,7 @@ def test_merged_adapter_leaves_alone_what_it_cannot_merge_exactly(tiny_model_dir
         with merged_adapter(lora):
             raise RuntimeError("inside")
     assert all(torch.equal(p, before[n]) for n, p in lora.named_parameters())
-    assert merged_weights_are_exact(lora)  # unmerged again: it can merge next time
+    assert adapter_merges_faithfully(lora)  # unmerged again: it can merge next time
 
 
 @pytest.mark.parametrize("preallocate", [True, False])
