@@ -191,6 +191,21 @@ def enable_selective_checkpointing(model, min_inner_dim: int = 64) -> None:
     model.activation_checkpointing_enable = activation_checkpointing_enable
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt(param, value) for each setting; False where there is no glibc or one is refused."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    except (OSError, AttributeError):
+        return False
+
+
 def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
     """Make glibc serve allocations of `threshold_bytes` and more with mmap, so that freeing them returns
     the memory to the OS at once.
@@ -206,21 +221,6 @@ def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
         return "malloc: unchanged (GPU)"
     ok = _mallopt((M_MMAP_THRESHOLD, threshold_bytes))
     return f"malloc: mmap threshold {threshold_bytes // 2**20} MiB" if ok else "malloc: unchanged (no glibc mallopt)"
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def _mallopt(*settings: tuple[int, int]) -> bool:
-    """glibc's mallopt(param, value) for each setting; False where there is no glibc or one is refused."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return all(libc.mallopt(param, value) == 1 for param, value in settings)
-    except (OSError, AttributeError):
-        return False
 
 
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's dynamic mmap threshold stops rising (64-bit)
