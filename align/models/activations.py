@@ -194,16 +194,20 @@ def enable_selective_checkpointing(model, min_inner_dim: int = 64) -> None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
-def _mallopt(*settings: tuple[int, int]) -> bool:
-    """glibc's mallopt(param, value) for each setting; False where there is no glibc or one is refused."""
+def _malloc_settings(description: str, *settings: tuple[int, int]) -> str:
+    """glibc's mallopt(param, value) for each setting, none on a GPU. Returns "malloc: <description>", or why
+    nothing changed (a GPU, no glibc, a setting refused)."""
+    if torch.cuda.is_available():
+        return "malloc: unchanged (GPU)"
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return all(libc.mallopt(param, value) == 1 for param, value in settings)
+        ok = all(libc.mallopt(param, value) == 1 for param, value in settings)
     except (OSError, AttributeError):
-        return False
+        ok = False
+    return f"malloc: {description}" if ok else "malloc: unchanged (no glibc mallopt)"
 
 
 def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
@@ -217,10 +221,7 @@ def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
     forward + backward over the RSS before it went from 1.84 GB to 0.91 GB. Cost: the pages of each large
     tensor are faulted in fresh. A no-op off Linux/glibc and on a GPU.
     """
-    if torch.cuda.is_available():
-        return "malloc: unchanged (GPU)"
-    ok = _mallopt((M_MMAP_THRESHOLD, threshold_bytes))
-    return f"malloc: mmap threshold {threshold_bytes // 2**20} MiB" if ok else "malloc: unchanged (no glibc mallopt)"
+    return _malloc_settings(f"mmap threshold {threshold_bytes // 2**20} MiB", (M_MMAP_THRESHOLD, threshold_bytes))
 
 
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's dynamic mmap threshold stops rising (64-bit)
@@ -235,10 +236,8 @@ def heap_for_inference() -> str:
     be switched back on once set, so this sets the values it arrives at on its own (mmap threshold 32 MiB, trim
     threshold twice that). A no-op where `return_freed_memory_to_os` is (no glibc, a GPU).
     """
-    if torch.cuda.is_available():
-        return "malloc: unchanged (GPU)"
-    ok = _mallopt((M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX), (M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX))
-    return "malloc: mmap threshold 32 MiB, trim threshold 64 MiB (inference)" if ok else "malloc: unchanged (no glibc mallopt)"
+    return _malloc_settings("mmap threshold 32 MiB, trim threshold 64 MiB (inference)",
+                            (M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX), (M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX))
 
 
 @dataclass
