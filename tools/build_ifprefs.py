@@ -44,8 +44,8 @@ from align.evaluation.text_counts import count_words  # noqa: E402
 from align.evaluation.verifier import phrasings, verify  # noqa: E402
 from align.io import atomic_write_json, atomic_write_text  # noqa: E402
 from ifprefs_edits import (ABSENT_KEYWORDS, Draft, clean_reply, comply, draw_types, rejected_candidates, sample_for_eval,  # noqa: E402
-                           sample_for_reply, work_in_keyword)
-from align.evaluation.degeneration import check_reply  # noqa: E402
+                           sample_for_reply, unasked_edits, work_in_keyword)
+from align.evaluation.degeneration import check_reply, unasked_formats  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Tasks and topics. Eval templates and topics never occur in the training splits.
@@ -292,10 +292,11 @@ KIND_WEIGHTS = {"raw": 2.0, "drop_edit": 1.0, "untrimmed": 1.0, "truncated": 1.0
 
 def build_splits(bases: list[dict], replies: list[dict], cfg: BuildArgs) -> dict[str, list[dict]]:
     """The splits: drafted, absent keywords worked in (absent_keywords), degenerate target replies dropped
-    (drop_degenerate), numbered."""
+    (drop_degenerate), pairs rejecting an unasked format added (add_unasked_pairs), numbered."""
     splits = draft_splits(bases, replies, cfg)
     absent_keywords(splits)
     drop_degenerate(splits)
+    add_unasked_pairs(splits)
     number_rows(splits)
     return splits
 
@@ -415,6 +416,46 @@ def _rework_keyword(row: dict) -> bool:
     return False
 
 
+UNASKED_SHARE = 0.25  # of the pairs (train and test) that get a sibling whose rejected reply adds a format nobody asked for
+
+
+def add_unasked_pairs(splits: dict[str, list[dict]], share: float = UNASKED_SHARE) -> dict[str, int]:
+    """Append to prefs_train and prefs_test, for a seeded `share` of their pairs, a sibling pair: the same prompt and
+    chosen reply, rejected = the chosen reply plus one format no constraint asks for (ifprefs_edits.unasked_edits: a
+    title, a P.S., placeholders, quotes, JSON, all capitals, dividers or sections), kept only where it still meets every
+    constraint and is not degenerate text, so the one thing the pair prefers is leaving out what was not asked for. The
+    verifier scores both 1.0; align.evaluation.degeneration.unasked_formats tells them apart (meta.unasked_format).
+
+    Which pairs is seeded by each pair's own prompt and chosen reply; a pair that has its sibling is marked
+    (meta.unasked_sibling) and siblings (meta.kind "unasked_edit") are not used as sources, so a second pass adds
+    nothing. Siblings go after the existing rows: the ids of those stay as they were. Returns the pairs added per split."""
+    added = {}
+    for name in ("prefs_train", "prefs_test"):
+        rows = splits.get(name, [])
+        new = []
+        for row in rows:
+            meta = row["meta"]
+            if meta["kind"] == "unasked_edit" or meta.get("unasked_sibling"):
+                continue
+            prompt, chosen = target_reply(row)
+            rng = random.Random("unasked-" + hashlib.sha1(json.dumps([prompt, chosen]).encode("utf-8")).hexdigest())
+            if rng.random() >= share or unasked_formats(chosen, row["constraints"]):
+                continue
+            for fmt, rejected in unasked_edits(chosen, row["constraints"], meta["topic"], rng):
+                if (not verify(rejected, row["constraints"]).strict or fmt not in unasked_formats(rejected, row["constraints"])
+                        or check_reply(rejected, prompt, row["constraints"]).degenerate):
+                    continue
+                meta["unasked_sibling"] = True
+                new.append({"prompt": row["prompt"], "chosen": row["chosen"],
+                            "rejected": [{"role": "assistant", "content": rejected}], "constraints": row["constraints"],
+                            "meta": {**{k: v for k, v in meta.items() if k != "unasked_sibling"}, "kind": "unasked_edit",
+                                     "unasked_format": fmt, "rejected_score": verify(rejected, row["constraints"]).score}})
+                break
+        rows.extend(new)
+        added[name] = len(new)
+    return added
+
+
 def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
     """Drop, in place, every training row whose target reply (SFT reply, chosen reply) is degenerate text
     (align.evaluation.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
@@ -471,6 +512,9 @@ def dataset_stats(splits: dict[str, list[dict]]) -> dict[str, Any]:
     replies = [r["messages"][-1]["content"] for r in splits["sft"]]
     stats["sft_reply_words_mean"] = round(sum(count_words(t) for t in replies) / max(1, len(replies)), 1)
     stats["absent_keyword_rows"] = absent_keyword_rows(splits)
+    stats["unasked_formats_rejected"] = {name: dict(sorted(Counter(r["meta"]["unasked_format"] for r in splits[name]
+                                                                   if r["meta"]["kind"] == "unasked_edit").items()))
+                                         for name in ("prefs_train", "prefs_test")}
     return stats
 
 
@@ -515,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
                   for name in ("sft", "sft_test", "prefs_train", "prefs_test", "eval")}
         reworked = absent_keywords(splits)
         dropped = drop_degenerate(splits)
+        unasked = add_unasked_pairs(splits)
         number_rows(splits)
         for name, rows in splits.items():
             _write_jsonl(out / f"{name}.jsonl", rows)
@@ -524,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
         earlier = old_stats.get("dropped_degenerate", {})
         stats["dropped_degenerate"] = {k: earlier.get(k, 0) + n for k, n in dropped.items()}
         atomic_write_json(out / "meta" / "stats.json", stats)
-        log(f"absent keywords worked into {json.dumps(reworked)} rows; "
+        log(f"absent keywords worked into {json.dumps(reworked)} rows; pairs rejecting an unasked format added: {json.dumps(unasked)}; "
             f"dropped degenerate target replies: {json.dumps(dropped)} (since the build: {json.dumps(stats['dropped_degenerate'])}); "
             f"now {json.dumps(stats['sizes'])}")
         return
@@ -537,6 +582,7 @@ def main(argv: list[str] | None = None) -> None:
         splits = draft_splits(bases, replies, cfg)
         absent_keywords(splits)
         dropped = drop_degenerate(splits)
+        add_unasked_pairs(splits)
         number_rows(splits)
         splits["eval"] = eval_prompts(cfg.seed, cfg.n_eval)
         for name, rows in splits.items():

@@ -480,3 +480,45 @@ def work_in_keyword(reply: str, sentence: str, constraints: Sequence[dict]) -> s
         lines[i] = line[: end.end()] + " " + sentence + line[end.end():]
         return "\n".join(lines)
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Formats nobody asked for, added. Every other rejected reply lacks a format the prompt asked for, so the pairs
+# teach "a P.S., a title, `***` dividers are good" and never "only when asked": DPO runs raised the share of replies
+# with a format nobody asked for (align.evaluation.degeneration.unasked_formats) from 0.13 to 0.26-0.49 (issue 18).
+# A pair whose rejected reply is the chosen one plus such a format is the missing contrast.
+
+_MARKED_RE = re.compile(r"<<|>>|\[|\]|^\s*P\.\s?S\.|^\s*\*\*\*\s*$|\bSECTION\s+\d|^\s*(?:[*-]|\d{1,2}[.)])\s|\A\s*[\"{`]", re.M)
+
+
+def unasked_edits(chosen: str, constraints: Sequence[dict], topic: str, rng: random.Random) -> list[tuple[str, str]]:
+    """(format, reply) pairs: `chosen` with one format added that no constraint asks for, each named as
+    align.evaluation.degeneration.unasked_formats names it, in a seeded order. The caller keeps a reply that still
+    meets every constraint (build_ifprefs.add_unasked_pairs); the order favours the formats of UNASKED_WEIGHTS. Structure (dividers, sections) is only re-flowed
+    into plain prose (no markers of its own), so no title or list ends up inside a paragraph."""
+    asked = {c["type"] for c in constraints}
+    title = topic[:1].upper() + topic[1:]
+    plain = not _MARKED_RE.search(chosen)
+    out = []
+    if "title" not in asked:
+        out.append(("<<title>>", f"<<{title}>>\n\n{chosen}"))
+    if "postscript" not in asked:
+        out.append(("postscript", f"{chosen}\n\nP.S. {rng.choice(POSTSCRIPTS)}"))
+    if "num_placeholders" not in asked:
+        out.append(("placeholders", f"{chosen}\n\n{rng.choice(PLACEHOLDER_LINES[1])}"))
+    if "quotation" not in asked and not chosen.lstrip().startswith(("\"", "```")):
+        out.append(("quoted reply", f'"{chosen}"'))
+    if "json_format" not in asked and not chosen.lstrip().startswith("```"):
+        out.append(("JSON", "```json\n" + json.dumps({"response": chosen}, ensure_ascii=False, indent=2) + "\n```"))
+    if "capitals" not in asked and "lowercase" not in asked:
+        out.append(("all capitals", chosen.upper()))
+    for kind, name in (("paragraphs", "*** dividers"), ("sections", "SECTION markers")):
+        if plain and f"num_{kind}" not in asked and len(split_sentences(chosen)) >= 4:
+            out.append((name, render(Draft.from_text(chosen).copy(structure=(kind, 2 if kind == "sections" else 3)))))
+    # a seeded order that tries the formats trained policies add most often first (placeholders, then quotes: issue 18's
+    # DPO and PPO evaluations), a weighted shuffle (Efraimidis-Spirakis keys)
+    keys = {id(edit): rng.random() ** (1.0 / UNASKED_WEIGHTS.get(edit[0], 1.0)) for edit in out}
+    return sorted(out, key=lambda edit: -keys[id(edit)])
+
+
+UNASKED_WEIGHTS = {"placeholders": 4.0, "quoted reply": 2.0}

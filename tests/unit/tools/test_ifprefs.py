@@ -39,8 +39,10 @@ from ifprefs_edits import (  # noqa: E402
     render,
     sample_for_eval,
     sample_for_reply,
+    unasked_edits,
     work_in_keyword,
 )
+from align.evaluation.degeneration import check_reply, unasked_formats
 from align.evaluation.text_counts import count_words
 from align.evaluation.verifier import TYPES, check_constraints, verify
 
@@ -188,10 +190,7 @@ def test_build_is_deterministic_and_sound():
     for row in first["sft"] + first["sft_test"]:
         assert verify(row["messages"][-1]["content"], row["constraints"]).strict
     for row in first["prefs_train"] + first["prefs_test"]:
-        chosen = verify(row["chosen"][0]["content"], row["constraints"]).score
-        rejected = verify(row["rejected"][0]["content"], row["constraints"]).score
-        assert chosen > rejected
-        assert (row["meta"]["chosen_score"], row["meta"]["rejected_score"]) == (chosen, rejected)
+        _assert_pair_prefers_chosen(row)
     # the last base is the held-out one
     assert {r["meta"]["base"] for r in first["prefs_test"]} == {3}
     assert all(r["meta"]["base"] < 3 for r in first["prefs_train"] + first["sft"])
@@ -262,14 +261,57 @@ def test_ids_are_unique(data):
     assert len(ids) == len(set(ids))
 
 
+def _assert_pair_prefers_chosen(row: dict) -> None:
+    """The verifier scores chosen above rejected; or, for a pair rejecting an unasked format (add_unasked_pairs),
+    both meet every constraint, rejected is text, and only rejected has a format nobody asked for, the one named."""
+    where = row.get("id", row["meta"])
+    chosen_text, rejected_text = row["chosen"][0]["content"], row["rejected"][0]["content"]
+    chosen = verify(chosen_text, row["constraints"]).score
+    rejected = verify(rejected_text, row["constraints"]).score
+    assert row["meta"]["chosen_score"] == chosen and row["meta"]["rejected_score"] == rejected, where
+    if row["meta"]["kind"] != "unasked_edit":
+        assert chosen > rejected, where
+        assert row["meta"]["kind"] in ifprefs.KIND_WEIGHTS, where
+        return
+    assert chosen == rejected == 1.0, where
+    assert not unasked_formats(chosen_text, row["constraints"]), where
+    assert row["meta"]["unasked_format"] in unasked_formats(rejected_text, row["constraints"]), where
+    assert not check_reply(rejected_text, row["prompt"], row["constraints"]).degenerate, where
+
+
 def test_every_test_pair_and_every_train_pair_ranks_chosen_higher(data):
     for name in ("prefs_test", "prefs_train"):
         for row in data[name]:
-            chosen = verify(row["chosen"][0]["content"], row["constraints"]).score
-            rejected = verify(row["rejected"][0]["content"], row["constraints"]).score
-            assert chosen > rejected, row["id"]
-            assert row["meta"]["chosen_score"] == chosen and row["meta"]["rejected_score"] == rejected, row["id"]
-            assert row["meta"]["kind"] in ifprefs.KIND_WEIGHTS
+            _assert_pair_prefers_chosen(row)
+
+
+def test_unasked_edits_add_one_format_nobody_asked_for():
+    rng = random.Random(0)
+    for reply, topic in zip(REPLIES, TOPICS):
+        edits = unasked_edits(reply, [{"type": "no_comma"}], topic, rng)
+        names = {name for name, _ in edits}
+        assert {"<<title>>", "postscript", "placeholders", "quoted reply", "JSON", "all capitals"} <= names
+        for name, edited in edits:
+            assert name in unasked_formats(edited, [{"type": "no_comma"}]), name
+            assert reply.split()[0].lower() in edited.lower(), name  # the reply is kept, the format added
+        # a format the prompt asks for is never offered; dividers and sections only re-flow plain prose
+        asked = unasked_edits(reply, [{"type": "postscript", "postscript_marker": "P.S."}, {"type": "title"}], topic, rng)
+        assert not {"postscript", "<<title>>"} & {name for name, _ in asked}
+    assert "*** dividers" in {n for n, _ in unasked_edits(REPLIES[3], [], TOPICS[3], rng)}
+    assert "*** dividers" not in {n for n, _ in unasked_edits(REPLIES[1], [], TOPICS[1], rng)}  # a numbered list
+
+
+def test_add_unasked_pairs_appends_siblings_once():
+    splits = _small_build(0)
+    before = {name: [dict(r, meta=dict(r["meta"])) for r in splits[name]] for name in ("prefs_train", "prefs_test")}
+    siblings = [r for name in before for r in splits[name] if r["meta"]["kind"] == "unasked_edit"]
+    assert siblings, "the small build has pairs rejecting an unasked format"
+    for row in siblings:
+        source = next(r for r in splits["prefs_train"] + splits["prefs_test"]
+                      if r["meta"].get("unasked_sibling") and r["chosen"] == row["chosen"] and r["prompt"] == row["prompt"])
+        assert source["meta"]["kind"] != "unasked_edit"
+    assert ifprefs.add_unasked_pairs(splits) == {"prefs_train": 0, "prefs_test": 0}  # a second pass adds nothing
+    assert {name: splits[name] for name in before} == before
 
 
 def test_every_sft_reply_meets_all_its_constraints(data):
@@ -324,7 +366,8 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     files); stats.json records what was dropped: 2,484 - 96 = 2,388 SFT rows, 171 - 9 = 162 held-out SFT rows,
     3,273 - 124 = 3,149 pairs, 449 - 25 = 424 held-out pairs (35 and 43 by the first rules, 4, 2 and 2 more when the
     no-answer rule came, 2 and 1 more when it came to want 4 words of the reply's own, 6 pairs more when the answer
-    became the text before a postscript, 55, 9, 72 and 23 when an empty list item became degenerate)."""
+    became the text before a postscript, 55, 9, 72 and 23 when an empty list item became degenerate); then 685 and 102
+    pairs rejecting a format nobody asked for were added (add_unasked_pairs)."""
     from align.evaluation.degeneration import check_reply
 
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
@@ -334,7 +377,8 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     stats = json.loads((DATA / "meta" / "stats.json").read_text())
     assert stats["dropped_degenerate"] == {"sft": 96, "sft_test": 9, "prefs_train": 124, "prefs_test": 25}
     assert {k: len(v) for k, v in data.items()} == stats["sizes"]
-    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 96, 3273 - 124, 449 - 25)
+    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 96, 3273 - 124 + 685, 449 - 25 + 102)
+    assert sum(stats["unasked_formats_rejected"]["prefs_train"].values()) == 685
 
 
 def test_drop_degenerate_keeps_ordinary_rows_and_renumbers():
@@ -389,7 +433,7 @@ def test_absent_keyword_rows_ask_for_a_word_only_the_target_reply_has(data):
             prompt, reply = ifprefs.target_reply(row)
             keywords = next(c["keywords"] for c in row["constraints"] if c["type"] == "include_keywords")
             assert word in keywords and f'"{word}"' in prompt[-1]["content"] and ABSENT_KEYWORDS[word].lower() in reply.lower(), row["id"]
-            if "rejected" in row:
+            if "rejected" in row and row["meta"]["kind"] != "unasked_edit":  # that one is the chosen reply plus a format
                 assert word not in row["rejected"][-1]["content"].lower(), row["id"]
     assert counts == json.loads((DATA / "meta" / "stats.json").read_text())["absent_keyword_rows"]
     assert counts["sft"] > 100 and counts["prefs_train"] > 100
