@@ -21,7 +21,7 @@ from align.errors import cli_main
 from align.log import get_logger
 from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference, return_freed_memory_to_os
 from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
-from align.models.reward_model import Float32ScoreHeadMixin, score_texts
+from align.models.reward_model import Float32ScoreHeadMixin, score_pairs
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
@@ -42,9 +42,8 @@ def held_out_accuracy(model, tokenizer, pairs, batch_size: int) -> dict:
     """Share of held-out pairs the model ranks correctly, and the mean score margin."""
     if not pairs:
         return {}
-    prompts = [p.prompt for p in pairs]
-    chosen = score_texts(model, tokenizer, prompts, [p.chosen for p in pairs], batch_size)
-    rejected = score_texts(model, tokenizer, prompts, [p.rejected for p in pairs], batch_size)
+    chosen, rejected = score_pairs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                   [p.rejected for p in pairs], batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {
         "eval/accuracy": sum(m > 0 for m in margins) / len(margins),

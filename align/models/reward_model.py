@@ -99,6 +99,40 @@ def _last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 
 @torch.no_grad()
+def score_pairs(model, tokenizer, prompts: list[list[Message]], chosen: list[str], rejected: list[str], batch_size: int = 8,
+                max_length: int | None = None) -> tuple[list[float], list[float]]:
+    """Reward-model scores of (prompt, chosen) and (prompt, rejected), each pair as one row: the two sequences' common
+    start computed once (align.trainers.reward_fast; the scores equal `score_texts`' to float rounding). Falls back to
+    `score_texts` twice where a pair cannot be one row (align.trainers.reward_fast.pair_scores_unsupported)."""
+    from align.trainers.reward_fast import add_pair_scores, pair_rows, pair_scores_unsupported
+
+    if pair_scores_unsupported(model):
+        return (score_texts(model, tokenizer, prompts, chosen, batch_size, max_length),
+                score_texts(model, tokenizer, prompts, rejected, batch_size, max_length))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    add_pair_scores(inner)
+    device = next(model.parameters()).device
+    chosen_ids = encode_conversations(tokenizer, prompts, chosen, max_length)
+    rejected_ids = encode_conversations(tokenizer, prompts, rejected, max_length)
+    order = sorted(range(len(prompts)), key=lambda i: len(chosen_ids[i]) + len(rejected_ids[i]))  # less padding
+    scores: dict[int, tuple[float, float]] = {}
+    for start in range(0, len(order), batch_size):
+        pairs = order[start:start + batch_size]
+        seqs = [chosen_ids[i] for i in pairs] + [rejected_ids[i] for i in pairs]
+        width = max(len(x) for x in seqs)
+        input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, x in enumerate(seqs):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            attention_mask[row, : len(x)] = 1
+        rows = pair_rows(input_ids.to(device), attention_mask.to(device), inner.config.pad_token_id)
+        values = model(align_pair_rows=rows).logits.squeeze(-1).float().tolist()
+        for k, i in enumerate(pairs):
+            scores[i] = (values[k], values[len(pairs) + k])
+    return [scores[i][0] for i in range(len(prompts))], [scores[i][1] for i in range(len(prompts))]
+
+
+@torch.no_grad()
 def score_texts(model, tokenizer, prompts: list[list[Message]], replies: list[str], batch_size: int = 8, max_length: int | None = None) -> list[float]:
     """Reward-model scores of each (prompt, reply): a list of floats, higher = preferred."""
     device = next(model.parameters()).device

@@ -107,6 +107,21 @@ def add_pair_scores(model) -> None:
     model._align_pair_scores = True
 
 
+def pair_scores_unsupported(model) -> str | None:
+    """Why `model` (a sequence classifier, or its PEFT wrapper) cannot score a pair as one row, or None when it can."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return "a prompt-learning adapter (its virtual tokens are added by the PEFT wrapper)"
+    if inner.config._attn_implementation not in ("sdpa", "eager"):
+        return f"attention implementation {inner.config._attn_implementation!r} takes no 4-D mask"
+    if not (hasattr(inner, "score") and hasattr(inner, inner.base_model_prefix)
+            and type(inner).__name__.endswith("ForSequenceClassification")):
+        return f"{type(inner).__name__} is not a sequence classifier with a `score` head"
+    if inner.config.pad_token_id is None:
+        return "the model has no pad_token_id (its pooling then needs a batch of one)"
+    return None
+
+
 class _Scores:
     """Stands in for the model inside TRL's RewardTrainer.compute_loss: returns the scores already computed."""
 
@@ -126,21 +141,11 @@ class FastRewardTrainer(RewardTrainer):
         if isinstance(model, str):
             raise TypeError("FastRewardTrainer: pass the model as a loaded instance, not a name")
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._fallback_reason = None
-        if share_prompt:
-            if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-                self._fallback_reason = "a prompt-learning adapter (its virtual tokens are added by the PEFT wrapper)"
-            elif inner.config._attn_implementation not in ("sdpa", "eager"):
-                self._fallback_reason = f"attention implementation {inner.config._attn_implementation!r} takes no 4-D mask"
-            elif not (hasattr(inner, "score") and hasattr(inner, inner.base_model_prefix)
-                      and type(inner).__name__.endswith("ForSequenceClassification")):
-                self._fallback_reason = f"{type(inner).__name__} is not a sequence classifier with a `score` head"
-            elif inner.config.pad_token_id is None:
-                self._fallback_reason = "the model has no pad_token_id (its pooling then needs a batch of one)"
-            if self._fallback_reason:
-                warnings.warn(f"align.trainers.reward_fast: {self._fallback_reason}: using TRL's stock forward", stacklevel=2)
-            else:
-                add_pair_scores(inner)
+        self._fallback_reason = pair_scores_unsupported(model) if share_prompt else None
+        if self._fallback_reason:
+            warnings.warn(f"align.trainers.reward_fast: {self._fallback_reason}: using TRL's stock forward", stacklevel=2)
+        elif share_prompt:
+            add_pair_scores(inner)
         self._share_prompt = share_prompt and self._fallback_reason is None
         self._pad_token_id = inner.config.pad_token_id
         super().__init__(*args, **kwargs)

@@ -153,3 +153,31 @@ def test_recipe_builds_the_fast_trainer(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(cfg, task="reward")
     trainer = module.build_trainer(cfg, model, tokenizer, to_hf_dataset(_pairs()), [])
     assert isinstance(trainer, FastRewardTrainer) and trainer._share_prompt
+
+
+@pytest.mark.parametrize("peft", ["lora", "prompt_tuning"])
+def test_score_pairs_equals_scoring_each_text(tiny_model_dir, peft):
+    """align.models.reward_model.score_pairs (the recipe's held-out accuracy) gives score_texts' scores, one row per
+    pair with LoRA, and score_texts itself where a pair cannot be one row (a prompt-learning adapter)."""
+    import transformers
+
+    from align.models.loading import ModelArgs, load_model
+    from align.models.reward_model import score_pairs, score_texts
+
+    transformers.set_seed(0)
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none", lora_r=4,
+                                            lora_alpha=8, peft=peft, num_virtual_tokens=4), task="reward")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    model.eval()
+    pairs = _pairs()
+    prompts, chosen, rejected = [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
+    got_chosen, got_rejected = score_pairs(model, tokenizer, prompts, chosen, rejected, batch_size=4)
+    want_chosen = score_texts(model, tokenizer, prompts, chosen, batch_size=4)
+    want_rejected = score_texts(model, tokenizer, prompts, rejected, batch_size=4)
+    assert torch.tensor(want_chosen + want_rejected).std() > 1e-3
+    torch.testing.assert_close(torch.tensor(got_chosen), torch.tensor(want_chosen), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got_rejected), torch.tensor(want_rejected), rtol=0, atol=1e-5)
