@@ -356,7 +356,8 @@ def _phase_bytes(arch: Arch, args: PlanArgs, num: Numerics, components: dict[str
         act, _ = _activations(arch, args, num, tokens)
         score_in = tokens * arch.hidden * num.resid  # the trainable score head saves its input
         phases["train step"] = {**components, "activations": act + score_in, "transient": dequant}
-        notes.append("reward: chosen and rejected are one batch of 2 x micro_batch rows; no vocabulary logits")
+        notes.append("reward: chosen and rejected are one batch of 2 x micro_batch rows; no vocabulary logits (an upper "
+                     "bound: the recipe computes a pair's common start once, --share_prompt)")
     elif args.stage == "ppo":
         R = args.ppo_response_len
         # update: policy then critic, each backpropagated on its own; the policy (with logits) is the larger

@@ -26,7 +26,7 @@ from align.data.load import DataArgs, load_prompts
 from align.errors import ConfigError, cli_main
 from align.evaluation.policy_report import before_after
 from align.log import get_logger
-from align.models.activations import CompressActivationsMixin, heap_for_inference, return_freed_memory_to_os
+from align.models.activations import CompressActivationsMixin, heap_for_inference
 from align.models.loading import ModelArgs, check_peft_supported, load_model
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, on_gpu, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
@@ -134,7 +134,7 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
     """The DPO trainer of this recipe (`python bench/run.py --stage dpo` times this same function)."""
     from trl import DPOConfig
 
-    notes = [return_freed_memory_to_os()] if cfg.return_freed_memory else []
+    notes = [cfg.freed_memory_note()] if cfg.return_freed_memory else []
     if notes:
         logger.info(f"dpo: {'; '.join(notes)}")
 

@@ -28,7 +28,7 @@ from align.data.load import DataArgs, check_lengths, load_prompts, load_train
 from align.errors import ConfigError, cli_main
 from align.evaluation.policy_report import before_after, summarize_policy
 from align.log import get_logger
-from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference, return_freed_memory_to_os
+from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference
 from align.models.loading import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
@@ -95,7 +95,7 @@ def main() -> None:
             raise ConfigError("config: use_vllm: the vllm package is not installed (pip install vllm, or drop --use_vllm)")
     start_run(cfg, cfg.algorithm, cpu_max_steps=16)
     if cfg.return_freed_memory:
-        logger.info(f"{cfg.algorithm}: {return_freed_memory_to_os()}")
+        logger.info(f"{cfg.algorithm}: {cfg.freed_memory_note()}")
     started = time.time()
 
     # Prompts: the prompt part of any supported data; the verifier needs their constraints

@@ -30,7 +30,6 @@ from align.evaluation.policy_report import before_after
 from align.evaluation.verifier import verifier_reward
 from align.io import write_run_info
 from align.log import MAIN_ONLY, get_logger
-from align.models.activations import return_freed_memory_to_os
 from align.models.loading import compute_note, resolve_quantization
 from align.publish.hub import check_push_target, publish_run
 from align.rl.ppo.checkpoint import list_checkpoints
@@ -73,7 +72,7 @@ def main() -> None:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    notes = [set_cpu_threads(cfg.cpu_threads)] + ([return_freed_memory_to_os()] if cfg.return_freed_memory else [])
+    notes = [set_cpu_threads(cfg.cpu_threads)] + ([cfg.freed_memory_note()] if cfg.return_freed_memory else [])
     notes += hardware_notes(cfg, dist.world)
     if dist.is_main:  # an earlier run refused or moved aside, --resume's settings checked, the folder locked
         claimed, extra = claim_output_dir(cfg, cfg.min_free_gb)

@@ -19,7 +19,7 @@ from align.config import arg, parse_config
 from align.data.load import DataArgs, to_hf_dataset
 from align.errors import cli_main
 from align.log import get_logger
-from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference, return_freed_memory_to_os
+from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference
 from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.models.reward_model import Float32ScoreHeadMixin, score_pairs
 from align.publish.hub import publish_run
@@ -96,7 +96,7 @@ def build_trainer(cfg: RewardArgs, model, tokenizer, train_dataset, callbacks):
     from align.trainers.reward_fast import FastRewardTrainer
 
     if cfg.return_freed_memory:  # as the DPO, PPO and GRPO recipes: freed activations go back to the OS (peak RSS)
-        logger.info(f"reward: {return_freed_memory_to_os()}")
+        logger.info(f"reward: {cfg.freed_memory_note()}")
 
     class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, FastRewardTrainer):
         compress_activations = cfg.compress_activations

@@ -164,9 +164,7 @@ def ppo_run(spec: dict, phases: Phases, meter: MemoryMeter, device: str, out_dir
 
     cfg = ppo_arm_config(spec, out_dir)
     if cfg.return_freed_memory:  # as recipes/ppo.py does (the DPO arm's build_trainer does the same)
-        from align.models.activations import return_freed_memory_to_os
-
-        return_freed_memory_to_os()
+        cfg.freed_memory_note()
     with phases("load"):
         models, plan = build_models(cfg)
         prompts = ppo_arm_prompts(cfg, models.tokenizer, spec["steps"])

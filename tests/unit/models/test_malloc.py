@@ -41,3 +41,36 @@ def test_heap_for_inference_stops_the_page_faults_of_training_threshold():
     assert inference["notes"][1] == "malloc: mmap threshold 32 MiB, trim threshold 64 MiB (inference)"
     assert training["faults"] > 100 * 1024 * 0.9  # every 4 MiB block faulted in anew: the setting took
     assert inference["faults"] * 8 < training["faults"]
+
+
+THRESHOLD_SCRIPT = """
+import json, resource, torch
+from align.models.activations import FreedMemoryArgs
+note = FreedMemoryArgs(freed_memory_mmap_mb={mb}).freed_memory_note()
+torch.empty(1 << 20).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(100):
+    torch.empty(1 << 20).fill_(1.0)  # 4 MiB blocks
+print(json.dumps({{"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, "note": note}}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_mmap_mb_sets_which_blocks_go_back_to_the_os():
+    """--freed_memory_mmap_mb: 4 MiB blocks are mmapped (and faulted in anew) under a 1 MiB threshold, reused from the
+    heap under an 8 MiB one."""
+    runs = {}
+    for mb in (1, 8):
+        out = subprocess.run([sys.executable, "-c", THRESHOLD_SCRIPT.format(mb=mb)], capture_output=True, text=True, check=True)
+        runs[mb] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs[1]["note"] == "malloc: mmap threshold 1 MiB" and runs[8]["note"] == "malloc: mmap threshold 8 MiB"
+    assert runs[8]["faults"] * 8 < runs[1]["faults"]
+
+
+def test_freed_memory_mmap_mb_below_one_is_a_config_error():
+    from align.errors import ConfigError
+    from align.models.activations import FreedMemoryArgs
+
+    with pytest.raises(ConfigError, match="freed_memory_mmap_mb: expected a number of MiB >= 1, got 0"):
+        FreedMemoryArgs(freed_memory_mmap_mb=0).freed_memory_note()
+    assert FreedMemoryArgs(return_freed_memory=False).freed_memory_note() is None
