@@ -491,24 +491,47 @@ def work_in_keyword(reply: str, sentence: str, constraints: Sequence[dict]) -> s
 _MARKED_RE = re.compile(r"<<|>>|\[|\]|^\s*P\.\s?S\.|^\s*\*\*\*\s*$|\bSECTION\s+\d|^\s*(?:[*-]|\d{1,2}[.)])\s|\A\s*[\"{`]", re.M)
 
 
+def _in_case(text: str, asked: set[str]) -> str:
+    return text.lower() if "lowercase" in asked else text.upper() if "capitals" in asked else text
+
+
+def _add_line(chosen: str, line: str, constraints: Sequence[dict]) -> str:
+    """`chosen` with `line` as its own last paragraph, in the case the constraints ask for, before an asked-for end
+    phrase and inside asked-for quotes (so those constraints still hold)."""
+    asked = {c["type"] for c in constraints}
+    line = _in_case(line, asked)
+    quoted = "quotation" in asked and len(chosen) > 1 and chosen[0] == chosen[-1] == '"'
+    body = chosen[1:-1] if quoted else chosen
+    end = next((c["end_phrase"] for c in constraints if c["type"] == "end_phrase"), None)
+    if end and body.rstrip().lower().endswith(end.lower()):  # the verifier reads the end phrase in any case
+        head, tail = body.rstrip()[: -len(end)].rstrip(), body.rstrip()[-len(end):]
+        body = f"{head}\n\n{line}\n\n{tail}"
+    else:
+        body = f"{body}\n\n{line}"
+    return f'"{body}"' if quoted else body
+
+
 def unasked_edits(chosen: str, constraints: Sequence[dict], topic: str, rng: random.Random) -> list[tuple[str, str]]:
     """(format, reply) pairs: `chosen` with one format added that no constraint asks for, each named as
     align.evaluation.degeneration.unasked_formats names it, in a seeded order. The caller keeps a reply that still
-    meets every constraint (build_ifprefs.add_unasked_pairs); the order favours the formats of UNASKED_WEIGHTS. Structure (dividers, sections) is only re-flowed
-    into plain prose (no markers of its own), so no title or list ends up inside a paragraph."""
+    meets every constraint (build_ifprefs.add_unasked_pairs); the order favours the formats of UNASKED_WEIGHTS. A
+    placeholder line or a P.S. takes the asked-for case and goes before an asked-for end phrase and inside asked-for
+    quotes; structure (dividers, sections) is only re-flowed into plain prose (no markers of its own), so no title or
+    list ends up inside a paragraph."""
     asked = {c["type"] for c in constraints}
-    title = topic[:1].upper() + topic[1:]
+    title = _in_case(topic[:1].upper() + topic[1:], asked)
     plain = not _MARKED_RE.search(chosen)
+    json_reply = chosen.lstrip().startswith(("```", "{"))
     out = []
-    if "title" not in asked:
-        out.append(("<<title>>", f"<<{title}>>\n\n{chosen}"))
-    if "postscript" not in asked:
-        out.append(("postscript", f"{chosen}\n\nP.S. {rng.choice(POSTSCRIPTS)}"))
-    if "num_placeholders" not in asked:
-        out.append(("placeholders", f"{chosen}\n\n{rng.choice(PLACEHOLDER_LINES[1])}"))
+    if "title" not in asked and not json_reply:
+        out.append(("<<title>>", f'"<<{title}>>\n\n{chosen[1:]}' if "quotation" in asked else f"<<{title}>>\n\n{chosen}"))
+    if "postscript" not in asked and not json_reply:
+        out.append(("postscript", _add_line(chosen, f"P.S. {rng.choice(POSTSCRIPTS)}", constraints)))
+    if "num_placeholders" not in asked and not json_reply:
+        out.append(("placeholders", _add_line(chosen, rng.choice(PLACEHOLDER_LINES[1]), constraints)))
     if "quotation" not in asked and not chosen.lstrip().startswith(("\"", "```")):
         out.append(("quoted reply", f'"{chosen}"'))
-    if "json_format" not in asked and not chosen.lstrip().startswith("```"):
+    if "json_format" not in asked and not json_reply:
         out.append(("JSON", "```json\n" + json.dumps({"response": chosen}, ensure_ascii=False, indent=2) + "\n```"))
     if "capitals" not in asked and "lowercase" not in asked:
         out.append(("all capitals", chosen.upper()))

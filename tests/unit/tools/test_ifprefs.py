@@ -301,6 +301,22 @@ def test_unasked_edits_add_one_format_nobody_asked_for():
     assert "*** dividers" not in {n for n, _ in unasked_edits(REPLIES[1], [], TOPICS[1], rng)}  # a numbered list
 
 
+def test_unasked_lines_keep_the_asked_case_end_phrase_and_quotes():
+    """A placeholder line or a P.S. nobody asked for goes in the reply's asked-for case, before its end phrase and
+    inside its quotes, so the reply still meets every constraint: the one difference from the chosen reply is the format."""
+    constraints = [{"type": "lowercase"}, {"type": "end_phrase", "end_phrase": "Any other questions?"}, {"type": "quotation"}]
+    chosen = '"the moon hangs low. it lights the sea.\n\nany other questions?"'
+    assert verify(chosen, constraints).strict
+    edits = dict(unasked_edits(chosen, constraints, "the moon", random.Random(0)))
+    for name in ("placeholders", "postscript", "<<title>>"):  # (a lowercase "p.s." is not flagged: the builder skips it)
+        assert verify(edits[name], constraints).strict, name
+        if name == "postscript":
+            continue
+        assert unasked_formats(edits[name], constraints) == [name], name
+    assert edits["placeholders"].startswith('"the moon hangs low.') and edits["placeholders"].endswith('\n\nany other questions?"')
+    assert "quoted reply" not in edits and "all capitals" not in edits
+
+
 def test_add_unasked_pairs_appends_siblings_once():
     splits = _small_build(0)
     before = {name: [dict(r, meta=dict(r["meta"])) for r in splits[name]] for name in ("prefs_train", "prefs_test")}
@@ -366,7 +382,7 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     files); stats.json records what was dropped: 2,484 - 96 = 2,388 SFT rows, 171 - 9 = 162 held-out SFT rows,
     3,273 - 124 = 3,149 pairs, 449 - 25 = 424 held-out pairs (35 and 43 by the first rules, 4, 2 and 2 more when the
     no-answer rule came, 2 and 1 more when it came to want 4 words of the reply's own, 6 pairs more when the answer
-    became the text before a postscript, 55, 9, 72 and 23 when an empty list item became degenerate); then 685 and 102
+    became the text before a postscript, 55, 9, 72 and 23 when an empty list item became degenerate); then 698 and 107
     pairs rejecting a format nobody asked for were added (add_unasked_pairs)."""
     from align.evaluation.degeneration import check_reply
 
@@ -377,8 +393,8 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     stats = json.loads((DATA / "meta" / "stats.json").read_text())
     assert stats["dropped_degenerate"] == {"sft": 96, "sft_test": 9, "prefs_train": 124, "prefs_test": 25}
     assert {k: len(v) for k, v in data.items()} == stats["sizes"]
-    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 96, 3273 - 124 + 685, 449 - 25 + 102)
-    assert sum(stats["unasked_formats_rejected"]["prefs_train"].values()) == 685
+    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 96, 3273 - 124 + 698, 449 - 25 + 107)
+    assert sum(stats["unasked_formats_rejected"]["prefs_train"].values()) == 698
 
 
 def test_drop_degenerate_keeps_ordinary_rows_and_renumbers():
