@@ -8,7 +8,9 @@ Two levers, each with a switch in `FastDPOArgs`:
 - `share_prompt`: TRL runs every prompt twice, once in front of the chosen reply and once in front of the
   rejected one. Here a pair is one row, `prompt + chosen + rejected`, with a 4-D attention mask in which
   the rejected tokens see the prompt but not the chosen reply, and position ids that restart the rejected
-  reply right after the prompt. Every hidden state equals the one TRL computes, so the log-probs agree to
+  reply right after the prompt. The shared part is the two sequences' longest common start: the prompt and any
+  identical start of the replies (a rejected reply that leaves an edit out, is cut short or adds a format), whose
+  tokens are scored once for both. Every hidden state equals the one TRL computes, so the log-probs agree to
   float rounding, but the prompt and most padding are computed once instead of twice.
 - `fast_logprobs`: TRL's fused LM head scores every position, prompt and padding included, on devices
   without Triton (CPU), in tiles of 4096 x 32768 float32 logits. Here the LM head runs only on the hidden
@@ -121,7 +123,11 @@ def preference_rows(
         p_r = int(comp_cpu[rejected, :n_r].int().argmax()) if comp_cpu[rejected, :n_r].any() else n_r
         same_prompt = p_c == p_r and p_c > 0 and torch.equal(ids_cpu[chosen, :p_c], ids_cpu[rejected, :p_r])
         if share_prompt and same_prompt:
-            p = p_c
+            # share the longest common start, the prompt and any identical start of the two replies (a rejected reply
+            # that leaves an edit out, is cut short or adds a format): causal attention makes its hidden states equal
+            shortest = min(n_c, n_r)
+            differs = torch.nonzero(ids_cpu[chosen, :shortest] != ids_cpu[rejected, :shortest])
+            p = int(differs[0]) if len(differs) else shortest
             chosen_part, rejected_part = ids_cpu[chosen, p:n_c], ids_cpu[rejected, p:n_r]
             row = add_row(
                 [ids_cpu[chosen, :p], chosen_part, rejected_part],
@@ -130,7 +136,7 @@ def preference_rows(
             )
             hidden_rows += [torch.full_like(c_cols, row), torch.full_like(r_cols, row)]
             hidden_cols.append(c_cols - 1)
-            # rejected column t (in TRL's row) sits at t + (n_c - p) here; column p is predicted by the prompt
+            # rejected column t (in TRL's row) sits at t + (n_c - p) here; columns up to p are predicted by the shared start
             r_pred = r_cols - 1
             hidden_cols.append(torch.where(r_pred >= p, r_pred + (n_c - p), r_pred))
         else:

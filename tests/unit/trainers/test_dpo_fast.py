@@ -54,6 +54,19 @@ def test_preference_rows_shares_the_prompt():
     assert rows["out_index"].tolist() == [0 * 4 + 2, 3, 2 * 4 + 2, 1 * 4 + 1, 3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3]
 
 
+def test_preference_rows_share_a_common_start_of_the_replies():
+    """prompt [5 6], chosen [8 9 10], rejected [8 9 11 12]: the row shares [5 6 8 9]; the chosen part is [10], the
+    rejected part [11 12] restarts at position 4. Rejected tokens 8 and 9 (TRL columns 2, 3) are predicted inside the
+    shared start (row columns 1, 2), token 11 (column 4) by the shared 9 (row column 3), token 12 by 11 (row column 5)."""
+    batch = _trl_batch([{"prompt_ids": [5, 6], "chosen_ids": [8, 9, 10], "rejected_ids": [8, 9, 11, 12]}])
+    rows = preference_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], True, pad_token_id=0)
+    assert rows["input_ids"].tolist() == [[5, 6, 8, 9, 10, 11, 12]]
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4, 5]]
+    assert rows["branch"].tolist() == [[PROMPT] * 4 + [CHOSEN] + [REJECTED] * 2]
+    assert rows["targets"].tolist() == [8, 9, 10, 8, 9, 11, 12]
+    assert rows["hidden_index"].tolist() == [1, 2, 3, 1, 2, 3, 5]
+
+
 def test_preference_rows_without_sharing_keeps_trl_rows():
     batch = _trl_batch([{"prompt_ids": [5, 6], "chosen_ids": [8, 9], "rejected_ids": [10]}])
     rows = preference_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], False, pad_token_id=0)
@@ -118,17 +131,18 @@ def _pairs():
     from align.records import PreferencePair
 
     topics = ["cats", "the sea", "bread", "trains", "chess", "rain"]
-    return [
-        PreferencePair(
-            prompt=[{"role": "user", "content": f"Tell me about {t}." + " Please be brief." * (i % 3)}],
-            chosen=f"{t.capitalize()} are interesting. " * (1 + i % 3),
-            rejected="I do not know." + " Sorry." * (i % 4),
-        )
-        for i, t in enumerate(topics)
-    ]
+    pairs = []
+    for i, t in enumerate(topics):
+        chosen = f"{t.capitalize()} are interesting. " * (1 + i % 3)
+        # rejected replies of three kinds: unrelated, the chosen reply cut short, the chosen reply plus a postscript
+        # (the last two share a start with the chosen reply beyond the prompt)
+        rejected = ["I do not know." + " Sorry." * (i % 4), chosen[: len(chosen) // 2], chosen + "P.S. Bye."][i % 3]
+        pairs.append(PreferencePair(prompt=[{"role": "user", "content": f"Tell me about {t}." + " Please be brief." * (i % 3)}],
+                                    chosen=chosen, rejected=rejected))
+    return pairs
 
 
-def _trainer(model_dir, fast, tmp_path, share_prompt=True, precompute=True, gradient_checkpointing=False, truncation_mode="keep_start", max_length=128):
+def _trainer(model_dir, fast, tmp_path, share_prompt=True, precompute=True, gradient_checkpointing=False, truncation_mode="keep_start", max_length=512):
     """A fresh tiny LoRA model (same seed: same LoRA init) and a trainer; then the same non-zero LoRA B
     in every trainer, so that the policy differs from the (already computed) reference."""
     import transformers
