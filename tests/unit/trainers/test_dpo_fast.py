@@ -11,6 +11,7 @@ gradient entry of each tensor. Measured gaps are ~1e-6 relative.
 
 import pytest
 import torch
+from lora_values import randomize_lora_b
 
 from align.models.lm_head import completion_logprobs
 from align.trainers.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask, preference_rows
@@ -165,11 +166,7 @@ def _trainer(model_dir, fast, tmp_path, share_prompt=True, precompute=True, grad
         trainer = FastDPOTrainer(**common, share_prompt=share_prompt, chunk_size=5)
     else:
         trainer = DPOTrainer(**common)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name and ".default." in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    randomize_lora_b(trainer.model)
     return trainer
 
 

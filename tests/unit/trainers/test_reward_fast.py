@@ -8,6 +8,7 @@ tensor's largest entry (measured gaps are ~1e-7 relative).
 
 import pytest
 import torch
+from lora_values import randomize_lora_b
 
 from align.trainers.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED
 from align.trainers.reward_fast import pair_rows
@@ -72,11 +73,7 @@ def _trainer(model_dir, share_prompt, tmp_path, fast_class=True):
                         bf16=False, report_to=[], save_strategy="no", logging_steps=1, max_steps=2, learning_rate=5e-2, seed=0)
     common = dict(model=model, args=args, train_dataset=to_hf_dataset(_pairs()), processing_class=tokenizer)
     trainer = FastRewardTrainer(**common, share_prompt=share_prompt) if fast_class else RewardTrainer(**common)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name and ".default." in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    randomize_lora_b(trainer.model)
     return trainer
 
 
@@ -167,11 +164,7 @@ def test_score_pairs_equals_scoring_each_text(tiny_model_dir, peft):
     transformers.set_seed(0)
     model, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", quantization="none", lora_r=4,
                                             lora_alpha=8, peft=peft, num_virtual_tokens=4), task="reward")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    randomize_lora_b(model)
     model.eval()
     pairs = _pairs()
     prompts, chosen, rejected = [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
