@@ -68,6 +68,7 @@ def load_eval_prompts(cfg: PPOArgs) -> list:
 def main() -> None:
     cfg = parse_config(PPOArgs)
     check_push_target(cfg)  # an upload that could not happen fails now, not after training
+    cfg.check_freed_memory()
     dist = init_distributed()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -247,12 +247,16 @@ class FreedMemoryArgs:
     return_freed_memory: bool = arg(True, "CPU, Linux: allocations of freed_memory_mmap_mb MiB and more come from mmap, so freed activations go back to the OS (peak RSS)")
     freed_memory_mmap_mb: int = arg(1, "with return_freed_memory: the mmap threshold in MiB; larger = fewer page faults (faster) and a higher peak")
 
-    def freed_memory_note(self) -> str | None:
-        """Apply the setting (return_freed_memory_to_os) and return its line, or None when it is off. A threshold below
-        1 MiB is a ConfigError (the recipes call this when they build their trainer, before training)."""
+    def check_freed_memory(self) -> None:
+        """A threshold below 1 MiB is a ConfigError (align.trainers.common.start_run asks before the output folder is
+        written; freed_memory_note asks again for callers without it)."""
         if self.freed_memory_mmap_mb < 1:
             from align.errors import ConfigError
             raise ConfigError(f"config: freed_memory_mmap_mb: expected a number of MiB >= 1, got {self.freed_memory_mmap_mb}")
+
+    def freed_memory_note(self) -> str | None:
+        """Apply the setting (return_freed_memory_to_os) and return its line, or None when it is off."""
+        self.check_freed_memory()
         return return_freed_memory_to_os(self.freed_memory_mmap_mb * 2**20) if self.return_freed_memory else None
 
 

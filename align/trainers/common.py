@@ -464,6 +464,8 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int, learning_rates: tuple[fl
         from align.errors import ConfigError
 
         raise ConfigError(f"config: save_total_limit: expected at least 2, got {cfg.save_total_limit}")
+    if hasattr(cfg, "check_freed_memory"):
+        cfg.check_freed_memory()
     if getattr(cfg, "max_train_minutes", None) is not None and not cfg.max_train_minutes > 0:
         from align.errors import ConfigError
 

@@ -74,3 +74,16 @@ def test_freed_memory_mmap_mb_below_one_is_a_config_error():
     with pytest.raises(ConfigError, match="freed_memory_mmap_mb: expected a number of MiB >= 1, got 0"):
         FreedMemoryArgs(freed_memory_mmap_mb=0).freed_memory_note()
     assert FreedMemoryArgs(return_freed_memory=False).freed_memory_note() is None
+
+
+def test_a_bad_threshold_fails_before_the_output_folder_is_written(tmp_path):
+    from align.config import build_config
+    from align.errors import ConfigError
+    from align.trainers.common import start_run
+    from bench.harness.trainers import load_recipe
+
+    module = load_recipe("reward")
+    cfg = build_config(module.RewardArgs, dict(output_dir=str(tmp_path / "out"), freed_memory_mmap_mb=0, report_to="none"))
+    with pytest.raises(ConfigError, match="freed_memory_mmap_mb"):
+        start_run(cfg, "reward", cpu_max_steps=1)
+    assert not (tmp_path / "out").exists()
