@@ -125,9 +125,7 @@ def preference_rows(
         if share_prompt and same_prompt:
             # share the longest common start, the prompt and any identical start of the two replies (a rejected reply
             # that leaves an edit out, is cut short or adds a format): causal attention makes its hidden states equal
-            shortest = min(n_c, n_r)
-            differs = torch.nonzero(ids_cpu[chosen, :shortest] != ids_cpu[rejected, :shortest])
-            p = int(differs[0]) if len(differs) else shortest
+            p = common_start(ids_cpu[chosen, :n_c], ids_cpu[rejected, :n_r])
             chosen_part, rejected_part = ids_cpu[chosen, p:n_c], ids_cpu[rejected, p:n_r]
             row = add_row(
                 [ids_cpu[chosen, :p], chosen_part, rejected_part],
@@ -172,6 +170,21 @@ def _as_batch(rows: list[Tensor], positions: list[Tensor], branches: list[Tensor
     }
 
 
+def common_start(a: Tensor, b: Tensor) -> int:
+    """Length of the longest common prefix of two 1-D token tensors."""
+    shortest = min(len(a), len(b))
+    differs = torch.nonzero(a[:shortest] != b[:shortest])
+    return int(differs[0]) if len(differs) else shortest
+
+
+def branch_mask_for(model, branch: Tensor) -> Tensor:
+    """`branch_attention_mask` in the form `model`'s attention takes: bool for sdpa, additive float for eager."""
+    mask = branch_attention_mask(branch)
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+    return mask
+
+
 def branch_attention_mask(branch: Tensor) -> Tensor:
     """Boolean attention mask (True = attend) for rows laid out by `preference_rows`.
 
@@ -213,9 +226,7 @@ def add_completion_head(model) -> None:
             return inner_forward(*args, **kwargs)
         rows = align_rows
         if self.config._attn_implementation in ("sdpa", "eager"):
-            mask = branch_attention_mask(rows["branch"])
-            if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
-                mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(~mask, torch.finfo(self.dtype).min)
+            mask = branch_mask_for(self, rows["branch"])
         else:  # only plain causal rows reach here (see FastDPOTrainer._fast_ok)
             mask = (rows["branch"] != PAD).long()
         hidden = getattr(self, "base_model")(

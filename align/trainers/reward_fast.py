@@ -27,7 +27,7 @@ from torch import Tensor
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import RewardTrainer
 
-from align.trainers.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask
+from align.trainers.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_mask_for, common_start
 
 
 def pair_rows(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> dict[str, Tensor]:
@@ -51,9 +51,7 @@ def pair_rows(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> d
     for b in range(batch):
         chosen = ids_cpu[b, att_cpu[b]]
         rejected = ids_cpu[batch + b, att_cpu[batch + b]]
-        shortest = min(len(chosen), len(rejected))
-        differs = torch.nonzero(chosen[:shortest] != rejected[:shortest])
-        prefix = int(differs[0]) if len(differs) else shortest
+        prefix = common_start(chosen, rejected)
         rows.append(torch.cat([chosen, rejected[prefix:]]))
         positions.append(torch.cat([torch.arange(len(chosen)), torch.arange(prefix, len(rejected))]))
         branches.append(torch.cat([torch.full((prefix,), PROMPT), torch.full((len(chosen) - prefix,), CHOSEN),
@@ -94,9 +92,7 @@ def add_pair_scores(model) -> None:
         if align_pair_rows is None:
             return inner_forward(*args, **kwargs)
         rows = align_pair_rows
-        mask = branch_attention_mask(rows["branch"])
-        if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(~mask, torch.finfo(self.dtype).min)
+        mask = branch_mask_for(self, rows["branch"])
         hidden = getattr(self, self.base_model_prefix)(
             input_ids=rows["input_ids"], attention_mask=mask, position_ids=rows["position_ids"], use_cache=False
         ).last_hidden_state
