@@ -57,14 +57,16 @@ print(json.dumps({{"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_mmap_mb_sets_which_blocks_go_back_to_the_os():
-    """--freed_memory_mmap_mb: 4 MiB blocks are mmapped (and faulted in anew) under a 1 MiB threshold, reused from the
-    heap under an 8 MiB one."""
+    """--freed_memory_mmap_mb sets the threshold: 4 MiB blocks are mmapped (and faulted in anew) under 1 MiB. Under 8 MiB
+    they come from the heap, but a freed block at the heap's top is still trimmed (glibc's 128 KiB trim threshold
+    stays), so how many faults that saves depends on the heap's layout (under 12,800 in one run, 99,232 in another, of about 102,500): not
+    asserted here."""
     runs = {}
     for mb in (1, 8):
         out = subprocess.run([sys.executable, "-c", THRESHOLD_SCRIPT.format(mb=mb)], capture_output=True, text=True, check=True)
         runs[mb] = json.loads(out.stdout.strip().splitlines()[-1])
     assert runs[1]["note"] == "malloc: mmap threshold 1 MiB" and runs[8]["note"] == "malloc: mmap threshold 8 MiB"
-    assert runs[8]["faults"] * 8 < runs[1]["faults"]
+    assert runs[1]["faults"] > 100 * 1024 * 0.9  # every 4 MiB block faulted in anew: the 1 MiB setting took
 
 
 def test_freed_memory_mmap_mb_below_one_is_a_config_error():
