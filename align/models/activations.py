@@ -220,8 +220,14 @@ def return_freed_memory_to_os(threshold_bytes: int = 2**20) -> str:
     SmolLM2-135M, 4 pairs of up to 256 tokens, gradient checkpointing on, the peak RSS of the first
     forward + backward over the RSS before it went from 1.84 GB to 0.91 GB. Cost: the pages of each large
     tensor are faulted in fresh. A no-op off Linux/glibc and on a GPU.
+
+    The trim threshold is set to twice the mmap threshold, the relation glibc's own adjustment keeps (setting
+    either one explicitly stops that adjustment, leaving the trim threshold at 128 KiB): otherwise a freed block
+    below the mmap threshold that lies at the heap's top is handed back to the OS at once and faulted in again
+    when the next one is allocated, so a threshold above 1 MiB would keep blocks on the heap only now and then.
     """
-    return _malloc_settings(f"mmap threshold {threshold_bytes // 2**20} MiB", (M_MMAP_THRESHOLD, threshold_bytes))
+    return _malloc_settings(f"mmap threshold {threshold_bytes // 2**20} MiB, trim threshold {2 * threshold_bytes // 2**20} MiB",
+                            (M_TRIM_THRESHOLD, 2 * threshold_bytes), (M_MMAP_THRESHOLD, threshold_bytes))
 
 
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # where glibc's dynamic mmap threshold stops rising (64-bit)

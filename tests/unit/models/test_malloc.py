@@ -37,7 +37,7 @@ def _faults(inference: bool) -> dict:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_heap_for_inference_stops_the_page_faults_of_training_threshold():
     training, inference = _faults(False), _faults(True)
-    assert training["notes"] == ["malloc: mmap threshold 1 MiB"]
+    assert training["notes"] == ["malloc: mmap threshold 1 MiB, trim threshold 2 MiB"]
     assert inference["notes"][1] == "malloc: mmap threshold 32 MiB, trim threshold 64 MiB (inference)"
     assert training["faults"] > 100 * 1024 * 0.9  # every 4 MiB block faulted in anew: the setting took
     assert inference["faults"] * 8 < training["faults"]
@@ -57,16 +57,18 @@ print(json.dumps({{"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_memory_mmap_mb_sets_which_blocks_go_back_to_the_os():
-    """--freed_memory_mmap_mb sets the threshold: 4 MiB blocks are mmapped (and faulted in anew) under 1 MiB. Under 8 MiB
-    they come from the heap, but a freed block at the heap's top is still trimmed (glibc's 128 KiB trim threshold
-    stays), so how many faults that saves depends on the heap's layout (under 12,800 in one run, 99,232 in another, of about 102,500): not
-    asserted here."""
+    """--freed_memory_mmap_mb sets the threshold: 4 MiB blocks are mmapped (and faulted in anew) under 1 MiB and come
+    back from the heap under 8 MiB. That needs the trim threshold raised with it (to twice the mmap threshold): under
+    glibc's 128 KiB a freed block at the heap's top was handed back at once, and the 8 MiB run faulted 99,232 times
+    of about 102,500 in one suite run (under 12,800 in another, depending on the heap's layout)."""
     runs = {}
     for mb in (1, 8):
         out = subprocess.run([sys.executable, "-c", THRESHOLD_SCRIPT.format(mb=mb)], capture_output=True, text=True, check=True)
         runs[mb] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert runs[1]["note"] == "malloc: mmap threshold 1 MiB" and runs[8]["note"] == "malloc: mmap threshold 8 MiB"
+    assert runs[1]["note"] == "malloc: mmap threshold 1 MiB, trim threshold 2 MiB"
+    assert runs[8]["note"] == "malloc: mmap threshold 8 MiB, trim threshold 16 MiB"
     assert runs[1]["faults"] > 100 * 1024 * 0.9  # every 4 MiB block faulted in anew: the 1 MiB setting took
+    assert runs[8]["faults"] * 8 < runs[1]["faults"]  # the same block back from the heap, already resident
 
 
 def test_freed_memory_mmap_mb_below_one_is_a_config_error():
