@@ -242,8 +242,7 @@ def heap_for_inference() -> str:
     be switched back on once set, so this sets the values it arrives at on its own (mmap threshold 32 MiB, trim
     threshold twice that). A no-op where `return_freed_memory_to_os` is (no glibc, a GPU).
     """
-    return _malloc_settings("mmap threshold 32 MiB, trim threshold 64 MiB (inference)",
-                            (M_TRIM_THRESHOLD, 2 * GLIBC_MMAP_THRESHOLD_MAX), (M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX))
+    return f"{return_freed_memory_to_os(GLIBC_MMAP_THRESHOLD_MAX)} (inference)"
 
 
 @dataclass
