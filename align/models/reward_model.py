@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from align.errors import AlignError
+from align.evaluation.logprobs import pad_rows
 from align.models.loading import ModelArgs, load_model, load_tokenizer, resolve_dtype
 from align.records import Message
 
@@ -98,17 +99,6 @@ def _last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return logits.float()
 
 
-def _right_padded(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (len(seqs), longest): the token lists right-padded."""
-    width = max(len(x) for x in seqs)
-    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, x in enumerate(seqs):
-        input_ids[row, : len(x)] = torch.tensor(x)
-        attention_mask[row, : len(x)] = 1
-    return input_ids, attention_mask
-
-
 @torch.no_grad()
 def score_pairs(model, tokenizer, prompts: list[list[Message]], chosen: list[str], rejected: list[str], batch_size: int = 8,
                 max_length: int | None = None) -> tuple[list[float], list[float]]:
@@ -129,8 +119,8 @@ def score_pairs(model, tokenizer, prompts: list[list[Message]], chosen: list[str
     scores: dict[int, tuple[float, float]] = {}
     for start in range(0, len(order), batch_size):
         pairs = order[start:start + batch_size]
-        input_ids, attention_mask = _right_padded([chosen_ids[i] for i in pairs] + [rejected_ids[i] for i in pairs],
-                                                  tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_rows([chosen_ids[i] for i in pairs] + [rejected_ids[i] for i in pairs],
+                                             tokenizer.pad_token_id, "right")
         rows = pair_rows(input_ids.to(device), attention_mask.to(device), inner.config.pad_token_id)
         values = model(align_pair_rows=rows).logits.squeeze(-1).float().tolist()
         for k, i in enumerate(pairs):
@@ -147,7 +137,7 @@ def score_texts(model, tokenizer, prompts: list[list[Message]], replies: list[st
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # group by length: less padding
     by_index: dict[int, float] = {}
     for start in range(0, len(order), batch_size):
-        input_ids, attention_mask = _right_padded([ids[i] for i in order[start:start + batch_size]], tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_rows([ids[i] for i in order[start:start + batch_size]], tokenizer.pad_token_id, "right")
         values = _last_token_scores(model, input_ids.to(device), attention_mask.to(device))
         for i, v in zip(order[start:start + batch_size], values.tolist()):
             by_index[i] = v
