@@ -383,7 +383,8 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     3,273 - 124 = 3,149 pairs, 449 - 25 = 424 held-out pairs (35 and 43 by the first rules, 4, 2 and 2 more when the
     no-answer rule came, 2 and 1 more when it came to want 4 words of the reply's own, 6 pairs more when the answer
     became the text before a postscript, 55, 9, 72 and 23 when an empty list item became degenerate); then 698 and 107
-    pairs rejecting a format nobody asked for were added (add_unasked_pairs)."""
+    pairs rejecting a format nobody asked for were added (add_unasked_pairs), and 196 and 24 SFT rows whose reply
+    uses a format nobody asked for were dropped (drop_unasked): 2,192 and 138 SFT rows."""
     from align.evaluation.degeneration import check_reply
 
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
@@ -393,7 +394,11 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     stats = json.loads((DATA / "meta" / "stats.json").read_text())
     assert stats["dropped_degenerate"] == {"sft": 96, "sft_test": 9, "prefs_train": 124, "prefs_test": 25}
     assert {k: len(v) for k, v in data.items()} == stats["sizes"]
-    assert (len(data["sft"]), len(data["prefs_train"]), len(data["prefs_test"])) == (2484 - 96, 3273 - 124 + 698, 449 - 25 + 107)
+    assert stats["dropped_unasked"] == {"sft": 196, "sft_test": 24}
+    assert (len(data["sft"]), len(data["sft_test"]), len(data["prefs_train"]), len(data["prefs_test"])) == (
+        2484 - 96 - 196, 171 - 9 - 24, 3273 - 124 + 698, 449 - 25 + 107)
+    for name in ifprefs.SFT_SPLITS:
+        assert not any(unasked_formats(ifprefs.target_reply(r)[1], r["constraints"]) for r in data[name]), name
     assert sum(stats["unasked_formats_rejected"]["prefs_train"].values()) == 698
 
 
@@ -411,6 +416,22 @@ def test_drop_degenerate_keeps_ordinary_rows_and_renumbers():
     assert [r["id"] for r in splits["sft"]] == ["ifprefs-sft-00000", "ifprefs-sft-00001"]
     # a degenerate rejected reply is what a rejected reply is for: the pair stays
     assert splits["prefs_train"][0]["rejected"][0]["content"] == looping
+
+
+def test_drop_unasked_drops_sft_rows_with_a_format_nobody_asked_for_and_keeps_pairs():
+    letter = "Dear [client's name],\n\nThe yoga retreat starts on Monday. Bring a mat and water."
+    plain = "The yoga retreat starts on Monday. Bring a mat and water."
+    user = [{"role": "user", "content": "Write a short newsletter update about yoga."}]
+    def sft_row(reply, types):
+        return {"messages": user + [{"role": "assistant", "content": reply}], "constraints": [{"type": t} for t in types], "meta": {}}
+    sft = [sft_row(letter, ["no_comma"]), sft_row(plain, ["no_comma"]), sft_row(letter, ["num_placeholders"])]
+    pair = {"prompt": user, "chosen": [{"role": "assistant", "content": letter}], "rejected": [{"role": "assistant", "content": plain}],
+            "constraints": [{"type": "no_comma"}], "meta": {}}
+    splits = {"sft": sft, "sft_test": [sft_row(letter, ["title"])], "prefs_train": [pair], "prefs_test": []}
+    assert ifprefs.drop_unasked(splits) == {"sft": 1, "sft_test": 1}
+    # the unasked placeholder goes; a placeholder the prompt asked for stays, and so does the pair
+    assert [r["messages"][-1]["content"] for r in splits["sft"]] == [plain, letter]
+    assert splits["sft_test"] == [] and splits["prefs_train"] == [pair]
 
 
 def test_work_in_keyword_follows_the_first_sentence_of_prose_in_the_reply_case():
