@@ -461,10 +461,16 @@ def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
     (align.evaluation.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
     SFT replies and DPO moves towards its chosen ones. Returns the rows dropped per split. Rejected replies
     may be degenerate; that is what they are for."""
+    return _drop_rows(splits, ("sft", "sft_test", "prefs_train", "prefs_test"),
+                      lambda r: check_reply(target_reply(r)[1], target_reply(r)[0], r["constraints"]).degenerate)
+
+
+def _drop_rows(splits: dict[str, list[dict]], names: Sequence[str], drop: Callable[[dict], bool]) -> dict[str, int]:
+    """Remove, in place, the rows of the splits `names` for which `drop` is true; the rows dropped per split."""
     dropped = {}
-    for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
+    for name in names:
         rows = splits.get(name, [])
-        kept = [r for r in rows if not check_reply(target_reply(r)[1], target_reply(r)[0], r["constraints"]).degenerate]
+        kept = [r for r in rows if not drop(r)]
         dropped[name] = len(rows) - len(kept)
         rows[:] = kept
     return dropped
@@ -477,16 +483,10 @@ def drop_unasked(splits: dict[str, list[dict]]) -> dict[str, int]:
     """Drop, in place, every SFT row whose reply uses a format no constraint of its prompt asks for
     (align.evaluation.degeneration.unasked_formats: mostly a base reply's placeholder, "Dear [client's name]",
     "[Arrangement #1516]", carried into every prompt the base reply serves): SFT imitates its replies, and the pipeline's
-    SFT policy wrote such formats in 47 of 320 held-out replies against the start's 16. Preference pairs keep theirs: a
-    chosen reply is weighed against its rejected one, and step 10's siblings reject the unasked format. Returns the rows
-    dropped per split."""
-    dropped = {}
-    for name in SFT_SPLITS:
-        rows = splits.get(name, [])
-        kept = [r for r in rows if not unasked_formats(target_reply(r)[1], r["constraints"])]
-        dropped[name] = len(rows) - len(kept)
-        rows[:] = kept
-    return dropped
+    SFT policy wrote a placeholder nobody asked for in 47 of 320 held-out replies against the start's 16. Preference pairs
+    keep theirs: a chosen reply is weighed against its rejected one, and step 10's siblings reject the unasked format.
+    Returns the rows dropped per split."""
+    return _drop_rows(splits, SFT_SPLITS, lambda r: bool(unasked_formats(target_reply(r)[1], r["constraints"])))
 
 
 def eval_prompts(seed: int, n_eval: int) -> list[dict]:
