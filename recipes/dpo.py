@@ -37,7 +37,8 @@ logger = get_logger(__name__)
 LEARNING_RATES = (1e-3, 1e-4)  # learning_rate none: (CPU short run, GPU); the CPU one measured best (issue 18)
 # loss_weights none with the default sigmoid,sft on a CPU: the DPO term a quarter of the SFT term. On two training
 # samples of the short run it wrote fewer degenerate replies and fewer formats nobody asked for than 1,1, at the same
-# coherent strict (docs/alignment_on_cpu.md: "How the main job's settings were chosen"); a GPU's full epoch keeps 1,1 (not measured).
+# coherent strict (docs/alignment_on_cpu.md: "How the main job's settings were chosen"); a GPU's full epoch keeps 1,1
+# (not measured).
 CPU_LOSS_WEIGHTS = (0.25, 1.0)
 
 

@@ -462,7 +462,7 @@ def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
     SFT replies and DPO moves towards its chosen ones. Returns the rows dropped per split. Rejected replies
     may be degenerate; that is what they are for."""
     return _drop_rows(splits, ("sft", "sft_test", "prefs_train", "prefs_test"),
-                      lambda r: check_reply(target_reply(r)[1], target_reply(r)[0], r["constraints"]).degenerate)
+                      lambda r: check_reply(*reversed(target_reply(r)), r["constraints"]).degenerate)
 
 
 def _drop_rows(splits: dict[str, list[dict]], names: Sequence[str], drop: Callable[[dict], bool]) -> dict[str, int]:
@@ -586,10 +586,9 @@ def main(argv: list[str] | None = None) -> None:
         old_stats = json.loads((out / "meta" / "stats.json").read_text(encoding="utf-8"))
         stats = {**dataset_stats(splits), **{k: old_stats[k] for k in ("usable_base_replies", "base_prompts") if k in old_stats}}
         # totals since the build: a refilter after the check gains a rule adds to what earlier passes dropped
-        earlier = old_stats.get("dropped_degenerate", {})
-        stats["dropped_degenerate"] = {k: earlier.get(k, 0) + n for k, n in dropped.items()}
-        earlier = old_stats.get("dropped_unasked", {})
-        stats["dropped_unasked"] = {k: earlier.get(k, 0) + n for k, n in dropped_unasked.items()}
+        for key, now in (("dropped_degenerate", dropped), ("dropped_unasked", dropped_unasked)):
+            earlier = old_stats.get(key, {})
+            stats[key] = {k: earlier.get(k, 0) + n for k, n in now.items()}
         atomic_write_json(out / "meta" / "stats.json", stats)
         log(f"absent keywords worked into {json.dumps(reworked)} rows; pairs rejecting an unasked format added: {json.dumps(unasked)}; "
             f"dropped degenerate target replies: {json.dumps(dropped)} (since the build: {json.dumps(stats['dropped_degenerate'])}); "
