@@ -202,12 +202,18 @@ def resolve_model_path(name: str = DEFAULT_MODEL, verbose: bool = True) -> str:
 # ---------------------------------------------------------------- dtype, quantization, LoRA
 
 
-def cpu_bf16_flags() -> list[str]:
-    """The native bf16 matmul instructions this CPU reports (of avx512_bf16, amx_bf16; [] without /proc/cpuinfo)."""
+def cpu_flags() -> list[str]:
+    """The instruction-set flags of the first CPU in /proc/cpuinfo, as `lscpu` lists them ([] where there is none)."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return []
+    return next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The native bf16 matmul instructions this CPU reports (of avx512_bf16, amx_bf16; [] without /proc/cpuinfo)."""
+    flags = set(cpu_flags())
     return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
 
 

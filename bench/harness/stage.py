@@ -155,7 +155,7 @@ def run_arm(spec: dict, log_path: Path, timeout_s: int) -> dict:
 def main_parent(cfg: BenchArgs) -> dict:
     import torch
 
-    from align.models.loading import cpu_description, resolve_dtype
+    from align.models.loading import cpu_description, cpu_flags, resolve_dtype
 
     from .flops import machine_peak
 
@@ -184,7 +184,7 @@ def main_parent(cfg: BenchArgs) -> dict:
     peak = max(peak, machine_peak(device, dtype))  # measured before and after the runs; the better one
     ok = [r for r in runs if "error" not in r]
     report = {
-        "setup": {**asdict(cfg), "device": device, "cpu": cpu_description(), "dtype": dtype, "threads": torch.get_num_threads(), "peak_flops": peak,
+        "setup": {**asdict(cfg), "device": device, "cpu": cpu_description(), "cpu_flags": cpu_flags(), "dtype": dtype, "threads": torch.get_num_threads(), "peak_flops": peak,
                   "data": ok[0]["data"] if ok else cfg.data, "command": " ".join([sys.executable, COMMAND] + sys.argv[1:])},
         "runs": runs,
         "summary": summarize(runs, cfg.compare),

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,8 @@ def test_bench_runs_dpo_on_a_tiny_model(tiny_model_dir, tmp_path):
 
     cpu = report["setup"]["cpu"]  # which machine kind the numbers come from
     assert cpu.endswith("+".join(cpu_bf16_flags()) or "no bf16 matmul (AVX2 only)") and " cores, " in cpu, cpu
+    flags = report["setup"]["cpu_flags"]  # lscpu's flags: what the kernels could use (avx2, avx512_bf16, amx_tile, ...)
+    assert set(cpu_bf16_flags()) <= set(flags) and ("avx2" in flags) == ("avx2" in Path("/proc/cpuinfo").read_text()), flags
     assert [r["arm"] for r in report["runs"]] == ["trl-baseline", "align"]
     for r in report["runs"]:
         assert "error" not in r, r.get("error")
