@@ -1,7 +1,7 @@
 """The whole comparison in one command: SFT, then a reward model, DPO and PPO (and GRPO or RLOO, on request)
 from the same SFT base, then evaluation of every policy and the PPO-vs-DPO report.
 
-    python recipes/pipeline.py                                       # embedded default on CPU (74 min on a 2-core AVX2-only Xeon)
+    python recipes/pipeline.py                                       # embedded default on CPU (about 55 min on 2 bf16 cores)
     python recipes/pipeline.py --config recipes/configs/pipeline_qlora_8b.yaml   # 7-8B QLoRA on a 24 GB GPU
     python recipes/pipeline.py --resume                              # skip stages that already finished
     python recipes/pipeline.py --overwrite true                      # start over; the earlier outputs are moved aside

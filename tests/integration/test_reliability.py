@@ -249,7 +249,7 @@ def test_second_run_into_a_live_runs_folder_is_refused_and_a_killed_runs_lock_ta
     assert_same_run(uninterrupted(recipe), out, MAX_STEPS)
 
 
-DEFAULT_LR = {"sft": 2e-4, "grpo": 5e-5, "dpo": 1e-3}  # the recipes' defaults on a CPU; reward 1e-4
+DEFAULT_LR = {"sft": 2e-4, "grpo": 5e-5, "dpo": 1e-3, "reward": 1e-3}  # the recipes' defaults on a CPU
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -260,7 +260,7 @@ def test_resume_with_other_training_settings_is_refused_naming_the_fields(recipe
     line = start_up_error(recipe, runner(recipe, out, resume="true", learning_rate=3e-4, seed=8, logging_steps=2),
                           tmp_path / "log")
     assert line.startswith(f"error: --resume: the checkpoint in {out} was trained with other settings, and continuing "
-                           f"it with these would train something else: learning_rate {DEFAULT_LR.get(recipe, 1e-4)} -> 0.0003, "
+                           f"it with these would train something else: learning_rate {DEFAULT_LR[recipe]} -> 0.0003, "
                            "seed 7 -> 8 ("), line
     assert "logging_steps" not in line  # allowed to change
     assert folder_hash(out) == before

@@ -152,6 +152,26 @@ def test_recipe_builds_the_fast_trainer(tiny_model_dir, tmp_path):
     assert isinstance(trainer, FastRewardTrainer) and trainer._share_prompt
 
 
+def test_recipe_learning_rate_is_chosen_by_hardware(monkeypatch, tmp_path):
+    """learning_rate none: 1e-3 for a CPU's short run, 1e-4 on a GPU, as the DPO recipe's (at 1e-4 the pipeline's 24
+    CPU steps left a reward model near chance on held-out pairs); a rate given on the command line is kept."""
+    from align.config import build_config
+    from align.trainers import common
+    from bench.harness.trainers import load_recipe
+
+    module = load_recipe("reward")
+    cfg = build_config(module.RewardArgs, dict(output_dir=str(tmp_path / "a"), report_to="none"))
+    assert cfg.learning_rate is None
+    notes = common.apply_hardware_defaults(cfg, 40, module.LEARNING_RATES)
+    assert cfg.learning_rate == (1e-4 if torch.cuda.is_available() else 1e-3)
+    assert any(note.startswith(f"learning_rate={cfg.learning_rate:g} ") for note in notes), notes
+    given = build_config(module.RewardArgs, dict(output_dir=str(tmp_path / "b"), report_to="none", learning_rate=5e-5))
+    common.apply_hardware_defaults(given, 40, module.LEARNING_RATES)
+    assert given.learning_rate == 5e-5
+    monkeypatch.setattr(common, "on_gpu", lambda: True)
+    assert common.hardware_learning_rate(module.LEARNING_RATES) == 1e-4
+
+
 @pytest.mark.parametrize("peft", ["lora", "prompt_tuning"])
 def test_score_pairs_equals_scoring_each_text(tiny_model_dir, peft):
     """align.models.reward_model.score_pairs (the recipe's held-out accuracy) gives score_texts' scores, one row per
