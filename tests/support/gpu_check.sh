@@ -8,11 +8,6 @@
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
-python3 -c "import torch, transformers, trl, peft, bitsandbytes, accelerate, datasets; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
+source tests/support/gpu_env.sh
+gpu_env .whl || exit 3
 timeout "${1:-420}" python3 -m pytest -q -rfE --durations=12 -p no:cacheprovider "${@:2}" 2>&1 | tee "$OUT/pytest.log" | grep -v -i "warn" | tail -60
