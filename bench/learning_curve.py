@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from functools import reduce
 from math import gcd
@@ -199,8 +200,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['recipe']} {' '.join(result['recipe_args'])}, constant LR: {result['eval_prompts']} held-out prompts, "
-                 f"95% paired intervals\n{result['cpu']}", fontsize=9)
+    what = (f"{result['recipe']} {' '.join(result['recipe_args'])}, constant LR: {result['eval_prompts']} held-out prompts, "
+            "95% paired intervals")
+    fig.suptitle(f"{textwrap.fill(what, 120)}\n{result['cpu']}", fontsize=9)  # a long command wraps, not cut off
     fig.tight_layout()
     save_figure(fig, path)
 

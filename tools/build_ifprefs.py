@@ -461,8 +461,11 @@ def drop_degenerate(splits: dict[str, list[dict]]) -> dict[str, int]:
     (align.evaluation.degeneration: a loop, a line three times, an instruction copied back): a policy imitates its
     SFT replies and DPO moves towards its chosen ones. Returns the rows dropped per split. Rejected replies
     may be degenerate; that is what they are for."""
-    return _drop_rows(splits, ("sft", "sft_test", "prefs_train", "prefs_test"),
-                      lambda r: check_reply(*reversed(target_reply(r)), r["constraints"]).degenerate)
+    def target_is_degenerate(row: dict) -> bool:
+        prompt, reply = target_reply(row)
+        return check_reply(reply, prompt, row["constraints"]).degenerate
+
+    return _drop_rows(splits, ("sft", "sft_test", "prefs_train", "prefs_test"), target_is_degenerate)
 
 
 def _drop_rows(splits: dict[str, list[dict]], names: Sequence[str], drop: Callable[[dict], bool]) -> dict[str, int]:

@@ -58,6 +58,8 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
     # on a CPU the shortened stage defaults come first and the user's flags after them (the last flag wins)
     dpo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] dpo: "))
     assert (f"--output_dir {root / 'dpo'} --summary_prompts 16 " in dpo_cmd) == (not torch.cuda.is_available())
+    ppo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] ppo: "))
+    assert (f"--output_dir {root / 'ppo'} --total_updates 12 --num_eval_prompts 0 " in ppo_cmd) == (not torch.cuda.is_available())
     assert (root / "dpo" / "summary.json").is_file() and json.loads((root / "dpo" / "summary.json").read_text())["steps"] == 2
     dpo_after = json.loads((root / "dpo" / "summary.json").read_text())["after"]
     counted = dpo_after["verifier/by_constraint"]  # the 2 summary prompts' constraints, each counted once
