@@ -11,7 +11,8 @@
    disabled, as the "before" summary runs) with model.generate against decode_ids;
 3. PPO's rollout sampling at its defaults (8 prompts a batch, 64 new tokens, temperature 0.7, the per-row
    GumbelSampler; the starting model, as PPO from the plain model): model.generate with the sampler as its logits
-   processor (align.rl.ppo before issue 19) against decode_ids with its per-row pick (now): the same draws;
+   processor (align.rl.ppo before issue 19) against decode_ids with its per-row pick: the same draws; and the
+   given adapter's sampling (a trained policy's) unmerged against merged (align.rl.ppo since December 6);
 4. decode_ids's KV cache (the summary's 128 greedy replies, merged, prompts in order): transformers' DynamicCache,
    which concatenates every layer's whole cache into new memory at every step, against the buffers allocated once
    (align.models.generation.preallocated_cache, the default).
@@ -147,6 +148,8 @@ def main() -> None:
     arms["cache_preallocated"] = lambda: decoded(True)
     arms["rollout_generate"] = lambda: starting_model(lambda: rollouts(False))
     arms["rollout_pruned"] = lambda: starting_model(lambda: rollouts(True))
+    arms["rollout_adapter"] = lambda: rollouts(True)  # a trained policy's sampling, the adapter unmerged
+    arms["rollout_merged"] = lambda: merged(lambda: rollouts(True))  # the same, merged (align.rl.ppo now)
     groups = set(args.groups)
     arms = {name: fn for name, fn in arms.items() if name.split("_")[0] in groups}
     times: dict[str, list[float]] = {name: [] for name in arms}
@@ -166,6 +169,7 @@ def main() -> None:
                    ("generate_speedup_total", "generate_unmerged", "generate_merged_pruned"),
                    ("start_generate_speedup_pruning", "start_generate", "start_generate_pruned"),
                    ("rollout_speedup_pruning", "rollout_generate", "rollout_pruned"),
+                   ("rollout_speedup_merge", "rollout_adapter", "rollout_merged"),
                    ("cache_speedup_preallocated", "cache_dynamic", "cache_preallocated")]
     result = {
         "cpu": cpu_description(), "threads": args.threads, "adapter": args.adapter, "pairs": len(pairs),

@@ -214,7 +214,7 @@ class merged_adapter:
     """`with merged_adapter(model):` runs inference with the adapter's update folded into the base weights (one
     matmul per linear layer instead of the base's plus the adapter's two: generation on the default model ~1.3x
     faster on a CPU, bench/summary_cost.py), and puts the base weights back bit for bit on exit (a
-    copy is kept: unmerging by subtraction would round them). A model `adapter_merges_faithfully` refuses is used as
+    copy is kept, in host memory: unmerging by subtraction would round them). A model `adapter_merges_faithfully` refuses is used as
     it is. The merged model computes W' x with W' = W + scale B A rounded once to the weights' dtype, where the adapter
     computes W x + scale B (A x): the same function up to that dtype's rounding, not bit for bit."""
 
@@ -230,7 +230,8 @@ class merged_adapter:
         for layer in self.model.modules():
             if isinstance(layer, BaseTunerLayer):
                 base = layer.get_base_layer()
-                self.saved += [(p, p.detach().clone()) for p in (base.weight, base.bias) if p is not None]
+                # in host memory: on a GPU the copies would otherwise double the adapted weights' footprint
+                self.saved += [(p, p.detach().to("cpu", copy=True)) for p in (base.weight, base.bias) if p is not None]
         self.model.merge_adapter()
         return self.model
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from align.errors import AlignError
-from align.models.generation import decode_ids, decodes_alone
+from align.models.generation import decode_ids, decodes_alone, merged_adapter
 from align.models.loading import eval_mode
 from align.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from align.ops.responses import truncate_after_eos
@@ -83,7 +83,8 @@ def encode_prompts(tokenizer, records: Sequence[PromptRecord], device: torch.dev
 
 @torch.no_grad()
 def sample_responses(models: PPOModels, records: Sequence[PromptRecord], seeds: Sequence[int], *, temperature: float, max_new_tokens: int):
-    """Sample one response per prompt with the policy adapter.
+    """Sample one response per prompt with the policy adapter (merged into the base weights for the sampling where
+    align.models.generation.merged_adapter allows: the same function up to the weights' rounding).
 
     Returns:
         query: (batch, query_width) left-padded prompt ids; query_mask: same, 1 on real tokens.
@@ -103,7 +104,9 @@ def sample_responses(models: PPOModels, records: Sequence[PromptRecord], seeds: 
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
     sampler = GumbelSampler(seeds, temperature)
-    with models.phase(POLICY), eval_mode(models.model):
+    # merged where that is faithful: one matmul a linear layer instead of three (align.models.generation.merged_adapter);
+    # the old log-probs come from score_rollout's unmerged pass, so the update's first ratio is still exactly 1
+    with models.phase(POLICY), eval_mode(models.model), merged_adapter(models.model):
         if decodes_alone(models.model):  # rows stop computing at their EOS; the same draws as generate's
             sequences = decode_ids(models.model, query, query_mask, max_new_tokens, tokenizer.eos_token_id,
                                    tokenizer.pad_token_id, pick=sampler.pick)

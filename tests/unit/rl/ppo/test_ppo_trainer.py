@@ -3,6 +3,7 @@ faults, health, config, rewards. The recipe as a process is tests/integration/te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -58,6 +59,43 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny_model_dir, tmp_path):
         return torch.cat([t, torch.full((t.shape[0], width - t.shape[1]), pad)], 1)
 
     assert torch.equal(together, torch.cat([padded(first), padded(second)]))
+
+
+@pytest.mark.parametrize("critic", ["adapter", "shared"])
+def test_rollouts_sample_with_the_adapter_merged_and_leave_every_weight_as_it_was(tiny_model_dir, tmp_path, monkeypatch, critic):
+    """sample_responses merges the trained policy adapter into the base for the sampling (float32: the same draws as
+    the unmerged policy on these rows), and afterwards every parameter (base, policy, critic, heads) is bit for bit
+    what it was and no layer is left merged; the next update still starts at ratio exactly 1."""
+    import align.models.generation as generation
+    import align.rl.ppo.rollout as rollout_module
+
+    trainer = trainer_for(tiny_cfg(tiny_model_dir, tmp_path, total_updates=3, critic=critic))
+    trainer.train()  # a trained (nonzero) adapter: a merge changes the base weights
+    model = trainer.models.model
+    assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if f"lora_B.{POLICY}" in n)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merges = []
+
+    class counting_merge(generation.merged_adapter):
+        def __enter__(self):
+            out = super().__enter__()
+            merges.append(any(getattr(m, "merged", False) for m in self.model.modules()))
+            return out
+
+    seeds = [row_seed(0, 9, i) for i in range(4)]
+    monkeypatch.setattr(rollout_module, "merged_adapter", counting_merge)
+    merged = sample_responses(trainer.models, PROMPTS[:4], seeds, temperature=1.0, max_new_tokens=6)[2]
+    monkeypatch.setattr(rollout_module, "merged_adapter", lambda model: contextlib.nullcontext())
+    unmerged = sample_responses(trainer.models, PROMPTS[:4], seeds, temperature=1.0, max_new_tokens=6)[2]
+    assert merges == [True], "the policy adapter was merged while sampling"
+    assert torch.equal(merged, unmerged)
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    monkeypatch.undo()
+    trainer.cfg.total_updates = 4
+    trainer.train()
+    assert trainer.history[-1]["ppo/first_minibatch_ratio_dev"] == 0.0
 
 
 # --------------------------------------------------------------------------------------------------
