@@ -423,9 +423,10 @@ def test_policy_summary_reuses_the_starting_logps_as_the_reference(adapter_run):
     assert recomputed["pref/implicit_margin_mean"] != 0  # the adapter moved the policy: margins are not all 0
 
 
-def test_policy_summary_runs_the_trained_policy_merged_and_leaves_it_as_it_was(adapter_run, monkeypatch):
-    """adapter=True scores and generates with the adapter merged into the float32 base weights (faster), the same
-    numbers as unmerged up to float32 rounding, and every parameter is bit for bit what it was afterwards."""
+def test_policy_summary_runs_the_trained_policy_merged_and_leaves_it_as_it_was(adapter_run, monkeypatch, capsys):
+    """adapter=True scores and generates with the adapter merged into the float32 base weights (faster), says so in
+    its log, the same numbers as unmerged up to float32 rounding, and every parameter is bit for bit what it was
+    afterwards."""
     import align.models.generation as generation
     from align.evaluation.policy_report import summarize_policy
     from align.records import PreferencePair
@@ -445,8 +446,10 @@ def test_policy_summary_runs_the_trained_policy_merged_and_leaves_it_as_it_was(a
             return out
 
     monkeypatch.setattr(generation, "merged_adapter", Spy)
+    capsys.readouterr()
     merged = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True)
     assert merges == [True]
+    assert "[align] summary (trained policy): the adapter merged into the weights" in capsys.readouterr().err
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     monkeypatch.setattr(generation, "merged_adapter", lambda m: contextlib.nullcontext(m))
     unmerged = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True)
