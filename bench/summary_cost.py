@@ -12,7 +12,9 @@
 3. PPO's rollout sampling at its defaults (8 prompts a batch, 64 new tokens, temperature 0.7, the per-row
    GumbelSampler; the starting model, as PPO from the plain model): model.generate with the sampler as its logits
    processor (align.rl.ppo before issue 19) against decode_ids with its per-row pick: the same draws; and the
-   given adapter's sampling (a trained policy's) unmerged against merged (align.rl.ppo since December 6);
+   given adapter's sampling (a trained policy's) unmerged against merged (align.rl.ppo since December 6); and
+   (--groups sampling) that policy's sampling as before issue 19 (model.generate, DynamicCache, unmerged) against now
+   (decode_ids, preallocated cache, merged);
 4. decode_ids's KV cache (the summary's 128 greedy replies, merged, prompts in order): transformers' DynamicCache,
    which concatenates every layer's whole cache into new memory at every step, against the buffers allocated once
    (align.models.generation.preallocated_cache, the default).
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--groups", type=lambda v: v.split(","), default=["logps", "generate", "start", "rollout", "cache"],
+    parser.add_argument("--groups", type=lambda v: v.split(","), default=["logps", "generate", "start", "rollout", "cache", "sampling"],
                         help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache)")
     args = parser.parse_args()
     import torch
@@ -150,6 +152,8 @@ def main() -> None:
     arms["rollout_pruned"] = lambda: starting_model(lambda: rollouts(True))
     arms["rollout_adapter"] = lambda: rollouts(True)  # a trained policy's sampling, the adapter unmerged
     arms["rollout_merged"] = lambda: merged(lambda: rollouts(True))  # the same, merged (align.rl.ppo now)
+    arms["sampling_before"] = lambda: rollouts(False)  # a trained policy's sampling as before issue 19: generate, unmerged
+    arms["sampling_now"] = lambda: merged(lambda: rollouts(True))  # and as now: merged, decode_ids
     groups = set(args.groups)
     arms = {name: fn for name, fn in arms.items() if name.split("_")[0] in groups}
     times: dict[str, list[float]] = {name: [] for name in arms}
@@ -170,6 +174,7 @@ def main() -> None:
                    ("start_generate_speedup_pruning", "start_generate", "start_generate_pruned"),
                    ("rollout_speedup_pruning", "rollout_generate", "rollout_pruned"),
                    ("rollout_speedup_merge", "rollout_adapter", "rollout_merged"),
+                   ("sampling_speedup_total", "sampling_before", "sampling_now"),
                    ("cache_speedup_preallocated", "cache_dynamic", "cache_preallocated")]
     result = {
         "cpu": cpu_description(), "threads": args.threads, "adapter": args.adapter, "pairs": len(pairs),
