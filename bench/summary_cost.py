@@ -89,8 +89,9 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--groups", type=lambda v: v.split(","), default=["logps", "generate", "start", "rollout", "cache", "sampling"],
-                        help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache)")
+    parser.add_argument("--groups", type=lambda v: v.split(","),
+                        default=["logps", "generate", "start", "rollout", "cache", "sampling"],
+                        help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache, sampling)")
     args = parser.parse_args()
     import torch
 
@@ -152,8 +153,8 @@ def main() -> None:
     arms["rollout_pruned"] = lambda: starting_model(lambda: rollouts(True))
     arms["rollout_adapter"] = lambda: rollouts(True)  # a trained policy's sampling, the adapter unmerged
     arms["rollout_merged"] = lambda: merged(lambda: rollouts(True))  # the same, merged (align.rl.ppo now)
-    arms["sampling_before"] = lambda: rollouts(False)  # a trained policy's sampling as before issue 19: generate, unmerged
-    arms["sampling_now"] = lambda: merged(lambda: rollouts(True))  # and as now: merged, decode_ids
+    arms["sampling_before"] = lambda: rollouts(False)  # that sampling before issue 19: model.generate, unmerged
+    arms["sampling_now"] = arms["rollout_merged"]  # and as now: merged, decode_ids
     groups = set(args.groups)
     arms = {name: fn for name, fn in arms.items() if name.split("_")[0] in groups}
     times: dict[str, list[float]] = {name: [] for name in arms}

@@ -48,11 +48,12 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     was_training = model.training
     model.eval()
     # the trained policy runs with its adapter merged where that is exact (align.models.generation.merged_adapter)
-    merge = merged_adapter(model) if adapter else None
-    with _starting_model(model, adapter), (merge or contextlib.nullcontext()):
-        if merge is not None:
-            logger.info("summary (trained policy): " + ("the adapter merged into the weights" if getattr(merge, "saved", None) else
-                        "the adapter unmerged (adapter_merges_faithfully: not a plain float32/bf16 LoRA, DoRA or IA3)"))
+    merge = merged_adapter(model) if adapter else contextlib.nullcontext()
+    with _starting_model(model, adapter), merge:
+        if adapter:
+            how = ("the adapter merged into the weights" if getattr(merge, "saved", None)
+                   else "the adapter unmerged (adapter_merges_faithfully: not a plain float32/bf16 LoRA, DoRA or IA3)")
+            logger.info(f"summary (trained policy): {how}")
         if pairs:
             logger.info(f"summary: log-probs of {len(pairs)} held-out pairs")
             prompts_p = [p.prompt for p in pairs]

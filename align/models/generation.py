@@ -213,9 +213,9 @@ def adapter_merges_faithfully(model) -> bool:
 class merged_adapter:
     """`with merged_adapter(model):` runs inference with the adapter's update folded into the base weights (one
     matmul per linear layer instead of the base's plus the adapter's two: generation on the default model ~1.3x
-    faster on a CPU, bench/summary_cost.py), and puts the base weights back bit for bit on exit (a
-    copy is kept, in host memory: unmerging by subtraction would round them). A model `adapter_merges_faithfully` refuses is used as
-    it is. The merged model computes W' x with W' = W + scale B A rounded once to the weights' dtype, where the adapter
+    faster on a CPU, bench/summary_cost.py), and puts the base weights back bit for bit on exit (a copy is kept, in
+    host memory: unmerging by subtraction would round them). A model `adapter_merges_faithfully` refuses is used as it
+    is. The merged model computes W' x with W' = W + scale B A rounded once to the weights' dtype, where the adapter
     computes W x + scale B (A x): the same function up to that dtype's rounding, not bit for bit."""
 
     def __init__(self, model):

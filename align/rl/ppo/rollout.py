@@ -104,8 +104,8 @@ def sample_responses(models: PPOModels, records: Sequence[PromptRecord], seeds: 
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
     sampler = GumbelSampler(seeds, temperature)
-    # merged where that is faithful: one matmul a linear layer instead of three (align.models.generation.merged_adapter);
-    # the old log-probs come from score_rollout's unmerged pass, so the update's first ratio is still exactly 1
+    # merged where that is faithful: one matmul a linear layer instead of three (merged_adapter); the old
+    # log-probs come from score_rollout's unmerged pass, so the update's first ratio is still exactly 1
     with models.phase(POLICY), eval_mode(models.model), merged_adapter(models.model):
         if decodes_alone(models.model):  # rows stop computing at their EOS; the same draws as generate's
             sequences = decode_ids(models.model, query, query_mask, max_new_tokens, tokenizer.eos_token_id,

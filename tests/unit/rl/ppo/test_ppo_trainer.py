@@ -62,7 +62,8 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("critic", ["adapter", "shared"])
-def test_rollouts_sample_with_the_adapter_merged_and_leave_every_weight_as_it_was(tiny_model_dir, tmp_path, monkeypatch, critic):
+def test_rollouts_sample_with_the_adapter_merged_and_leave_every_weight_as_it_was(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                   critic):
     """sample_responses merges the trained policy adapter into the base for the sampling (float32: the same draws as
     the unmerged policy on these rows), and afterwards every parameter (base, policy, critic, heads) is bit for bit
     what it was and no layer is left merged; the next update still starts at ratio exactly 1."""
