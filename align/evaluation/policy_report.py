@@ -51,7 +51,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     merge = merged_adapter(model) if adapter else contextlib.nullcontext()
     with _starting_model(model, adapter), merge:
         if adapter:
-            how = ("the adapter merged into the weights" if getattr(merge, "saved", None)
+            how = ("the adapter merged into the weights" if merge.merged
                    else "the adapter unmerged (adapter_merges_faithfully: not a plain float32/bf16 LoRA, DoRA or IA3)")
             logger.info(f"summary (trained policy): {how}")
         if pairs:

@@ -222,6 +222,11 @@ class merged_adapter:
         self.model = model
         self.saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
 
+    @property
+    def merged(self) -> bool:
+        """Whether the adapter is folded into the weights now (inside the `with`, and adapter_merges_faithfully)."""
+        return bool(self.saved)
+
     def __enter__(self):
         if not adapter_merges_faithfully(self.model):
             return self.model

@@ -1,5 +1,5 @@
 """pair_logps of the main job's 64 held-out pairs at 16 / 32 / 64 / 8 rows a batch, two repeats, the trained adapter on
-(unmerged, as the summary runs it in bf16):
+and unmerged, as load_trained gives it (the recipe's summary runs it merged: align.evaluation.policy_report):
 
     HF_HUB_OFFLINE=1 python bench/results/main_job_summary_share_amd_bf16/logps_batch.py OUT/adapter
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -442,7 +441,7 @@ def test_policy_summary_runs_the_trained_policy_merged_and_leaves_it_as_it_was(a
     class Spy(real):
         def __enter__(self):
             out = super().__enter__()
-            merges.append(bool(self.saved))
+            merges.append(self.merged)
             return out
 
     monkeypatch.setattr(generation, "merged_adapter", Spy)
@@ -451,7 +450,11 @@ def test_policy_summary_runs_the_trained_policy_merged_and_leaves_it_as_it_was(a
     assert merges == [True]
     assert "[align] summary (trained policy): the adapter merged into the weights" in capsys.readouterr().err
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
-    monkeypatch.setattr(generation, "merged_adapter", lambda m: contextlib.nullcontext(m))
+    class Unmerged(real):
+        def __enter__(self):
+            return self.model
+
+    monkeypatch.setattr(generation, "merged_adapter", Unmerged)
     unmerged = summarize_policy(model, tokenizer, pairs, [], beta=0.2, adapter=True)
     assert merged["pref/implicit_margin_mean"] == pytest.approx(unmerged["pref/implicit_margin_mean"], abs=1e-4)
     assert merged["pref/mean_logp_accuracy"] == unmerged["pref/mean_logp_accuracy"]
