@@ -10,6 +10,8 @@ References:
         Estimation", arXiv:1506.02438.
     [Ziegler19] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences",
         arXiv:1909.08593.
+    [Ahmadian24] Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
+        from Human Feedback in LLMs", arXiv:2402.14740 (RLOO).
 """
 
 from __future__ import annotations
@@ -57,6 +59,28 @@ def compute_rewards(
     rewards = -kl_coef * token_kl(logprobs, ref_logprobs, mask, kl_estimator)
     score_on_last = torch.zeros_like(rewards).scatter_(-1, last_token_index[:, None], scores[:, None].to(rewards))
     return rewards + score_on_last
+
+
+def leave_one_out_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """Each score minus the mean of the other scores of its group: RLOO's baseline [Ahmadian24, eq. 5].
+
+    The samples of one prompt share its difficulty, so the baseline takes what the prompt alone decides out
+    of the score (an unbiased baseline: it does not depend on the sample it is subtracted from).
+
+    Args:
+        scores: (batch,) sequence scores, batch = groups * group_size, a group's samples adjacent (rows
+            g * group_size ... g * group_size + group_size - 1).
+        group_size: samples per prompt, at least 2.
+
+    Returns:
+        (batch,) baselined scores; each group's sum to 0 up to rounding.
+    """
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(f"leave_one_out_baseline: {scores.shape[0]} scores in groups of {group_size}: "
+                         "expected a group size of at least 2 that divides the batch")
+    grouped = scores.reshape(-1, group_size)
+    others_mean = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).reshape(scores.shape)
 
 
 def gae(
@@ -122,9 +146,14 @@ def global_whiten(values: Tensor, mask: Tensor, dist: Dist, width: int, shift_me
 
 @torch.no_grad()
 def estimate_advantages(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Dist) -> None:
-    """KL-penalised per-token rewards, GAE advantages and returns, advantages whitened globally."""
+    """KL-penalised per-token rewards, GAE advantages and returns, advantages whitened globally; with
+    samples_per_prompt > 1 the scores are first baselined by their prompt's other samples (over all processes)."""
     mask = rollout.response_mask
-    rewards = compute_rewards(rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+    scores = rollout.scores
+    if cfg.samples_per_prompt > 1:
+        rows = scores.shape[0]
+        scores = leave_one_out_baseline(dist.gather_rows(scores), cfg.samples_per_prompt)[dist.rank * rows:(dist.rank + 1) * rows]
+    rewards = compute_rewards(scores, rollout.old_logprobs, rollout.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
     if cfg.whiten_rewards:
         rewards = global_whiten(rewards, mask, dist, cfg.response_length, shift_mean=False)
     advantages, returns = gae(rewards, rollout.old_values, mask, cfg.gamma, cfg.lam)

@@ -35,7 +35,9 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     num_eval_prompts: int = arg(128, "how many held-out prompts to answer greedily before and after training (0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest held-out reply generated before and after training (as the other recipes' summaries)")
     # ---- rollout
-    rollout_batch_size: int = arg(8, "prompts per update, over all processes")
+    rollout_batch_size: int = arg(8, "responses per update, over all processes (prompts x samples_per_prompt)")
+    samples_per_prompt: int = arg(1, "responses sampled per prompt in an update; > 1: each score minus the mean of its prompt's "
+                                     "other samples (RLOO's leave-one-out baseline) before the KL penalty and GAE")
     response_length: int = arg(64, "maximum new tokens per response")
     temperature: float = arg(0.7, "sampling temperature (pure sampling: no top-k, top-p or repetition penalty)")
     reward_guard: bool = arg(True, "with the verifier reward: a degenerate reply (align.evaluation.degeneration: a loop, a line repeated 3 times, "
@@ -85,7 +87,7 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     health_window: int = arg(6, "updates compared: the last half against the half before (gaming) or the run's start (EOS, length)")
 
     def validate(self) -> None:
-        positive = ("rollout_batch_size", "response_length", "forward_batch_size", "total_updates", "ppo_epochs",
+        positive = ("rollout_batch_size", "samples_per_prompt", "response_length", "forward_batch_size", "total_updates", "ppo_epochs",
                     "minibatch_size", "micro_batch_size", "save_steps", "save_total_limit", "max_prompt_length")
         for name in positive:
             if getattr(self, name) < 1:
@@ -93,6 +95,10 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
         if self.rollout_batch_size % self.minibatch_size:
             raise ConfigError(
                 f"config: minibatch_size ({self.minibatch_size}) must divide rollout_batch_size ({self.rollout_batch_size})"
+            )
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ConfigError(
+                f"config: samples_per_prompt ({self.samples_per_prompt}) must divide rollout_batch_size ({self.rollout_batch_size})"
             )
         if self.temperature <= 0:
             raise ConfigError(f"config: temperature: expected > 0, got {self.temperature}")

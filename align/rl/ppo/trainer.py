@@ -105,14 +105,17 @@ class PPOTrainer:
     def elapsed(self) -> float:
         return self.elapsed_before + (time.time() - self._session_start if self._session_start is not None else 0.0)
 
-    # ---- data: a fresh shuffle of all prompts per pass; update u takes the global rows [u*B, (u+1)*B)
+    # ---- data: a fresh shuffle of all prompts per pass; update u takes the prompts [u*P, (u+1)*P) of it, P =
+    # rollout_batch_size / samples_per_prompt, and global row r answers prompt u*P + r // samples_per_prompt
+    # (a prompt's samples are adjacent rows, each with its own sampling seed)
     def batch_records(self, update: int) -> tuple[list[PromptRecord], Tensor]:
         cfg, n = self.cfg, len(self.prompts)
         per_rank = cfg.rollout_batch_size // self.dist.world
+        prompts_per_update = cfg.rollout_batch_size // cfg.samples_per_prompt
         global_rows = torch.arange(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
         records, orders = [], {}
         for row in global_rows.tolist():
-            data_epoch, offset = divmod(update * cfg.rollout_batch_size + row, n)
+            data_epoch, offset = divmod(update * prompts_per_update + row // cfg.samples_per_prompt, n)
             if data_epoch not in orders:
                 orders[data_epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + data_epoch))
             records.append(self.prompts[int(orders[data_epoch][offset])])

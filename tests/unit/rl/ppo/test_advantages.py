@@ -1,5 +1,5 @@
 """align.rl.ppo.advantages: KL-penalised per-token rewards and GAE against the reference numbers, by hand, and
-whatever follows the response."""
+whatever follows the response; RLOO's leave-one-out baseline by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from align.rl.ppo.advantages import compute_rewards, gae
+from align.rl.ppo.advantages import compute_rewards, gae, leave_one_out_baseline
 from math_reference import close, prefix_mask, ref, t  # noqa: F401  (ref is a fixture)
 
 
@@ -108,3 +108,19 @@ def test_gae_ignores_rewards_and_values_after_the_response(rows, junk, gamma, la
     )
     assert torch.equal(advantages, junk_advantages)
     assert torch.equal(returns, junk_returns)
+
+
+def test_leave_one_out_baseline_by_hand():
+    """Groups of 4 adjacent scores: 1 0 0 1 -> 1 - 1/3, 0 - 2/3, ...; 2 4 6 8 -> 2 - 6, 4 - 16/3, 6 - 14/3, 8 - 4;
+    and groups of 2: each score minus its partner."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0])
+    assert_close(leave_one_out_baseline(scores, 4),
+                 torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, -4.0, 4 - 16 / 3, 6 - 14 / 3, 4.0]))
+    assert_close(leave_one_out_baseline(scores, 2), torch.tensor([1.0, -1.0, -1.0, 1.0, -2.0, 2.0, -2.0, 2.0]))
+    assert torch.equal(leave_one_out_baseline(torch.full((6,), 0.3), 3), torch.zeros(6)), "a prompt every sample meets alike teaches nothing"
+
+
+@pytest.mark.parametrize("n,group_size", [(8, 1), (8, 3), (6, 4)])
+def test_leave_one_out_baseline_rejects_groups_that_do_not_fit(n, group_size):
+    with pytest.raises(ValueError, match=f"{n} scores in groups of {group_size}"):
+        leave_one_out_baseline(torch.zeros(n), group_size)

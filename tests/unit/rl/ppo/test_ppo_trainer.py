@@ -137,6 +137,25 @@ def rollout_with_lengths(trainer: PPOTrainer, lengths: list[int]):
     return rollout
 
 
+def test_samples_of_one_prompt_are_adjacent_rows_and_their_scores_are_baselined(tiny_model_dir, tmp_path):
+    """samples_per_prompt 2: update u's 8 rows answer the prompts u*4 .. u*4+3 of the shuffle, each twice in adjacent
+    rows (the prompts a 4-row update of one sample each would take), and each row's score enters the rewards minus its
+    partner's (with no KL penalty the per-token rewards of a row sum to that)."""
+    from align.rl.ppo.advantages import leave_one_out_baseline
+
+    pairs = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "k2", rollout_batch_size=8, samples_per_prompt=2, kl_coef=0.0))
+    single = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "k1", rollout_batch_size=4, minibatch_size=4))
+    for update in (0, 1):
+        records = pairs.batch_records(update)[0]
+        assert records[0::2] == records[1::2]
+        assert records[0::2] == single.batch_records(update)[0]
+        assert len({r.source for r in records}) == 4
+    rollout = rollout_with_lengths(pairs, [1, 1, 6, 6, 2, 1, 6, 5])
+    assert_close = torch.testing.assert_close
+    assert_close(rollout.rewards.sum(-1), leave_one_out_baseline(rollout.scores, 2))
+    assert not torch.allclose(rollout.rewards.sum(-1), rollout.scores)
+
+
 @pytest.mark.parametrize("critic", ["adapter", "shared"])
 def test_update_metrics_report_the_critics_explained_variance(tiny_model_dir, tmp_path, critic):
     """values/explained_variance in the update's metrics (from token sums, so processes add up) is
@@ -485,6 +504,10 @@ def test_config_errors_name_the_field(tmp_path):
         tiny_cfg("m", tmp_path, rollout_batch_size=8, minibatch_size=3)
     with pytest.raises(ConfigError, match="temperature"):
         tiny_cfg("m", tmp_path, temperature=0.0)
+    with pytest.raises(ConfigError, match=r"samples_per_prompt \(3\) must divide rollout_batch_size \(8\)"):
+        tiny_cfg("m", tmp_path, rollout_batch_size=8, samples_per_prompt=3)
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        tiny_cfg("m", tmp_path, samples_per_prompt=0)
 
 
 # --------------------------------------------------------------------------------------------------
