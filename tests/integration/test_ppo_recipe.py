@@ -201,13 +201,21 @@ def test_kill_in_the_middle_of_a_checkpoint_then_resume_matches_uninterrupted(ti
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("samples_per_prompt", [1, 4])
+def test_two_processes_equal_one(tiny_model_dir, tmp_path, samples_per_prompt):
     """The same global batch on 1 process and on 2 (accelerate, gloo): same prompts, same sampled tokens (each
     row's sampler is seeded by its global index), advantages whitened over the global batch, gradients summed
     over processes. Only float summation order differs (different padding widths, all-reduce), so the final
-    adapters agree to 1e-4 and the logged metrics to 1e-3 (relative) after 2 updates."""
+    adapters agree to 1e-4 and the logged metrics to 1e-3 (relative) after 2 updates. With 4 samples of one prompt
+    an update, the group spans both processes: its leave-one-out baseline needs the other process's scores (a
+    reward that tells the samples apart: the share of lowercase letters)."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
-    extra = ["--reward", "verifier", "--num_eval_prompts", "0", "--report_to", "none", "--micro_batch_size", "1"]
+    reward = ["--reward", "verifier"]
+    if samples_per_prompt > 1:
+        (tmp_path / "letters.py").write_text(
+            "def letters(prompts, responses):\n    return [sum('a' <= c <= 'z' for c in r) / max(1, len(r)) for r in responses]\n")
+        reward = ["--reward", f"{tmp_path / 'letters.py'}:letters", "--samples_per_prompt", str(samples_per_prompt)]
+    extra = [*reward, "--num_eval_prompts", "0", "--report_to", "none", "--micro_batch_size", "1"]
     one = run_recipe(recipe_args(tiny_model_dir, tmp_path / "one", prompts, *extra))
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
