@@ -59,6 +59,9 @@ def rollout_metrics(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Dist) 
     metrics["perf/new_tokens"] = response_tokens + prompt_tokens
     if not math.isnan(explained):
         metrics["values/explained_variance"] = explained
+    if cfg.samples_per_prompt > 1:  # prompts whose samples all scored alike: after the baseline their scores teach nothing
+        groups = dist.gather_rows(rollout.scores).reshape(-1, cfg.samples_per_prompt)
+        metrics["rollout/groups_without_spread"] = float((groups == groups[:, :1]).all(-1).double().mean())
     return metrics
 
 

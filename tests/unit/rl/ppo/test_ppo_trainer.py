@@ -140,7 +140,8 @@ def rollout_with_lengths(trainer: PPOTrainer, lengths: list[int]):
 def test_samples_of_one_prompt_are_adjacent_rows_and_their_scores_are_baselined(tiny_model_dir, tmp_path):
     """samples_per_prompt 2: update u's 8 rows answer the prompts u*4 .. u*4+3 of the shuffle, each twice in adjacent
     rows (the prompts a 4-row update of one sample each would take), and each row's score enters the rewards minus its
-    partner's (with no KL penalty the per-token rewards of a row sum to that)."""
+    partner's (with no KL penalty the per-token rewards of a row sum to that); the update's metrics count the prompts
+    whose samples all scored alike."""
     from align.rl.ppo.advantages import leave_one_out_baseline
 
     pairs = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "k2", rollout_batch_size=8, samples_per_prompt=2, kl_coef=0.0))
@@ -154,6 +155,12 @@ def test_samples_of_one_prompt_are_adjacent_rows_and_their_scores_are_baselined(
     assert_close = torch.testing.assert_close
     assert_close(rollout.rewards.sum(-1), leave_one_out_baseline(rollout.scores, 2))
     assert not torch.allclose(rollout.rewards.sum(-1), rollout.scores)
+    from align.rl.ppo.health import rollout_metrics
+
+    assert rollout_metrics(rollout, pairs.cfg, 0.0, pairs.dist)["rollout/groups_without_spread"] == 0.0
+    rollout.scores = torch.tensor([0.5, 0.5, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    assert rollout_metrics(rollout, pairs.cfg, 0.0, pairs.dist)["rollout/groups_without_spread"] == 0.75
+    assert "rollout/groups_without_spread" not in rollout_metrics(rollout, single.cfg, 0.0, single.dist)
 
 
 @pytest.mark.parametrize("critic", ["adapter", "shared"])
