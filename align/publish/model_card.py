@@ -159,8 +159,12 @@ def _method_lines(stage: str, config: dict[str, Any], summary: dict[str, Any]) -
         kl = f"KL coefficient {_num(config.get('kl_coef'))} ({config.get('kl_estimator')})"
         if config.get("kl_target") is not None:
             kl += f", adaptive towards {_num(config['kl_target'])} nats"
-        return [f"Method: PPO with a LoRA critic, {kl}, clip {_num(config.get('cliprange'))}, gamma {_num(config.get('gamma'))}, "
-                f"GAE lambda {_num(config.get('lam'))}; {config.get('rollout_batch_size')} prompts per update, replies up to "
+        critic = "a value head on the policy's last hidden state" if config.get("critic") == "shared" else "a LoRA critic"
+        k, batch = config.get("samples_per_prompt") or 1, config.get("rollout_batch_size")
+        per_update = (f"{batch} prompts per update" if k == 1 or not isinstance(batch, int) else
+                      f"{batch // k} prompts x {k} samples per update (each score baselined by its prompt's other samples)")
+        return [f"Method: PPO with {critic}, {kl}, clip {_num(config.get('cliprange'))}, gamma {_num(config.get('gamma'))}, "
+                f"GAE lambda {_num(config.get('lam'))}; {per_update}, replies up to "
                 f"{config.get('response_length')} tokens at temperature {_num(config.get('temperature'))}.",
                 f"Reward: {summary.get('reward', config.get('reward'))}."]
     return [f"Method: {stage}."]

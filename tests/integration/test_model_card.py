@@ -88,6 +88,11 @@ def test_ppo_card_reads_the_heldout_blocks_and_a_reward_card_scores():
     assert "16 updates (of 16)" in card and "`ifprefs:sft` (300 prompts used)" in card
     assert "| coherent strict (strict and not degenerate) | 0.250 | 0.312 | +0.062 |" in card
     assert "the merged model of the align SFT run in /runs/sft" in card and "base_model:" not in card
+    assert "8 prompts per update, replies up to 64 tokens" in card
+    grouped = model_card({**config, "samples_per_prompt": 4, "critic": "shared"}, {**RUN_INFO, "stage": "ppo"}, summary, base=base,
+                         artifact="adapter", location="/runs/ppo/adapter")
+    assert "PPO with a value head on the policy's last hidden state, KL" in grouped
+    assert "2 prompts x 4 samples per update (each score baselined by its prompt's other samples), replies up to 64" in grouped
 
     reward = model_card(DPO_CONFIG, {**RUN_INFO, "stage": "reward"}, {"method": "reward", "before": {"eval/accuracy": 0.5},
                         "after": {"eval/accuracy": 0.75}}, base=base, artifact="adapter", location="/runs/reward/adapter")
