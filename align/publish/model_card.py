@@ -161,7 +161,7 @@ def _method_lines(stage: str, config: dict[str, Any], summary: dict[str, Any]) -
             kl += f", adaptive towards {_num(config['kl_target'])} nats"
         critic = "a value head on the policy's last hidden state" if config.get("critic") == "shared" else "a LoRA critic"
         k, batch = config.get("samples_per_prompt") or 1, config.get("rollout_batch_size")
-        per_update = (f"{batch} prompts per update" if k == 1 or not isinstance(batch, int) else
+        per_update = (f"{batch} prompts per update" if k == 1 else
                       f"{batch // k} prompts x {k} samples per update (each score baselined by its prompt's other samples)")
         return [f"Method: PPO with {critic}, {kl}, clip {_num(config.get('cliprange'))}, gamma {_num(config.get('gamma'))}, "
                 f"GAE lambda {_num(config.get('lam'))}; {per_update}, replies up to "

@@ -16,7 +16,8 @@ from align.config import parse_config
 from align.errors import ConfigError
 from align.rl.ppo.checkpoint import list_checkpoints
 from align.rl.ppo.config import CRITIC, POLICY, PPOArgs
-from align.rl.ppo.health import HealthStop, health_checks
+from align.rl.ppo.advantages import leave_one_out_baseline
+from align.rl.ppo.health import HealthStop, health_checks, rollout_metrics
 from align.rl.ppo.models import build_models
 from align.rl.ppo.rollout import GumbelSampler, row_seed, sample_responses
 from align.rl.ppo.trainer import PPOTrainer
@@ -142,8 +143,6 @@ def test_samples_of_one_prompt_are_adjacent_rows_and_their_scores_are_baselined(
     rows (the prompts a 4-row update of one sample each would take), and each row's score enters the rewards minus its
     partner's (with no KL penalty the per-token rewards of a row sum to that); the update's metrics count the prompts
     whose samples all scored alike."""
-    from align.rl.ppo.advantages import leave_one_out_baseline
-
     pairs = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "k2", rollout_batch_size=8, samples_per_prompt=2, kl_coef=0.0))
     single = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "k1", rollout_batch_size=4, minibatch_size=4))
     for update in (0, 1):
@@ -152,11 +151,8 @@ def test_samples_of_one_prompt_are_adjacent_rows_and_their_scores_are_baselined(
         assert records[0::2] == single.batch_records(update)[0]
         assert len({r.source for r in records}) == 4
     rollout = rollout_with_lengths(pairs, [1, 1, 6, 6, 2, 1, 6, 5])
-    assert_close = torch.testing.assert_close
-    assert_close(rollout.rewards.sum(-1), leave_one_out_baseline(rollout.scores, 2))
+    torch.testing.assert_close(rollout.rewards.sum(-1), leave_one_out_baseline(rollout.scores, 2))
     assert not torch.allclose(rollout.rewards.sum(-1), rollout.scores)
-    from align.rl.ppo.health import rollout_metrics
-
     assert rollout_metrics(rollout, pairs.cfg, 0.0, pairs.dist)["rollout/groups_without_spread"] == 0.0
     rollout.scores = torch.tensor([0.5, 0.5, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
     assert rollout_metrics(rollout, pairs.cfg, 0.0, pairs.dist)["rollout/groups_without_spread"] == 0.75
@@ -169,7 +165,6 @@ def test_update_metrics_report_the_critics_explained_variance(tiny_model_dir, tm
     align.ops.masked.explained_variance of the rollout's values and GAE returns; before any update the critic
     (an untrained head) explains almost nothing of the returns of a reward of +-1/4..+-2."""
     from align.ops.masked import explained_variance
-    from align.rl.ppo.health import rollout_metrics
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path, rollout_batch_size=8, minibatch_size=8, micro_batch_size=8, response_length=6,
                    critic=critic)
