@@ -17,7 +17,8 @@ def test_sft_curve_on_the_tiny_model(tiny_model_dir, tiny_data, tmp_path):
     curve = json.loads((out / "learning_curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [1, 2]
     assert curve["points"][0]["tokens"] > 0 and curve["points"][1]["tokens"] > curve["points"][0]["tokens"]
-    assert curve["points"][1]["train_seconds"] > 0
+    # seconds come from the trainer's log (train_runtime) rounded to 0.1 s: two steps of the tiny model can take under 0.05 s
+    assert curve["points"][1]["train_seconds"] >= curve["points"][0]["train_seconds"] >= 0
     for p in curve["points"]:
         for key in ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos"):
             m = p["metrics"][key]
