@@ -51,7 +51,7 @@ def hardware_notes(cfg: PPOArgs, world: int) -> list[str]:
         f"quantization={resolve_quantization(cfg.quantization)} ({'CUDA GPU: 4-bit QLoRA base' if gpu else 'CPU: full-precision base'})",
         compute_note(cfg.dtype, cfg.quantization),
         f"{cfg.total_updates} updates x {cfg.rollout_batch_size} responses"
-        + (f" ({cfg.rollout_batch_size // cfg.samples_per_prompt} prompts x {cfg.samples_per_prompt})" if cfg.samples_per_prompt > 1 else "")
+        + (f" ({cfg.prompts_per_update} prompts x {cfg.samples_per_prompt})" if cfg.samples_per_prompt > 1 else "")
         + f", responses <= {cfg.response_length} tokens",
     ]
 

@@ -139,9 +139,8 @@ def global_whiten(values: Tensor, mask: Tensor, dist: Dist, width: int, shift_me
         return masked_whiten(values, mask, shift_mean=shift_mean)
     all_values = dist.gather_rows(_pad_to(values, width))
     all_mask = dist.gather_rows(_pad_to(mask, width, False))
-    rows = values.shape[0]
     whitened = masked_whiten(all_values, all_mask, shift_mean=shift_mean)
-    return whitened[dist.rank * rows : (dist.rank + 1) * rows, : values.shape[1]]
+    return dist.local_rows(whitened)[:, : values.shape[1]]
 
 
 @torch.no_grad()
@@ -151,8 +150,7 @@ def estimate_advantages(rollout: Rollout, cfg: PPOArgs, kl_coef: float, dist: Di
     mask = rollout.response_mask
     scores = rollout.scores
     if cfg.samples_per_prompt > 1:
-        rows = scores.shape[0]
-        scores = leave_one_out_baseline(dist.gather_rows(scores), cfg.samples_per_prompt)[dist.rank * rows:(dist.rank + 1) * rows]
+        scores = dist.local_rows(leave_one_out_baseline(dist.gather_rows(scores), cfg.samples_per_prompt))
     rewards = compute_rewards(scores, rollout.old_logprobs, rollout.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
     if cfg.whiten_rewards:
         rewards = global_whiten(rewards, mask, dist, cfg.response_length, shift_mean=False)

@@ -86,6 +86,11 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     health_saturation_rise: float = arg(0.25, "warn when the share of responses filling response_length rises this much above the start")
     health_window: int = arg(6, "updates compared: the last half against the half before (gaming) or the run's start (EOS, length)")
 
+    @property
+    def prompts_per_update(self) -> int:
+        """Distinct prompts of an update: its rollout_batch_size responses are samples_per_prompt of each."""
+        return self.rollout_batch_size // self.samples_per_prompt
+
     def validate(self) -> None:
         positive = ("rollout_batch_size", "samples_per_prompt", "response_length", "forward_batch_size", "total_updates", "ppo_epochs",
                     "minibatch_size", "micro_batch_size", "save_steps", "save_total_limit", "max_prompt_length")

@@ -42,6 +42,11 @@ class Dist:
         torch_dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
 
+    def local_rows(self, tensor: Tensor) -> Tensor:
+        """(world * rows, ...) in rank order, as gather_rows returns them -> this process's (rows, ...)."""
+        rows = tensor.shape[0] // self.world
+        return tensor[self.rank * rows:(self.rank + 1) * rows]
+
     def gather_objects(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]

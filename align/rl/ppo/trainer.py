@@ -111,11 +111,10 @@ class PPOTrainer:
     def batch_records(self, update: int) -> tuple[list[PromptRecord], Tensor]:
         cfg, n = self.cfg, len(self.prompts)
         per_rank = cfg.rollout_batch_size // self.dist.world
-        prompts_per_update = cfg.rollout_batch_size // cfg.samples_per_prompt
         global_rows = torch.arange(self.dist.rank * per_rank, (self.dist.rank + 1) * per_rank)
         records, orders = [], {}
         for row in global_rows.tolist():
-            data_epoch, offset = divmod(update * prompts_per_update + row // cfg.samples_per_prompt, n)
+            data_epoch, offset = divmod(update * cfg.prompts_per_update + row // cfg.samples_per_prompt, n)
             if data_epoch not in orders:
                 orders[data_epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + data_epoch))
             records.append(self.prompts[int(orders[data_epoch][offset])])
