@@ -29,6 +29,10 @@ Row formats, detected per row from its fields (`format="auto"`) or forced with `
     messages           {"messages": [msgs]}                                        SFT
     prompt_completion  {"prompt": str | [msgs], "completion": str | [msgs]}        SFT
     prompt             {"prompt": str | [msgs]}                                    prompts only (eval files)
+    ifeval             {"key": int, "prompt": str, "instruction_id_list": [...], "kwargs": [...]}   prompts
+                       only: IFEval's input_data.jsonl, each instruction read as the constraint of
+                       align.evaluation.verifier with its meaning (`from_ifeval`); an instruction with no
+                       check here is a bad row, so on_bad_rows="skip" keeps the prompts that can be scored
 
 The first row that loads fixes the format for the rest of the source (every file of a folder included),
 so a row of another shape is reported against that format. Known metadata fields pass through (`id`,

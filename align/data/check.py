@@ -12,7 +12,7 @@ from align.data.load import LoadStats, iter_records
 from align.data.sources import Source, open_source
 
 
-_KIND_OF_FORMAT = {**{f: "prefs" for f in PREFERENCE_FORMATS}, **{f: "sft" for f in SFT_FORMATS}, "prompt": "prompts"}
+_KIND_OF_FORMAT = {**{f: "prefs" for f in PREFERENCE_FORMATS}, **{f: "sft" for f in SFT_FORMATS}, "prompt": "prompts", "ifeval": "prompts"}
 _RECORD_NAMES = {"prefs": "preference pairs", "sft": "SFT examples", "prompts": "prompts"}
 
 

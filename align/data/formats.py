@@ -12,7 +12,7 @@ from align.records import Message, PreferencePair, PromptRecord, SFTExample, che
 
 PREFERENCE_FORMATS = ("strings", "conversational", "hh", "ranked")
 SFT_FORMATS = ("messages", "prompt_completion")
-FORMATS = PREFERENCE_FORMATS + SFT_FORMATS + ("prompt",)
+FORMATS = PREFERENCE_FORMATS + SFT_FORMATS + ("prompt", "ifeval")
 
 # Required fields of each format; conversational rows may also have "prompt", ranked rows need one of
 # RANK_FIELDS. META_FIELDS are allowed in every format.
@@ -24,10 +24,11 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "prompt": ("prompt",),
+    "ifeval": ("prompt", "instruction_id_list", "kwargs"),
 }
 META_FIELDS = ("id", "constraints", "meta", "margin")
 RANK_FIELDS = ("scores", "ranking")
-_OPTIONAL_FIELDS = {"conversational": ("prompt",), "ranked": RANK_FIELDS}
+_OPTIONAL_FIELDS = {"conversational": ("prompt",), "ranked": RANK_FIELDS, "ifeval": ("key",)}
 
 
 Kind = Literal["prefs", "sft", "prompts"]
@@ -54,11 +55,13 @@ def detect_format(row: Any, where: str = "row") -> str:
         return "messages"
     if "completion" in keys:
         return "prompt_completion"
+    if "instruction_id_list" in keys:
+        return "ifeval"
     if "prompt" in keys:
         return "prompt"
     raise DataError(
         f"{where}: cannot tell the format from the fields {sorted(map(str, row))}; expected prompt/chosen/rejected, "
-        "chosen/rejected (HH), prompt/responses with scores or ranking, messages, prompt/completion, or prompt"
+        "chosen/rejected (HH), prompt/responses with scores or ranking, messages, prompt/completion, prompt, or IFEval's prompt/instruction_id_list/kwargs"
     )
 
 
@@ -289,7 +292,22 @@ def _prompt_from_row(fmt: str, row: dict, where: str) -> PromptRecord:
         # The prompt is the conversation up to its last assistant turn, which is the reference reply.
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         return PromptRecord(messages[:last], where, reference_reply=messages[last]["content"], **_meta(row))
+    if fmt == "ifeval":
+        return PromptRecord(_prompt_messages(row["prompt"], where), where, _ifeval_constraints(row, where), id=row.get("key"))
     return PromptRecord(_prompt_messages(row["prompt"], where), where, **_meta(row))
+
+
+def _ifeval_constraints(row: dict, where: str) -> list[dict]:
+    """The constraints of an IFEval row (google-research/instruction_following_eval's input_data.jsonl): each
+    instruction id with its kwargs, by position, as the constraint of ours with that meaning."""
+    from align.evaluation.verifier import from_ifeval
+
+    ids, kwargs = row["instruction_id_list"], row["kwargs"]
+    if not isinstance(ids, list) or not ids:
+        raise DataError(f"{where}: field 'instruction_id_list': expected a non-empty list of IFEval instruction ids, got {short_repr(ids)}")
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids):
+        raise DataError(f"{where}: field 'kwargs': expected a list of {len(ids)} objects, one per instruction id, got {short_repr(kwargs)}")
+    return [from_ifeval(i, k, f"{where}: field 'instruction_id_list[{n}]'") for n, (i, k) in enumerate(zip(ids, kwargs))]
 
 
 KIND_FORMATS = {"prefs": PREFERENCE_FORMATS, "sft": SFT_FORMATS, "prompts": FORMATS}

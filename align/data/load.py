@@ -23,7 +23,7 @@ logger = get_logger(__name__)
 class DataArgs:
     train_data: str = arg("ifprefs:prefs_train", "training data: a file, a folder, hf:NAME[:SPLIT] or a built-in NAME:SPLIT")
     eval_data: str | None = arg("ifprefs:prefs_test", "evaluation data (same forms as train_data); none = no evaluation set")
-    data_format: Literal["auto", "strings", "conversational", "hh", "ranked", "messages", "prompt_completion", "prompt"] = arg(
+    data_format: Literal["auto", "strings", "conversational", "hh", "ranked", "messages", "prompt_completion", "prompt", "ifeval"] = arg(
         "auto", "row format; auto = detected from the fields of the first row that loads"
     )
     on_bad_rows: Literal["error", "skip"] = arg("error", "a bad row stops loading with its file, line and field; skip = count and report them")

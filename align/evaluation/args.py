@@ -28,6 +28,9 @@ class EvalArgs:
     prompts: str = arg("ifprefs:eval", "prompts to generate for: a prompt file, a preference test set, or a built-in NAME:SPLIT")
     out: str | None = arg(None, "output directory; none = RUN/eval (outputs/base/eval for base)")
     max_prompts: int = arg(100, "use the first N prompts")
+    on_bad_rows: Literal["error", "skip"] = arg(
+        "error", "a bad prompt row stops the evaluation with its file, line and field; skip = count, report and leave them out "
+                 "(for an IFEval file: keep the prompts whose every instruction has a check here)")
     max_new_tokens: int = arg(128, "longest reply, in tokens")
     generate_batch_size: int = arg(64, "prompts generated for together (larger batches generate faster; mode sample seeds each batch)")
     batch_size: int = arg(16, "rows per scoring batch (log-probs, KL, reward model)")

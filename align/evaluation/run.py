@@ -158,9 +158,11 @@ def perplexity_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n": len(rows), "tokens": tokens, "perplexity": _finite(math.exp(nll / tokens)) if tokens else None}
 
 
-def settings_of(cfg: EvalArgs, prompt_ids: list[str], prompts: list[list[Message]]) -> dict[str, Any]:
+def settings_of(cfg: EvalArgs, prompt_ids: list[str], prompts: list[list[Message]], skipped: dict[str, int] | None = None) -> dict[str, Any]:
+    """The settings summary.json records; `skipped` counts the prompt rows left out (on_bad_rows skip) by reason."""
     return {
         "prompts": cfg.prompts, "max_prompts": cfg.max_prompts, "n_prompts": len(prompts),
+        "on_bad_rows": cfg.on_bad_rows, "prompt_rows_skipped": dict(skipped or {}),
         "prompts_sha256": prompt_fingerprint(prompt_ids, prompts),
         "modes": list(cfg.modes), "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "seed": cfg.seed,
@@ -191,13 +193,14 @@ def evaluate(run: str, cfg: EvalArgs, log=None) -> dict[str, Any]:
         release_lock(out)
 
 
-def _eval_prompts(cfg: EvalArgs) -> tuple[list[Any], list[str]]:
-    """The held-out prompt records and their ids (unique: replies are matched across runs by id); an unknown
-    constraint fails here, not after the generation."""
-    from align.data.load import load_prompts
+def _eval_prompts(cfg: EvalArgs) -> tuple[list[Any], list[str], dict[str, int]]:
+    """The held-out prompt records, their ids (unique: replies are matched across runs by id) and the rows skipped
+    as bad, by reason; an unknown constraint fails here, not after the generation."""
+    from align.data.load import LoadStats, load_prompts
     from align.evaluation.verifier import check_constraints
 
-    records = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)
+    stats = LoadStats()
+    records = load_prompts(cfg.prompts, max_rows=cfg.max_prompts, on_bad_rows=cfg.on_bad_rows, stats=stats)
     if not records:
         raise AlignError(f"{cfg.prompts}: no prompts")
     prompt_ids = [r.id if r.id is not None else str(i) for i, r in enumerate(records)]
@@ -207,7 +210,12 @@ def _eval_prompts(cfg: EvalArgs) -> tuple[list[Any], list[str]]:
     for record in records:
         if record.constraints:
             check_constraints(record.constraints, f"{record.source}: field 'constraints'")
-    return records, prompt_ids
+    return records, prompt_ids, dict(stats.skipped)
+
+
+def _skipped_note(skipped: dict[str, int]) -> str:
+    n = sum(skipped.values())
+    return f" ({n} row{'s' if n > 1 else ''} skipped as bad, on_bad_rows skip)" if n else ""
 
 
 def _reply_row(record, prompt_id: str, gen: Generation, rm_score: float | None, mode: str, cfg: EvalArgs,
@@ -236,9 +244,9 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
     from align.trainers.common import peak_memory_mb
 
     t0 = time.time()
-    records, prompt_ids = _eval_prompts(cfg)
+    records, prompt_ids, skipped = _eval_prompts(cfg)
     prompts = [r.prompt for r in records]
-    log(f"{len(prompts)} prompts from {cfg.prompts}; modes {', '.join(cfg.modes)}; loading {run}")
+    log(f"{len(prompts)} prompts from {cfg.prompts}{_skipped_note(skipped)}; modes {', '.join(cfg.modes)}; loading {run}")
 
     policy = load_policy(run, cfg)
     rm = None
@@ -289,7 +297,7 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
             "reference": "the policy itself" if policy.is_own_reference else policy.reference_name,
             "beta": _beta(policy, cfg),
         },
-        "settings": settings_of(cfg, prompt_ids, prompts),
+        "settings": settings_of(cfg, prompt_ids, prompts, skipped),
         "metrics": metrics,
         "files": files,
         "timing": {

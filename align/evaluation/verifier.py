@@ -454,6 +454,35 @@ def check_constraints(constraints: Any, where: str = "constraints") -> list[tupl
     return [check_constraint(c, f"{where}[{i}]") for i, c in enumerate(constraints)]
 
 
+# IFEval's argument names where they differ from ours, and the IFEval arguments of which one value is checked here.
+_IFEVAL_ARG_NAMES = {"keywords:letter_frequency": {"let_frequency": "frequency", "let_relation": "relation"}}
+_IFEVAL_FIXED_ARGS = {"detectable_format:multiple_sections": {"section_spliter": "SECTION"}}
+
+
+def from_ifeval(instruction_id: Any, kwargs: Any, where: str = "instruction") -> dict[str, Any]:
+    """One instruction of an IFEval prompt (its id and kwargs, as in IFEval's input_data.jsonl) as the constraint of
+    ours with its meaning, checked: `("punctuation:no_comma", {})` -> `{"type": "no_comma"}`. Null kwargs are IFEval's
+    "not set". Raises DataError naming `where` for an instruction with no check here (IFEval's language detection,
+    capital-word counts, repeated prompts, two responses, constrained answers, first words of paragraphs; sections
+    split by another word than SECTION) and for arguments outside what our check accepts."""
+    by_id = {t.ifeval_id: t for t in TYPES.values() if t.ifeval_id}
+    ctype = by_id.get(instruction_id) if isinstance(instruction_id, str) else None
+    if ctype is None:
+        raise DataError(f"{where}: IFEval instruction {instruction_id!r} has no check here (the {len(by_id)} that have are the "
+                        "ifeval_id of the types in align/evaluation/verifier.py)")
+    if not isinstance(kwargs, dict):
+        raise DataError(f"{where}: IFEval kwargs of {instruction_id!r}: expected an object, got {type(kwargs).__name__}")
+    names = _IFEVAL_ARG_NAMES.get(instruction_id, {})
+    args = {names.get(k, k): v for k, v in kwargs.items() if v is not None}
+    for name, value in _IFEVAL_FIXED_ARGS.get(instruction_id, {}).items():
+        if args.pop(name, value) != value:
+            raise DataError(f"{where}: IFEval instruction {instruction_id!r}: {name} {kwargs[name]!r} has no check here; "
+                            f"only {value!r} is checked")
+    constraint = {"type": ctype.name, **args}
+    check_constraint(constraint, where)
+    return constraint
+
+
 def verify(response: str, constraints: Sequence[dict], where: str = "constraints") -> Verdict:
     """Check `response` against each constraint; `score` is the fraction passed, `strict` all passed."""
     if not isinstance(response, str):

@@ -25,6 +25,7 @@ from align.errors import ConfigError, DataError
 from align.data.formats import detect_format
 from align.data.load import (
     DataArgs,
+    LoadStats,
     check_lengths,
     iter_preferences,
     iter_prompts,
@@ -425,6 +426,7 @@ def test_extra_fields_ignore():
         ({"messages": [user("p"), assistant("a")]}, "messages"),
         ({"prompt": "p", "completion": "a"}, "prompt_completion"),
         ({"prompt": "p", "constraints": []}, "prompt"),
+        ({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}, "ifeval"),
     ],
 )
 def test_detect_format(row, fmt):
@@ -782,3 +784,41 @@ def test_max_train_rows_takes_a_seeded_sample_of_the_whole_file(tmp_path):
     # a sample reads the whole file, so a bad row anywhere in it is an error naming its line
     with pytest.raises(DataError, match="line 101: malformed JSON"):
         load_train(load_preferences, build_config(DataArgs, {"train_data": str(path), "max_train_rows": 10}))
+
+
+# Three rows of IFEval's input_data.jsonl (google-research/instruction_following_eval, keys 1000, 1001 and 1012 there),
+# the second with two instructions align's verifier has no check for.
+IFEVAL_ROWS = [
+    {"key": 1000, "prompt": "Write a 300+ word summary of the wikipedia page \"https://en.wikipedia.org/wiki/Raymond_III,_Count_of_Tripoli\". "
+     "Do not use any commas and highlight at least 3 sections that has titles in markdown format, for example *highlighted section part 1*, "
+     "*highlighted section part 2*, *highlighted section part 3*.",
+     "instruction_id_list": ["punctuation:no_comma", "detectable_format:number_highlighted_sections", "length_constraints:number_words"],
+     "kwargs": [{}, {"num_highlights": 3}, {"relation": "at least", "num_words": 300}]},
+    {"key": 1001, "prompt": "I am planning a trip to Japan, and I would like thee to write an itinerary for my journey in a Shakespearean style. "
+     "You are not allowed to use any commas in your response.",
+     "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+    {"key": 1005, "prompt": "Write a resume for a fresh high school graduate who is seeking their first job. Make sure to include at least 12 "
+     "placeholder represented by square brackets, such as [address], [name].",
+     "instruction_id_list": ["detectable_content:number_placeholders", "language:response_language"],
+     "kwargs": [{"num_placeholders": 12}, {"language": "kn"}]},
+]
+
+
+def test_ifeval_rows_load_as_prompts_with_our_constraints(tmp_path, capsys):
+    path = tmp_path / "input_data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_ROWS))
+    with pytest.raises(DataError, match=r"input_data.jsonl line 3: field 'instruction_id_list\[1\]': IFEval instruction "
+                                        r"'language:response_language' has no check here"):
+        load_prompts(path)
+    stats = LoadStats()
+    records = load_prompts(path, on_bad_rows="skip", stats=stats)
+    assert stats.format == "ifeval" and stats.rows == 3 and sum(stats.skipped.values()) == 1
+    assert "skipped 1 of 3 rows read" in capsys.readouterr().err
+    assert [r.id for r in records] == ["1000", "1001"]
+    assert records[0].prompt == [{"role": "user", "content": IFEVAL_ROWS[0]["prompt"]}]
+    assert records[0].constraints == [{"type": "no_comma"}, {"type": "num_highlights", "num_highlights": 3},
+                                      {"type": "num_words", "relation": "at least", "num_words": 300}]
+    with pytest.raises(DataError, match=r"rows\[0\]: field 'kwargs': expected a list of 1 objects, one per instruction id"):
+        load_prompts([{"prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}])
+    with pytest.raises(DataError, match=r"this row is in format 'ifeval'"):
+        load_preferences(path)

@@ -594,3 +594,30 @@ def test_keyword_rates_count_unrelated_and_topic_words_apart(tmp_path):
     assert "unrelated word written: start 0/2, run 2/2" in out and "topic word written: start 1/1, run 1/1" in out
     assert "start: include_keywords met 0/2" in out and "run: include_keywords met 2/2" in out
 
+
+
+def test_evaluate_on_ifeval_prompts_skips_and_records_what_it_cannot_score(tiny_model_dir, tmp_path, capsys):
+    """IFEval's own file format; a prompt with an instruction the verifier has no check for is an error naming its
+    line, or with --on_bad_rows skip is left out and counted in summary.json."""
+    prompts = tmp_path / "input_data.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"key": 1001, "prompt": "Write an itinerary for a trip to Japan. You are not allowed to use any commas in your response.",
+         "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+        {"key": 1012, "prompt": "Write a riddle about a mom laying out on a beach in Humboldt without using any commas.",
+         "instruction_id_list": ["punctuation:no_comma", "language:response_language"], "kwargs": [{}, {"language": "kn"}]},
+        {"key": 1019, "prompt": "Write a blog post about a trip to Japan, in lowercase letters only.",
+         "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+    ]))
+    common = [tiny_model_dir, "--prompts", str(prompts), "--modes", "greedy", "--max_new_tokens", "4", "--pref_data", "none",
+              "--ppl_data", "none", "--dtype", "fp32"]
+    code, err = run_script("evaluate", common + ["--out", str(tmp_path / "refused")], capsys)
+    assert code != 0 and "input_data.jsonl line 2: field 'instruction_id_list[1]': IFEval instruction 'language:response_language'" in err
+    code, err = run_script("evaluate", common + ["--on_bad_rows", "skip", "--out", str(tmp_path / "eval")], capsys)
+    assert code == 0, err[-3000:]
+    assert "2 prompts from" in err and "(1 row skipped as bad, on_bad_rows skip)" in err
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert [(r["prompt_id"], r["constraints"]) for r in rows] == [("1001", [{"type": "no_comma"}]), ("1019", [{"type": "lowercase"}])]
+    settings = json.loads((tmp_path / "eval" / "summary.json").read_text())["settings"]
+    assert settings["n_prompts"] == 2 and settings["on_bad_rows"] == "skip"
+    [(reason, count)] = settings["prompt_rows_skipped"].items()
+    assert count == 1 and "'language:response_language' has no check here" in reason

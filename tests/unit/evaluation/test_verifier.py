@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from align.errors import DataError
 from align.evaluation.text_counts import count_bullets, count_highlights, count_paragraphs, count_placeholders, count_words, split_sentences
-from align.evaluation.verifier import TYPES, ChoiceArg, IntArg, LetterArg, PhraseArg, WordArg, WordListArg, describe, phrasings, verifier_reward, verify
+from align.evaluation.verifier import (TYPES, ChoiceArg, IntArg, LetterArg, PhraseArg, WordArg, WordListArg, describe, from_ifeval, phrasings,
+                                      verifier_reward, verify)
 from align.records import PromptRecord
 
 
@@ -173,6 +175,42 @@ def test_constraint_pass_and_fail(constraint, passing, failing):
 def test_every_type_has_cases():
     assert {c["type"] for c, _, _ in CASES} == set(TYPES)
     assert len(TYPES) >= 15
+
+
+# IFEval's names for our arguments, where they differ (its instructions.py: LetterFrequencyChecker).
+IFEVAL_NAMES = {"letter_frequency": {"frequency": "let_frequency", "relation": "let_relation"}}
+
+
+@pytest.mark.parametrize("constraint", [c for c, _, _ in CASES if TYPES[c["type"]].ifeval_id], ids=lambda c: c["type"])
+def test_each_ifeval_instruction_reads_as_the_constraint_with_its_meaning(constraint):
+    name = constraint["type"]
+    names = IFEVAL_NAMES.get(name, {})
+    kwargs = {names.get(k, k): v for k, v in constraint.items() if k != "type"}
+    assert from_ifeval(TYPES[name].ifeval_id, kwargs) == constraint
+    # IFEval's HF copy writes every argument of every instruction, null where unset.
+    unset = {"num_highlights": None, "language": None, "capital_frequency": None}
+    assert from_ifeval(TYPES[name].ifeval_id, {**unset, **kwargs}) == constraint
+
+
+@pytest.mark.parametrize("instruction_id, kwargs, message", [
+    ("language:response_language", {"language": "kn"}, "IFEval instruction 'language:response_language' has no check here"),
+    ("combination:repeat_prompt", {"prompt_to_repeat": "p"}, "'combination:repeat_prompt' has no check here"),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": 3},
+     "section_spliter 'Section' has no check here; only 'SECTION' is checked"),
+    ("keywords:letter_frequency", {"letter": "#", "let_frequency": 4, "let_relation": "at least"}, "arg 'letter': expected one lowercase letter"),
+    ("length_constraints:number_words", {"relation": "at least", "num_words": 1200}, "arg 'num_words': expected an integer in [1, 1000]"),
+    ("punctuation:no_comma", {"num_words": 3}, "unknown arg 'num_words'"),
+    ("punctuation:no_comma", [], "expected an object, got list"),
+    (None, {}, "IFEval instruction None has no check here"),
+])
+def test_ifeval_instructions_without_a_check_here_are_data_errors_naming_where(instruction_id, kwargs, message):
+    with pytest.raises(DataError, match="^x.jsonl line 4: field 'instruction_id_list\\[1\\]': .*" + re.escape(message)):
+        from_ifeval(instruction_id, kwargs, "x.jsonl line 4: field 'instruction_id_list[1]'")
+
+
+def test_multiple_sections_split_by_section_read_as_num_sections():
+    assert from_ifeval("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 4}) == {
+        "type": "num_sections", "num_sections": 4}
 
 
 def test_markdown_reply_against_several_constraints():
