@@ -29,8 +29,8 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   is what looping models write (`SECTION 1` / `SECTION 2` / `SECTION 1` ...) and what a person would
   strike.
 - **instruction copied**: a sentence of the prompt with at least COPY_MIN_WORDS (5) words occurs in
-  the reply word for word (case and punctuation ignored), after taking out of it any phrase the
-  constraints require the reply to contain (an end phrase, keywords), since writing those is
+  the reply word for word (case and punctuation ignored), after taking out of both any phrase the
+  constraints require the reply to contain (an end phrase, keywords, a letter), since writing those is
   compliance. Five words: "Respond in all caps." (4) could be a reply's own words; "Make it at least 3
   sentences long." (7) is not.
 
@@ -176,18 +176,21 @@ def required_phrases(constraints: Sequence[dict] | None) -> list[str]:
 
 
 def copied_instruction(reply: str, prompt_text: str, constraints: Sequence[dict] | None = None) -> str | None:
-    """The first prompt sentence of >= COPY_MIN_WORDS words (after removing required phrases) that the
-    reply repeats word for word, else None."""
+    """The first prompt sentence of >= COPY_MIN_WORDS words that the reply repeats word for word, else None;
+    the phrases the constraints require are taken out of both first, so that writing an end phrase that spans two
+    prompt sentences is not copying, and an instruction copied around its required letter or keyword still is."""
     from align.evaluation.text_counts import split_sentences
 
-    norm_reply = _normalized_words(reply)
-    required = [_normalized_words(p) for p in required_phrases(constraints)]
-    for sentence in split_sentences(prompt_text):
-        norm = _normalized_words(sentence)
+    required = [p for p in map(_normalized_words, required_phrases(constraints)) if p.strip()]
+
+    def without_required(norm: str) -> str:
         for phrase in required:
-            if phrase.strip():
-                norm = norm.replace(phrase, " ")
-        norm = " " + " ".join(norm.split()) + " "
+            norm = norm.replace(phrase, " ")
+        return " " + " ".join(norm.split()) + " "
+
+    norm_reply = without_required(_normalized_words(reply))
+    for sentence in split_sentences(prompt_text):
+        norm = without_required(_normalized_words(sentence))
         if len(norm.split()) >= COPY_MIN_WORDS and norm in norm_reply:
             return sentence.strip()
     return None

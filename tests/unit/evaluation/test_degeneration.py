@@ -146,6 +146,20 @@ def test_a_required_phrase_may_be_copied_and_short_instructions_are_not_counted(
     assert check_reply(copied, prompt, constraints, ended=True).degenerate
 
 
+def test_required_phrases_are_taken_out_of_the_reply_too():
+    """IFEval's key 1258 end phrase spans two prompt sentences: writing it is compliance. An instruction copied back
+    around its required letter (a policy's reply to an ifprefs prompt) is still a copy."""
+    end = "Let me know how it works. I can give you next steps when you finish all steps above."
+    prompt = f"Write a tutorial on how to make a resume. Finish your entire response with this exact phrase: {end}"
+    constraints = [{"type": "end_phrase", "end_phrase": end}]
+    reply = "Step 1: list your jobs, newest first. Step 2: add your skills and one line on each job. " + end
+    assert copied_instruction(reply, prompt, constraints) is None
+    letter = [{"type": "letter_frequency", "letter": "w", "relation": "less than", "frequency": 12}]
+    instruction = 'In your response, the letter "w" should appear less than 12 times.'
+    copy = "I have kept it short in my reply. " + instruction
+    assert copied_instruction(copy, "Describe a rainy day to a child. " + instruction, letter) == instruction
+
+
 def test_punctuation_runs_are_not_a_repeated_tail():
     assert repeated_tail("That was the best day of the year" + "!" * 60) is None
     assert repeated_tail("Thanks\n\n" + "-" * 80) is None
