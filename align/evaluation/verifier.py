@@ -454,7 +454,9 @@ def check_constraints(constraints: Any, where: str = "constraints") -> list[tupl
     return [check_constraint(c, f"{where}[{i}]") for i, c in enumerate(constraints)]
 
 
-# IFEval's argument names where they differ from ours, and the IFEval arguments of which one value is checked here.
+# The type of each IFEval instruction id that has one; IFEval's argument names where they differ from ours, and the
+# IFEval arguments of which one value is checked here.
+_BY_IFEVAL_ID = {t.ifeval_id: t for t in TYPES.values() if t.ifeval_id}
 _IFEVAL_ARG_NAMES = {"keywords:letter_frequency": {"let_frequency": "frequency", "let_relation": "relation"}}
 _IFEVAL_FIXED_ARGS = {"detectable_format:multiple_sections": {"section_spliter": "SECTION"}}
 
@@ -465,11 +467,10 @@ def from_ifeval(instruction_id: Any, kwargs: Any, where: str = "instruction") ->
     "not set". Raises DataError naming `where` for an instruction with no check here (IFEval's language detection,
     capital-word counts, repeated prompts, two responses, constrained answers, first words of paragraphs; sections
     split by another word than SECTION) and for arguments outside what our check accepts."""
-    by_id = {t.ifeval_id: t for t in TYPES.values() if t.ifeval_id}
-    ctype = by_id.get(instruction_id) if isinstance(instruction_id, str) else None
+    ctype = _BY_IFEVAL_ID.get(instruction_id) if isinstance(instruction_id, str) else None
     if ctype is None:
-        raise DataError(f"{where}: IFEval instruction {instruction_id!r} has no check here (the {len(by_id)} that have are the "
-                        "ifeval_id of the types in align/evaluation/verifier.py)")
+        raise DataError(f"{where}: IFEval instruction {instruction_id!r} has no check here (the {len(_BY_IFEVAL_ID)} that have are "
+                        "the ifeval_id of the types in align/evaluation/verifier.py)")
     if not isinstance(kwargs, dict):
         raise DataError(f"{where}: IFEval kwargs of {instruction_id!r}: expected an object, got {type(kwargs).__name__}")
     names = _IFEVAL_ARG_NAMES.get(instruction_id, {})
