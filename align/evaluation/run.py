@@ -158,11 +158,11 @@ def perplexity_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n": len(rows), "tokens": tokens, "perplexity": _finite(math.exp(nll / tokens)) if tokens else None}
 
 
-def settings_of(cfg: EvalArgs, prompt_ids: list[str], prompts: list[list[Message]], skipped: dict[str, int] | None = None) -> dict[str, Any]:
+def settings_of(cfg: EvalArgs, prompt_ids: list[str], prompts: list[list[Message]], skipped: dict[str, int]) -> dict[str, Any]:
     """The settings summary.json records; `skipped` counts the prompt rows left out (on_bad_rows skip) by reason."""
     return {
         "prompts": cfg.prompts, "max_prompts": cfg.max_prompts, "n_prompts": len(prompts),
-        "on_bad_rows": cfg.on_bad_rows, "prompt_rows_skipped": dict(skipped or {}),
+        "on_bad_rows": cfg.on_bad_rows, "prompt_rows_skipped": skipped,
         "prompts_sha256": prompt_fingerprint(prompt_ids, prompts),
         "modes": list(cfg.modes), "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, "seed": cfg.seed,
