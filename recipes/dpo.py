@@ -29,7 +29,7 @@ from align.log import get_logger
 from align.models.activations import CompressActivationsMixin, heap_for_inference
 from align.models.loading import ModelArgs, check_peft_supported, load_model
 from align.publish.hub import publish_run
-from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, load_records, on_gpu, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
+from align.trainers.common import FiniteLossMixin, LoraPlusMixin, RunArgs, guard_callbacks, is_main_process, load_records, on_gpu, peak_memory_mb, save_adapter, shared_dataset, start_run, train, trainer_kwargs, world_size, write_summary
 from align.trainers.dpo_fast import FastDPOArgs, FastDPOTrainer
 from align.trainers.phases import ReportPhasesMixin
 
@@ -57,6 +57,8 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
                                                  "a CPU: 0.25,1.0 (measured best for the short run, issue 18)")
     label_smoothing: float = arg(0.0, "assumed share of flipped labels (robust / cDPO losses)")
     precompute_ref_log_probs: bool = arg(False, "reference log-probs once before training, in their own batches, instead of on each step's batch (in bf16 the two differ by rounding: the first loss is then not exactly ln 2)")
+    reference_free: bool = arg(False, "no reference model: the implicit reward is beta * log pi(reply) (TRL 0.x's reference_free); "
+                                      "skips the reference forward of every step")
     max_length: int = arg(384, "maximum tokens of prompt + reply")
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~1/3 more compute, a fraction of the "
                                                 "activation memory; none = hardware default (GPU: on, CPU: off)")
@@ -74,6 +76,8 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ConfigError(f"config: loss_weights: expected {len(self.loss_type)} weight(s), one per loss_type "
                               f"({','.join(self.loss_type)}), got {len(self.loss_weights)}")
+        if self.reference_free and self.precompute_ref_log_probs:
+            raise ConfigError("config: reference_free: there is no reference to precompute; set precompute_ref_log_probs false")
 
 
 def default_loss_weights(cfg: DPOArgs) -> list[str]:
@@ -140,8 +144,9 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
         logger.info(f"dpo: {'; '.join(notes)}")
 
     # ReportPhasesMixin: callbacks hear the precomputed reference log-probs as a phase (align.trainers.phases)
-    class Trainer(ReportPhasesMixin, FiniteLossMixin, CompressActivationsMixin, FastDPOTrainer):
+    class Trainer(ReportPhasesMixin, FiniteLossMixin, LoraPlusMixin, CompressActivationsMixin, FastDPOTrainer):
         compress_activations = cfg.compress_activations
+        loraplus_lr_ratio = cfg.loraplus_lr_ratio
 
     args = DPOConfig(
         **trainer_kwargs(cfg),
@@ -154,7 +159,8 @@ def build_trainer(cfg: DPOArgs, model, tokenizer, train_dataset, callbacks):
         eval_strategy="no",
     )
     return Trainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks,
-                   fast=cfg.fast_logprobs, share_prompt=cfg.share_prompt, chunk_size=cfg.logprob_chunk_size)
+                   fast=cfg.fast_logprobs, share_prompt=cfg.share_prompt, chunk_size=cfg.logprob_chunk_size,
+                   reference_free=cfg.reference_free)
 
 
 def policy_report(model, tokenizer, pairs, prompts, cfg: DPOArgs, adapter: bool, start_logps: dict) -> dict:

@@ -31,7 +31,7 @@ from align.log import get_logger
 from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference
 from align.models.loading import ModelArgs, check_peft_supported, load_model, peft_config, resolve_quantization
 from align.publish.hub import publish_run
-from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
+from align.trainers.common import FiniteLossMixin, LoraPlusMixin, RunArgs, guard_callbacks, is_main_process, on_gpu, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, world_size, write_summary
 from align.trainers.grpo import EosRateMixin, check_constraints_present, load_reward, parse_rewards, prompt_dataset, trl_reward_func
 from align.trainers.phases import ReportGenerationMixin
 
@@ -172,8 +172,9 @@ def build_trainer(cfg: GRPOArgs, model, tokenizer, train_dataset, reward_funcs, 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
 
     # ReportGenerationMixin: callbacks hear each step's generation and log-prob passes (align.trainers.phases)
-    class Trainer(ReportGenerationMixin, FiniteLossMixin, CompressActivationsMixin, EosRateMixin, Base):
+    class Trainer(ReportGenerationMixin, FiniteLossMixin, LoraPlusMixin, CompressActivationsMixin, EosRateMixin, Base):
         compress_activations = cfg.compress_activations
+        loraplus_lr_ratio = cfg.loraplus_lr_ratio
 
     args = Config(
         **{**trainer_kwargs(cfg), "include_num_input_tokens_seen": "no"},  # TRL counts prompt + reply tokens itself

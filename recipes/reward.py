@@ -23,7 +23,7 @@ from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, 
 from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.models.reward_model import Float32ScoreHeadMixin, score_pairs
 from align.publish.hub import publish_run
-from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.trainers.common import FiniteLossMixin, LoraPlusMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 
 logger = get_logger(__name__)
 # learning_rate none: (CPU short run, GPU). On the pipeline's SFT model, 24 steps at 1e-3 rank 0.86 of 256 held-out
@@ -102,8 +102,9 @@ def build_trainer(cfg: RewardArgs, model, tokenizer, train_dataset, callbacks):
     if cfg.return_freed_memory:  # as the DPO, PPO and GRPO recipes: freed activations go back to the OS (peak RSS)
         logger.info(f"reward: {cfg.freed_memory_note()}")
 
-    class Trainer(FiniteLossMixin, CompressActivationsMixin, Float32ScoreHeadMixin, FastRewardTrainer):
+    class Trainer(FiniteLossMixin, LoraPlusMixin, CompressActivationsMixin, Float32ScoreHeadMixin, FastRewardTrainer):
         compress_activations = cfg.compress_activations
+        loraplus_lr_ratio = cfg.loraplus_lr_ratio
 
     args = RewardConfig(
         **trainer_kwargs(cfg),

@@ -26,7 +26,7 @@ from align.models.activations import CompressActivationsMixin, MemoryArgs, apply
 from align.models.chat import training_chat_template
 from align.models.loading import PROMPT_LEARNING, ModelArgs, can_merge, check_peft_supported, load_model, merge_adapter
 from align.publish.hub import publish_run
-from align.trainers.common import FiniteLossMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
+from align.trainers.common import FiniteLossMixin, LoraPlusMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
 from align.trainers.sft_fast import FastSFTArgs, FastSFTTrainer
 
 logger = get_logger(__name__)
@@ -125,8 +125,9 @@ def build_trainer(cfg: SFTArgs, model, tokenizer, train_dataset, eval_dataset, c
     if notes:
         logger.info(f"sft: {'; '.join(notes)}")
 
-    class Trainer(FiniteLossMixin, CompressActivationsMixin, FastSFTTrainer):
+    class Trainer(FiniteLossMixin, LoraPlusMixin, CompressActivationsMixin, FastSFTTrainer):
         compress_activations = cfg.compress_activations
+        loraplus_lr_ratio = cfg.loraplus_lr_ratio
 
     # packed and padding-free rows are kept apart by position ids, not attention masks. TRL enforces no max_length on
     # unpacked padding-free rows and refuses one: load_records has already refused or dropped longer rows

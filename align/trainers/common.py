@@ -65,6 +65,8 @@ class RunArgs(PublishArgs, LogArgs):
     cpu_threads: int = arg(0, "torch threads on a CPU; 0 = auto: the cores idle when the run starts, at least 1; -1 = leave torch's setting")
     compress_activations: bool = arg(True, "keep float32 activations saved for backward in bf16: about half their memory, gradients "
                                            "within bf16 rounding, forward unchanged (align.models.activations); no effect on bf16 compute")
+    loraplus_lr_ratio: float | None = arg(None, "LoRA+ (Hayou et al. 2024): the LoRA B matrices (and DoRA's magnitudes) learn at "
+                                                "learning_rate x this ratio, A at learning_rate; none = plain LoRA; lora and dora only")
 
 
 def on_gpu() -> bool:
@@ -351,6 +353,71 @@ class FiniteLossMixin:
 
 
 
+# ------------------------------------------------------------------------------------------ LoRA+
+
+
+def check_loraplus(cfg: Any) -> None:
+    """--loraplus_lr_ratio needs B matrices to speed up: a positive ratio, and a LoRA or DoRA adapter."""
+    ratio = getattr(cfg, "loraplus_lr_ratio", None)
+    if ratio is None:
+        return
+    from align.errors import ConfigError
+
+    if not ratio > 0:
+        raise ConfigError(f"config: loraplus_lr_ratio: expected a ratio > 0 (LoRA+ uses about 16), or none, got {ratio}")
+    if not getattr(cfg, "use_lora", True) or getattr(cfg, "peft", "lora") not in ("lora", "dora"):
+        method = getattr(cfg, "peft", "lora") if getattr(cfg, "use_lora", True) else "none (use_lora false)"
+        raise ConfigError(f"config: loraplus_lr_ratio: applies to a LoRA or DoRA adapter (its B matrices), but peft is {method}")
+
+
+def is_loraplus_b(name: str, param: torch.Tensor) -> bool:
+    """The parameters LoRA+ gives the larger learning rate, as peft's create_loraplus_optimizer picks them: the B
+    matrices (`lora_B`, `lora_embedding_B`) and every 1-D trainable tensor (DoRA's magnitude vector)."""
+    return "lora_B" in name or "lora_embedding_B" in name or param.ndim == 1
+
+
+def split_loraplus_groups(param_groups: list[dict], names: dict[int, str], ratio: float) -> list[dict]:
+    """Each optimizer param group split in two, its A part (and every other parameter) at the group's lr and its
+    B part (`is_loraplus_b`) at lr x ratio; the groups' other settings (weight decay, betas) kept. `names` maps
+    id(param) to its name in the model. Groups left empty are dropped."""
+    groups = []
+    for group in param_groups:
+        params = group["params"]
+        b = [p for p in params if is_loraplus_b(names.get(id(p), ""), p)]
+        a = [p for p in params if not is_loraplus_b(names.get(id(p), ""), p)]
+        settings = {k: v for k, v in group.items() if k != "params"}
+        if a:
+            groups.append({**settings, "params": a})
+        if b:
+            groups.append({**settings, "params": b, "lr": settings["lr"] * ratio})
+    return groups
+
+
+class LoraPlusMixin:
+    """Mixed into a transformers Trainer: with `loraplus_lr_ratio` set, the optimizer the Trainer builds (its class,
+    betas, weight-decay groups) has each group's LoRA B part at lr x ratio. The learning-rate schedule scales every
+    group by the same factor, so B stays at ratio x A throughout; the lr logged is A's."""
+
+    loraplus_lr_ratio: float | None = None
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.loraplus_lr_ratio is None or getattr(self, "_loraplus_done", False):
+            return optimizer
+        opt_model = self.model if model is None else model
+        names = {id(p): n for n, p in opt_model.named_parameters()}
+        groups = split_loraplus_groups(optimizer.param_groups, names, self.loraplus_lr_ratio)
+        if not any(is_loraplus_b(names.get(id(p), ""), p) for g in groups for p in g["params"]):
+            from align.errors import ConfigError
+
+            raise ConfigError("config: loraplus_lr_ratio: the model has no trainable LoRA B matrix to speed up")
+        optimizer.param_groups = []  # the same optimizer object (and state, empty at this point), regrouped
+        for group in groups:
+            optimizer.add_param_group(group)
+        self._loraplus_done = True
+        return optimizer
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
@@ -466,6 +533,7 @@ def start_run(cfg: Any, stage: str, cpu_max_steps: int, learning_rates: tuple[fl
         raise ConfigError(f"config: save_total_limit: expected at least 2, got {cfg.save_total_limit}")
     if hasattr(cfg, "check_freed_memory"):
         cfg.check_freed_memory()
+    check_loraplus(cfg)
     if getattr(cfg, "max_train_minutes", None) is not None and not cfg.max_train_minutes > 0:
         from align.errors import ConfigError
 

@@ -283,11 +283,13 @@ class FastDPOTrainer(DPOTrainer):
     `share_prompt` and `chunk_size`; `fast=False` makes it TRL's DPOTrainer exactly.
     """
 
-    def __init__(self, *args, fast: bool = True, share_prompt: bool = True, chunk_size: int = 256, **kwargs):
+    def __init__(self, *args, fast: bool = True, share_prompt: bool = True, chunk_size: int = 256,
+                 reference_free: bool = False, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, str):
             raise TypeError("FastDPOTrainer: pass the model as a loaded instance, not a name")
         self._fast, self._share_prompt, self._chunk_size = fast, share_prompt, chunk_size
+        self._reference_free = reference_free
         self._fallback_reason: str | None = None
         # prompt tuning, p-tuning, prefix tuning: the PEFT wrapper adds virtual tokens (or key/value prefixes) in its
         # own forward, which the fast forward (the inner model's decoder, called directly) would skip
@@ -356,19 +358,25 @@ class FastDPOTrainer(DPOTrainer):
             return self._sequence_logps(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if not self._fast_ok():
-            return super()._compute_loss(model, inputs, return_outputs)
+        fast = self._fast_ok()
         inputs = dict(inputs)
-        computed_ref = False
-        if not self.precompute_ref_logps:
+        supplied_ref = False
+        if self._reference_free:
+            # TRL 0.x's reference_free: a reference that gives every reply the same probability, so the implicit
+            # reward is beta * log pi(reply) itself; no reference forward at all
+            zeros = torch.zeros(inputs["input_ids"].shape[0] // 2, dtype=torch.float32, device=inputs["input_ids"].device)
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = zeros, zeros.clone()
+            supplied_ref = True
+        elif fast and not self.precompute_ref_logps:
             # the reference through the fast path too; TRL then reads it from the batch as if precomputed
             ref_model = self.ref_model if self.ref_model is not None else self.model
             inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = self.compute_ref_log_probs(ref_model, inputs)
-            computed_ref = True
-        n_seq, length = inputs["input_ids"].shape
-        stand_in = _TRLLayoutModel(model, self._rows(inputs), torch.Size((n_seq, length - 1)), self._chunk_size)
-        with _temporarily(self, precompute_ref_logps=True) if computed_ref else contextlib.nullcontext():
-            return super()._compute_loss(stand_in, inputs, return_outputs)
+            supplied_ref = True
+        if fast:
+            n_seq, length = inputs["input_ids"].shape
+            model = _TRLLayoutModel(model, self._rows(inputs), torch.Size((n_seq, length - 1)), self._chunk_size)
+        with _temporarily(self, precompute_ref_logps=True) if supplied_ref else contextlib.nullcontext():
+            return super()._compute_loss(model, inputs, return_outputs)
 
 
 @contextlib.contextmanager

@@ -302,6 +302,20 @@ def start_up_error(recipe: str, argv: list[str], log: Path) -> str:
     return errors[0]
 
 
+def test_loraplus_ratio_reaches_the_recipes_optimizer_and_is_checked_at_start(runner, tmp_path):
+    """--loraplus_lr_ratio 16: the checkpoint's optimizer holds the LoRA B matrices at 16x the A matrices' rate."""
+    import torch
+
+    out = tmp_path / "run"
+    code, log = run_recipe("dpo", runner("dpo", out, max_steps=2, save_steps=2, loraplus_lr_ratio=16), tmp_path / "run.log")
+    assert code == 0, log[-3000:]
+    groups = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
+    # initial_lr: the peak rate of each group, which the schedule scales (at the end of 2 steps both are at 0)
+    assert len(groups) == 2 and groups[0]["initial_lr"] > 0 and groups[1]["initial_lr"] == pytest.approx(16 * groups[0]["initial_lr"])
+    line = start_up_error("dpo", runner("dpo", tmp_path / "bad", loraplus_lr_ratio=-1), tmp_path / "bad.log")
+    assert line == "error: config: loraplus_lr_ratio: expected a ratio > 0 (LoRA+ uses about 16), or none, got -1.0"
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_output_dir_under_a_regular_file_fails_at_start(recipe, runner, tmp_path):
     blocker = tmp_path / "not_a_dir"

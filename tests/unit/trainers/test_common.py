@@ -81,3 +81,66 @@ def test_template_without_known_markup_is_a_config_error():
     with pytest.raises(ConfigError, match="generation"):
         training_chat_template(tok)
 
+
+
+# ------------------------------------------------------------------------------------------ LoRA+
+
+
+def _loraplus_trainer(tiny_model_dir, tmp_path, ratio, use_dora=False):
+    """A real transformers Trainer over the tiny model with a LoRA (or DoRA) adapter, LoraPlusMixin mixed in."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from align.trainers.common import LoraPlusMixin
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora))
+
+    class T(LoraPlusMixin, Trainer):
+        loraplus_lr_ratio = ratio
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.01, lr_scheduler_type="linear",
+                             warmup_steps=2, report_to=[], use_cpu=True)
+    return T(model=model, args=args), model
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate_through_the_schedule(tiny_model_dir, tmp_path, use_dora):
+    trainer, model = _loraplus_trainer(tiny_model_dir, tmp_path, 16.0, use_dora)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    optimizer = trainer.optimizer
+    assert trainer.create_optimizer() is optimizer  # asked again (HF does): not split, nor sped up, twice
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(id(p) for g in optimizer.param_groups for p in g["params"]) == sorted(id(p) for p in trainable.values())  # each trainable once
+    b = [n for n in trainable if "lora_B" in n or (use_dora and "magnitude" in n)]
+    a = [n for n in trainable if n not in b]
+    assert b and a and all("lora_A" in n for n in a)
+    for step in range(4):  # warmup then decay: B stays at 16x A at every step
+        lr_now = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        lrs_a, lrs_b = {lr_now[id(trainable[n])] for n in a}, {lr_now[id(trainable[n])] for n in b}
+        assert len(lrs_a) == 1 and len(lrs_b) == 1
+        assert lrs_b.pop() == pytest.approx(16.0 * lrs_a.pop())
+        optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lr_now[id(trainable[a[0]])] > 0  # past the warmup's 0
+    # the weight decay of HF's groups is kept: LoRA weights decay (1e-2), nothing is left at the default
+    assert {g["weight_decay"] for g in optimizer.param_groups} <= {0.01, 0.0}
+
+
+def test_loraplus_off_leaves_the_trainers_optimizer_alone(tiny_model_dir, tmp_path):
+    trainer, _ = _loraplus_trainer(tiny_model_dir, tmp_path, None)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    assert {g["lr"] for g in trainer.optimizer.param_groups} <= {0.0, 1e-3}  # HF's groups, warmup's 0 at step 0
+
+
+def test_loraplus_settings_are_checked_at_start():
+    from align.trainers.common import check_loraplus
+
+    check_loraplus(SimpleNamespace(loraplus_lr_ratio=None, peft="prompt_tuning", use_lora=True))  # off: nothing to check
+    check_loraplus(SimpleNamespace(loraplus_lr_ratio=16.0, peft="dora", use_lora=True))
+    with pytest.raises(ConfigError, match=r"^config: loraplus_lr_ratio: expected a ratio > 0 .* got 0.0$"):
+        check_loraplus(SimpleNamespace(loraplus_lr_ratio=0.0, peft="lora", use_lora=True))
+    with pytest.raises(ConfigError, match=r"LoRA or DoRA adapter .* but peft is prompt_tuning$"):
+        check_loraplus(SimpleNamespace(loraplus_lr_ratio=16.0, peft="prompt_tuning", use_lora=True))
+    with pytest.raises(ConfigError, match=r"but peft is none \(use_lora false\)$"):
+        check_loraplus(SimpleNamespace(loraplus_lr_ratio=16.0, peft="lora", use_lora=False))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from lora_values import randomize_lora_b
 
+from align.errors import ConfigError
 from align.models.lm_head import completion_logprobs
 from align.trainers.dpo_fast import CHOSEN, PAD, PROMPT, REJECTED, branch_attention_mask, preference_rows
 
@@ -319,6 +320,43 @@ def test_recipe_first_step_is_exactly_ln2(tiny_quant_model_dir, tmp_path, dtype)
         assert loss.item() == torch.tensor(2.0).log().item()
         metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == metrics["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_reference_free_loss_uses_no_reference(tiny_model_dir, tmp_path, fast):
+    """--reference_free: the sigmoid loss of beta * (log pi(chosen) - log pi(rejected)), the implicit rewards
+    beta * log pi(reply); the reference forward never runs (fast path and TRL's stock path alike)."""
+    import torch.nn.functional as F
+
+    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs(), loss_type="sigmoid", reference_free=True, fast_logprobs=fast)
+    randomize_lora_b(trainer.model)  # the policy away from its base, so a reference would change the loss
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference forward ran")
+
+    trainer.compute_ref_log_probs = no_reference
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, batch)
+    # the policy's log-probs per pair, by the fast path of a trainer with the same LoRA weights
+    scorer = trainer if fast else _recipe_trainer(tiny_model_dir, tmp_path / "scorer", _pairs(), loss_type="sigmoid")
+    if not fast:
+        randomize_lora_b(scorer.model)
+    with torch.no_grad():
+        chosen, rejected = scorer._sequence_logps(scorer.model, batch)
+    beta = trainer.args.beta
+    torch.testing.assert_close(loss, -F.logsigmoid(beta * (chosen - rejected)).mean(), rtol=0, atol=1e-5)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert metrics["rewards/chosen"] == pytest.approx(beta * chosen.mean().item(), abs=1e-4)
+    assert metrics["rewards/rejected"] == pytest.approx(beta * rejected.mean().item(), abs=1e-4)
+
+
+def test_reference_free_has_nothing_to_precompute(tiny_model_dir, tmp_path):
+    from align.config import build_config
+
+    recipe = _recipe()
+    with pytest.raises(ConfigError, match="reference_free: there is no reference to precompute"):
+        build_config(recipe.DPOArgs, {"output_dir": str(tmp_path), "reference_free": True, "precompute_ref_log_probs": True})
 
 
 def test_recipe_loss_weights_reach_the_loss(tiny_model_dir, tmp_path):
