@@ -23,11 +23,24 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   spaces (`**Bright****Bright**...`) or because the reply is short. 40 characters is longer than a
   spoken "ha ha ha" or a short "la la la" refrain. A unit without a letter must run on for
   PUNCT_TAIL_MIN_CHARS (100): a markdown rule passes, `*<<<<<<...` to the token limit does not.
-- **repeated line**: one line (lower-cased, whitespace collapsed) occurs LINE_MIN_COUNT (3) or more
-  times. Lines without a letter ("***", "---", "```", blank) and one-word lines ("Ingredients:") are
-  structure, not content, and are not counted. A refrain sung twice passes; a third identical line
-  is what looping models write (`SECTION 1` / `SECTION 2` / `SECTION 1` ...) and what a person would
-  strike.
+- **repeated line**: one line (lower-cased, whitespace collapsed, a list marker in front taken off) occurs
+  LINE_MIN_COUNT (3) or more times, or, when it has LONG_LINE_MIN_WORDS (5) words or more, twice. Lines
+  without a letter ("***", "---", "```", blank) and one-word lines ("Ingredients:") are structure, not
+  content, and are not counted. A short refrain sung twice passes; a third identical line is what looping
+  models write (`SECTION 1` / `SECTION 2` / `SECTION 1` ...) and what a person would strike. A sentence-long
+  line written twice is too (since December 6): two identical bullets where two were asked for ("* The
+  Lullaby: A fairy tale about a young musician named Elara who is a skilled violinist." twice), "P.S. I hope
+  this message finds you well." twice, a story's sentence repeated as its next section. Reading the
+  replies of the main job, a reference-free DPO run and the 280-step DPO and 400-step SFT runs, every
+  such reply the verifier passed was one a person would strike; of `ifprefs`'s own target replies 3 of
+  2,192 SFT and 5 of 3,847 chosen replies have one (poems that loop "a message left"). Where the prompt asks
+  for verse (a poem, song, rap, lyrics, limerick, haiku, chorus, ballad, jingle) a long line still needs
+  LINE_MIN_COUNT: a chorus sung twice is a song.
+- **repeated title**: the same `<<title>>` written twice or more (`<<Lunar Eclipse>>` then `<<Lunar
+  Eclipse>>` again; since December 6).
+- **empty section**: a `SECTION n` header followed by the next header with nothing between
+  (`SECTION 1` / `SECTION 2` / text / `SECTION 3` / `SECTION 4` / text, which meets "at least 4 sections"
+  and a word limit; since December 6).
 - **instruction copied**: a sentence of the prompt with at least COPY_MIN_WORDS (5) words occurs in
   the reply word for word (case and punctuation ignored), after taking out of both any phrase the
   constraints require the reply to contain (an end phrase, keywords, a letter), since writing those is
@@ -78,11 +91,16 @@ ANSWER_MIN_WORDS = 15
 SENTENCE_MIN_WORDS = 4
 PUNCT_TAIL_MIN_CHARS = 100  # a rule or an underline is rarely longer than one 80-column line
 LINE_MIN_COUNT = 3
+LONG_LINE_MIN_WORDS = 5
 COPY_MIN_WORDS = 5
 
 _WORD_RE = re.compile(r"\w+")
 _LETTER_RE = re.compile(r"[^\W\d_]")
 _DIGITS_RE = re.compile(r"\d+")
+_LIST_MARKER_RE = re.compile(r"^[ \t]*(?:\d+[.)]|[*+-])[ \t]+")  # "* ", "- ", "2. ": not "*highlight*"
+_VERSE_RE = re.compile(r"\b(?:poems?|poetry|songs?|raps?|lyrics|limericks?|haikus?|chorus|verses?|ballads?|jingles?)\b", re.IGNORECASE)
+_TITLE_RE = re.compile(r"<<([^<>\n]+)>>")
+_SECTION_RE = re.compile(r"section\s+\d+\s*:?", re.IGNORECASE)  # a header line alone: "SECTION 2", "Section 2:"
 
 
 @dataclass(frozen=True)
@@ -140,18 +158,45 @@ def repeated_tail(reply: str) -> tuple[str, int] | None:
     return None
 
 
-def repeated_line(reply: str) -> tuple[str, int] | None:
-    """(line, count) of the most repeated content line when it occurs >= LINE_MIN_COUNT times, else None.
+def repeated_line(reply: str, verse: bool = False) -> tuple[str, int] | None:
+    """(line, count) of the most repeated content line when it occurs >= LINE_MIN_COUNT times, or twice
+    when it has >= LONG_LINE_MIN_WORDS words and the reply is not verse (`verse`: a song's chorus or a poem's
+    refrain comes back by design); else None.
 
     Content lines have a letter and at least two words; "***", "---", blank and one-word label lines
-    ("Ingredients:") are structure and are not counted.
+    ("Ingredients:") are structure and are not counted. A list marker in front (`*`, `-`, `+`, `1.`, `2)`)
+    is not part of the line: two bullets with the same text are the same line.
     """
-    lines = [" ".join(line.lower().split()) for line in reply.splitlines()]
+    lines = [" ".join(_LIST_MARKER_RE.sub("", line).lower().split()) for line in reply.splitlines()]
     counts = Counter(line for line in lines if _LETTER_RE.search(line) and len(line.split()) >= 2)
+    repeated = [(line, count) for line, count in counts.most_common()
+                if count >= LINE_MIN_COUNT or (not verse and count >= 2 and len(line.split()) >= LONG_LINE_MIN_WORDS)]
+    return repeated[0] if repeated else None
+
+
+def asks_for_verse(prompt_text: str) -> bool:
+    """Whether the prompt asks for verse (a poem, song, rap, lyrics, limerick, haiku, chorus), where a line
+    may come back by design."""
+    return bool(_VERSE_RE.search(prompt_text))
+
+
+def repeated_title(reply: str) -> str | None:
+    """The repeated-title reason, or None: the same `<<title>>` (case and spacing ignored) twice or more."""
+    counts = Counter(" ".join(t.lower().split()) for t in _TITLE_RE.findall(reply))
     if not counts:
         return None
-    line, count = counts.most_common(1)[0]
-    return (line, count) if count >= LINE_MIN_COUNT else None
+    title, count = counts.most_common(1)[0]
+    return f"title written {count} times: <<{_shorten(title)}>>" if count >= 2 else None
+
+
+def empty_section(reply: str) -> str | None:
+    """The empty-section reason, or None: a `SECTION n` header line followed by the next header line with
+    only blank lines between."""
+    lines = [line.strip() for line in reply.splitlines() if line.strip()]
+    for header, after in zip(lines, lines[1:]):
+        if _SECTION_RE.fullmatch(header) and _SECTION_RE.fullmatch(after):
+            return f"empty section: {header!r} right before {after!r}"
+    return None
 
 
 def _normalized_words(text: str) -> str:
@@ -265,7 +310,7 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
         unit, repeats = tail
         limit = " until the token limit" if ended is False else ""
         reasons.append(f"repeated tail: {_shorten(unit)!r} {repeats} times at the end{limit}")
-    line = repeated_line(reply)
+    line = repeated_line(reply, verse=asks_for_verse(prompt_text(prompt)) if prompt else False)
     if line:
         reasons.append(f"repeated line: {_shorten(line[0])!r} {line[1]} times")
     copied = copied_instruction(reply, prompt_text(prompt), constraints) if prompt else None
@@ -274,9 +319,9 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
     empty = no_answer(before_postscript(reply), prompt_text(prompt) if prompt else "")
     if empty:
         reasons.append(empty)
-    unwritten = empty_list_item(reply)
-    if unwritten:
-        reasons.append(unwritten)
+    for reason in (empty_list_item(reply), repeated_title(reply), empty_section(reply)):
+        if reason:
+            reasons.append(reason)
     return Degeneration(tuple(reasons))
 
 
