@@ -33,7 +33,8 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   this message finds you well." twice, a story's sentence repeated as its next section. Reading the
   replies of the main job, a reference-free DPO run and the 280-step DPO and 400-step SFT runs, every
   such reply the verifier passed was one a person would strike; of `ifprefs`'s own target replies 3 of
-  2,192 SFT and 5 of 3,847 chosen replies have one (poems that loop "a message left"). Where the prompt asks
+  2,192 SFT rows and 1 of 3,847 chosen replies had one, all made from one base reply that writes "The Future
+  We've Already Built" twice (dropped since: datasets/ifprefs/README.md, step 8). Where the prompt asks
   for verse (a poem, song, rap, lyrics, limerick, haiku, chorus, ballad, jingle) a long line still needs
   LINE_MIN_COUNT: a chorus sung twice is a song.
 - **repeated title**: the same `<<title>>` written twice or more (`<<Lunar Eclipse>>` then `<<Lunar
@@ -175,8 +176,8 @@ def repeated_line(reply: str, verse: bool = False) -> tuple[str, int] | None:
 
 
 def asks_for_verse(prompt_text: str) -> bool:
-    """Whether the prompt asks for verse (a poem, song, rap, lyrics, limerick, haiku, chorus), where a line
-    may come back by design."""
+    """Whether the prompt asks for verse (a poem, song, rap, lyrics, limerick, haiku, chorus, verse, ballad,
+    jingle), where a line may come back by design."""
     return bool(_VERSE_RE.search(prompt_text))
 
 
@@ -310,13 +311,14 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
         unit, repeats = tail
         limit = " until the token limit" if ended is False else ""
         reasons.append(f"repeated tail: {_shorten(unit)!r} {repeats} times at the end{limit}")
-    line = repeated_line(reply, verse=asks_for_verse(prompt_text(prompt)) if prompt else False)
+    asked = prompt_text(prompt) if prompt else ""
+    line = repeated_line(reply, verse=asks_for_verse(asked))
     if line:
         reasons.append(f"repeated line: {_shorten(line[0])!r} {line[1]} times")
-    copied = copied_instruction(reply, prompt_text(prompt), constraints) if prompt else None
+    copied = copied_instruction(reply, asked, constraints) if prompt else None
     if copied:
         reasons.append(f"instruction copied from the prompt: {_shorten(copied, 60)!r}")
-    empty = no_answer(before_postscript(reply), prompt_text(prompt) if prompt else "")
+    empty = no_answer(before_postscript(reply), asked)
     if empty:
         reasons.append(empty)
     for reason in (empty_list_item(reply), repeated_title(reply), empty_section(reply)):

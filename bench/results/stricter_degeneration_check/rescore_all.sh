@@ -13,16 +13,18 @@ d = json.loads(sys.stdin.read()); c = d['coherent_strict']; g = d['degenerate']
 print(f\"$1 {'old' if '$tree' == '$OLD' else 'new'}: coherent strict {c['baseline_mean']:.3f} -> {c['run_mean']:.3f} ({c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]); degenerate {g['baseline_mean']:.3f} -> {g['run_mean']:.3f}\")"
   done
 }
-row "ifprefs main job seed 42 (Dec 6)" $START /work/s25/mainjob/eval
-row "ifprefs main job seed 1 (Dec 6)" $START /work/s26/mj_default_s1/eval
-row "ifprefs main job LoRA+ seed 42" $START /work/s26/mj_lp_s42/eval
-row "ifprefs main job LoRA+ seed 1" $START /work/s26/mj_lp_s1/eval
-row "ifprefs main job reference-free seed 42" $START /work/s26/mj_rf_s42/eval
-row "ifprefs main job reference-free seed 1" $START /work/s26/mj_rf_s1/eval
-row "ifprefs DPO 280 seed 42" $START /work/s25/dpo280/eval
-row "ifprefs DPO 280 seed 1" $START /work/s25/dpo280s1/eval
-row "ifprefs SFT 400" $START /work/s25/sft400/eval
-row "IFEval main job seed 42" $IFEVAL_START /work/s25/mainjob/ifeval
-row "IFEval DPO 280 seed 42" $IFEVAL_START /work/s25/dpo280/ifeval
-row "IFEval DPO 280 seed 1" $IFEVAL_START /work/s25/dpo280s1/ifeval
-row "IFEval SFT 400" $IFEVAL_START /work/s25/sft400/ifeval
+while IFS="|" read -r label base run; do row "$label" "$base" "$run"; done <<ROWS
+ifprefs main job seed 42 (Dec 6)|$START|/work/s25/mainjob/eval
+ifprefs main job seed 1 (Dec 6)|$START|/work/s26/mj_default_s1/eval
+ifprefs main job LoRA+ seed 42|$START|/work/s26/mj_lp_s42/eval
+ifprefs main job LoRA+ seed 1|$START|/work/s26/mj_lp_s1/eval
+ifprefs main job reference-free seed 42|$START|/work/s26/mj_rf_s42/eval
+ifprefs main job reference-free seed 1|$START|/work/s26/mj_rf_s1/eval
+ifprefs DPO 280 seed 42|$START|/work/s25/dpo280/eval
+ifprefs DPO 280 seed 1|$START|/work/s25/dpo280s1/eval
+ifprefs SFT 400|$START|/work/s25/sft400/eval
+IFEval main job seed 42|$IFEVAL_START|/work/s25/mainjob/ifeval
+IFEval DPO 280 seed 42|$IFEVAL_START|/work/s25/dpo280/ifeval
+IFEval DPO 280 seed 1|$IFEVAL_START|/work/s25/dpo280s1/ifeval
+IFEval SFT 400|$IFEVAL_START|/work/s25/sft400/ifeval
+ROWS
