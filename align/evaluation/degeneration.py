@@ -24,19 +24,19 @@ A reply is degenerate when at least one of these holds (thresholds are module co
   spoken "ha ha ha" or a short "la la la" refrain. A unit without a letter must run on for
   PUNCT_TAIL_MIN_CHARS (100): a markdown rule passes, `*<<<<<<...` to the token limit does not.
 - **repeated line**: one line (lower-cased, whitespace collapsed, a list marker in front taken off) occurs
-  LINE_MIN_COUNT (3) or more times, or, when it has LONG_LINE_MIN_WORDS (5) words or more, twice. Lines
-  without a letter ("***", "---", "```", blank) and one-word lines ("Ingredients:") are structure, not
-  content, and are not counted. A short refrain sung twice passes; a third identical line is what looping
-  models write (`SECTION 1` / `SECTION 2` / `SECTION 1` ...) and what a person would strike. A sentence-long
-  line written twice is too (since December 6): two identical bullets where two were asked for ("* The
-  Lullaby: A fairy tale about a young musician named Elara who is a skilled violinist." twice), "P.S. I hope
-  this message finds you well." twice, a story's sentence repeated as its next section. Reading the
-  replies of the main job, a reference-free DPO run and the 280-step DPO and 400-step SFT runs, every
-  such reply the verifier passed was one a person would strike; of `ifprefs`'s own target replies 3 of
-  2,192 SFT rows and 1 of 3,847 chosen replies had one, all made from one base reply that writes "The Future
-  We've Already Built" twice (dropped since: datasets/ifprefs/README.md, step 8). Where the prompt asks
-  for verse (a poem, song, rap, lyrics, limerick, haiku, chorus, ballad, jingle) a long line still needs
-  LINE_MIN_COUNT: a chorus sung twice is a song.
+  LINE_MIN_COUNT (3) or more times. Lines without a letter ("***", "---", "```", blank) and one-word lines
+  ("Ingredients:") are structure, not content, and are not counted. A refrain sung twice passes; a third
+  identical line is what looping models write (`SECTION 1` / `SECTION 2` / `SECTION 1` ...) and what a person
+  would strike.
+- **sentence written twice** (since December 6): a sentence of LONG_SENTENCE_MIN_WORDS (5) words or more occurs
+  twice or more (lower-cased, a list marker and quotes or asterisks around it taken off): two identical bullets
+  where two were asked for ("* The Lullaby: A fairy tale about a young musician named Elara who is a skilled
+  violinist." twice), "P.S. I hope this message finds you well." twice, a story's sentence repeated as its next
+  section, "THE OLYMPIC STYLE IS A WONDERFUL STYLE THAT IS FILLED WITH FUN AND FUN." three times in one paragraph
+  (each 4-gram under LOOP_MIN_COUNT). Reading the replies of the main job, a reference-free DPO run and the
+  280-step DPO and 400-step SFT runs, every such reply the verifier passed was one a person would strike. Where
+  the prompt asks for verse (a poem, song, rap, lyrics, limerick, haiku, chorus, verse, ballad, jingle) it does
+  not apply: a chorus sung twice is a song (a line a third time still is a repeated line).
 - **repeated title**: the same `<<title>>` written twice or more (`<<Lunar Eclipse>>` then `<<Lunar
   Eclipse>>` again; since December 6).
 - **empty section**: a `SECTION n` header followed by the next header with nothing between
@@ -92,12 +92,14 @@ ANSWER_MIN_WORDS = 15
 SENTENCE_MIN_WORDS = 4
 PUNCT_TAIL_MIN_CHARS = 100  # a rule or an underline is rarely longer than one 80-column line
 LINE_MIN_COUNT = 3
-LONG_LINE_MIN_WORDS = 5
+LONG_SENTENCE_MIN_WORDS = 5
 COPY_MIN_WORDS = 5
 
 _WORD_RE = re.compile(r"\w+")
 _LETTER_RE = re.compile(r"[^\W\d_]")
 _DIGITS_RE = re.compile(r"\d+")
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_WRAPPERS = " \t\"'*"
 _LIST_MARKER_RE = re.compile(r"^[ \t]*(?:\d+[.)]|[*+-])[ \t]+")  # "* ", "- ", "2. ": not "*highlight*"
 _VERSE_RE = re.compile(r"\b(?:poems?|poetry|songs?|raps?|lyrics|limericks?|haikus?|chorus|verses?|ballads?|jingles?)\b", re.IGNORECASE)
 _TITLE_RE = re.compile(r"<<([^<>\n]+)>>")
@@ -159,10 +161,8 @@ def repeated_tail(reply: str) -> tuple[str, int] | None:
     return None
 
 
-def repeated_line(reply: str, verse: bool = False) -> tuple[str, int] | None:
-    """(line, count) of the most repeated content line when it occurs >= LINE_MIN_COUNT times, or twice
-    when it has >= LONG_LINE_MIN_WORDS words and the reply is not verse (`verse`: a song's chorus or a poem's
-    refrain comes back by design); else None.
+def repeated_line(reply: str) -> tuple[str, int] | None:
+    """(line, count) of the most repeated content line when it occurs >= LINE_MIN_COUNT times, else None.
 
     Content lines have a letter and at least two words; "***", "---", blank and one-word label lines
     ("Ingredients:") are structure and are not counted. A list marker in front (`*`, `-`, `+`, `1.`, `2)`)
@@ -170,9 +170,29 @@ def repeated_line(reply: str, verse: bool = False) -> tuple[str, int] | None:
     """
     lines = [" ".join(_LIST_MARKER_RE.sub("", line).lower().split()) for line in reply.splitlines()]
     counts = Counter(line for line in lines if _LETTER_RE.search(line) and len(line.split()) >= 2)
-    repeated = [(line, count) for line, count in counts.most_common()
-                if count >= LINE_MIN_COUNT or (not verse and count >= 2 and len(line.split()) >= LONG_LINE_MIN_WORDS)]
-    return repeated[0] if repeated else None
+    if not counts:
+        return None
+    line, count = counts.most_common(1)[0]
+    return (line, count) if count >= LINE_MIN_COUNT else None
+
+
+def repeated_sentence(reply: str, verse: bool = False) -> tuple[str, int] | None:
+    """(sentence, count) of a sentence of >= LONG_SENTENCE_MIN_WORDS words written twice or more, else None;
+    None for verse (`verse`: a song's chorus or a poem's refrain comes back by design).
+
+    Sentences are the pieces of each line cut after `.`, `!` or `?`; compared lower-cased, whitespace collapsed,
+    without a list marker in front and without quotes and asterisks around them, so a bullet, a quoted line and a
+    sentence inside a paragraph with the same words are the same sentence.
+    """
+    if verse:
+        return None
+    pieces = (_SENTENCE_END_RE.split(_LIST_MARKER_RE.sub("", line)) for line in reply.splitlines())
+    sentences = [" ".join(piece.strip(_SENTENCE_WRAPPERS).lower().split()) for line in pieces for piece in line]
+    counts = Counter(s for s in sentences if len(s.split()) >= LONG_SENTENCE_MIN_WORDS and _LETTER_RE.search(s))
+    if not counts:
+        return None
+    sentence, count = counts.most_common(1)[0]
+    return (sentence, count) if count >= 2 else None
 
 
 def asks_for_verse(prompt_text: str) -> bool:
@@ -312,9 +332,12 @@ def check_reply(reply: str, prompt: str | Sequence[dict[str, Any]] = "", constra
         limit = " until the token limit" if ended is False else ""
         reasons.append(f"repeated tail: {_shorten(unit)!r} {repeats} times at the end{limit}")
     asked = prompt_text(prompt) if prompt else ""
-    line = repeated_line(reply, verse=asks_for_verse(asked))
+    line = repeated_line(reply)
     if line:
         reasons.append(f"repeated line: {_shorten(line[0])!r} {line[1]} times")
+    sentence = None if line else repeated_sentence(reply, verse=asks_for_verse(asked))
+    if sentence:
+        reasons.append(f"sentence written {sentence[1]} times: {_shorten(sentence[0])!r}")
     copied = copied_instruction(reply, asked, constraints) if prompt else None
     if copied:
         reasons.append(f"instruction copied from the prompt: {_shorten(copied, 60)!r}")

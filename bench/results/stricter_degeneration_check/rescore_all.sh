@@ -23,8 +23,10 @@ ifprefs main job reference-free seed 1|$START|/work/s26/mj_rf_s1/eval
 ifprefs DPO 280 seed 42|$START|/work/s25/dpo280/eval
 ifprefs DPO 280 seed 1|$START|/work/s25/dpo280s1/eval
 ifprefs SFT 400|$START|/work/s25/sft400/eval
+ifprefs DPO 280 seed 42, trained on the refiltered data|$START|/work/s26/dpo280_v2/eval
 IFEval main job seed 42|$IFEVAL_START|/work/s25/mainjob/ifeval
 IFEval DPO 280 seed 42|$IFEVAL_START|/work/s25/dpo280/ifeval
 IFEval DPO 280 seed 1|$IFEVAL_START|/work/s25/dpo280s1/ifeval
 IFEval SFT 400|$IFEVAL_START|/work/s25/sft400/ifeval
+IFEval DPO 280 seed 42, trained on the refiltered data|$IFEVAL_START|/work/s26/dpo280_v2/ifeval
 ROWS

@@ -27,7 +27,7 @@ import pytest
 
 from align.evaluation.degeneration import (
     COPY_MIN_WORDS, LINE_MIN_COUNT, check_reply, copied_instruction, degenerate_share, repeated_line, repeated_tail,
-    asks_for_verse, before_postscript, empty_section, no_answer, repeated_title, repetition_loop,
+    asks_for_verse, before_postscript, empty_section, no_answer, repeated_sentence, repeated_title, repetition_loop,
 )
 from align.errors import DataError
 from repo_paths import DATA
@@ -127,29 +127,34 @@ def test_a_list_whose_items_share_a_prefix_passes():
 
 def test_a_refrain_line_twice_passes_in_verse_and_a_third_identical_line_is_flagged():
     """Two verses that each close on the same 6-word refrain: the refrain's 4-grams occur twice (under
-    LOOP_MIN_COUNT) and, the prompt asking for a song, its line twice is under LINE_MIN_COUNT. The same line a
-    third time is flagged. Outside verse a sentence-long line written twice is flagged (the next test)."""
+    LOOP_MIN_COUNT), its line twice is under LINE_MIN_COUNT, and the prompt asks for a song, where a sentence may
+    come back. The same line a third time is flagged. Outside verse a 5-word sentence twice is (the next test)."""
     refrain = "Sing along, sing along, my friend"
     song = ("Morning comes across the silver bay,\nand every gull is calling out its name.\n" + refrain + "\n\n"
             "Children run where the fishing boats lay,\nthe harbour wakes and smells of rain.\n" + refrain)
     assert check_reply(song, "Write a song about a harbour town with a refrain.", ended=True).reasons == ()
-    assert repeated_line(song, verse=True) is None
-    assert repeated_line(song + "\n" + refrain, verse=True) == (refrain.lower(), LINE_MIN_COUNT)
+    assert repeated_line(song) is None and repeated_sentence(song, verse=True) is None
+    assert repeated_sentence(song) == (refrain.lower(), 2)
+    assert repeated_line(song + "\n" + refrain) == (refrain.lower(), LINE_MIN_COUNT)
     assert asks_for_verse("Write a limerick about cats.") and not asks_for_verse("Write a museum plaque about versions.")
 
 
-def test_a_sentence_long_line_twice_a_title_twice_and_an_empty_section_are_flagged():
+def test_a_sentence_twice_a_title_twice_and_an_empty_section_are_flagged():
     """What the verifier passed and a person strikes (December 6; the main job's, a reference-free DPO run's and
-    the 400-step SFT run's greedy replies to held-out prompts): two identical bullets where two were asked for,
-    a title written twice, SECTION headers with nothing under them. A 4-word line twice, different titles and
-    sections with text pass."""
+    the 280-step DPO and 400-step SFT runs' greedy replies to held-out prompts): two identical bullets where two were
+    asked for, a sentence three times in one paragraph, a title written twice, SECTION headers with nothing under
+    them. A 4-word sentence twice, different titles and sections with text pass."""
     bullets = ("* The Lullaby: A fairy tale about a young musician named Elara who is a skilled violinist.\n"
                "- The Lullaby: A fairy tale about a young musician named Elara who is a skilled violinist.\n\n"
                "Is there anything else I can help with?")
     prompt = "Write a fairy tale that involves the violin. Use exactly 2 bullet points (lines beginning with \"* \")."
     assert check_reply(bullets, prompt, ended=True).reasons == (
-        "repeated line: 'the lullaby: a fairy tale about a you...' 2 times",)
-    assert repeated_line("Thanks for reading.\nMore soon.\nThanks for reading.") is None  # 3 words, twice
+        "sentence written 2 times: 'the lullaby: a fairy tale about a you...'",)
+    shouted = ('"THE OPPORTUNITY OF THE OLYMPIC STYLE IS A WONDERFUL ONE. '
+               + "IT IS A WONDERFUL STYLE THAT IS FILLED WITH FUN AND FUN. " * 3 + '"')
+    assert repetition_loop(shouted) is None and repeated_line(shouted) is None  # each 4-gram 3 times, one line
+    assert repeated_sentence(shouted) == ("it is a wonderful style that is filled with fun and fun.", 3)
+    assert repeated_sentence("I'm here to help. I am glad. I'm here to help.") is None  # 4 words
     titled = ("<<Lunar Eclipse>>\n\n<<lunar  eclipse>>\n\nThe moon goes dark when the earth passes between it and the "
               "sun, a sight people have watched for ages.")
     assert check_reply(titled, "Write a museum plaque about lunar eclipses.", ended=True).reasons == (

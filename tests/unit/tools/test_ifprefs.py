@@ -384,9 +384,9 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
     no-answer rule came, 2 and 1 more when it came to want 4 words of the reply's own, 6 pairs more when the answer
     became the text before a postscript, 55, 9, 72 and 23 when an empty list item became degenerate); then 698 and 107
     pairs rejecting a format nobody asked for were added (add_unasked_pairs), and 196 and 24 SFT rows whose reply
-    uses a format nobody asked for were dropped (drop_unasked): 2,192 and 138 SFT rows; when a sentence-long line
-    written twice became degenerate (December 6), 3 more SFT rows and 1 pair, all from one base reply that writes
-    "The Future We've Already Built" twice: 2,189 SFT rows and 3,846 pairs."""
+    uses a format nobody asked for were dropped (drop_unasked): 2,192 and 138 SFT rows; when a sentence of 5 words
+    or more written twice became degenerate (December 6), 4 more SFT rows and 1 pair, all from one base reply that
+    writes "The Future We've Already Built" twice: 2,188 SFT rows and 3,846 pairs."""
     from align.evaluation.degeneration import check_reply
 
     for name in ("sft", "sft_test", "prefs_train", "prefs_test"):
@@ -394,11 +394,11 @@ def test_no_target_reply_is_degenerate_and_the_card_counts_match(data):
             prompt, reply = ifprefs.target_reply(row)
             assert not check_reply(reply, prompt, row["constraints"]).degenerate, row["id"]
     stats = json.loads((DATA / "meta" / "stats.json").read_text())
-    assert stats["dropped_degenerate"] == {"sft": 99, "sft_test": 9, "prefs_train": 125, "prefs_test": 25}
+    assert stats["dropped_degenerate"] == {"sft": 100, "sft_test": 9, "prefs_train": 125, "prefs_test": 25}
     assert {k: len(v) for k, v in data.items()} == stats["sizes"]
     assert stats["dropped_unasked"] == {"sft": 196, "sft_test": 24}
     assert (len(data["sft"]), len(data["sft_test"]), len(data["prefs_train"]), len(data["prefs_test"])) == (
-        2484 - 99 - 196, 171 - 9 - 24, 3273 - 125 + 698, 449 - 25 + 107)
+        2484 - 100 - 196, 171 - 9 - 24, 3273 - 125 + 698, 449 - 25 + 107)
     for name in ifprefs.SFT_SPLITS:
         assert not any(unasked_formats(ifprefs.target_reply(r)[1], r["constraints"]) for r in data[name]), name
     assert sum(stats["unasked_formats_rejected"]["prefs_train"].values()) == 698
