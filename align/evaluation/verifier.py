@@ -519,7 +519,8 @@ GUARD_REWARD = 0.0
 
 def guarded_verifier_reward(prompts: Sequence[Any], responses: Sequence[str]) -> list[float]:
     """`verifier_reward`, except that a degenerate reply (align.evaluation.degeneration.check_reply: a repetition
-    loop, a repeated tail or line, an instruction copied from the prompt) earns GUARD_REWARD.
+    loop, a repeated tail, line or sentence, a title twice, an empty section, an instruction copied from the prompt, no
+    answer) earns GUARD_REWARD.
 
     The raw verifier pays 1.0 for `*Important*` forty times on "mark at least 2 key phrases"; a policy
     optimised against it learns such text (issue 23). `prompts` as in `verifier_reward`; a prompt's

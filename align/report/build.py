@@ -126,7 +126,7 @@ def _decision_section(report: _Report) -> list[Any]:
     return [
         Heading("Which method? Paired differences"),
         Para("Decide on coherent strict: every constraint met (IFEval strict) AND the reply is not degenerate text (no "
-             "repetition loop, no line three times, no instruction copied back; align.evaluation.degeneration). The verifier's strict "
+             "repetition loop, no line three times, no sentence twice, no instruction copied back; align.evaluation.degeneration). The verifier's strict "
              "score and the degenerate share follow it, so that a verifier gain bought with degenerate text shows. "
              "Each row is one run against another on the same prompts: the mean over prompts of A's score minus B's, "
              "with its 95% bootstrap CI. An interval that contains 0 means this evaluation cannot tell the two apart, "
