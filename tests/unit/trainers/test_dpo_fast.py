@@ -253,7 +253,7 @@ def test_fast_off_is_trl(tiny_model_dir, tmp_path):
     batch = next(iter(stock.get_train_dataloader()))
     loss = _loss_and_grads(stock, batch)[0]
     off.__class__ = FastDPOTrainer
-    off._fast, off._share_prompt, off._chunk_size, off._fallback_reason = False, True, 5, None
+    off._fast, off._share_prompt, off._chunk_size, off._fallback_reason, off._reference_free = False, True, 5, None, False
     assert torch.equal(_loss_and_grads(off, batch)[0], loss)
 
 
