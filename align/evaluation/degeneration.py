@@ -161,6 +161,12 @@ def repeated_tail(reply: str) -> tuple[str, int] | None:
     return None
 
 
+def _unmarked_lines(reply: str) -> list[str]:
+    """The reply's lines without a list marker in front (`*`, `-`, `+`, `1.`, `2)`): two bullets with the same text
+    are the same line."""
+    return [_LIST_MARKER_RE.sub("", line) for line in reply.splitlines()]
+
+
 def repeated_line(reply: str) -> tuple[str, int] | None:
     """(line, count) of the most repeated content line when it occurs >= LINE_MIN_COUNT times, else None.
 
@@ -168,7 +174,7 @@ def repeated_line(reply: str) -> tuple[str, int] | None:
     ("Ingredients:") are structure and are not counted. A list marker in front (`*`, `-`, `+`, `1.`, `2)`)
     is not part of the line: two bullets with the same text are the same line.
     """
-    lines = [" ".join(_LIST_MARKER_RE.sub("", line).lower().split()) for line in reply.splitlines()]
+    lines = [" ".join(line.lower().split()) for line in _unmarked_lines(reply)]
     counts = Counter(line for line in lines if _LETTER_RE.search(line) and len(line.split()) >= 2)
     if not counts:
         return None
@@ -186,7 +192,7 @@ def repeated_sentence(reply: str, verse: bool = False) -> tuple[str, int] | None
     """
     if verse:
         return None
-    pieces = (_SENTENCE_END_RE.split(_LIST_MARKER_RE.sub("", line)) for line in reply.splitlines())
+    pieces = (_SENTENCE_END_RE.split(line) for line in _unmarked_lines(reply))
     sentences = [" ".join(piece.strip(_SENTENCE_WRAPPERS).lower().split()) for line in pieces for piece in line]
     counts = Counter(s for s in sentences if len(s.split()) >= LONG_SENTENCE_MIN_WORDS and _LETTER_RE.search(s))
     if not counts:

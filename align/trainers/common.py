@@ -376,45 +376,46 @@ def is_loraplus_b(name: str, param: torch.Tensor) -> bool:
     return "lora_B" in name or "lora_embedding_B" in name or param.ndim == 1
 
 
-def split_loraplus_groups(param_groups: list[dict], names: dict[int, str], ratio: float) -> list[dict]:
-    """Each optimizer param group split in two, its A part (and every other parameter) at the group's lr and its
-    B part (`is_loraplus_b`) at lr x ratio; the groups' other settings (weight decay, betas) kept. `names` maps
-    id(param) to its name in the model. Groups left empty are dropped."""
-    groups = []
+def split_loraplus_groups(param_groups: list[dict], names: dict[int, str], ratio: float) -> tuple[list[dict], int]:
+    """(groups, B tensors): each optimizer param group split in two, its A part (and every other parameter) at the
+    group's lr and its B part (`is_loraplus_b`) at lr x ratio; the groups' other settings (weight decay, betas) kept.
+    `names` maps id(param) to its name in the model. Groups left empty are dropped."""
+    groups, n_b = [], 0
     for group in param_groups:
-        params = group["params"]
-        b = [p for p in params if is_loraplus_b(names.get(id(p), ""), p)]
-        a = [p for p in params if not is_loraplus_b(names.get(id(p), ""), p)]
+        parts: dict[bool, list] = {False: [], True: []}
+        for p in group["params"]:
+            parts[is_loraplus_b(names.get(id(p), ""), p)].append(p)
         settings = {k: v for k, v in group.items() if k != "params"}
-        if a:
-            groups.append({**settings, "params": a})
-        if b:
-            groups.append({**settings, "params": b, "lr": settings["lr"] * ratio})
-    return groups
+        if parts[False]:
+            groups.append({**settings, "params": parts[False]})
+        if parts[True]:
+            groups.append({**settings, "params": parts[True], "lr": settings["lr"] * ratio})
+        n_b += len(parts[True])
+    return groups, n_b
 
 
 class LoraPlusMixin:
     """Mixed into a transformers Trainer: with `loraplus_lr_ratio` set, the optimizer the Trainer builds (its class,
     betas, weight-decay groups) has each group's LoRA B part at lr x ratio. The learning-rate schedule scales every
-    group by the same factor, so B stays at ratio x A throughout; the lr logged is A's."""
+    group by the same factor, so B stays at ratio x A throughout; the lr logged is A's. An optimizer that already
+    exists (built by an earlier call, or given to the Trainer) is returned as it is."""
 
     loraplus_lr_ratio: float | None = None
 
     def create_optimizer(self, model=None):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
-        if self.loraplus_lr_ratio is None or getattr(self, "_loraplus_done", False):
-            return optimizer
         opt_model = self.model if model is None else model
         names = {id(p): n for n, p in opt_model.named_parameters()}
-        groups = split_loraplus_groups(optimizer.param_groups, names, self.loraplus_lr_ratio)
-        if not any(is_loraplus_b(names.get(id(p), ""), p) for g in groups for p in g["params"]):
+        groups, n_b = split_loraplus_groups(optimizer.param_groups, names, self.loraplus_lr_ratio)
+        if not n_b:
             from align.errors import ConfigError
 
             raise ConfigError("config: loraplus_lr_ratio: the model has no trainable LoRA B matrix to speed up")
         optimizer.param_groups = []  # the same optimizer object (and state, empty at this point), regrouped
         for group in groups:
             optimizer.add_param_group(group)
-        self._loraplus_done = True
         return optimizer
 
 
