@@ -70,7 +70,8 @@ class FastDPOArgs(FreedMemoryArgs):
 
 
 def preference_rows(
-    input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, share_prompt: bool, pad_token_id: int
+    input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, share_prompt: bool, pad_token_id: int,
+    chosen_only: bool = False,
 ) -> dict[str, Tensor]:
     """Lay out TRL's preference batch as rows for the fast forward, with the index of every log-prob.
 
@@ -87,6 +88,7 @@ def preference_rows(
         input_ids, attention_mask, completion_mask: (2B, L) TRL's collated batch.
         share_prompt: put the prompt of a pair in one row once.
         pad_token_id: id written in the padding of the new rows.
+        chosen_only: lay out `prompt + chosen` alone, one row a pair (the SFT phase: no rejected reply).
 
     Returns:
         input_ids, position_ids, branch: (R, T) the rows; `branch` holds the bits PROMPT / CHOSEN /
@@ -122,6 +124,14 @@ def preference_rows(
         p_c = int(comp_cpu[chosen, :n_c].int().argmax()) if comp_cpu[chosen, :n_c].any() else n_c
         p_r = int(comp_cpu[rejected, :n_r].int().argmax()) if comp_cpu[rejected, :n_r].any() else n_r
         same_prompt = p_c == p_r and p_c > 0 and torch.equal(ids_cpu[chosen, :p_c], ids_cpu[rejected, :p_r])
+        if chosen_only:
+            row = add_row([ids_cpu[chosen, :n_c]], [torch.arange(n_c)], [torch.full((n_c,), CHOSEN)])
+            hidden_rows.append(torch.full_like(c_cols, row))
+            hidden_cols.append(c_cols - 1)
+            out_rows.append(torch.full_like(c_cols, chosen))
+            out_cols.append(c_cols - 1)
+            targets.append(c_tokens)
+            continue
         if share_prompt and same_prompt:
             # share the longest common start, the prompt and any identical start of the two replies (a rejected reply
             # that leaves an edit out, is cut short or adds a format): causal attention makes its hidden states equal
@@ -279,17 +289,24 @@ class _TRLLayoutModel:
 class FastDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer with the log-probs of `align.trainers.dpo_fast` (see the module docstring).
 
-    Takes the model as an instance (a PEFT model or a plain causal LM) and two extra keyword arguments,
-    `share_prompt` and `chunk_size`; `fast=False` makes it TRL's DPOTrainer exactly.
+    Takes the model as an instance (a PEFT model or a plain causal LM) and extra keyword arguments,
+    `share_prompt`, `chunk_size`, `reference_free` and `sft_steps`; `fast=False` (and the others at their
+    defaults) makes it TRL's DPOTrainer exactly.
+
+    `sft_steps` > 0: the first `sft_steps` optimizer steps train TRL's "sft" loss alone (the mean NLL of the
+    chosen replies' tokens) on `prompt + chosen` only, with no rejected reply and no reference forward, at a
+    constant learning rate after warmup; the remaining steps are the configured DPO loss with the configured
+    schedule (and warmup) over them, as if SFT and DPO were two runs on the same adapter.
     """
 
     def __init__(self, *args, fast: bool = True, share_prompt: bool = True, chunk_size: int = 256,
-                 reference_free: bool = False, **kwargs):
+                 reference_free: bool = False, sft_steps: int = 0, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, str):
             raise TypeError("FastDPOTrainer: pass the model as a loaded instance, not a name")
         self._fast, self._share_prompt, self._chunk_size = fast, share_prompt, chunk_size
         self._reference_free = reference_free
+        self._sft_steps = sft_steps
         self._fallback_reason: str | None = None
         # prompt tuning, p-tuning, prefix tuning: the PEFT wrapper adds virtual tokens (or key/value prefixes) in its
         # own forward, which the fast forward (the inner model's decoder, called directly) would skip
@@ -358,6 +375,8 @@ class FastDPOTrainer(DPOTrainer):
             return self._sequence_logps(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
+        if self.model.training and self.state.global_step < self._sft_steps and not return_outputs:
+            return self._sft_phase_loss(model, inputs)
         fast = self._fast_ok()
         inputs = dict(inputs)
         supplied_ref = False
@@ -377,6 +396,53 @@ class FastDPOTrainer(DPOTrainer):
             model = _TRLLayoutModel(model, self._rows(inputs), torch.Size((n_seq, length - 1)), self._chunk_size)
         with _temporarily(self, precompute_ref_logps=True) if supplied_ref else contextlib.nullcontext():
             return super()._compute_loss(model, inputs, return_outputs)
+
+
+    # -------------------------------------------------------------- the SFT phase (sft_steps)
+
+    def _sft_phase_loss(self, model, inputs: dict[str, Tensor]) -> Tensor:
+        """TRL's "sft" loss alone, -mean log pi(token) over the chosen replies' tokens, from `prompt + chosen` only."""
+        ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        if self._fast_ok():
+            rows = preference_rows(ids, attention, completion, False, self._tokenizer.pad_token_id, chosen_only=True)
+            token_logps = model(align_rows=rows, align_chunk_size=self._chunk_size, align_stats=False).log_probs
+        else:  # TRL's path: the chosen half of the batch through the model, every position's logits
+            chosen = slice(0, ids.shape[0] // 2)
+            logits = model(input_ids=ids[chosen], attention_mask=attention[chosen], use_cache=False).logits[:, :-1]
+            labelled = (completion[chosen, 1:] * attention[chosen, 1:]).bool()
+            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[chosen, 1:, None]).squeeze(-1)
+            token_logps = logps[labelled]
+        loss = -token_logps.mean()
+        self._metrics["train"]["sft_phase/nll"].append(self.accelerator.gather(loss.detach()).mean().item())
+        return loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Without sft_steps, the Trainer's. With them: warmup then constant over the SFT phase, then the configured
+        schedule, with its own warmup, over the DPO steps (each phase shaped as its own run would be)."""
+        if not self._sft_steps or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        from torch.optim.lr_scheduler import LambdaLR
+        from transformers import get_scheduler
+
+        if num_training_steps <= self._sft_steps:
+            raise ValueError(f"sft_steps: {self._sft_steps} SFT steps leave none of the run's {num_training_steps} for DPO")
+        optimizer = self.optimizer if optimizer is None else optimizer
+        sft_steps, dpo_steps = self._sft_steps, num_training_steps - self._sft_steps
+        sft_warmup = self.args.get_warmup_steps(sft_steps)
+        dpo = get_scheduler(self.args.lr_scheduler_type, optimizer, num_warmup_steps=self.args.get_warmup_steps(dpo_steps),
+                            num_training_steps=dpo_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        if not isinstance(dpo, LambdaLR):
+            raise ValueError(f"sft_steps: lr_scheduler_type {self.args.lr_scheduler_type!r} is not a per-step schedule; "
+                             "use linear, cosine, constant_with_warmup or another LambdaLR schedule")
+        for group in optimizer.param_groups:  # building `dpo` set each group's lr to its step-0 value
+            group["lr"] = group["initial_lr"]
+
+        def phase_lambda(dpo_lambda):
+            return lambda step: min(1.0, (step + 1) / (sft_warmup + 1)) if step < sft_steps else dpo_lambda(step - sft_steps)
+
+        self.lr_scheduler = LambdaLR(optimizer, [phase_lambda(f) for f in dpo.lr_lambdas])
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
 
 @contextlib.contextmanager

@@ -316,6 +316,24 @@ def test_loraplus_ratio_reaches_the_recipes_optimizer_and_is_checked_at_start(ru
     assert line == "error: config: loraplus_lr_ratio: expected a ratio > 0 (LoRA+ uses about 16), or none, got -1.0"
 
 
+def test_sft_phase_runs_first_then_dpo_and_is_checked_at_start(runner, tmp_path):
+    """--sft_steps 2 of 3: steps 1-2 log the SFT phase's NLL and no DPO reward, step 3 DPO's rewards; the summary says
+    how many steps were SFT; SFT steps that leave no DPO step are refused at start in one line."""
+    import json
+
+    out = tmp_path / "run"
+    code, log = run_recipe("dpo", runner("dpo", out, max_steps=3, sft_steps=2, logging_steps=1), tmp_path / "run.log")
+    assert code == 0, log[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {row["step"]: row for row in rows if "train/loss" in row}
+    assert sorted(by_step) == [1, 2, 3]
+    assert all("sft_phase/nll" in by_step[s] and "rewards/margins" not in by_step[s] for s in (1, 2))
+    assert "rewards/margins" in by_step[3] and "sft_phase/nll" not in by_step[3]
+    assert json.loads((out / "summary.json").read_text())["sft_steps"] == 2
+    line = start_up_error("dpo", runner("dpo", tmp_path / "bad", max_steps=2, sft_steps=2), tmp_path / "bad.log")
+    assert line == "error: config: sft_steps: 2 SFT steps leave none of max_steps 2 for DPO; expected fewer SFT steps than max_steps"
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_output_dir_under_a_regular_file_fails_at_start(recipe, runner, tmp_path):
     blocker = tmp_path / "not_a_dir"

@@ -254,6 +254,7 @@ def test_fast_off_is_trl(tiny_model_dir, tmp_path):
     loss = _loss_and_grads(stock, batch)[0]
     off.__class__ = FastDPOTrainer
     off._fast, off._share_prompt, off._chunk_size, off._fallback_reason, off._reference_free = False, True, 5, None, False
+    off._sft_steps = 0
     assert torch.equal(_loss_and_grads(off, batch)[0], loss)
 
 
@@ -351,6 +352,94 @@ def test_reference_free_loss_uses_no_reference(tiny_model_dir, tmp_path, fast):
     assert metrics["rewards/rejected"] == pytest.approx(beta * rejected.mean().item(), abs=1e-4)
 
 
+def test_preference_rows_chosen_only_lays_out_prompt_and_chosen():
+    """The SFT phase's rows, by hand: each pair's `prompt + chosen` alone, its tokens indexed into TRL's layout.
+
+    pair 0: prompt [5 6 7], chosen [8 9], rejected [10 11 12] -> row [5 6 7 8 9]
+    pair 1: prompt [5 6],   chosen [13],  rejected [14 15]    -> row [5 6 13 0 0]
+    TRL's layout: rows chosen0, chosen1, rejected0, rejected1, L = 6, log-probs (4, 5); only chosen rows are indexed.
+    """
+    batch = _trl_batch([
+        {"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12]},
+        {"prompt_ids": [5, 6], "chosen_ids": [13], "rejected_ids": [14, 15]},
+    ])
+    rows = preference_rows(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], True, pad_token_id=0,
+                           chosen_only=True)
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 13, 0, 0]]
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 0]]
+    assert rows["branch"].tolist() == [[CHOSEN] * 5, [CHOSEN] * 3 + [PAD] * 2]
+    assert rows["targets"].tolist() == [8, 9, 13]  # no rejected token
+    assert rows["hidden_index"].tolist() == [2, 3, 5 + 1]
+    assert rows["out_index"].tolist() == [0 * 5 + 2, 0 * 5 + 3, 1 * 5 + 1]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_sft_phase_is_trls_sft_loss_without_rejected_or_reference(tiny_model_dir, tmp_path, fast):
+    """--sft_steps: in the first steps the loss is TRL's own "sft" loss of the batch (the mean NLL of the chosen tokens),
+    computed without the reference forward and without reading the rejected replies; after them, DPO's loss (the
+    recipe's sigmoid,sft, with TRL's reward metrics)."""
+    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs(), sft_steps=1, max_steps=2, fast_logprobs=fast, dtype="fp32")
+    randomize_lora_b(trainer.model)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference forward ran")
+
+    trainer.compute_ref_log_probs = no_reference
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, batch)
+    # TRL's stock DPOTrainer with loss_type sft alone, on the same weights
+    stock = _recipe_trainer(tiny_model_dir, tmp_path / "stock", _pairs(), loss_type="sft", fast_logprobs=False, dtype="fp32")
+    stock.model.load_state_dict(trainer.model.state_dict())
+    stock.model.train()
+    torch.testing.assert_close(loss, stock.compute_loss(stock.model, batch), rtol=0, atol=1e-5)
+    assert trainer._metrics["train"]["sft_phase/nll"][-1] == pytest.approx(loss.item())
+    # other rejected replies change nothing in the SFT phase
+    half = batch["input_ids"].shape[0] // 2
+    scrambled = {**batch, "input_ids": batch["input_ids"].clone()}
+    rejected_tokens = (batch["completion_mask"][half:] * batch["attention_mask"][half:]).bool()
+    scrambled["input_ids"][half:][rejected_tokens] = 3
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, scrambled), loss, rtol=0, atol=0)
+    assert "rewards/margins" not in trainer._metrics["train"]
+    del trainer.compute_ref_log_probs
+    trainer.state.global_step = 1  # the DPO phase: DPO's loss and metrics
+    dpo_loss = trainer.compute_loss(trainer.model, batch)
+    assert "rewards/margins" in trainer._metrics["train"] and abs(dpo_loss.item() - loss.item()) > 0.1
+
+
+def test_sft_phase_schedule_is_constant_then_the_dpo_schedule(tiny_model_dir, tmp_path):
+    """--sft_steps 4 of 10, cosine with warmup 0.1: the SFT phase warms up over ceil(0.4) = 1 step and stays at the
+    peak; the 6 DPO steps follow the cosine schedule of a 6-step run with its own warmup, from its start."""
+    from transformers import get_scheduler
+
+    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs(), sft_steps=4, max_steps=10)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    peak = trainer.args.learning_rate
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    alone = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    cosine = get_scheduler("cosine", alone, num_warmup_steps=1, num_training_steps=6)
+    expected_dpo = []
+    for _ in range(6):
+        expected_dpo.append(alone.param_groups[0]["lr"])
+        alone.step()
+        cosine.step()
+    assert lrs[:4] == pytest.approx([peak / 2, peak, peak, peak])
+    assert lrs[4:] == pytest.approx(expected_dpo)
+    with pytest.raises(ValueError, match="sft_steps: 4 SFT steps leave none of the run's 4 for DPO"):
+        _recipe_trainer(tiny_model_dir, tmp_path / "all", _pairs(), sft_steps=4, max_steps=4).create_optimizer_and_scheduler(4)
+
+
+def test_sft_steps_must_not_be_negative(tmp_path):
+    from align.config import build_config
+
+    with pytest.raises(ConfigError, match="sft_steps: expected 0 or more steps, got -1"):
+        build_config(_recipe().DPOArgs, {"output_dir": str(tmp_path), "sft_steps": -1})
+
+
 def test_reference_free_has_nothing_to_precompute(tiny_model_dir, tmp_path):
     from align.config import build_config
 
@@ -371,6 +460,26 @@ def test_recipe_loss_weights_reach_the_loss(tiny_model_dir, tmp_path):
     assert losses["1.0,0.0"] == pytest.approx(torch.tensor(2.0).log().item(), abs=1e-6)
     assert losses["0.0,1.0"] > 1.0  # an untrained tiny model's NLL per token of the chosen reply
     assert losses["1.0,1.0"] == pytest.approx(losses["1.0,0.0"] + losses["0.0,1.0"], rel=1e-5)
+
+
+def test_cpu_short_run_starts_with_the_sft_phase(monkeypatch):
+    """sft_steps none: the CPU short run (no max_steps given) trains its first CPU_SFT_STEPS steps on the SFT term
+    alone; a GPU's epochs, or a max_steps the user chose, are plain DPO; a given sft_steps stays."""
+    from align.config import build_config
+
+    recipe = _recipe()
+
+    def resolved(on_gpu=False, **fields):
+        monkeypatch.setattr(recipe, "on_gpu", lambda: on_gpu)
+        cfg = build_config(recipe.DPOArgs, fields)
+        notes = recipe.default_sft_steps(cfg)
+        assert bool(notes) == (cfg.sft_steps > 0 and "sft_steps" not in fields)  # said when chosen
+        return cfg.sft_steps
+
+    assert resolved() == recipe.CPU_SFT_STEPS == 150 and recipe.CPU_MAX_STEPS == 200
+    assert resolved(on_gpu=True) == 0
+    assert resolved(max_steps=56) == 0
+    assert resolved(max_steps=56, sft_steps=20) == 20
 
 
 def test_cpu_default_weighs_the_dpo_term_a_quarter(monkeypatch):
