@@ -4,6 +4,11 @@
     accelerate launch recipes/dpo.py --loss_type ipo --beta 0.5           # any field of DPOArgs as a flag
     accelerate launch --multi_gpu --num_processes 2 recipes/dpo.py    # two processes (CPU: gloo)
 
+On a CPU with no --max_steps the run is 200 steps: the first 150 (--sft_steps) train the SFT term alone on the chosen
+replies (prompt + chosen, no rejected reply, no reference: about a third of a DPO step), then 50 of DPO + SFT term;
+the adapter carries on, and the reference stays the starting model. Any --max_steps (or a GPU) is DPO from the first step
+unless --sft_steps says otherwise.
+
 The reference is the policy's base with the adapter disabled: the plain base model, or the SFT model when
 model_name_or_path points at outputs/sft/merged (the SFT adapter merged in, so "adapter disabled" is the
 frozen SFT policy). Reference log-probs are computed on each step's own batch, through the policy's own path, so
@@ -72,7 +77,7 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward: ~1/3 more compute, a fraction of the "
                                                 "activation memory; none = hardware default (GPU: on, CPU: off)")
     lora_dropout: float = arg(0.0, "LoRA dropout (0: TRL's DPOTrainer sets every dropout to 0 anyway, disable_dropout=True)")
-    summary_prompts: int = arg(128, "held-out eval prompts generated for the summary's verifier score (0 = skip)")
+    summary_prompts: int = arg(320, "held-out eval prompts generated for the summary's verifier score (320: all of ifprefs:eval; 0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:

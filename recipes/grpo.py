@@ -62,7 +62,7 @@ class GRPOArgs(RunArgs, ModelArgs, DataArgs, FreedMemoryArgs):
     gradient_checkpointing: bool | None = arg(None, "recompute activations in backward; none = hardware default (GPU: on, CPU: off)")
     lora_dropout: float = arg(0.0, "LoRA dropout (0: sampling and the loss then see the same policy, ratio 1 on policy)")
     save_steps: int = arg(4, "checkpoint every N optimizer steps")
-    summary_prompts: int = arg(128, "held-out prompts generated (greedy) for the summary's before -> after (0 = skip)")
+    summary_prompts: int = arg(320, "held-out prompts generated (greedy) for the summary's before -> after (320: all of ifprefs:eval; 0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:

@@ -43,7 +43,7 @@ class SFTArgs(MemoryArgs, RunArgs, ModelArgs, DataArgs, FastSFTArgs):
     padding_free: bool = arg(True, "each batch's conversations in one row without padding, kept apart by position ids: no "
                                    "compute on padding, the same loss (not with on_too_long keep: TRL truncates only padded rows)")
     merge: bool = arg(True, "also save output_dir/merged: base + adapter merged, the base for later stages")
-    summary_prompts: int = arg(128, "held-out eval prompts generated greedily before and after training for the summary (0 = skip)")
+    summary_prompts: int = arg(320, "held-out eval prompts generated greedily before and after training for the summary (320: all of ifprefs:eval; 0 = skip)")
     summary_max_new_tokens: int = arg(96, "longest reply generated for the summary")
 
     def validate(self) -> None:
