@@ -416,6 +416,14 @@ class FastDPOTrainer(DPOTrainer):
         self._metrics["train"]["sft_phase/nll"].append(self.accelerator.gather(loss.detach()).mean().item())
         return loss
 
+    def _track_num_input_tokens(self, inputs):
+        """The SFT phase reads only `prompt + chosen`: count the chosen half of the batch (tokens_seen and the summary's
+        tokens per second are then the tokens the model ran, not the rejected replies it skipped)."""
+        if self.model.training and self.state.global_step < self._sft_steps:
+            half = inputs["input_ids"].shape[0] // 2
+            inputs = {k: v[:half] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        return super()._track_num_input_tokens(inputs)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Without sft_steps, the Trainer's. With them: warmup then constant over the SFT phase, then the configured
         schedule, with its own warmup, over the DPO steps (each phase shaped as its own run would be)."""

@@ -401,10 +401,17 @@ def test_sft_phase_is_trls_sft_loss_without_rejected_or_reference(tiny_model_dir
     scrambled["input_ids"][half:][rejected_tokens] = 3
     torch.testing.assert_close(trainer.compute_loss(trainer.model, scrambled), loss, rtol=0, atol=0)
     assert "rewards/margins" not in trainer._metrics["train"]
+    # tokens seen in the SFT phase: the chosen half's (non-padding) tokens, not the rejected replies it skipped
+    trainer.state.num_input_tokens_seen = 0
+    trainer._track_num_input_tokens(batch)
+    assert trainer.state.num_input_tokens_seen == int(batch["attention_mask"][:half].sum())
     del trainer.compute_ref_log_probs
     trainer.state.global_step = 1  # the DPO phase: DPO's loss and metrics
     dpo_loss = trainer.compute_loss(trainer.model, batch)
     assert "rewards/margins" in trainer._metrics["train"] and abs(dpo_loss.item() - loss.item()) > 0.1
+    trainer.state.num_input_tokens_seen = 0
+    trainer._track_num_input_tokens(batch)
+    assert trainer.state.num_input_tokens_seen == int(batch["attention_mask"].sum())
 
 
 def test_sft_phase_schedule_is_constant_then_the_dpo_schedule(tiny_model_dir, tmp_path):
