@@ -57,10 +57,11 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
     assert f"evaluate {tiny_model_dir}" in result.stdout
     # on a CPU the shortened stage defaults come first and the user's flags after them (the last flag wins)
     dpo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] dpo: "))
-    assert (f"--output_dir {root / 'dpo'} --summary_prompts 16 " in dpo_cmd) == (not torch.cuda.is_available())
+    assert (f"--output_dir {root / 'dpo'} --max_steps 56 --summary_prompts 16 " in dpo_cmd) == (not torch.cuda.is_available())
     ppo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] ppo: "))
     assert (f"--output_dir {root / 'ppo'} --total_updates 12 --num_eval_prompts 0 " in ppo_cmd) == (not torch.cuda.is_available())
-    assert (root / "dpo" / "summary.json").is_file() and json.loads((root / "dpo" / "summary.json").read_text())["steps"] == 2
+    dpo_summary = json.loads((root / "dpo" / "summary.json").read_text())
+    assert dpo_summary["steps"] == 2 and dpo_summary["sft_steps"] == 0  # the user's max_steps: DPO from the SFT model
     dpo_after = json.loads((root / "dpo" / "summary.json").read_text())["after"]
     counted = dpo_after["verifier/by_constraint"]  # the 2 summary prompts' constraints, each counted once
     assert sum(t["total"] for t in counted.values()) == sum(len(r["constraints"]) for r in dpo_after["rows"]) > 0
