@@ -323,14 +323,10 @@ def test_recipe_first_step_is_exactly_ln2(tiny_quant_model_dir, tmp_path, dtype)
         assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == metrics["rewards/margins"] == 0.0
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_reference_free_loss_uses_no_reference(tiny_model_dir, tmp_path, fast):
-    """--reference_free: the sigmoid loss of beta * (log pi(chosen) - log pi(rejected)), the implicit rewards
-    beta * log pi(reply); the reference forward never runs (fast path and TRL's stock path alike)."""
-    import torch.nn.functional as F
-
-    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs(), loss_type="sigmoid", reference_free=True, fast_logprobs=fast)
-    randomize_lora_b(trainer.model)  # the policy away from its base, so a reference would change the loss
+def _first_loss_without_reference(trainer):
+    """The trainer's loss on its first batch, with non-zero LoRA B (the policy away from its base, so a reference would
+    change the loss) and a reference forward that fails if it runs. Returns (batch, loss)."""
+    randomize_lora_b(trainer.model)
 
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference forward ran")
@@ -338,7 +334,17 @@ def test_reference_free_loss_uses_no_reference(tiny_model_dir, tmp_path, fast):
     trainer.compute_ref_log_probs = no_reference
     trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))
-    loss = trainer.compute_loss(trainer.model, batch)
+    return batch, trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_reference_free_loss_uses_no_reference(tiny_model_dir, tmp_path, fast):
+    """--reference_free: the sigmoid loss of beta * (log pi(chosen) - log pi(rejected)), the implicit rewards
+    beta * log pi(reply); the reference forward never runs (fast path and TRL's stock path alike)."""
+    import torch.nn.functional as F
+
+    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs(), loss_type="sigmoid", reference_free=True, fast_logprobs=fast)
+    batch, loss = _first_loss_without_reference(trainer)
     # the policy's log-probs per pair, by the fast path of a trainer with the same LoRA weights
     scorer = trainer if fast else _recipe_trainer(tiny_model_dir, tmp_path / "scorer", _pairs(), loss_type="sigmoid")
     if not fast:
@@ -379,15 +385,7 @@ def test_sft_phase_is_trls_sft_loss_without_rejected_or_reference(tiny_model_dir
     computed without the reference forward and without reading the rejected replies; after them, DPO's loss (the
     recipe's sigmoid,sft, with TRL's reward metrics)."""
     trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs(), sft_steps=1, max_steps=2, fast_logprobs=fast, dtype="fp32")
-    randomize_lora_b(trainer.model)
-
-    def no_reference(*args, **kwargs):
-        raise AssertionError("the reference forward ran")
-
-    trainer.compute_ref_log_probs = no_reference
-    trainer.model.train()
-    batch = next(iter(trainer.get_train_dataloader()))
-    loss = trainer.compute_loss(trainer.model, batch)
+    batch, loss = _first_loss_without_reference(trainer)
     # TRL's stock DPOTrainer with loss_type sft alone, on the same weights
     stock = _recipe_trainer(tiny_model_dir, tmp_path / "stock", _pairs(), loss_type="sft", fast_logprobs=False, dtype="fp32")
     stock.model.load_state_dict(trainer.model.state_dict())
