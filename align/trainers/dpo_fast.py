@@ -397,7 +397,6 @@ class FastDPOTrainer(DPOTrainer):
         with _temporarily(self, precompute_ref_logps=True) if supplied_ref else contextlib.nullcontext():
             return super()._compute_loss(model, inputs, return_outputs)
 
-
     # -------------------------------------------------------------- the SFT phase (sft_steps)
 
     def _sft_phase_loss(self, model, inputs: dict[str, Tensor]) -> Tensor:
