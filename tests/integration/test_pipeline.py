@@ -62,7 +62,7 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
     assert (f"--output_dir {root / 'ppo'} --total_updates 12 --num_eval_prompts 0 " in ppo_cmd) == (not torch.cuda.is_available())
     dpo_summary = json.loads((root / "dpo" / "summary.json").read_text())
     assert dpo_summary["steps"] == 2 and dpo_summary["sft_steps"] == 0  # the user's max_steps: DPO from the SFT model
-    dpo_after = json.loads((root / "dpo" / "summary.json").read_text())["after"]
+    dpo_after = dpo_summary["after"]
     counted = dpo_after["verifier/by_constraint"]  # the 2 summary prompts' constraints, each counted once
     assert sum(t["total"] for t in counted.values()) == sum(len(r["constraints"]) for r in dpo_after["rows"]) > 0
     report = json.loads((root / "report" / "summary.json").read_text())
