@@ -78,7 +78,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from align.errors import DataError
 
@@ -161,6 +161,12 @@ def repeated_tail(reply: str) -> tuple[str, int] | None:
     return None
 
 
+def _most_repeated(items: Iterable[str], min_count: int) -> tuple[str, int] | None:
+    """(item, count) of the most frequent item (the first seen among equals) when it occurs >= min_count times."""
+    top = Counter(items).most_common(1)
+    return top[0] if top and top[0][1] >= min_count else None
+
+
 def _unmarked_lines(reply: str) -> list[str]:
     """The reply's lines without a list marker in front (`*`, `-`, `+`, `1.`, `2)`): two bullets with the same text
     are the same line."""
@@ -175,11 +181,7 @@ def repeated_line(reply: str) -> tuple[str, int] | None:
     is not part of the line: two bullets with the same text are the same line.
     """
     lines = [" ".join(line.lower().split()) for line in _unmarked_lines(reply)]
-    counts = Counter(line for line in lines if _LETTER_RE.search(line) and len(line.split()) >= 2)
-    if not counts:
-        return None
-    line, count = counts.most_common(1)[0]
-    return (line, count) if count >= LINE_MIN_COUNT else None
+    return _most_repeated((line for line in lines if _LETTER_RE.search(line) and len(line.split()) >= 2), LINE_MIN_COUNT)
 
 
 def repeated_sentence(reply: str, verse: bool = False) -> tuple[str, int] | None:
@@ -194,11 +196,7 @@ def repeated_sentence(reply: str, verse: bool = False) -> tuple[str, int] | None
         return None
     pieces = (_SENTENCE_END_RE.split(line) for line in _unmarked_lines(reply))
     sentences = [" ".join(piece.strip(_SENTENCE_WRAPPERS).lower().split()) for line in pieces for piece in line]
-    counts = Counter(s for s in sentences if len(s.split()) >= LONG_SENTENCE_MIN_WORDS and _LETTER_RE.search(s))
-    if not counts:
-        return None
-    sentence, count = counts.most_common(1)[0]
-    return (sentence, count) if count >= 2 else None
+    return _most_repeated((s for s in sentences if len(s.split()) >= LONG_SENTENCE_MIN_WORDS and _LETTER_RE.search(s)), 2)
 
 
 def asks_for_verse(prompt_text: str) -> bool:
@@ -209,11 +207,8 @@ def asks_for_verse(prompt_text: str) -> bool:
 
 def repeated_title(reply: str) -> str | None:
     """The repeated-title reason, or None: the same `<<title>>` (case and spacing ignored) twice or more."""
-    counts = Counter(" ".join(t.lower().split()) for t in _TITLE_RE.findall(reply))
-    if not counts:
-        return None
-    title, count = counts.most_common(1)[0]
-    return f"title written {count} times: <<{_shorten(title)}>>" if count >= 2 else None
+    title = _most_repeated((" ".join(t.lower().split()) for t in _TITLE_RE.findall(reply)), 2)
+    return f"title written {title[1]} times: <<{_shorten(title[0])}>>" if title else None
 
 
 def empty_section(reply: str) -> str | None:

@@ -53,6 +53,7 @@ from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 from align.config import arg
 from align.models.activations import FreedMemoryArgs
 from align.models.lm_head import completion_logprobs, transforms_logits
+from align.ops.logprobs import logprobs_from_logits
 
 # Per-token branch bits of a shared-prompt row: a query token sees a key token iff the key is not later
 # and the key belongs to every branch the query belongs to (query_bits & key_bits == query_bits).
@@ -117,13 +118,8 @@ def preference_rows(
 
     for b in range(batch):
         chosen, rejected = b, batch + b
-        n_c, n_r = int(att_cpu[chosen].sum()), int(att_cpu[rejected].sum())
+        n_c = int(att_cpu[chosen].sum())
         c_cols, c_tokens = predicted(chosen)
-        r_cols, r_tokens = predicted(rejected)
-        # the prompt is everything before the first completion token
-        p_c = int(comp_cpu[chosen, :n_c].int().argmax()) if comp_cpu[chosen, :n_c].any() else n_c
-        p_r = int(comp_cpu[rejected, :n_r].int().argmax()) if comp_cpu[rejected, :n_r].any() else n_r
-        same_prompt = p_c == p_r and p_c > 0 and torch.equal(ids_cpu[chosen, :p_c], ids_cpu[rejected, :p_r])
         if chosen_only:
             row = add_row([ids_cpu[chosen, :n_c]], [torch.arange(n_c)], [torch.full((n_c,), CHOSEN)])
             hidden_rows.append(torch.full_like(c_cols, row))
@@ -132,6 +128,12 @@ def preference_rows(
             out_cols.append(c_cols - 1)
             targets.append(c_tokens)
             continue
+        n_r = int(att_cpu[rejected].sum())
+        r_cols, r_tokens = predicted(rejected)
+        # the prompt is everything before the first completion token
+        p_c = int(comp_cpu[chosen, :n_c].int().argmax()) if comp_cpu[chosen, :n_c].any() else n_c
+        p_r = int(comp_cpu[rejected, :n_r].int().argmax()) if comp_cpu[rejected, :n_r].any() else n_r
+        same_prompt = p_c == p_r and p_c > 0 and torch.equal(ids_cpu[chosen, :p_c], ids_cpu[rejected, :p_r])
         if share_prompt and same_prompt:
             # share the longest common start, the prompt and any identical start of the two replies (a rejected reply
             # that leaves an edit out, is cut short or adds a format): causal attention makes its hidden states equal
@@ -375,7 +377,7 @@ class FastDPOTrainer(DPOTrainer):
             return self._sequence_logps(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self.model.training and self.state.global_step < self._sft_steps and not return_outputs:
+        if self._in_sft_phase() and not return_outputs:
             return self._sft_phase_loss(model, inputs)
         fast = self._fast_ok()
         inputs = dict(inputs)
@@ -399,6 +401,9 @@ class FastDPOTrainer(DPOTrainer):
 
     # -------------------------------------------------------------- the SFT phase (sft_steps)
 
+    def _in_sft_phase(self) -> bool:
+        return self.model.training and self.state.global_step < self._sft_steps
+
     def _sft_phase_loss(self, model, inputs: dict[str, Tensor]) -> Tensor:
         """TRL's "sft" loss alone, -mean log pi(token) over the chosen replies' tokens, from `prompt + chosen` only."""
         ids, attention, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
@@ -409,8 +414,7 @@ class FastDPOTrainer(DPOTrainer):
             chosen = slice(0, ids.shape[0] // 2)
             logits = model(input_ids=ids[chosen], attention_mask=attention[chosen], use_cache=False).logits[:, :-1]
             labelled = (completion[chosen, 1:] * attention[chosen, 1:]).bool()
-            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[chosen, 1:, None]).squeeze(-1)
-            token_logps = logps[labelled]
+            token_logps = logprobs_from_logits(logits, ids[chosen, 1:])[labelled]
         loss = -token_logps.mean()
         self._metrics["train"]["sft_phase/nll"].append(self.accelerator.gather(loss.detach()).mean().item())
         return loss
@@ -418,7 +422,7 @@ class FastDPOTrainer(DPOTrainer):
     def _track_num_input_tokens(self, inputs):
         """The SFT phase reads only `prompt + chosen`: count the chosen half of the batch (tokens_seen and the summary's
         tokens per second are then the tokens the model ran, not the rejected replies it skipped)."""
-        if self.model.training and self.state.global_step < self._sft_steps:
+        if self._in_sft_phase():
             half = inputs["input_ids"].shape[0] // 2
             inputs = {k: v[:half] for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         return super()._track_num_input_tokens(inputs)
