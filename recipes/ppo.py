@@ -3,6 +3,7 @@
     python recipes/ppo.py                                  # SFT base; outputs/reward if it exists, else the verifier
     python recipes/ppo.py --reward verifier                # RL from verifiable rewards (the built-in verifier)
     python recipes/ppo.py --reward my_rewards.py:score     # any fn(prompt_records, responses) -> list[float]
+    python recipes/ppo.py --ptx_data ifprefs:sft           # PPO-ptx: + the demonstrations' NLL in the policy's loss
     python recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml --total_updates 40
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from align.config import parse_config
-from align.data.load import check_lengths, load_prompts
+from align.data.load import check_lengths, load_prompts, load_sft
 from align.errors import AlignError, ConfigError, cli_main
 from align.evaluation.policy_report import before_after
 from align.evaluation.verifier import verifier_reward
@@ -36,6 +37,7 @@ from align.rl.ppo.checkpoint import list_checkpoints
 from align.rl.ppo.config import PPOArgs
 from align.rl.ppo.dist import init_distributed
 from align.rl.ppo.models import build_models
+from align.rl.ppo.ptx import encode_demonstrations
 from align.rl.ppo.rewards import reward_function
 from align.rl.ppo.trainer import PPOTrainer
 from align.runs import claim_output_dir
@@ -89,6 +91,7 @@ def main() -> None:
     # Prompts: the prompt part of any supported data (read before the models: bad data fails fast)
     prompts = load_prompts(cfg.prompts, max_rows=cfg.max_prompts)
     eval_prompts = load_eval_prompts(cfg)
+    ptx_examples = load_sft(cfg.ptx_data) if cfg.ptx_data is not None else []
 
     # Models: the base once, with the policy, critic and reward adapters on it
     models, plan = build_models(cfg, dist=dist)
@@ -103,10 +106,15 @@ def main() -> None:
                               "(use --reward model or a reward function, or prompts with constraints)")
         eval_prompts = [p for p in eval_prompts if p.constraints]
     logger.info(f"data: {len(prompts)} training prompts from {cfg.prompts}; {len(eval_prompts)} held-out prompts")
+    demonstrations, too_long = encode_demonstrations(models.tokenizer, ptx_examples, cfg.ptx_max_length)
+    if cfg.ptx_data is not None:
+        logger.info(f"ptx: {len(demonstrations)} demonstrations from {cfg.ptx_data}, {cfg.ptx_batch_size} an optimizer step, "
+                    f"their NLL x {cfg.ptx_coef} in the policy's loss"
+                    + (f"; {too_long} longer than ptx_max_length={cfg.ptx_max_length} tokens skipped" if too_long else ""))
 
     # The verifier is logged next to any reward (objective/verifier) where the prompts carry constraints.
     trainer = PPOTrainer(cfg, models, prompts, reward_fn, dist=dist, verifier_fn=verifier_reward, reward_is_verifier=reward_is_verifier,
-                         eval_prompts=eval_prompts, reward_description=plan.description)
+                         eval_prompts=eval_prompts, reward_description=plan.description, demonstrations=demonstrations)
     checkpoints = list_checkpoints(cfg.output_dir)
     if cfg.resume and checkpoints:
         logger.info(f"resuming from {checkpoints[-1]}")

@@ -31,6 +31,14 @@ def write_prompts(path: Path, n: int = 8, constraints: bool = True) -> str:
     return str(path)
 
 
+def write_demonstrations(path: Path) -> str:
+    """Five SFT rows whose replies differ in length (so the processes' halves of a step hold different token counts)."""
+    rows = [{"messages": [{"role": "user", "content": f"say it {i} times"}, {"role": "assistant", "content": "yes " * (1 + 3 * i)}]}
+            for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def recipe_args(model_dir: str, out_dir: Path, prompts: str, *extra: str) -> list[str]:
     return ["--model_name_or_path", model_dir, "--sft_dir", "none", "--dtype", "fp32", "--output_dir", str(out_dir),
             "--prompts", prompts, "--eval_prompts", prompts, "--num_eval_prompts", "4", "--rollout_batch_size", "4",
@@ -201,14 +209,16 @@ def test_kill_in_the_middle_of_a_checkpoint_then_resume_matches_uninterrupted(ti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("samples_per_prompt", [1, 4])
-def test_two_processes_equal_one(tiny_model_dir, tmp_path, samples_per_prompt):
+@pytest.mark.parametrize("samples_per_prompt,ptx", [(1, False), (4, False), (1, True)])
+def test_two_processes_equal_one(tiny_model_dir, tmp_path, samples_per_prompt, ptx):
     """The same global batch on 1 process and on 2 (accelerate, gloo): same prompts, same sampled tokens (each
     row's sampler is seeded by its global index), advantages whitened over the global batch, gradients summed
     over processes. Only float summation order differs (different padding widths, all-reduce), so the final
     adapters agree to 1e-4 and the logged metrics to 1e-3 (relative) after 2 updates. With 4 samples of one prompt
     an update, the group spans both processes: its leave-one-out baseline needs the other process's scores (a
-    reward that tells the samples apart: the share of lowercase letters)."""
+    reward that tells the samples apart: the share of lowercase letters). With PPO-ptx (--ptx_data), each process
+    scores its half of a step's 4 demonstrations (replies of different lengths), weighted by its share of their
+    tokens: the same gradient and the same logged ptx/nll as one process's token mean."""
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     reward = ["--reward", "verifier"]
     if samples_per_prompt > 1:
@@ -216,6 +226,8 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, samples_per_prompt):
             "def letters(prompts, responses):\n    return [sum('a' <= c <= 'z' for c in r) / max(1, len(r)) for r in responses]\n")
         reward = ["--reward", f"{tmp_path / 'letters.py'}:letters", "--samples_per_prompt", str(samples_per_prompt)]
     extra = [*reward, "--num_eval_prompts", "0", "--report_to", "none", "--micro_batch_size", "1"]
+    if ptx:
+        extra += ["--ptx_data", write_demonstrations(tmp_path / "demos.jsonl"), "--ptx_batch_size", "4"]
     one = run_recipe(recipe_args(tiny_model_dir, tmp_path / "one", prompts, *extra))
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -223,6 +235,8 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path, samples_per_prompt):
     two = run_recipe(recipe_args(tiny_model_dir, tmp_path / "two", prompts, *extra), launcher=launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "x 2 process(es)" in two.stderr
+    if ptx:
+        assert "ptx: 5 demonstrations from" in one.stderr and "ptx/nll" in (tmp_path / "two" / "metrics.jsonl").read_text()
     from safetensors.torch import load_file
 
     for sub, name in (("adapter", "adapter_model.safetensors"), ("critic", "adapter_model.safetensors"), ("critic", "value_head.safetensors")):

@@ -67,6 +67,12 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     kl_target: float | None = arg(None, "adaptive KL: steer the mean KL per response towards this (nats); none = fixed beta")
     kl_horizon: float = arg(10000.0, "adaptive KL horizon, in responses")
     whiten_rewards: bool = arg(False, "whiten the per-token rewards (keeping their mean) before GAE")
+    # ---- PPO-ptx (align.rl.ppo.ptx): a likelihood term on demonstrations in the policy's loss
+    ptx_data: str | None = arg(None, "demonstrations (any SFT data, e.g. ifprefs:sft) whose replies' NLL, x ptx_coef, is added to the "
+                                     "policy's loss at every optimizer step (InstructGPT's PPO-ptx); none = off")
+    ptx_coef: float = arg(1.0, "weight of the demonstrations' token-mean NLL in the policy's loss (with ptx_data)")
+    ptx_batch_size: int = arg(4, "demonstrations per optimizer step, over all processes (with ptx_data)")
+    ptx_max_length: int = arg(512, "demonstrations longer than this many tokens (prompt + reply) are skipped and counted")
     # ---- run
     output_dir: str = arg("outputs/ppo", "where the adapters, checkpoints, metrics and summary go")
     seed: int = arg(0, "seed for the prompt order, sampling and minibatch shuffles")
@@ -111,6 +117,12 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
             raise ConfigError(f"config: kl_target: expected > 0 nats or none, got {self.kl_target}")
         if self.vf_coef < 0:
             raise ConfigError(f"config: vf_coef: expected >= 0, got {self.vf_coef}")
+        if self.ptx_data is not None:
+            if self.ptx_coef <= 0:
+                raise ConfigError(f"config: ptx_coef: expected > 0 with ptx_data, got {self.ptx_coef}")
+            for name in ("ptx_batch_size", "ptx_max_length"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"config: {name}: expected a positive integer, got {getattr(self, name)}")
         if self.health_window < 2:
             raise ConfigError(f"config: health_window: expected at least 2 updates, got {self.health_window}")
         check_peft_supported(self, "ppo")

@@ -34,6 +34,7 @@ from align.rl.ppo.health import HealthStop, health_checks, rollout_metrics
 from align.rl.ppo.heldout import evaluate_heldout, hacking_warning, heldout_line
 from align.rl.ppo.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.ppo.models import PPOModels, _adapter_of
+from align.rl.ppo.ptx import Demonstration, demonstration_batch, demonstration_indices, ptx_loss
 from align.rl.ppo.rollout import (Rollout, critic_forward, decode_responses, policy_and_values_forward, policy_forward, row_seed,
                                   sample_responses, score_rollout)
 from align.trainers.common import NonFiniteError, peak_memory_mb
@@ -62,7 +63,7 @@ class PPOTrainer:
     def __init__(self, cfg: PPOArgs, models: PPOModels, prompts: list[PromptRecord], reward_fn: RewardFn, *,
                  dist: Dist | None = None, verifier_fn: RewardFn | None = None, reward_is_verifier: bool = False,
                  eval_prompts: list[PromptRecord] | None = None, reward_description: str = "?",
-                 callbacks: Sequence[Any] = ()):
+                 callbacks: Sequence[Any] = (), demonstrations: Sequence[Demonstration] = ()):
         self.cfg, self.models, self.prompts, self.reward_fn = cfg, models, prompts, reward_fn
         self.dist = dist or Dist(device=models.device)
         self.reward_is_verifier = reward_is_verifier
@@ -75,6 +76,12 @@ class PPOTrainer:
             raise ConfigError(f"config: rollout_batch_size ({cfg.rollout_batch_size}) must be a multiple of the number of processes ({self.dist.world})")
         if not prompts:
             raise ConfigError("config: prompts: no training prompts to roll out")
+        # PPO-ptx (align.rl.ppo.ptx): demonstrations whose NLL joins the policy's loss at every optimizer step
+        self.demonstrations = list(demonstrations) if cfg.ptx_data is not None else []
+        if cfg.ptx_data is not None and not self.demonstrations:
+            raise ConfigError(f"config: ptx_data: no demonstrations to train on from {cfg.ptx_data}")
+        if self.demonstrations and cfg.ptx_batch_size % self.dist.world:
+            raise ConfigError(f"config: ptx_batch_size ({cfg.ptx_batch_size}) must be a multiple of the number of processes ({self.dist.world})")
         self.out = Path(cfg.output_dir)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -205,12 +212,17 @@ class PPOTrainer:
         ratio_max = 0.0
         first_ratio_dev: float | None = None
         grad_norms: dict[str, list[float]] = {"policy": [], "critic": []}
+        ptx_sums = [0.0, 0.0]  # the demonstrations' NLL, token-weighted, and their tokens
+        steps_per_epoch = B // M
         models.model.train()  # dropout is zeroed (disable_dropout); train mode lets gradient checkpointing work
         try:
             for epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(B, generator=torch.Generator().manual_seed(row_seed(cfg.seed, update, 10**6 + epoch)))
                 for start in range(0, B, M):
-                    stats = self.minibatch_gradient(rollout, order[start:start + M], token_counts, update)
+                    step = (update * cfg.ppo_epochs + epoch) * steps_per_epoch + start // M  # optimizer steps before this one
+                    stats = self.minibatch_gradient(rollout, order[start:start + M], token_counts, update, ptx_step=step)
+                    if "ptx_tokens" in stats:
+                        ptx_sums = [ptx_sums[0] + stats["ptx_nll_sum"], ptx_sums[1] + stats["ptx_tokens"]]
                     for key in keys:
                         sums[key] += stats[key]
                     ratio_max = max(ratio_max, stats["ratio_max"])
@@ -226,7 +238,11 @@ class PPOTrainer:
         totals = dist.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         means = dict(zip(keys, (totals / totals[-1]).tolist()))
         maxima = dist.max(torch.tensor([ratio_max, first_ratio_dev or 0.0], dtype=torch.float64)).tolist()
-        return {
+        ptx = {}
+        if self.demonstrations:  # the token mean over the update's demonstrations, all processes
+            nll_sum, tokens = dist.sum(torch.tensor(ptx_sums, dtype=torch.float64)).tolist()
+            ptx["ptx/nll"] = nll_sum / tokens
+        return ptx | {
             "ppo/policy_loss": means["policy_loss"], "ppo/value_loss": means["value_loss"],
             "ppo/clipfrac": means["clipfrac"], "ppo/value_clipfrac": means["value_clipfrac"],
             "ppo/approx_kl": means["approx_kl"], "ppo/ratio_mean": means["ratio_mean"], "ppo/ratio_max": maxima[0],
@@ -236,8 +252,11 @@ class PPOTrainer:
             "lr/policy": self.optimizer.param_groups[0]["lr"], "lr/critic": self.optimizer.param_groups[1]["lr"],
         }
 
-    def minibatch_gradient(self, rollout: Rollout, global_rows: Tensor, token_counts: Tensor, update: int) -> dict[str, float]:
-        """The gradient of one minibatch's policy and value losses, left in .grad for the optimizer step.
+    def minibatch_gradient(self, rollout: Rollout, global_rows: Tensor, token_counts: Tensor, update: int,
+                           ptx_step: int | None = None) -> dict[str, float]:
+        """The gradient of one minibatch's policy and value losses, left in .grad for the optimizer step; with
+        demonstrations (PPO-ptx) and `ptx_step` (the optimizer steps before this one), plus ptx_coef x the token-mean
+        NLL of that step's demonstrations (stats["ptx_nll_sum"] and stats["ptx_tokens"]: this process's part).
 
         Args:
             global_rows: (minibatch_size,) rows of the global batch; this process works on those it holds, in
@@ -263,6 +282,8 @@ class PPOTrainer:
             bad = self._micro_batch_backward(rollout, rows, minibatch_tokens, update, stats)
             if bad is not None:
                 break
+        if bad is None and self.demonstrations and ptx_step is not None:
+            bad = self._ptx_backward(ptx_step, update, stats)
         self._fail_if(update, bad)
         self._all_reduce_grads()
         self._check_grads(update)
@@ -310,6 +331,26 @@ class PPOTrainer:
         ratio = torch.exp(logprobs.detach() - rollout.old_logprobs[rows])
         stats["ratio_dev_max"] = max(stats["ratio_dev_max"], float((ratio - 1).abs()[mask].max()))
         return None
+
+    def _ptx_backward(self, step: int, update: int, stats: dict[str, float]) -> str | None:
+        """Backpropagate ptx_coef x the token-mean NLL of optimizer step `step`'s demonstrations (all processes'),
+        this process's share in one pass: its token mean weighted by its share of the step's reply tokens, as the
+        PPO losses are (the all-reduce sums the shares). Adds the NLL's token-weighted sum and the tokens to
+        `stats`; returns what was not finite, else None."""
+        cfg, models, demos = self.cfg, self.models, self.demonstrations
+        everyone = demonstration_indices(len(demos), step, cfg.ptx_batch_size, 0, 1, cfg.seed)
+        picked = demonstration_indices(len(demos), step, cfg.ptx_batch_size, self.dist.rank, self.dist.world, cfg.seed)
+        step_tokens = sum(len(demos[i].reply_ids) for i in everyone)
+        batch = demonstration_batch([demos[i] for i in picked], models.tokenizer.pad_token_id, models.device)
+        tokens = float(batch.response_mask.sum())
+        with models.phase(POLICY, trainable=True):
+            logprobs, _ = policy_forward(models, batch, torch.arange(len(batch), device=models.device), temperature=1.0)
+            nll = ptx_loss(logprobs, batch.response_mask)
+            bad = self._first_non_finite({"the ptx loss": nll}, update)
+            if bad is None:
+                (cfg.ptx_coef * nll * (tokens / step_tokens)).backward()
+        stats["ptx_nll_sum"], stats["ptx_tokens"] = float(nll.detach()) * tokens, tokens
+        return bad
 
     def _all_reduce_grads(self) -> None:
         """Sum gradients over processes (each holds its share of the global token mean)."""
