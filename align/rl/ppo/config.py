@@ -71,7 +71,8 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     ptx_data: str | None = arg(None, "demonstrations (any SFT data, e.g. ifprefs:sft) whose replies' NLL, x ptx_coef, is added to the "
                                      "policy's loss at every optimizer step (InstructGPT's PPO-ptx); none = off")
     ptx_coef: float = arg(1.0, "weight of the demonstrations' token-mean NLL in the policy's loss (with ptx_data)")
-    ptx_batch_size: int = arg(4, "demonstrations per optimizer step, over all processes (with ptx_data)")
+    ptx_batch_size: int = arg(4, "demonstrations per optimizer step, over all processes (with ptx_data); each process's share is "
+                                 "one forward and backward, so it costs the memory of a micro-batch of that many rows")
     ptx_max_length: int = arg(512, "demonstrations longer than this many tokens (prompt + reply) are skipped and counted")
     # ---- run
     output_dir: str = arg("outputs/ppo", "where the adapters, checkpoints, metrics and summary go")
