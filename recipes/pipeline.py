@@ -43,16 +43,16 @@ CPU_EVAL = "--max_prompts 320 --max_pairs 32 --max_ppl_rows 16 --modes greedy"
 # lr 1e-3 that carry coherent strict up by +0.10 (learning_curve_sft.json), the later stages stay short. They go
 # before the user's --<stage>_args, which override them (the last flag wins). SFT writes no summary block here: the
 # pipeline evaluates the SFT model on its own eval prompts. The reward model gets 24 steps at its CPU learning rate
-# (1e-3: 0.86 held-out accuracy where 1e-4 gave 0.58). DPO from the SFT model runs 56 steps of the main job's DPO
-# phase (DPO + SFT term at 1e-3, cosine; --max_steps 56 turns the main job's own SFT phase off: the SFT stage did it): over the SFT model they added +0.084 [+0.031, +0.138] coherent strict on
-# all 320 eval prompts, where the 20 steps of plain DPO at 1e-4 used before added -0.013 (docs/alignment_on_cpu.md,
-# "DPO and the reward model after SFT"). GRPO's 24 steps are about PPO's 12 updates in wall time (a step, 2 prompts x
+# (1e-3: 0.86 held-out accuracy where 1e-4 gave 0.58). DPO from the SFT model runs 112 steps of the main job's DPO
+# phase (DPO + SFT term) at a constant 1e-3 (--max_steps turns the main job's own SFT phase off: the SFT stage did it):
+# over the SFT model +0.125 [+0.072, +0.178] coherent strict on all 320 eval prompts with fewer degenerate replies, where
+# 56 cosine steps added -0.028 on the same SFT model (docs/alignment_on_cpu.md, "The pipeline's DPO stage"). GRPO's 24 steps are about PPO's 12 updates in wall time (a step, 2 prompts x
 # 4 replies of up to 64 tokens, took 36-47 s; PPO's 12 updates 974 s). PPO writes no held-out summary either (its
 # 128 greedy prompts before and after training were 202 of the stage's 500 s on a bf16 CPU, and its training is the
 # same to the bit without them): the pipeline's own evaluation answers all 320 eval prompts.
 CPU_STAGE_ARGS = {"sft": "--max_steps 300 --learning_rate 1e-3 --lr_scheduler_type constant --summary_prompts 0",
                   "reward": "--max_steps 24",
-                  "dpo": "--max_steps 56 --summary_prompts 16",
+                  "dpo": "--max_steps 112 --lr_scheduler_type constant --summary_prompts 16",
                   "ppo": "--total_updates 12 --num_eval_prompts 0", "grpo": "--max_steps 24 --summary_prompts 0"}
 GPU_EVAL = "--max_prompts 100 --max_pairs 100 --max_ppl_rows 50 --modes greedy,sample"
 

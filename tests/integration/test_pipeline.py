@@ -57,7 +57,7 @@ def test_pipeline_runs_every_stage_and_writes_the_report(tiny_model_dir, tiny_da
     assert f"evaluate {tiny_model_dir}" in result.stdout
     # on a CPU the shortened stage defaults come first and the user's flags after them (the last flag wins)
     dpo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] dpo: "))
-    assert (f"--output_dir {root / 'dpo'} --max_steps 56 --summary_prompts 16 " in dpo_cmd) == (not torch.cuda.is_available())
+    assert (f"--output_dir {root / 'dpo'} --max_steps 112 --lr_scheduler_type constant --summary_prompts 16 " in dpo_cmd) == (not torch.cuda.is_available())
     ppo_cmd = next(line for line in result.stdout.splitlines() if line.startswith("[pipeline] ppo: "))
     assert (f"--output_dir {root / 'ppo'} --total_updates 12 --num_eval_prompts 0 " in ppo_cmd) == (not torch.cuda.is_available())
     dpo_summary = json.loads((root / "dpo" / "summary.json").read_text())
