@@ -46,8 +46,9 @@ CPU_EVAL = "--max_prompts 320 --max_pairs 32 --max_ppl_rows 16 --modes greedy"
 # (1e-3: 0.86 held-out accuracy where 1e-4 gave 0.58). DPO from the SFT model runs 112 steps of the main job's DPO
 # phase (DPO + SFT term) at a constant 1e-3 (--max_steps turns the main job's own SFT phase off: the SFT stage did it):
 # over the SFT model +0.125 [+0.072, +0.178] coherent strict on all 320 eval prompts with fewer degenerate replies, where
-# 56 cosine steps added -0.028 on the same SFT model (docs/alignment_on_cpu.md, "The pipeline's DPO stage"). GRPO's 24 steps are about PPO's 12 updates in wall time (a step, 2 prompts x
-# 4 replies of up to 64 tokens, took 36-47 s; PPO's 12 updates 974 s). PPO writes no held-out summary either (its
+# 56 cosine steps added -0.028 on the same SFT model (docs/alignment_on_cpu.md, "The pipeline's DPO stage"). GRPO's
+# 24 steps are about PPO's 12 updates in wall time (a step, 2 prompts x 4 replies of up to 64 tokens, took 36-47 s;
+# PPO's 12 updates 974 s). PPO writes no held-out summary either (its
 # 128 greedy prompts before and after training were 202 of the stage's 500 s on a bf16 CPU, and its training is the
 # same to the bit without them): the pipeline's own evaluation answers all 320 eval prompts.
 CPU_STAGE_ARGS = {"sft": "--max_steps 300 --learning_rate 1e-3 --lr_scheduler_type constant --summary_prompts 0",

@@ -298,20 +298,32 @@ def test_ppo_learns_a_programmable_reward_with_bounded_kl(tmp_path):
 # Checkpoints and resume
 
 
-@pytest.mark.parametrize("critic", ["adapter", "shared"])
-def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic):
+@pytest.mark.parametrize("critic,ptx", [("adapter", False), ("shared", False), ("adapter", True)])
+def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic, ptx):
     """4 updates in one go == 2 updates, a checkpoint, a fresh process state, 2 more. Sampling seeds are a
     function of (seed, update, row) and the optimizer, scheduler and KL controller come from the checkpoint,
-    so the two runs are bitwise equal (tolerance 0) on one machine with the same thread count."""
+    so the two runs are bitwise equal (tolerance 0) on one machine with the same thread count. With PPO-ptx the
+    demonstrations of a step are a function of (seed, step): 3 of 5 a step, so the resumed half starts mid-pass."""
+    from transformers import AutoTokenizer
+
+    from align.records import SFTExample
+    from align.rl.ppo.ptx import encode_demonstrations
+
     base = dict(total_updates=4, save_steps=2, kl_target=1.0, lr_scheduler="linear", critic=critic)
-    whole = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "whole", **base))
+    demos = []
+    if ptx:
+        base |= dict(ptx_data="inline", ptx_batch_size=3)
+        examples = [SFTExample(messages=[{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} " * (i + 1)}])
+                    for i, w in enumerate("abcde")]
+        demos = encode_demonstrations(AutoTokenizer.from_pretrained(tiny_model_dir), examples, 10_000)[0]
+    whole = trainer_for(tiny_cfg(tiny_model_dir, tmp_path / "whole", **base), demonstrations=demos)
     whole.train()
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "split", **base)
-    first = trainer_for(cfg)
+    first = trainer_for(cfg, demonstrations=demos)
     first.train(stop_after=2)
     assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000002"]
-    second = trainer_for(cfg)  # new models and optimizer: only the checkpoint carries state
+    second = trainer_for(cfg, demonstrations=demos)  # new models and optimizer: only the checkpoint carries state
     second.load_checkpoint(list_checkpoints(cfg.output_dir)[-1])
     assert second.update_index == 2 and second.kl_ctl.value == first.kl_ctl.value
     second.train()
@@ -324,6 +336,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic):
                for d in (tmp_path / "whole", tmp_path / "split")]
     assert [m["step"] for m in metrics[1]] == [1, 2, 3, 4]
     assert metrics[0] == metrics[1]
+    assert all(("ptx/nll" in m) == ptx for m in metrics[1])
 
 
 def test_checkpoint_files_load_with_weights_only(tiny_model_dir, tmp_path):
