@@ -200,7 +200,7 @@ def measure(bench: StepArgs) -> dict:
     result = {"setting": asdict(bench), "start_rss_bytes": start_rss, "loaded_rss_bytes": loaded_rss,
               "loaded_file_rss_bytes": loaded_file_rss,
               "trainable_params": sum(p.numel() for p in params), "load_and_warmup_s": round(time.time() - t0, 2)}
-    t1 = time.time()
+    t1 = time.perf_counter()
     if bench.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -212,7 +212,8 @@ def measure(bench: StepArgs) -> dict:
         with PeakRSS() as peak:
             loss = train_step(bench, model, extras, bench.seq_len, optimizer)
         result.update(measured_bytes=peak.peak - start_rss, peak_rss_bytes=peak.peak, method=f"rss:{peak.method}")
-    result.update(step_s=round(time.time() - t1, 2), loss=loss)
+    # microseconds: a tiny model's step can take under 5 ms, which 2 decimals would call 0 s (and tokens/s infinite)
+    result.update(step_s=round(time.perf_counter() - t1, 6), loss=loss)
     return result
 
 
