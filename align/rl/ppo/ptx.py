@@ -22,6 +22,7 @@ from torch import Tensor
 from align.errors import DataError
 from align.ops.masked import masked_mean
 from align.records import PromptRecord, SFTExample
+from align.rl.ppo.rollout import Rollout, chat_ids, left_pad
 
 
 def ptx_loss(logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -61,8 +62,8 @@ def encode_demonstrations(tokenizer, examples: Sequence[SFTExample], max_length:
         context = example.messages[:last]
         if not context or context[-1]["role"] != "user":
             raise DataError(f"{example.source}: field 'messages': the last assistant turn must follow a user turn")
-        prompt_ids = _ids(tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=False))
-        full_ids = _ids(tokenizer.apply_chat_template(example.messages[:last + 1], tokenize=True, return_dict=False))
+        prompt_ids = chat_ids(tokenizer, context)
+        full_ids = chat_ids(tokenizer, example.messages[:last + 1], add_generation_prompt=False)
         if full_ids[:len(prompt_ids)] != prompt_ids:
             raise DataError(f"{example.source}: the chat template does not write the reply after the prompt's generation "
                             "prompt, so the reply's tokens cannot be told apart")
@@ -73,10 +74,6 @@ def encode_demonstrations(tokenizer, examples: Sequence[SFTExample], max_length:
             continue
         kept.append(Demonstration(prompt_ids, reply_ids, PromptRecord(prompt=context, source=example.source)))
     return kept, too_long
-
-
-def _ids(tokens) -> list[int]:
-    return list(tokens["input_ids"] if hasattr(tokens, "keys") else tokens)
 
 
 def demonstration_indices(n: int, step: int, batch_size: int, rank: int, world: int, seed: int) -> list[int]:
@@ -92,20 +89,15 @@ def demonstration_indices(n: int, step: int, batch_size: int, rank: int, world: 
     return picked
 
 
-def demonstration_batch(demos: Sequence[Demonstration], pad_token_id: int, device: torch.device):
+def demonstration_batch(demos: Sequence[Demonstration], pad_token_id: int, device: torch.device) -> Rollout:
     """The demonstrations as a Rollout (prompts left-padded, replies right-padded), so the policy scores their replies
     with the same pass as its own samples (align.rl.ppo.rollout.policy_forward)."""
-    from align.rl.ppo.rollout import Rollout
-
-    q_width, r_width = max(len(d.prompt_ids) for d in demos), max(len(d.reply_ids) for d in demos)
-    query = torch.full((len(demos), q_width), pad_token_id, dtype=torch.long)
-    query_mask = torch.zeros((len(demos), q_width), dtype=torch.long)
+    query, query_mask = left_pad([d.prompt_ids for d in demos], pad_token_id, device)
+    r_width = max(len(d.reply_ids) for d in demos)
     replies = torch.full((len(demos), r_width), pad_token_id, dtype=torch.long)
     reply_mask = torch.zeros((len(demos), r_width), dtype=torch.bool)
     for row, d in enumerate(demos):
-        query[row, q_width - len(d.prompt_ids):] = torch.tensor(d.prompt_ids)
-        query_mask[row, q_width - len(d.prompt_ids):] = 1
         replies[row, :len(d.reply_ids)] = torch.tensor(d.reply_ids)
         reply_mask[row, :len(d.reply_ids)] = True
-    return Rollout([d.record for d in demos], torch.arange(len(demos)), query.to(device), query_mask.to(device),
-                   replies.to(device), reply_mask.to(device), torch.ones(len(demos), dtype=torch.bool), texts=[])
+    return Rollout([d.record for d in demos], torch.arange(len(demos)), query, query_mask, replies.to(device),
+                   reply_mask.to(device), torch.ones(len(demos), dtype=torch.bool), texts=[])

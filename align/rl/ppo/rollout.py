@@ -64,21 +64,26 @@ class GumbelSampler:
         return out
 
 
-def encode_prompts(tokenizer, records: Sequence[PromptRecord], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Chat-templated prompts (with the generation prompt), left-padded: (batch, query_width) ids and mask."""
-    ids = []
-    for record in records:
-        tokens = tokenizer.apply_chat_template(record.prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if hasattr(tokens, "keys"):
-            tokens = tokens["input_ids"]
-        ids.append(list(tokens))
+def chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The chat template's token ids for `messages` (with the assistant's generation prompt unless told otherwise)."""
+    tokens = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
+    return list(tokens["input_ids"] if hasattr(tokens, "keys") else tokens)
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token id lists left-padded to the longest: (batch, width) ids and a long mask, 1 on real tokens."""
     width = max(len(x) for x in ids)
-    query = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    query = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, tokens in enumerate(ids):
         query[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
         mask[row, width - len(tokens):] = 1
     return query.to(device), mask.to(device)
+
+
+def encode_prompts(tokenizer, records: Sequence[PromptRecord], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Chat-templated prompts (with the generation prompt), left-padded: (batch, query_width) ids and mask."""
+    return left_pad([chat_ids(tokenizer, record.prompt) for record in records], tokenizer.pad_token_id, device)
 
 
 @torch.no_grad()

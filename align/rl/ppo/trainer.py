@@ -339,7 +339,8 @@ class PPOTrainer:
         `stats`; returns what was not finite, else None."""
         cfg, models, demos = self.cfg, self.models, self.demonstrations
         everyone = demonstration_indices(len(demos), step, cfg.ptx_batch_size, 0, 1, cfg.seed)
-        picked = demonstration_indices(len(demos), step, cfg.ptx_batch_size, self.dist.rank, self.dist.world, cfg.seed)
+        per_rank = cfg.ptx_batch_size // self.dist.world  # the processes take consecutive shares of the step's batch
+        picked = everyone[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
         step_tokens = sum(len(demos[i].reply_ids) for i in everyone)
         batch = demonstration_batch([demos[i] for i in picked], models.tokenizer.pad_token_id, models.device)
         tokens = float(batch.response_mask.sum())
