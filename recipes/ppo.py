@@ -4,6 +4,7 @@
     python recipes/ppo.py --reward verifier                # RL from verifiable rewards (the built-in verifier)
     python recipes/ppo.py --reward my_rewards.py:score     # any fn(prompt_records, responses) -> list[float]
     python recipes/ppo.py --ptx_data ifprefs:sft           # PPO-ptx: + the demonstrations' NLL in the policy's loss
+    python recipes/ppo.py --config recipes/configs/ppo_ptx_plain.yaml   # PPO-ptx from the plain model, no SFT run
     python recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml --total_updates 40
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml
     accelerate launch --multi_gpu --num_processes 2 recipes/ppo.py
