@@ -31,6 +31,11 @@ def reply_lines(reply: str, min_chars: int) -> set[str]:
     return {line for line in (raw.strip().lower() for raw in reply.splitlines()) if len(line) >= min_chars}
 
 
+def user_text(messages: Iterable[dict]) -> str:
+    """The user turns of a conversation joined by spaces: the prompt a reply's lines are checked against."""
+    return " ".join(m["content"] for m in messages if m["role"] == "user")
+
+
 def stock_lines(examples: Iterable[tuple[str, str]], min_prompts: int, min_chars: int) -> dict[str, int]:
     """{line: number of distinct prompts whose replies hold it} for the lines held by at least min_prompts prompts.
 
@@ -69,10 +74,10 @@ def main() -> None:
     args = parser.parse_args()
     runs = dict(run.split("=", 1) for run in args.runs)
 
-    examples = [(" ".join(m["content"] for m in ex.messages if m["role"] == "user"),
+    examples = [(user_text(ex.messages),
                  [m["content"] for m in ex.messages if m["role"] == "assistant"][-1]) for ex in load_sft(args.data)]
     stock = stock_lines(examples, args.min_prompts, args.min_chars)
-    answers = {name: [(" ".join(m["content"] for m in row["prompt"] if m["role"] == "user"), row["reply"])
+    answers = {name: [(user_text(row["prompt"]), row["reply"])
                       for row in rescored(path, "greedy")] for name, path in runs.items()}
     held = {name: replies_holding(answers[name], stock, args.min_chars) for name in runs}
     last = list(runs)[-1]

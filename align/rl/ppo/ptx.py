@@ -76,17 +76,22 @@ def encode_demonstrations(tokenizer, examples: Sequence[SFTExample], max_length:
     return kept, too_long
 
 
-def demonstration_indices(n: int, step: int, batch_size: int, rank: int, world: int, seed: int) -> list[int]:
-    """Which of `n` demonstrations this process trains on at optimizer step `step`: global positions
-    [step * batch_size, (step + 1) * batch_size) of a fresh seeded shuffle per pass, split evenly over processes."""
-    per_rank = batch_size // world
+def demonstration_indices(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Which of `n` demonstrations optimizer step `step` trains on, over all processes: global positions
+    [step * batch_size, (step + 1) * batch_size) of a fresh seeded shuffle per pass over the data."""
     picked, orders = [], {}
-    for position in range(step * batch_size + rank * per_rank, step * batch_size + (rank + 1) * per_rank):
+    for position in range(step * batch_size, (step + 1) * batch_size):
         data_epoch, offset = divmod(position, n)
         if data_epoch not in orders:
             orders[data_epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + 104_729 + data_epoch))
         picked.append(int(orders[data_epoch][offset]))
     return picked
+
+
+def process_share(items: Sequence, rank: int, world: int) -> list:
+    """Process `rank`'s consecutive share of `items` (whose length is a multiple of `world`)."""
+    per_rank = len(items) // world
+    return list(items[rank * per_rank:(rank + 1) * per_rank])
 
 
 def demonstration_batch(demos: Sequence[Demonstration], pad_token_id: int, device: torch.device) -> Rollout:

@@ -34,7 +34,7 @@ from align.rl.ppo.health import HealthStop, health_checks, rollout_metrics
 from align.rl.ppo.heldout import evaluate_heldout, hacking_warning, heldout_line
 from align.rl.ppo.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.ppo.models import PPOModels, _adapter_of
-from align.rl.ppo.ptx import Demonstration, demonstration_batch, demonstration_indices, ptx_loss
+from align.rl.ppo.ptx import Demonstration, demonstration_batch, demonstration_indices, process_share, ptx_loss
 from align.rl.ppo.rollout import (Rollout, critic_forward, decode_responses, policy_and_values_forward, policy_forward, row_seed,
                                   sample_responses, score_rollout)
 from align.trainers.common import NonFiniteError, peak_memory_mb
@@ -338,9 +338,8 @@ class PPOTrainer:
         PPO losses are (the all-reduce sums the shares). Adds the NLL's token-weighted sum and the tokens to
         `stats`; returns what was not finite, else None."""
         cfg, models, demos = self.cfg, self.models, self.demonstrations
-        everyone = demonstration_indices(len(demos), step, cfg.ptx_batch_size, 0, 1, cfg.seed)
-        per_rank = cfg.ptx_batch_size // self.dist.world  # the processes take consecutive shares of the step's batch
-        picked = everyone[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
+        everyone = demonstration_indices(len(demos), step, cfg.ptx_batch_size, cfg.seed)
+        picked = process_share(everyone, self.dist.rank, self.dist.world)
         step_tokens = sum(len(demos[i].reply_ids) for i in everyone)
         batch = demonstration_batch([demos[i] for i in picked], models.tokenizer.pad_token_id, models.device)
         tokens = float(batch.response_mask.sum())

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from align.errors import ConfigError, DataError
 from align.rl.ppo.config import POLICY
-from align.rl.ppo.ptx import demonstration_batch, demonstration_indices, encode_demonstrations, ptx_loss
+from align.rl.ppo.ptx import demonstration_batch, demonstration_indices, encode_demonstrations, process_share, ptx_loss
 from align.rl.ppo.rollout import policy_forward
 from align.records import SFTExample
 from ppo_engine import tiny_cfg, trainer_for
@@ -52,12 +52,13 @@ def test_demonstrations_are_the_chat_template_split_at_the_generation_prompt(tin
 
 def test_demonstration_order_covers_every_demonstration_per_pass_and_splits_over_processes():
     n, batch = 10, 4
-    one = [demonstration_indices(n, step, batch, 0, 1, seed=3) for step in range(5)]  # 20 positions: two passes
+    one = [demonstration_indices(n, step, batch, seed=3) for step in range(5)]  # 20 positions: two passes
     flat = [i for step in one for i in step]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10)) and flat[:10] != flat[10:]
     for step in range(5):  # two processes take the halves of what one process would
-        assert demonstration_indices(n, step, batch, 0, 2, 3) + demonstration_indices(n, step, batch, 1, 2, 3) == one[step]
-    assert demonstration_indices(n, 0, batch, 0, 1, seed=4) != one[0]
+        assert process_share(one[step], 0, 2) + process_share(one[step], 1, 2) == one[step]
+        assert process_share(one[step], 0, 2) != process_share(one[step], 1, 2)
+    assert demonstration_indices(n, 0, batch, seed=4) != one[0]
 
 
 def test_the_ptx_term_is_the_policys_nll_of_the_demonstrations_and_adds_to_the_ppo_gradient(tiny_model_dir, tmp_path):
@@ -93,7 +94,7 @@ def test_the_ptx_term_is_the_policys_nll_of_the_demonstrations_and_adds_to_the_p
     g1, s1 = grads(1.0)
     g2, _ = grads(2.0)
     assert "ptx_tokens" not in s0
-    picked = [demos[i] for i in demonstration_indices(len(demos), 2, 3, 0, 1, cfg.seed)]
+    picked = [demos[i] for i in demonstration_indices(len(demos), 2, 3, cfg.seed)]
     with torch.no_grad(), models.phase(POLICY):
         total, count = 0.0, 0
         for d in picked:
