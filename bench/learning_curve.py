@@ -6,7 +6,8 @@
     python bench/learning_curve.py --recipe ppo --steps 6,12,24 --out bench/results/curve_ppo -- --reward verifier --sft_dir none
 
 One run of `accelerate launch recipes/<recipe>.py` with a constant learning rate (so the checkpoint at step k
-is the model a k-step run would give) saves a checkpoint at every step count in --steps (PPO: its updates,
+is the model a k-step run would give; `--lr_scheduler linear` decays it to 0 at the last step instead, and then
+the earlier checkpoints are points along that one run, not what shorter runs would give) saves a checkpoint at every step count in --steps (PPO: its updates,
 checkpoints/update-N, whose policy adapter is evaluated); each checkpoint and
 the starting model answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py,
 128 new tokens). For every checkpoint the JSON gives coherent strict (every constraint met and not degenerate,
@@ -17,8 +18,9 @@ resamples), and the training tokens and seconds spent to reach it. Written to OU
 plotted to OUT/learning_curve.png; arguments after `--` go to the recipe unchanged.
 
 A part already done (the starting model's evaluation, the run, a checkpoint's evaluation and its cost) is reused
-when the script runs again with the same OUT: an interrupted curve continues where it stopped, and a curve asked
-for with more steps continues the run (`--resume true`) from its last checkpoint instead of starting over.
+when the script runs again with the same OUT: an interrupted curve continues where it stopped, and a constant-rate
+curve asked for with more steps continues the run (`--resume true`) from its last checkpoint instead of starting over
+(a decaying schedule's run cannot be extended: its rate belongs to its own length).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from align.errors import ConfigError, cli_main  # noqa: E402
+
+SCHEDULES = ("constant", "linear")  # learning-rate schedules every recipe here takes (PPO's --lr_scheduler, the others' --lr_scheduler_type)
 from align.evaluation.metrics import judge_again  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
 from align.io import read_jsonl  # noqa: E402
@@ -114,15 +118,16 @@ def checkpoint_at(recipe: str, run_dir: Path, step: int) -> tuple[Path, Path | N
     return checkpoint, checkpoint if (checkpoint / MARKER).exists() else None
 
 
-def launch_args(recipe: str, run_dir: Path, steps: list[int]) -> list[str]:
-    """The recipe's flags for one constant-LR run that saves every step in `steps`, without its summary."""
+def launch_args(recipe: str, run_dir: Path, steps: list[int], schedule: str = "constant") -> list[str]:
+    """The recipe's flags for one run at learning-rate `schedule` (constant, or linear decay to 0 at the last step)
+    that saves every step in `steps`, without its summary."""
     interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
     keep = str(max(2, steps[-1] // interval))
     if recipe == "ppo":
         return ["--output_dir", str(run_dir), "--total_updates", str(steps[-1]), "--save_steps", str(interval),
-                "--lr_scheduler", "constant", "--save_total_limit", keep, "--num_eval_prompts", "0"]
+                "--lr_scheduler", schedule, "--save_total_limit", keep, "--num_eval_prompts", "0"]
     return ["--output_dir", str(run_dir), "--max_steps", str(steps[-1]), "--save_steps", str(interval),
-            "--lr_scheduler_type", "constant", "--save_total_limit", keep, "--summary_prompts", "0"]
+            "--lr_scheduler_type", schedule, "--save_total_limit", keep, "--summary_prompts", "0"]
 
 
 def ppo_checkpoint_cost(checkpoint: Path) -> dict:
@@ -229,6 +234,9 @@ def main() -> None:
     argv, recipe_args = split_at_dashes(sys.argv[1:])
     parser = evaluation_parser(__doc__, "directory for the run, the evaluations and the results")
     parser.add_argument("--steps", required=True, help="comma-separated optimizer step counts to evaluate at")
+    parser.add_argument("--lr_scheduler", choices=SCHEDULES, default="constant",
+                        help="the run's learning rate: constant (each checkpoint is what a run of that length gives), or "
+                             "linear decay to 0 at the last of --steps")
     args = parser.parse_args(argv)
     try:
         steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
@@ -248,7 +256,10 @@ def main() -> None:
     if not (run_dir / "summary.json").exists() or last_step(args.recipe, run_dir) < max(set(steps) - done, default=0):
         # A new run, or one to continue: interrupted, or extended to a longer curve (the schedule is constant, so
         # an extended run is the run a longer one would have been); --resume checks that nothing else changed.
-        run(["accelerate", "launch", f"recipes/{args.recipe}.py", *launch_args(args.recipe, run_dir, steps),
+        if args.lr_scheduler != "constant" and (run_dir / "summary.json").exists():
+            raise ConfigError(f"--lr_scheduler {args.lr_scheduler}: {run_dir} finished at step {last_step(args.recipe, run_dir)} "
+                              f"and its rate decayed over those steps, so it cannot be extended to {steps[-1]}; expected a new --out")
+        run(["accelerate", "launch", f"recipes/{args.recipe}.py", *launch_args(args.recipe, run_dir, steps, args.lr_scheduler),
              *(["--resume", "true"] if run_dir.exists() else []), *recipe_args], log)
     points = []
     for step in steps:
@@ -264,7 +275,7 @@ def main() -> None:
         m = points[-1]["metrics"]["coherent_strict"]
         print(f"step {step}: coherent strict {m['baseline_mean']:.3f} -> {m['run_mean']:.3f} "
               f"({m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}])", flush=True)
-    result = {"recipe": args.recipe, "recipe_args": recipe_args, "lr_scheduler_type": "constant",
+    result = {"recipe": args.recipe, "recipe_args": recipe_args, "lr_scheduler_type": args.lr_scheduler,
               "eval_prompts": args.eval_prompts, "decoding": "greedy, 128 new tokens", "cpu": cpu_description(),
               "wall_seconds_this_call": round(time.time() - started, 1), "points": points}
     atomic_write_json(out / "learning_curve.json", result)
