@@ -46,6 +46,27 @@ def test_sft_curve_on_the_tiny_model(tiny_model_dir, tiny_data, tmp_path):
     assert extended[2]["tokens"] > extended[1]["tokens"]
 
 
+def test_a_linear_schedule_decays_over_the_curve_and_is_not_extended(tiny_model_dir, tiny_data, tmp_path):
+    """--lr_scheduler linear: the one run decays its rate to 0 at the last step (the recipe's own schedule, in its
+    config.yaml and the JSON); asking that finished run for a longer curve is one clear error, nothing launched."""
+    out = tmp_path / "curve"
+    flags = recipe_args("sft", tiny_model_dir, tiny_data, "unused")
+    drop = ("--output_dir", "--max_steps", "--save_steps", "--save_total_limit")
+    flags = [f for i, f in enumerate(flags) if f not in drop and flags[i - 1] not in drop]
+    cmd = ["bench/learning_curve.py", "--lr_scheduler", "linear", "--recipe", "sft", "--steps", "1,2", "--out", str(out),
+           "--eval_prompts", "2", "--", *flags]
+    result = run_cli(cmd, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lr_scheduler_type: linear" in (out / "run" / "config.yaml").read_text()
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert curve["lr_scheduler_type"] == "linear" and [p["step"] for p in curve["points"]] == [1, 2]
+
+    longer = run_cli([*cmd[:6], "1,2,3", *cmd[7:]], timeout=600)
+    assert longer.returncode != 0
+    assert "--lr_scheduler linear: " in longer.stderr and "cannot be extended to 3; expected a new --out" in longer.stderr
+    assert "$ accelerate" not in longer.stdout
+
+
 def test_bad_steps_are_one_clear_error(tmp_path):
     result = run_cli(["bench/learning_curve.py", "--recipe", "sft", "--steps", "10,x", "--out", str(tmp_path / "c")])
     assert result.returncode != 0
