@@ -7,9 +7,9 @@
 
 One run of `accelerate launch recipes/<recipe>.py` with a constant learning rate (so the checkpoint at step k
 is the model a k-step run would give; `--lr_scheduler linear` decays it to 0 at the last step instead, and then
-the earlier checkpoints are points along that one run, not what shorter runs would give) saves a checkpoint at every step count in --steps (PPO: its updates,
-checkpoints/update-N, whose policy adapter is evaluated); each checkpoint and
-the starting model answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py,
+the earlier checkpoints are points along that one run, not what shorter runs would give) saves a checkpoint at
+every step count in --steps (PPO: its updates, checkpoints/update-N, whose policy adapter is evaluated); each
+checkpoint and the starting model answer the first --eval_prompts held-out `ifprefs:eval` prompts greedily (eval/evaluate.py,
 128 new tokens). For every checkpoint the JSON gives coherent strict (every constraint met and not degenerate,
 align.evaluation.degeneration), IFEval strict, verifier score, the degenerate share, the share of replies with a format
 no constraint asked for (align.evaluation.degeneration.unasked_formats) and the EOS rate, each as the paired
@@ -40,8 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from align.errors import ConfigError, cli_main  # noqa: E402
-
-SCHEDULES = ("constant", "linear")  # learning-rate schedules every recipe here takes (PPO's --lr_scheduler, the others' --lr_scheduler_type)
 from align.evaluation.metrics import judge_again  # noqa: E402
 from align.io import atomic_write_json  # noqa: E402
 from align.io import read_jsonl  # noqa: E402
@@ -49,6 +47,7 @@ from align.models.loading import cpu_description  # noqa: E402
 from align.report.stats import paired_delta  # noqa: E402
 from align.trainers.common import MARKER, last_marked_checkpoint  # noqa: E402
 
+SCHEDULES = ("constant", "linear")  # learning rates every recipe here takes (PPO: --lr_scheduler, others: --lr_scheduler_type)
 METRICS = ("coherent_strict", "verifier_strict", "verifier_score", "degenerate", "unasked_format", "eos")
 RECIPES = ("sft", "dpo", "ppo")  # sft, dpo: TrainArgs (HF checkpoint-N); ppo: align.rl.ppo (checkpoints/update-N)
 

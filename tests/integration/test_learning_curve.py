@@ -6,11 +6,16 @@ import json
 from recipe_harness import REPO, recipe_args, run_cli, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
+def sft_curve_flags(tiny_model_dir, tiny_data) -> list[str]:
+    """The SFT recipe's test flags less those the learning-curve script sets itself (output, steps, saving)."""
+    flags = recipe_args("sft", tiny_model_dir, tiny_data, "unused")
+    drop = ("--output_dir", "--max_steps", "--save_steps", "--save_total_limit")
+    return [f for i, f in enumerate(flags) if f not in drop and flags[i - 1] not in drop]
+
+
 def test_sft_curve_on_the_tiny_model(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "curve"
-    flags = recipe_args("sft", tiny_model_dir, tiny_data, "unused")
-    flags = [f for i, f in enumerate(flags) if f not in ("--output_dir", "--max_steps", "--save_steps", "--save_total_limit")
-             and flags[i - 1] not in ("--output_dir", "--max_steps", "--save_steps", "--save_total_limit")]
+    flags = sft_curve_flags(tiny_model_dir, tiny_data)
     cmd = ["bench/learning_curve.py", "--recipe", "sft", "--steps", "1,2", "--out", str(out), "--eval_prompts", "2", "--", *flags]
     result = run_cli(cmd, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -50,9 +55,7 @@ def test_a_linear_schedule_decays_over_the_curve_and_is_not_extended(tiny_model_
     """--lr_scheduler linear: the one run decays its rate to 0 at the last step (the recipe's own schedule, in its
     config.yaml and the JSON); asking that finished run for a longer curve is one clear error, nothing launched."""
     out = tmp_path / "curve"
-    flags = recipe_args("sft", tiny_model_dir, tiny_data, "unused")
-    drop = ("--output_dir", "--max_steps", "--save_steps", "--save_total_limit")
-    flags = [f for i, f in enumerate(flags) if f not in drop and flags[i - 1] not in drop]
+    flags = sft_curve_flags(tiny_model_dir, tiny_data)
     cmd = ["bench/learning_curve.py", "--lr_scheduler", "linear", "--recipe", "sft", "--steps", "1,2", "--out", str(out),
            "--eval_prompts", "2", "--", *flags]
     result = run_cli(cmd, timeout=600)
