@@ -24,16 +24,12 @@ from rescore import rescored  # noqa: E402
 
 from align.data.load import load_sft  # noqa: E402
 from align.errors import cli_main  # noqa: E402
+from align.evaluation.degeneration import prompt_text  # noqa: E402
 
 
 def reply_lines(reply: str, min_chars: int) -> set[str]:
     """The distinct lines of a reply, stripped and lower-cased, of at least min_chars characters."""
     return {line for line in (raw.strip().lower() for raw in reply.splitlines()) if len(line) >= min_chars}
-
-
-def user_text(messages: Iterable[dict]) -> str:
-    """The user turns of a conversation joined by spaces: the prompt a reply's lines are checked against."""
-    return " ".join(m["content"] for m in messages if m["role"] == "user")
 
 
 def stock_lines(examples: Iterable[tuple[str, str]], min_prompts: int, min_chars: int) -> dict[str, int]:
@@ -54,13 +50,19 @@ def unasked_lines(prompt: str, reply: str, lines: Iterable[str], min_chars: int)
     return {line for line in reply_lines(reply, min_chars) & set(lines) if line not in prompt.lower()}
 
 
-def replies_holding(answers: Iterable[tuple[str, str]], lines: Iterable[str], min_chars: int) -> dict[str, int]:
-    """{line: number of (prompt, reply) answers whose reply holds it unasked} (unasked_lines)."""
+def line_counts(held: Iterable[set[str]], lines: Iterable[str]) -> dict[str, int]:
+    """{line: number of the replies' sets of unasked lines (unasked_lines) that hold it}, 0 for a line none holds."""
     counts = dict.fromkeys(lines, 0)
-    for prompt, reply in answers:
-        for line in unasked_lines(prompt, reply, counts, min_chars):
+    for found in held:
+        for line in found:
             counts[line] += 1
     return counts
+
+
+def replies_holding(answers: Iterable[tuple[str, str]], lines: Iterable[str], min_chars: int) -> dict[str, int]:
+    """{line: number of (prompt, reply) answers whose reply holds it unasked} (unasked_lines)."""
+    lines = set(lines)
+    return line_counts((unasked_lines(prompt, reply, lines, min_chars) for prompt, reply in answers), lines)
 
 
 @cli_main
@@ -74,20 +76,20 @@ def main() -> None:
     args = parser.parse_args()
     runs = dict(run.split("=", 1) for run in args.runs)
 
-    examples = [(user_text(ex.messages),
+    examples = [(prompt_text(ex.messages),
                  [m["content"] for m in ex.messages if m["role"] == "assistant"][-1]) for ex in load_sft(args.data)]
     stock = stock_lines(examples, args.min_prompts, args.min_chars)
-    answers = {name: [(user_text(row["prompt"]), row["reply"])
+    # each reply's unasked stock lines, once: the per-line counts and the "any stock line" row both come from them
+    unasked = {name: [unasked_lines(prompt_text(row["prompt"]), row["reply"], stock, args.min_chars)
                       for row in rescored(path, "greedy")] for name, path in runs.items()}
-    held = {name: replies_holding(answers[name], stock, args.min_chars) for name in runs}
+    held = {name: line_counts(unasked[name], stock) for name in runs}
     last = list(runs)[-1]
     print(f"{len(stock)} stock lines in {args.data} ({len(examples)} examples; held by >= {args.min_prompts} prompts' replies)")
     print("| line | data prompts | " + " | ".join(f"{name} replies" for name in runs) + " |")
     print("|---|---|" + "---|" * len(runs))
     for line in sorted(stock, key=lambda line: (-held[last][line], -stock[line]))[: args.top]:
         print(f"| {line} | {stock[line]} | " + " | ".join(str(held[name][line]) for name in runs) + " |")
-    anywhere = [sum(1 for prompt, reply in answers[name] if unasked_lines(prompt, reply, stock, args.min_chars)) for name in runs]
-    print("| any stock line | | " + " | ".join(f"{n} of {len(answers[name])}" for n, name in zip(anywhere, runs)) + " |")
+    print("| any stock line | | " + " | ".join(f"{sum(map(bool, unasked[name]))} of {len(unasked[name])}" for name in runs) + " |")
 
 
 if __name__ == "__main__":

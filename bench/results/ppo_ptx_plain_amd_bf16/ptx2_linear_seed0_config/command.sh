@@ -1,6 +1,6 @@
 #!/bin/bash
 # recipes/configs/ppo_ptx_plain.yaml as a user runs it, seed 0 (the recipe's default), then all 320 held-out prompts
-# (AMD EPYC family 25 model 17, 2 cores, avx512_bf16, no AMX flag, bf16), December 7, commit 4418df9
+# (AMD EPYC family 26 model 2 (lscpu), 2 cores, avx512_bf16, no AMX flag listed, bf16), December 7, commit 4418df9
 HF_HUB_OFFLINE=1 /usr/bin/time -v accelerate launch recipes/ppo.py --config recipes/configs/ppo_ptx_plain.yaml --output_dir OUT/run --cpu_threads 2 --num_eval_prompts 0
 python eval/evaluate.py OUT/run/checkpoints/update-000060/policy --out OUT/eval-step-60 --modes greedy --max_prompts 320 --pref_data none --ppl_data none
 python eval/rescore.py START_EVAL OUT/eval-step-60 > rescore_60.txt
