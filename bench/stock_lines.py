@@ -59,12 +59,6 @@ def line_counts(held: Iterable[set[str]], lines: Iterable[str]) -> dict[str, int
     return counts
 
 
-def replies_holding(answers: Iterable[tuple[str, str]], lines: Iterable[str], min_chars: int) -> dict[str, int]:
-    """{line: number of (prompt, reply) answers whose reply holds it unasked} (unasked_lines)."""
-    lines = set(lines)
-    return line_counts((unasked_lines(prompt, reply, lines, min_chars) for prompt, reply in answers), lines)
-
-
 @cli_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -4,7 +4,7 @@ import json
 
 from recipe_harness import run_cli
 
-from bench.stock_lines import replies_holding, stock_lines, unasked_lines
+from bench.stock_lines import line_counts, stock_lines, unasked_lines
 
 JOIN = "Join us at [location] on [date] at [time]."
 
@@ -24,7 +24,8 @@ def test_a_line_the_prompt_asks_for_is_not_a_copy():
     assert unasked_lines("Write a story.", "A story.\nIs there anything else I can help with?", [line], 12) == {line}
     assert unasked_lines("Write a story.", "Is there anything else I can help with? Yes.", [line], 12) == set()  # not a line of its own
     answers = [("Write.", f"a\n{JOIN}"), ("Write.", f"{JOIN}\n{JOIN}"), (f"End with {JOIN}", JOIN), ("Write.", "none")]
-    assert replies_holding(answers, [JOIN.lower()], 12) == {JOIN.lower(): 2}
+    held = [unasked_lines(prompt, reply, [JOIN.lower()], 12) for prompt, reply in answers]  # as main() counts them
+    assert line_counts(held, [JOIN.lower()]) == {JOIN.lower(): 2}
 
 
 def test_the_table_counts_each_evaluations_unasked_copies(tmp_path):
