@@ -2,10 +2,12 @@
 
     HF_HUB_OFFLINE=1 python bench/scaling.py --out_dir bench/results/scaling          # DPO and PPO, ~15 min on 2 cores
     python bench/scaling.py --stages dpo --seq_lens 256,512 --micro_batches 1,2 --gradient_checkpointing true
+    python bench/scaling.py --dtype fp32 --out_dir OUT    # float32 on a bf16 CPU (default: the recipes' dtype auto)
 
 Every cell is one fresh `python bench/step_memory.py` process (bench/harness/memory_step.py: the stage's
 step on the embedded default model, LoRA r 16 on every linear layer, random tokens, every row full
-length; DPO: chosen + rejected rows, reference log-probs precomputed; PPO: the policy's and the critic's
+length, in the dtype the recipes pick on this machine (--dtype auto: bf16 on CPUs with avx512_bf16/AMX, else
+fp32); DPO: chosen + rejected rows, reference log-probs precomputed; PPO: the policy's and the critic's
 forward and backward over prompt + response, the response a quarter of the row), measured after a
 warm-up step: the step's wall time and its peak RSS over the process's RSS after imports. Beside it,
 align.plan's prediction of that peak for the same setting (`align plan --target cpu`). Cells whose
@@ -23,6 +25,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,6 +46,8 @@ class ScalingArgs:
     fuse_lora_dropout: bool = arg(True, "LoRA dropout inside lora_A, as the recipes load it (false: PEFT's nn.Dropout, which "
                                         "saves each module's dropped input and mask; the planner models the fused one)")
     model: str = arg("SmolLM2-135M-Instruct", "model name or directory")
+    dtype: Literal["auto", "bf16", "fp32"] = arg("auto", "compute dtype; auto = the recipes' choice on this machine "
+                                                  "(bf16 on CPUs with avx512_bf16/AMX, else fp32)")
     max_predicted_gb: float = arg(14.0, "do not run cells whose predicted peak (GiB) is above this")
     timeout_s: int = arg(900, "give up on one cell after this many seconds")
 
@@ -54,10 +59,22 @@ class ScalingArgs:
             raise ConfigError(f"config: --response_fraction must be in (0, 1), got {self.response_fraction}")
 
 
+def step_dtype(name: str) -> str:
+    """The step's dtype name: auto resolves as the recipes resolve it (align.models.loading.resolve_dtype)."""
+    if name != "auto":
+        return name
+    import torch
+
+    from align.models.loading import resolve_dtype
+
+    return "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+
+
 def cell_setting(args: ScalingArgs, stage: str, seq_len: int, micro_batch: int) -> StepArgs:
     response = max(1, int(seq_len * args.response_fraction))
     return StepArgs(model=args.model, stage=stage, seq_len=seq_len, micro_batch=micro_batch, ppo_response_len=response,
-                    gradient_checkpointing=args.gradient_checkpointing, fuse_lora_dropout=args.fuse_lora_dropout)
+                    dtype=step_dtype(args.dtype), gradient_checkpointing=args.gradient_checkpointing,
+                    fuse_lora_dropout=args.fuse_lora_dropout)
 
 
 def measure_cell(args: ScalingArgs, setting: StepArgs) -> dict:
@@ -65,7 +82,7 @@ def measure_cell(args: ScalingArgs, setting: StepArgs) -> dict:
     from align.plan import estimate
 
     predicted = round(estimate(plan_args_for(setting)).peak_bytes / 2**20, 1)
-    cell = {"stage": setting.stage, "seq_len": setting.seq_len, "micro_batch": setting.micro_batch,
+    cell = {"stage": setting.stage, "dtype": setting.dtype, "seq_len": setting.seq_len, "micro_batch": setting.micro_batch,
             "tokens": setting.seq_len * setting.micro_batch * (2 if setting.stage in ("dpo", "reward") else 1),
             "setting": describe(setting), "predicted_mib": predicted}
     if predicted > args.max_predicted_gb * 1024:
@@ -79,10 +96,11 @@ def measure_cell(args: ScalingArgs, setting: StepArgs) -> dict:
 
 
 def tables(cells: list[dict], micro_batches: list[int]) -> str:
-    """Per stage: rows = sequence length, columns = micro-batch; each cell `step s, measured / predicted MiB`."""
+    """Per stage (and its dtype): rows = sequence length, columns = micro-batch; each cell `step s, measured / predicted MiB`."""
     lines = []
     for stage in dict.fromkeys(c["stage"] for c in cells):
-        lines += [f"### {stage}: step time, tokens/s, peak MiB measured / planner", "",
+        dtype = next(c["dtype"] for c in cells if c["stage"] == stage)
+        lines += [f"### {stage}, {dtype}: step time, tokens/s, peak MiB measured / planner", "",
                   "| seq len | " + " | ".join(f"micro-batch {mb}" for mb in micro_batches) + " |",
                   "|---:|" + "---|" * len(micro_batches)]
         for seq_len in dict.fromkeys(c["seq_len"] for c in cells if c["stage"] == stage):
@@ -110,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_config(ScalingArgs, argv)
     cells = []
+    dtype = step_dtype(args.dtype)
+    print(f"[scaling] dtype {dtype} ({cpu_description()})", file=sys.stderr, flush=True)
     for stage in args.stages:
         for seq_len in args.seq_lens:
             for micro_batch in args.micro_batches:
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 cells.append(measure_cell(args, setting))
                 print(f"    {json.dumps(cells[-1])}", file=sys.stderr, flush=True)
     out = Path(args.out_dir)
-    atomic_write_json(out / "scaling.json", {"args": asdict(args), "cpu": cpu_description(), "argv": sys.argv,
+    atomic_write_json(out / "scaling.json", {"args": asdict(args), "cpu": cpu_description(), "dtype": dtype, "argv": sys.argv,
                                              "versions": package_versions(), "cells": cells})
     text = tables(cells, args.micro_batches)
     atomic_write_text(out / "scaling.md", text)

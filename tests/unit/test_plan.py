@@ -365,7 +365,7 @@ def test_scaling_grid_measures_cells_under_the_budget_and_shows_the_prediction_o
     """bench/scaling.py: a cell within --max_predicted_gb is a real measured step; one above it is not run."""
     sys.path.insert(0, str(REPO))
     from bench.harness.planner_check import plan_args_for
-    from bench.scaling import ScalingArgs, cell_setting, main
+    from bench.scaling import ScalingArgs, cell_setting, main, step_dtype
 
     grid = ScalingArgs(model=tiny_model_dir, stages=["dpo"], seq_lens=[16], micro_batches=[1, 8])
     small, large = (estimate(plan_args_for(cell_setting(grid, "dpo", 16, mb))).peak_bytes / 2**30 for mb in (1, 8))
@@ -375,6 +375,20 @@ def test_scaling_grid_measures_cells_under_the_budget_and_shows_the_prediction_o
     measured, skipped = json.loads((tmp_path / "scaling.json").read_text())["cells"]
     assert measured["micro_batch"] == 1 and measured["measured_mib"] > 0 and measured["step_s"] > 0
     assert measured["tokens"] == 2 * 16 and measured["predicted_over_measured"] > 0
+    assert measured["dtype"] == step_dtype("auto") and measured["setting"].endswith(f"{measured['dtype']} ref=precomputed")
     assert skipped["micro_batch"] == 8 and "skipped" in skipped and "measured_mib" not in skipped
     table = (tmp_path / "scaling.md").read_text()
     assert "| 16 | " in table and "not run / " in table and table.count(" tok/s") == 1
+    assert f"### dpo, {measured['dtype']}: " in table
+
+
+def test_scaling_dtype_auto_is_the_recipes_choice_and_a_named_dtype_is_kept():
+    """bench/scaling.py --dtype: auto resolves as the recipes' dtype auto does on this machine (bf16 where the CPU
+    computes it, else fp32); bf16 and fp32 are passed to every cell unchanged."""
+    sys.path.insert(0, str(REPO))
+    from align.models.loading import resolve_dtype
+    from bench.scaling import ScalingArgs, cell_setting, step_dtype
+
+    assert step_dtype("auto") == ("bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32")
+    for name in ("bf16", "fp32"):
+        assert cell_setting(ScalingArgs(dtype=name), "ppo", 256, 2).dtype == name
