@@ -151,11 +151,14 @@ def check_writable(out_dir: str | os.PathLike, min_free_gb: float = 1.0) -> Path
 
 
 def write_run_info(cfg: Any, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-    """Write the fully resolved config (config.yaml) plus versions and git revision (run_info.json)."""
+    """Write the fully resolved config (config.yaml) plus versions, git revision and the CPU it ran on
+    (align.models.loading.cpu_description: machines of one kind differ in speed) (run_info.json)."""
+    from align.models.loading import cpu_description
+
     out = Path(out_dir)
     values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(values, sort_keys=False))
-    info = {"versions": package_versions(), "git_revision": git_revision(), **(extra or {})}
+    info = {"versions": package_versions(), "git_revision": git_revision(), "cpu": cpu_description(), **(extra or {})}
     atomic_write_json(out / "run_info.json", info)
 
 

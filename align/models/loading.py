@@ -217,13 +217,31 @@ def cpu_bf16_flags() -> list[str]:
     return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
 
 
+def cpu_model(cpuinfo: str) -> str | None:
+    """The first CPU's model name in /proc/cpuinfo's text, with its CPU family and model numbers where listed, as
+    `lscpu` shows them: "AMD EPYC (CPU family 25, model 17)". Two CPUs of one marketing name can differ 2-3x in
+    speed (an "AMD EPYC" of family 25 and one of family 26 here), so the numbers go with every measurement."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends at its blank line
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return None
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (CPU family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def cpu_description() -> str:
-    """The CPU model, its cores and its native bf16 instructions (numbers differ between machine kinds), e.g.
-    "Intel(R) Xeon(R) Processor @ 2.80GHz, 2 cores, no bf16 matmul (AVX2 only)"."""
+    """The CPU model (with its family and model numbers), its cores and its native bf16 instructions (numbers
+    differ between machine kinds), e.g. "Intel(R) Xeon(R) Processor @ 2.80GHz (CPU family 6, model 106), 2 cores,
+    no bf16 matmul (AVX2 only)"."""
     model = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), model)
+        model = cpu_model(Path("/proc/cpuinfo").read_text()) or model
     bf16 = cpu_bf16_flags()
     return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16) if bf16 else 'no bf16 matmul (AVX2 only)'}"
 

@@ -53,3 +53,6 @@ def test_run_info(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"lr": 0.1, "name": "x"}
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["stage"] == "t" and "torch" in info["versions"] and info["git_revision"]
+    from align.models.loading import cpu_description
+
+    assert info["cpu"] == cpu_description() and " cores, " in info["cpu"]
