@@ -60,14 +60,13 @@ class ScalingArgs:
 
 
 def step_dtype(name: str) -> str:
-    """The step's dtype name: auto resolves as the recipes resolve it (align.models.loading.resolve_dtype)."""
+    """The step's dtype name: auto resolves as the recipes' dtype auto does on a CPU, where every cell runs
+    (align.models.loading.resolve_dtype): bf16 where the CPU computes it natively, else fp32."""
     if name != "auto":
         return name
-    import torch
+    from align.models.loading import cpu_has_bf16
 
-    from align.models.loading import resolve_dtype
-
-    return "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def cell_setting(args: ScalingArgs, stage: str, seq_len: int, micro_batch: int) -> StepArgs:

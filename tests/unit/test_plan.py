@@ -382,13 +382,17 @@ def test_scaling_grid_measures_cells_under_the_budget_and_shows_the_prediction_o
     assert f"### dpo, {measured['dtype']}: " in table
 
 
-def test_scaling_dtype_auto_is_the_recipes_choice_and_a_named_dtype_is_kept():
-    """bench/scaling.py --dtype: auto resolves as the recipes' dtype auto does on this machine (bf16 where the CPU
-    computes it, else fp32); bf16 and fp32 are passed to every cell unchanged."""
+def test_scaling_dtype_auto_is_the_recipes_choice_and_a_named_dtype_is_kept(monkeypatch):
+    """bench/scaling.py --dtype: auto resolves as the recipes' dtype auto does on a CPU (bf16 where the CPU computes
+    it, else fp32); bf16 and fp32 are passed to every cell unchanged."""
     sys.path.insert(0, str(REPO))
-    from align.models.loading import resolve_dtype
+    import align.models.loading
     from bench.scaling import ScalingArgs, cell_setting, step_dtype
 
-    assert step_dtype("auto") == ("bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32")
-    for name in ("bf16", "fp32"):
-        assert cell_setting(ScalingArgs(dtype=name), "ppo", 256, 2).dtype == name
+    if not torch.cuda.is_available():  # on a CPU-only machine the recipes' own resolution agrees
+        assert step_dtype("auto") == ("bf16" if align.models.loading.resolve_dtype("auto") == torch.bfloat16 else "fp32")
+    for has_bf16, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(align.models.loading, "cpu_has_bf16", lambda: has_bf16)
+        assert step_dtype("auto") == expected and cell_setting(ScalingArgs(), "dpo", 256, 1).dtype == expected
+        for name in ("bf16", "fp32"):
+            assert cell_setting(ScalingArgs(dtype=name), "ppo", 256, 2).dtype == name
