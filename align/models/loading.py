@@ -239,9 +239,11 @@ def cpu_description() -> str:
     """The CPU model (with its family and model numbers), its cores and its native bf16 instructions (numbers
     differ between machine kinds), e.g. "Intel(R) Xeon(R) Processor @ 2.80GHz (CPU family 6, model 106), 2 cores,
     no bf16 matmul (AVX2 only)"."""
-    model = platform.processor() or "unknown CPU"
+    model = None
     with contextlib.suppress(OSError):
-        model = cpu_model(Path("/proc/cpuinfo").read_text()) or model
+        model = cpu_model(Path("/proc/cpuinfo").read_text())
+    # platform.processor() runs `uname -p` on Linux: only where /proc/cpuinfo names no model (every run calls this)
+    model = model or platform.processor() or "unknown CPU"
     bf16 = cpu_bf16_flags()
     return f"{model}, {os.cpu_count()} cores, {'+'.join(bf16) if bf16 else 'no bf16 matmul (AVX2 only)'}"
 
