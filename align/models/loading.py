@@ -219,8 +219,9 @@ def cpu_bf16_flags() -> list[str]:
 
 def cpu_model(cpuinfo: str) -> str | None:
     """The first CPU's model name in /proc/cpuinfo's text, with its CPU family and model numbers where listed, as
-    `lscpu` shows them: "AMD EPYC (CPU family 25, model 17)". Two CPUs of one marketing name can differ 2-3x in
-    speed (an "AMD EPYC" of family 25 and one of family 26 here), so the numbers go with every measurement."""
+    `lscpu` shows them: "AMD EPYC (CPU family 25, model 17)". Two CPUs of one marketing name differ in speed (the
+    same runs took 1.4-1.8x as long on an "AMD EPYC" of family 25 as on one of family 26), so the numbers go with every
+    measurement."""
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         if not line.strip():

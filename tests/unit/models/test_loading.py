@@ -107,7 +107,7 @@ def test_compute_note_names_the_numeric_path(monkeypatch):
 
 
 def test_cpu_model_names_family_and_model_of_the_first_processor():
-    """Two "AMD EPYC" CPUs of families 25 and 26 differ about 2.4x in bf16 matmul speed: the numbers are kept."""
+    """Two "AMD EPYC" CPUs of families 25 and 26 differ 1.4-1.8x in the same runs' time: the numbers are kept."""
     from align.models.loading import cpu_model
 
     block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n"
