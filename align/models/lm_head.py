@@ -17,25 +17,65 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from align.ops.logprobs import logprobs_from_logits
 
 
-def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: bool):
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    token_logps = logprobs_from_logits(logits, targets, chunk_size=logits.shape[0])
-    if not stats:
-        return (token_logps,)
-    # TRL's logged metrics: entropy, mean logit, top-1 accuracy. Not recomputed in backward: non-reentrant
-    # checkpointing stops recomputing once the tensors backward needs (those of the log-softmax) are back.
-    with torch.no_grad():
-        z = logits.float()
+class _HeadChunkLogprobs(torch.autograd.Function):
+    """One chunk of `completion_logprobs`: the head's matmul and the log-softmax at the targets in one function.
+
+    Forward keeps only what backward needs besides the inputs, one logsumexp per position; backward
+    recomputes the chunk's logits with one matmul and turns them into their gradient in place:
+    d token_logp / d logits = onehot(target) - softmax(logits) = onehot(target) - exp(logits - logsumexp).
+    Autograd over the same ops (the function before December 8: a checkpointed chunk through
+    `align.ops.logprobs.logprobs_from_logits`) recomputed the logsumexp as well and made about twice as many
+    float32 (positions, vocab) passes: 1.8x slower on the default model's head (bench/results/
+    lm_head_fused_amd_bf16/), the same log-probs and gradients.
+
+    Logits are computed in the dtype the forward's matmul gives (the weight's, or autocast's) and the
+    log-softmax in float32 (float64 stays float64); backward casts to that dtype itself, so it needs no
+    autocast state. Under DeepSpeed ZeRO-3 the head's weight is gathered again for the recompute
+    (trl's `maybe_gather_lm_head_ctx`, a null context otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, stats: bool):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logsumexp = torch.logsumexp(z, dim=-1)
+        token_logps = z.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.logits_dtype = logits.dtype
+        if not stats:
+            return token_logps
+        # TRL's logged metrics: entropy, mean logit, top-1 accuracy (no gradient)
         entropy = logsumexp - (torch.softmax(z, dim=-1) * z).sum(-1)
-        return token_logps, entropy, z.mean(-1), z.argmax(-1) == targets
+        mean_logits, is_top1 = z.mean(-1), z.argmax(-1) == targets
+        ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
+        return token_logps, entropy, mean_logits, is_top1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_logps: Tensor, *_stats_grads: Tensor):
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
+        dtype = ctx.logits_dtype
+        with maybe_gather_lm_head_ctx(weight, bias):
+            w = weight.to(dtype)
+            logits = torch.nn.functional.linear(hidden.to(dtype), w, None if bias is None else bias.to(dtype))
+        # (onehot(target) - softmax) * grad in the float32 copy of the logits, in the order of the autograd version
+        # (the same gradients to the bit)
+        probs = logits.to(logsumexp.dtype, copy=True).sub_(logsumexp[:, None]).exp_()
+        ones = torch.ones_like(probs[:, :1])
+        grad_logits = probs.neg_().scatter_add_(-1, targets[:, None], ones).mul_(grad_logps[:, None]).to(dtype)
+        grad_hidden = (grad_logits @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_logits.t() @ hidden.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def completion_logprobs(
@@ -44,8 +84,8 @@ def completion_logprobs(
     """Log-probs of `targets` under softmax(hidden @ weight.T + bias), `chunk_size` positions at a time.
 
     Each chunk's logits live only while that chunk is processed: in backward they are recomputed
-    (torch.utils.checkpoint), which costs one more LM-head matmul per chunk and saves holding
-    (positions, vocab) logits and their gradient. The log-softmax is `align.ops.logprobs.logprobs_from_logits`.
+    (`_HeadChunkLogprobs`), which costs one more LM-head matmul per chunk and saves holding
+    (positions, vocab) logits and their gradient.
 
     Args:
         hidden: (M, H) hidden states of the positions to score.
@@ -61,11 +101,8 @@ def completion_logprobs(
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         stop = start + chunk_size
-        args = (hidden[start:stop], weight, bias, targets[start:stop], stats)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            pieces.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(*args))
+        out = _HeadChunkLogprobs.apply(hidden[start:stop], weight, bias, targets[start:stop], stats)
+        pieces.append(out if stats else (out,))
     if not pieces:  # no completion token at all: keep the result connected to the graph
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0
         return (empty,) + ((empty.detach(), empty.detach(), empty.detach().bool()) if stats else ())

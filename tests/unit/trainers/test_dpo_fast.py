@@ -126,6 +126,52 @@ def test_completion_logprobs_equals_log_softmax(chunk_size):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_completion_logprobs_in_bf16_follows_float64(with_bias):
+    """bf16 hidden states and head (the dtype of a bf16 CPU run): log-probs and every gradient agree with the float64
+    log-softmax within bf16 rounding, gradients come back in their inputs' dtypes, and a frozen head gets none."""
+    torch.manual_seed(0)
+    hidden64, weight64 = torch.randn(9, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64) * 0.3
+    bias64 = torch.randn(50, dtype=torch.float64) if with_bias else None
+    targets, weights = torch.randint(0, 50, (9,)), torch.randn(9, dtype=torch.float64)
+
+    def reference(hidden, weight, bias):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+    leaves64 = [t.requires_grad_(True) for t in (hidden64, weight64, bias64) if t is not None]
+    want = reference(hidden64, weight64, bias64)
+    want_grads = torch.autograd.grad((want * weights).sum(), leaves64)
+    hidden, weight = hidden64.detach().bfloat16().requires_grad_(True), weight64.detach().bfloat16().requires_grad_(True)
+    bias = bias64.detach().bfloat16().requires_grad_(True) if with_bias else None
+    (got,) = completion_logprobs(hidden, weight, bias, targets, chunk_size=4, stats=False)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=0.1)
+    leaves = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad((got * weights.float()).sum(), leaves)
+    for leaf, grad, want_grad in zip(leaves, grads, want_grads):
+        assert grad.dtype == torch.bfloat16 == leaf.dtype
+        torch.testing.assert_close(grad.double(), want_grad, rtol=0.05, atol=0.05)
+
+    frozen = weight.detach()  # a LoRA run's head: only the hidden states get a gradient
+    (got,) = completion_logprobs(hidden, frozen, None, targets, chunk_size=4, stats=False)
+    (grad_hidden,) = torch.autograd.grad(got.sum(), hidden)
+    assert grad_hidden.shape == hidden.shape and torch.isfinite(grad_hidden).all()
+
+
+def test_completion_logprobs_without_grad_matches_with_grad():
+    """The reference pass (no_grad) and the policy pass give the same log-probs and stats, chunk by chunk."""
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(10, 8).bfloat16(), torch.randn(30, 8).bfloat16()
+    targets = torch.randint(0, 30, (10,))
+    with torch.no_grad():
+        plain = completion_logprobs(hidden, weight, None, targets, 3)
+    tracked = completion_logprobs(hidden.clone().requires_grad_(True), weight, None, targets, 3)
+    assert tracked[0].requires_grad and not any(t.requires_grad for t in tracked[1:])
+    for a, b in zip(plain, tracked):
+        assert torch.equal(a, b.detach())
+
+
 # ------------------------------------------------------------------------------------------ trainer
 
 
