@@ -533,6 +533,30 @@ def test_cpu_short_run_starts_with_the_sft_phase(monkeypatch):
     assert resolved(max_steps=56, sft_steps=20) == 20
 
 
+def test_cpu_short_run_trades_peak_memory_for_speed(monkeypatch):
+    """freed_memory_mmap_mb none: 4 MiB in the CPU short run (no max_steps given), else left for start_run, which
+    makes it the lean 1 MiB; a given threshold stays, and with return_freed_memory off nothing is chosen."""
+    from align.config import build_config
+    from align.models.activations import LEAN_MMAP_MB, SHORT_RUN_MMAP_MB
+
+    recipe = _recipe()
+
+    def resolved(on_gpu=False, **fields):
+        monkeypatch.setattr(recipe, "on_gpu", lambda: on_gpu)
+        cfg = build_config(recipe.DPOArgs, fields)
+        notes = recipe.default_freed_memory(cfg)
+        assert bool(notes) == (cfg.freed_memory_mmap_mb is not None and "freed_memory_mmap_mb" not in fields)
+        if cfg.return_freed_memory:
+            cfg.check_freed_memory()  # start_run's resolution of what is still none
+        return cfg.freed_memory_mmap_mb
+
+    assert resolved() == SHORT_RUN_MMAP_MB == 4
+    assert resolved(max_steps=56) == LEAN_MMAP_MB == 1
+    assert resolved(on_gpu=True) == 1
+    assert resolved(freed_memory_mmap_mb=2) == 2
+    assert resolved(return_freed_memory=False) is None
+
+
 def test_cpu_default_weighs_the_dpo_term_a_quarter(monkeypatch):
     """loss_weights none with the default sigmoid,sft becomes 0.25,1.0 on a CPU (the short run's measured best),
     and stays as given for other loss types, given weights, or a GPU."""
