@@ -111,7 +111,7 @@ def default_sft_steps(cfg: DPOArgs) -> list[str]:
 def default_freed_memory(cfg: DPOArgs) -> list[str]:
     """freed_memory_mmap_mb none -> SHORT_RUN_MMAP_MB for the CPU short run (max_steps not given), where the main
     job's time is the target: 4 MiB instead of 1 took its training from 838 to 717 s on a bf16 CPU, peak RSS
-    5.5 -> 7.1 GB (docs/alignment_on_cpu.md, "The main job in 15 minutes on a slower CPU"). Otherwise left for
+    5.5 -> 7.1 GB (docs/alignment_on_cpu.md, "The main job on a slower CPU"). Otherwise left for
     start_run (LEAN_MMAP_MB). Returns the line start_run prints among the hardware defaults, if any."""
     if cfg.freed_memory_mmap_mb is not None or not cfg.return_freed_memory or cfg.max_steps is not None or on_gpu():
         return []
