@@ -23,14 +23,13 @@ import torch
 from torch import Tensor
 
 
-
 class _HeadChunkLogprobs(torch.autograd.Function):
     """One chunk of `completion_logprobs`: the head's matmul and the log-softmax at the targets in one function.
 
     Forward keeps only what backward needs besides the inputs, one logsumexp per position; backward
     recomputes the chunk's logits with one matmul and turns them into their gradient in place:
     d token_logp / d logits = onehot(target) - softmax(logits) = onehot(target) - exp(logits - logsumexp).
-    Autograd over the same ops (the function before December 8: a checkpointed chunk through
+    Autograd over the same ops (the function before December 7: a checkpointed chunk through
     `align.ops.logprobs.logprobs_from_logits`) recomputed the logsumexp as well and made about twice as many
     float32 (positions, vocab) passes: 1.8x slower on the default model's head (bench/results/
     lm_head_fused_amd_bf16/), the same log-probs and gradients.
