@@ -96,13 +96,18 @@ class DPOArgs(RunArgs, ModelArgs, DataArgs, FastDPOArgs):
             raise ConfigError("config: reference_free: there is no reference to precompute; set precompute_ref_log_probs false")
 
 
+def cpu_short_run(cfg: DPOArgs) -> bool:
+    """The CPU short run: no max_steps given and no GPU (start_run then makes it CPU_MAX_STEPS steps)."""
+    return cfg.max_steps is None and not on_gpu()
+
+
 def default_sft_steps(cfg: DPOArgs) -> list[str]:
     """sft_steps none -> CPU_SFT_STEPS for the CPU short run (max_steps not given, so CPU_MAX_STEPS), else 0 (a GPU's
     full epoch, or a step count the user chose: plain DPO). Before start_run: config.yaml records what the run used.
     Returns the line start_run prints among the hardware defaults, if any."""
     if cfg.sft_steps is not None:
         return []
-    short_run = cfg.max_steps is None and not on_gpu()
+    short_run = cpu_short_run(cfg)
     cfg.sft_steps = CPU_SFT_STEPS if short_run else 0
     return [f"sft_steps={cfg.sft_steps} (CPU: the short run's first {cfg.sft_steps} of {CPU_MAX_STEPS} steps train the SFT "
             "term alone on the chosen replies, then DPO)"] if short_run else []
@@ -113,7 +118,7 @@ def default_freed_memory(cfg: DPOArgs) -> list[str]:
     job's time is the target: 4 MiB instead of 1 took its training from 838 to 717 s on a bf16 CPU, peak RSS
     5.5 -> 7.1 GB (docs/alignment_on_cpu.md, "The main job on a slower CPU"). Otherwise left for
     start_run (LEAN_MMAP_MB). Returns the line start_run prints among the hardware defaults, if any."""
-    if cfg.freed_memory_mmap_mb is not None or not cfg.return_freed_memory or cfg.max_steps is not None or on_gpu():
+    if cfg.freed_memory_mmap_mb is not None or not cfg.return_freed_memory or not cpu_short_run(cfg):
         return []
     cfg.freed_memory_mmap_mb = SHORT_RUN_MMAP_MB
     return [f"freed_memory_mmap_mb={SHORT_RUN_MMAP_MB} (CPU: the short run, speed over peak memory)"]
