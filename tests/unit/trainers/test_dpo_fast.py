@@ -267,6 +267,65 @@ def test_reference_log_probs_match_trl(tiny_model_dir, tmp_path):
             torch.testing.assert_close(g, w, rtol=0, atol=LOGP_ATOL)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_a_fresh_adapters_ref_copy_is_dropped_and_the_reference_is_unchanged(tiny_quant_model_dir, tmp_path, dtype):
+    """TRL adds a "ref" copy of the policy's adapter; for a fresh LoRA adapter (B = 0) the fast trainer deletes it and
+    computes the reference with the adapter disabled. The log-probs are those through the copy to the bit, in bf16 too;
+    the policy's own adapter stays trainable."""
+    from trl.trainer.utils import use_adapter
+
+    trainer = _recipe_trainer(tiny_quant_model_dir, tmp_path, _uneven_pairs(), dtype=dtype, max_length=512,
+                              per_device_train_batch_size=2)
+    model = trainer.model
+    assert list(model.peft_config) == ["default"]
+    assert all(p.requires_grad == (".default." in n) for n, p in model.named_parameters() if "lora_" in n)
+    assert any(p.requires_grad for p in model.parameters())
+    randomize_lora_b(model)  # the policy moves away; the reference must not
+    batch = next(iter(trainer.get_train_dataloader()))
+    disabled = trainer.compute_ref_log_probs(model, batch)
+    # TRL's copy, rebuilt as TRL builds it (from "default" with zero B: the adapter as it started)
+    model.add_adapter("ref", model.peft_config["default"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", ".ref.")).copy_(torch.zeros_like(param) if "lora_B" in name else param)
+    with torch.no_grad(), use_adapter(model, adapter_name="ref"):
+        through_copy = trainer._sequence_logps(model, batch)
+    policy = trainer._sequence_logps(model, batch)
+    for d, c, p in zip(disabled, through_copy, policy):
+        assert torch.equal(d, c)
+        assert not torch.equal(d, p)  # the randomized policy differs: the comparison can fail
+
+
+def test_a_trained_adapters_ref_copy_is_kept(tiny_model_dir, tmp_path):
+    """DPO from a trained adapter (non-zero B, e.g. after SFT): the reference is that adapter, so "ref" stays, and so
+    does a "ref" that is not plain LoRA."""
+    from align.config import build_config
+    from align.data.load import to_hf_dataset
+    from align.models.loading import load_model
+    from align.trainers.dpo_fast import drop_idle_ref_adapter
+
+    recipe = _recipe()
+    cfg = build_config(recipe.DPOArgs, {"model_name_or_path": tiny_model_dir, "output_dir": str(tmp_path), "max_steps": 1,
+                                        "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1})
+    model, tokenizer = load_model(cfg)
+    randomize_lora_b(model)
+    trainer = recipe.build_trainer(cfg, model, tokenizer, to_hf_dataset(_pairs()), [])
+    assert set(trainer.model.peft_config) == {"default", "ref"}
+    assert drop_idle_ref_adapter(trainer.model) is False
+    import dataclasses
+
+    dora = dataclasses.replace(trainer.model.peft_config["ref"], use_dora=True)
+    trainer.model.peft_config["ref"] = dora
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B.ref" in name:
+                param.zero_()
+    assert drop_idle_ref_adapter(trainer.model) is False  # DoRA: zero B is not a zero update
+    trainer.model.peft_config["ref"] = dataclasses.replace(dora, use_dora=False)
+    assert drop_idle_ref_adapter(trainer.model) is True and "ref" not in trainer.model.peft_config
+
+
 def test_keep_end_truncation_matches_trl(tiny_model_dir, tmp_path):
     """Truncated from the left, the chosen and rejected prompts differ: those pairs keep two rows."""
     stock = _trainer(tiny_model_dir, False, tmp_path / "stock", truncation_mode="keep_end", max_length=40)
@@ -434,7 +493,8 @@ def test_sft_phase_is_trls_sft_loss_without_rejected_or_reference(tiny_model_dir
     batch, loss = _first_loss_without_reference(trainer)
     # TRL's stock DPOTrainer with loss_type sft alone, on the same weights
     stock = _recipe_trainer(tiny_model_dir, tmp_path / "stock", _pairs(), loss_type="sft", fast_logprobs=False, dtype="fp32")
-    stock.model.load_state_dict(trainer.model.state_dict())
+    missing, unexpected = stock.model.load_state_dict(trainer.model.state_dict(), strict=False)
+    assert not unexpected and all(".ref." in k for k in missing)  # the fast trainer dropped TRL's idle "ref" copy
     stock.model.train()
     torch.testing.assert_close(loss, stock.compute_loss(stock.model, batch), rtol=0, atol=1e-5)
     assert trainer._metrics["train"]["sft_phase/nll"][-1] == pytest.approx(loss.item())
