@@ -1,0 +1,30 @@
+"""Does TRL's "ref" adapter (DPOTrainer adds one, a copy of "default", when given a PeftModel) slow the trained policy's
+summary? The main job's 64 held-out pair log-probs with the trained adapter merged, in a fresh process, before and after
+adding "ref" as trl 1.16's DPOTrainer does.   python ref_adapter_logps.py OUT/adapter   (align importable)"""
+import sys, time
+import torch
+torch.set_num_threads(2)
+from peft import PeftModel
+from align.data.load import load_preferences
+from align.evaluation.logprobs import pair_logps
+from align.models.generation import merged_adapter
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = "/root/.cache/align/SmolLM2-135M-Instruct"
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, sys.argv[1]).eval()
+pairs = load_preferences("ifprefs:prefs_test", max_rows=64)
+args = ([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], 16)
+def timed(label):
+    ctx = merged_adapter(model)
+    with ctx:
+        t = time.time(); pair_logps(model, tok, *args)
+        print(f"{label}, merged={ctx.merged}, active={model.active_adapters}, modules={sum(1 for _ in model.modules())}: {time.time()-t:.1f} s", flush=True)
+timed("default only")
+model.add_adapter("ref", model.peft_config["default"])
+for name, param in model.named_parameters():
+    if ".default." in name:
+        model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+model.eval()
+timed("with ref")
+timed("with ref")
