@@ -315,7 +315,7 @@ def drop_idle_ref_adapter(model) -> bool:
     # parameter names: ...q_proj.lora_B.ref.weight, ...embed_tokens.lora_embedding_B.ref
     ref = [(name.removesuffix(".weight").removesuffix(".bias").split(".")[-2], p) for name, p in model.named_parameters()
            if f".{REF_ADAPTER}." in name or name.endswith(f".{REF_ADAPTER}")]
-    if not ref or any(kind not in LORA_KINDS for kind, _ in ref):
+    if not ref or any(kind not in LORA_KINDS or p.numel() == 0 for kind, p in ref):  # numel 0: sharded (ZeRO-3), unknown
         return False
     if any(kind in ZERO_UPDATE_KINDS and bool(p.detach().any()) for kind, p in ref):
         return False
