@@ -12,9 +12,9 @@ if "recipes/dpo.py" in " ".join(sys.argv):
         with ctx:
             t = time.time()
             pair_logps(model, tok, [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], 16)
-            dt = time.time() - t
+            dt, merged = time.time() - t, ctx.merged
         model.train(was)
-        print(f"{time.time():.1f} [probe3] {label}: merged={ctx.merged} adapters={list(model.peft_config)} "
+        print(f"{time.time():.1f} [probe3] {label}: merged={merged} adapters={list(model.peft_config)} "
               f"active={model.active_adapters}: {dt:.1f} s", file=sys.stderr, flush=True)
     def summarize_policy(model, tok, pairs, prompts, **kwargs):
         if kwargs.get("adapter"):
