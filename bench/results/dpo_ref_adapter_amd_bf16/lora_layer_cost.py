@@ -4,7 +4,9 @@ One layer of the default model's MLP width (576 -> 1536, bf16 base, float32 LoRA
 threads, eval (no dropout). Arms: the base alone; PEFT's LoRA forward (x cast to float32, lora_B(lora_A(x)) * scaling,
 added to the bf16 result, cast back); the same values with the scaling and the add done in place on lora_B's output.
 Forward, and forward + backward to the input and the LoRA weights; the exact variant's outputs and gradients are
-checked bit-equal to PEFT's."""
+checked bit-equal to PEFT's. `--bf16_arm` adds the adapter computed in bf16 (not exact) and PEFT's forward under CPU autocast to bf16 (what a bf16
+Trainer runs: accelerate wraps the model's forward in autocast)."""
+import sys
 import time
 
 import torch
@@ -12,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
+BF16_ARM = "--bf16_arm" in sys.argv  # also time the adapter computed in bf16 (not exact)
 
 
 class One(torch.nn.Module):
@@ -47,6 +50,17 @@ def in_place(x):
     return out.to(result.dtype)
 
 
+def bf16_adapter(x):  # not exact: the adapter's matmuls and tail in bf16 (float32 weights cast per call, as autocast does)
+    result = layer.base_layer(x)
+    a, b = layer.lora_A["default"].weight.to(x.dtype), layer.lora_B["default"].weight.to(x.dtype)
+    return result + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * layer.scaling["default"]
+
+
+def peft_autocast(x):  # PEFT's forward under CPU autocast to bf16, as accelerate runs a bf16 Trainer's forward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return layer(x)
+
+
 def grads(fn):
     x.grad = None
     for p in model.parameters():
@@ -76,6 +90,7 @@ def timeit(fn, backward, reps=30):
 
 for backward in (False, True):
     for rep in range(2):
-        row = {name: timeit(fn, backward) for name, fn in (("base", base), ("peft", peft), ("in_place", in_place))}
+        arms = (("base", base), ("peft", peft), ("in_place", in_place)) + ((("bf16_adapter", bf16_adapter), ("peft_autocast", peft_autocast)) if BF16_ARM else ())
+        row = {name: timeit(fn, backward) for name, fn in arms}
         print(f"{'fwd+bwd' if backward else 'forward'} (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in row.items())
-              + f"; LoRA overhead peft {row['peft'] / row['base']:.2f}x, in-place {row['in_place'] / row['base']:.2f}x", flush=True)
+              + "; LoRA overhead " + ", ".join(f"{k} {v / row['base']:.2f}x" for k, v in row.items() if k != "base"), flush=True)
