@@ -300,17 +300,9 @@ def test_a_fresh_adapters_ref_copy_is_dropped_and_the_reference_is_unchanged(tin
 def test_a_trained_adapters_ref_copy_is_kept(tiny_model_dir, tmp_path):
     """DPO from a trained adapter (non-zero B, e.g. after SFT): the reference is that adapter, so "ref" stays, and so
     does a "ref" that is not plain LoRA."""
-    from align.config import build_config
-    from align.data.load import to_hf_dataset
-    from align.models.loading import load_model
     from align.trainers.dpo_fast import drop_idle_ref_adapter
 
-    recipe = _recipe()
-    cfg = build_config(recipe.DPOArgs, {"model_name_or_path": tiny_model_dir, "output_dir": str(tmp_path), "max_steps": 1,
-                                        "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1})
-    model, tokenizer = load_model(cfg)
-    randomize_lora_b(model)
-    trainer = recipe.build_trainer(cfg, model, tokenizer, to_hf_dataset(_pairs()), [])
+    trainer = _recipe_trainer(tiny_model_dir, tmp_path, _pairs(), prepare_model=randomize_lora_b)
     assert set(trainer.model.peft_config) == {"default", "ref"}
     assert drop_idle_ref_adapter(trainer.model) is False
     import dataclasses
@@ -379,8 +371,9 @@ def _recipe():
     return recipe
 
 
-def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
-    """recipes/dpo.py's own trainer (build_trainer) with the recipe's defaults, on a tiny model."""
+def _recipe_trainer(model_dir, tmp_path, pairs, prepare_model=None, **overrides):
+    """recipes/dpo.py's own trainer (build_trainer) with the recipe's defaults, on a tiny model; `prepare_model(model)`
+    runs on the loaded model before the trainer is built."""
     from align.config import build_config
     from align.data.load import to_hf_dataset
     from align.models.loading import load_model
@@ -390,6 +383,8 @@ def _recipe_trainer(model_dir, tmp_path, pairs, **overrides):
                                         "report_to": "none", "max_length": 128, "lora_r": 4, "cpu_threads": -1,
                                         "learning_rate": recipe.LEARNING_RATES[0], **overrides})
     model, tokenizer = load_model(cfg)
+    if prepare_model is not None:
+        prepare_model(model)
     return recipe.build_trainer(cfg, model, tokenizer, to_hf_dataset(pairs), [])
 
 
