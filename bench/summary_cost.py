@@ -17,7 +17,11 @@
    (decode_ids, preallocated cache, merged);
 4. decode_ids's KV cache (the summary's 128 greedy replies, merged, prompts in order): transformers' DynamicCache,
    which concatenates every layer's whole cache into new memory at every step, against the buffers allocated once
-   (align.models.generation.preallocated_cache, the default).
+   (align.models.generation.preallocated_cache, the default);
+5. (--groups packed) bf16 weights prepacked for oneDNN (align.models.generation.packed_linear_weights) or not: the
+   trained policy's summary as the recipes make it (align.evaluation.policy_report.summarize_policy: pair
+   log-probs and greedy replies, merged; the starting model's log-probs computed once beforehand, as the DPO recipe
+   passes them) and PPO's sampling (merged, decode_ids); the summaries must agree in every number and reply.
 
 Each is timed --repeats times, old and new alternating, on the default model with the given adapter (a trained
 one: merging a zero adapter would change nothing). The JSON has every time, the medians' ratios, how far the
@@ -91,7 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--groups", type=lambda v: v.split(","),
                         default=["logps", "generate", "start", "rollout", "cache", "sampling"],
-                        help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache, sampling)")
+                        help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache, sampling, packed)")
     args = parser.parse_args()
     import torch
 
@@ -155,6 +159,45 @@ def main() -> None:
     arms["rollout_merged"] = lambda: merged(lambda: rollouts(True))  # the same, merged (align.rl.ppo now)
     arms["sampling_before"] = lambda: rollouts(False)  # that sampling before issue 19: model.generate, unmerged
     arms["sampling_now"] = arms["rollout_merged"]  # and as now: merged, decode_ids
+
+    def packing(on: bool, fn):
+        """fn() with packed_linear_weights packing (on) or a no-op (off), wherever the code under test enters it."""
+        from align.models import generation
+
+        available = generation.packs_bf16_weights
+        generation.packs_bf16_weights = available if on else (lambda: False)
+        try:
+            return fn()
+        finally:
+            generation.packs_bf16_weights = available
+
+    def summary() -> list[tuple[str, int]]:
+        """The trained policy's summary as the DPO recipe makes it; its rows as (reply, new tokens), the other
+        numbers kept in `summaries` to compare."""
+        from align.evaluation.policy_report import summarize_policy
+
+        out = summarize_policy(model, tokenizer, pairs, prompt_records, beta=0.1, adapter=True,
+                               max_new_tokens=args.max_new_tokens, batch_size=16, start_logps=start_logps)
+        summaries.append({k: v for k, v in out.items() if k != "time_s"})
+        return [(row["reply"], row["length_tokens"]) for row in out["rows"]]
+
+    prompt_records, summaries, start_logps = load_prompts("ifprefs:eval", max_rows=args.prompts), [], {}
+    if "packed" in args.groups:  # the starting model's pair log-probs, as the recipe keeps them from its first summary
+        from align.evaluation.policy_report import summarize_policy
+
+        summarize_policy(model, tokenizer, pairs, [], beta=0.1, adapter=False, start_logps=start_logps)
+    arms["packed_summaryplain"] = lambda: packing(False, summary)
+    arms["packed_summary"] = lambda: packing(True, summary)
+    arms["packed_samplingplain"] = arms["rollout_merged"]
+
+    def packed_sampling():
+        """PPO's sampling as align.rl.ppo.rollout runs it now: merged, then packed."""
+        from align.models.generation import packed_linear_weights
+
+        with merged_adapter(model), packed_linear_weights(model):
+            return rollouts(True)
+
+    arms["packed_sampling"] = packed_sampling
     groups = set(args.groups)
     arms = {name: fn for name, fn in arms.items() if name.split("_")[0] in groups}
     times: dict[str, list[float]] = {name: [] for name in arms}
@@ -176,7 +219,9 @@ def main() -> None:
                    ("rollout_speedup_pruning", "rollout_generate", "rollout_pruned"),
                    ("rollout_speedup_merge", "rollout_adapter", "rollout_merged"),
                    ("sampling_speedup_total", "sampling_before", "sampling_now"),
-                   ("cache_speedup_preallocated", "cache_dynamic", "cache_preallocated")]
+                   ("cache_speedup_preallocated", "cache_dynamic", "cache_preallocated"),
+                   ("packed_speedup_summary", "packed_summaryplain", "packed_summary"),
+                   ("packed_speedup_sampling", "packed_samplingplain", "packed_sampling")]
     result = {
         "cpu": cpu_description(), "threads": args.threads, "adapter": args.adapter, "pairs": len(pairs),
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "merged": did_merge,
@@ -186,6 +231,8 @@ def main() -> None:
         "identical_replies": {f"{new}_vs_{old}": sum(x[0] == y[0] for x, y in zip(outputs[new], outputs[old]))
                               for _, old, new in comparisons if old in outputs and new in outputs and old != "logps_twice"},
     }
+    if "packed" in groups:  # every summary of either arm the same, numbers and replies
+        result["packed_summaries_identical"] = all(s == summaries[0] for s in summaries)
     if "logps" in groups:
         old, new = outputs["logps_twice"], outputs["logps_pair"]
         result["max_logp_difference_nats"] = round(max(abs(a[0] - b[0]) for side in (0, 1) for a, b in zip(old[side], new[side])), 5)

@@ -41,7 +41,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     from align.evaluation.generate import generate
     from align.evaluation.logprobs import pair_logps
     from align.evaluation.policy import Policy
-    from align.models.generation import merged_adapter
+    from align.models.generation import merged_adapter, packed_linear_weights
 
     started = time.time()
     out: dict = {}
@@ -49,7 +49,8 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     model.eval()
     # the trained policy runs with its adapter merged where that is exact (align.models.generation.merged_adapter)
     merge = merged_adapter(model) if adapter else contextlib.nullcontext()
-    with _starting_model(model, adapter), merge:
+    # then its bf16 weights prepacked for oneDNN, the same outputs bit for bit (packed_linear_weights)
+    with _starting_model(model, adapter), merge, packed_linear_weights(model):
         if adapter:
             how = ("the adapter merged into the weights" if merge.merged
                    else "the adapter unmerged (adapter_merges_faithfully: not a plain float32/bf16 LoRA, DoRA or IA3)")

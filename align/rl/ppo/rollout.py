@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from align.errors import AlignError
-from align.models.generation import decode_ids, decodes_alone, merged_adapter
+from align.models.generation import decode_ids, decodes_alone, merged_adapter, packed_linear_weights
 from align.models.loading import eval_mode
 from align.ops.logprobs import entropy_from_logits, logprobs_from_logits
 from align.ops.responses import truncate_after_eos
@@ -110,8 +110,9 @@ def sample_responses(models: PPOModels, records: Sequence[PromptRecord], seeds: 
     )
     sampler = GumbelSampler(seeds, temperature)
     # merged where that is faithful: one matmul a linear layer instead of three (merged_adapter); the old
-    # log-probs come from score_rollout's unmerged pass, so the update's first ratio is still exactly 1
-    with models.phase(POLICY), eval_mode(models.model), merged_adapter(models.model):
+    # log-probs come from score_rollout's unmerged pass, so the update's first ratio is still exactly 1; then the
+    # bf16 weights prepacked for oneDNN, bit for bit the same outputs (packed_linear_weights)
+    with models.phase(POLICY), eval_mode(models.model), merged_adapter(models.model), packed_linear_weights(models.model):
         if decodes_alone(models.model):  # rows stop computing at their EOS; the same draws as generate's
             sequences = decode_ids(models.model, query, query_mask, max_new_tokens, tokenizer.eos_token_id,
                                    tokenizer.pad_token_id, pick=sampler.pick)

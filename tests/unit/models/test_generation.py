@@ -1,5 +1,8 @@
 """align.models.generation.generate_ids: every adapter generates what its training forward computes."""
 
+import contextlib
+import functools
+
 import pytest
 import torch
 from transformers import LogitsProcessorList
@@ -243,3 +246,106 @@ def test_preallocated_cache_refuses_more_positions_than_its_capacity(tiny_model_
         out = model(input_ids=ids[:, :1], cache=out.cache, use_cache=True)
         with pytest.raises(ValueError, match="capacity"):
             model(input_ids=ids[:, :1], cache=out.cache, use_cache=True)
+
+
+needs_bf16_packing = pytest.mark.skipif(
+    not __import__("align.models.generation", fromlist=["x"]).packs_bf16_weights(),
+    reason="this CPU has no oneDNN bf16 matmul (AVX2-only): packed_linear_weights packs nothing here (tested below)")
+
+
+def _bf16_lora(model_dir):
+    """The tiny model in bf16 with a random LoRA adapter, merged by the caller where a test needs plain layers."""
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype="bf16", peft="lora"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model.eval(), tokenizer
+
+
+@needs_bf16_packing
+def _count_plain_linear_calls(monkeypatch) -> list:
+    """The ids of the modules torch.nn.Linear.forward runs for from now on (the packed path does not call it)."""
+    plain, calls = torch.nn.Linear.forward, []
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: calls.append(id(self)) or plain(self, x))
+    return calls
+
+
+@needs_bf16_packing
+def test_packed_weights_compute_the_plain_layers_bits_and_decode_the_same_ids(tiny_model_dir, one_thread, monkeypatch):
+    """Inside packed_linear_weights every plain bf16 linear layer (base layers of the unmerged adapter and the LM
+    head) runs through its prepacked weight, not torch's linear: the logits of a left-padded batch and
+    decode_ids's greedy ids are bit for bit the plain model's, merged and unmerged; on exit no layer keeps a
+    replaced forward."""
+    from align.evaluation.logprobs import left_pad
+    from align.models.generation import decode_ids, merged_adapter, packed_linear_weights
+
+    model, tokenizer = _bf16_lora(tiny_model_dir)
+    plain_calls = _count_plain_linear_calls(monkeypatch)
+    ids, mask = left_pad([tokenizer(t)["input_ids"] for t in ["hello there world, and more", "a", "one two three"]],
+                         tokenizer.pad_token_id)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16]
+    for merge in (False, True):
+        with torch.no_grad(), (merged_adapter(model) if merge else contextlib.nullcontext()):
+            plain_logits = model(input_ids=ids, attention_mask=mask).logits
+            plain_ids = decode_ids(model, ids, mask, 8, -1, tokenizer.pad_token_id)
+            calls = []
+            with packed_linear_weights(model) as packed:
+                assert packed is model
+                plain_calls.clear()
+                hook = [m.register_forward_hook(lambda mod, a, out: calls.append(mod)) for m in linears]
+                packed_logits = model(input_ids=ids, attention_mask=mask).logits
+                packed_ids = decode_ids(model, ids, mask, 8, -1, tokenizer.pad_token_id)
+                assert all(isinstance(vars(m)["forward"], functools.partial) for m in linears)
+                [h.remove() for h in hook]
+                assert not set(plain_calls) & set(map(id, linears))  # none through torch's linear
+        assert set(map(id, calls)) == set(map(id, linears))  # every layer ran
+        assert torch.equal(packed_logits, plain_logits) and torch.equal(packed_ids, plain_ids)
+        assert not any("forward" in vars(m) for m in model.modules())
+
+
+@needs_bf16_packing
+def test_packed_weights_step_aside_for_gradients_autocast_and_a_changed_weight(tiny_model_dir, one_thread, monkeypatch):
+    """With gradients on a packed layer runs its plain forward (the gradient reaches the input); a weight changed
+    after packing is used as it is now, not as packed; float32 layers and a second, nested packing are left
+    alone; an error inside restores every layer."""
+    from align.models.generation import packed_linear_weights
+
+    model, _ = _bf16_lora(tiny_model_dir)
+    layer = next(m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16)
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    with packed_linear_weights(model) as _, packed_linear_weights(model) as __:
+        inner = [m for m in model.modules() if "forward" in vars(m)]
+        assert inner and all(type(m) is torch.nn.Linear for m in inner)
+        plain_calls = _count_plain_linear_calls(monkeypatch)
+        x_grad = x.clone().requires_grad_()
+        layer(x_grad).float().sum().backward()
+        assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0 and plain_calls == [id(layer)]
+        with torch.no_grad():
+            layer(x)
+            assert plain_calls == [id(layer)]  # no grad: the packed path
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                layer(x)
+            layer.weight.mul_(2)  # the packed copy is now stale
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+            layer.weight.div_(2)
+            assert plain_calls == [id(layer)] * 3
+    assert not any("forward" in vars(m) for m in model.modules())
+    fp32, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="fp32", peft="lora"))
+    with packed_linear_weights(fp32) as _:
+        assert not any("forward" in vars(m) for m in fp32.modules())
+    with pytest.raises(RuntimeError, match="inside"):
+        with packed_linear_weights(model):
+            raise RuntimeError("inside")
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_packed_weights_pack_nothing_without_onednn_bf16(tiny_model_dir, one_thread, monkeypatch):
+    """On a CPU without oneDNN's bf16 matmul (AVX2-only) the context is a no-op: the layers keep their forward."""
+    from align.models import generation
+
+    monkeypatch.setattr(generation, "packs_bf16_weights", lambda: False)
+    model, _ = _bf16_lora(tiny_model_dir)
+    with generation.packed_linear_weights(model) as packed:
+        assert packed is model and not any("forward" in vars(m) for m in model.modules())
