@@ -291,8 +291,11 @@ class packed_linear_weights:
     Layers keep their weights; each one's forward is replaced while inside and falls back to the plain one with
     gradients on, under autocast, for another input dtype, or when its weight changed after packing (a merge
     inside the `with`: merge first, then pack). Float32 weights are left alone: torch's float32 linear is MKL's,
-    which oneDNN would not reproduce bit for bit, and MKL's own packed product was no faster on that CPU.
-    Nested uses pack each layer once."""
+    which oneDNN would not reproduce bit for bit, and MKL's own packed product was no faster on that CPU. Nothing is
+    packed when the copy would take more than a quarter of the memory available now (MEMORY_SHARE), and nested uses
+    pack each layer once."""
+
+    MEMORY_SHARE = 0.25
 
     def __init__(self, model):
         self.model = model
@@ -301,13 +304,17 @@ class packed_linear_weights:
     def __enter__(self):
         import functools
 
-        if packs_bf16_weights():
-            for module in self.model.modules():
-                if _packable(module):
-                    with torch.no_grad():
-                        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
-                    module.forward = functools.partial(_packed_forward, module, packed, module.weight._version)
-                    self.modules.append(module)
+        import psutil
+
+        layers = [m for m in self.model.modules() if _packable(m)] if packs_bf16_weights() else []
+        size = sum(m.weight.nbytes for m in layers)
+        if size > self.MEMORY_SHARE * psutil.virtual_memory().available:
+            return self.model
+        for module in layers:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
+            module.forward = functools.partial(_packed_forward, module, packed, module.weight._version)
+            self.modules.append(module)
         return self.model
 
     def __exit__(self, *exc) -> None:

@@ -345,7 +345,22 @@ def test_packed_weights_pack_nothing_without_onednn_bf16(tiny_model_dir, one_thr
     """On a CPU without oneDNN's bf16 matmul (AVX2-only) the context is a no-op: the layers keep their forward."""
     from align.models import generation
 
-    monkeypatch.setattr(generation, "packs_bf16_weights", lambda: False)
     model, _ = _bf16_lora(tiny_model_dir)
+    monkeypatch.setattr(generation, "packs_bf16_weights", lambda: False)
     with generation.packed_linear_weights(model) as packed:
         assert packed is model and not any("forward" in vars(m) for m in model.modules())
+
+
+@needs_bf16_packing
+def test_packed_weights_pack_nothing_without_the_memory_for_a_copy(tiny_model_dir, one_thread, monkeypatch):
+    """Nothing is packed where the packed copy would take more than a quarter of the memory available."""
+    import psutil
+
+    from align.models import generation
+
+    model, _ = _bf16_lora(tiny_model_dir)
+    size = sum(m.weight.nbytes for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16)
+    for available, packs in ((4 * size - 1, False), (4 * size, True)):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": available}))
+        with generation.packed_linear_weights(model) as packed:
+            assert any("forward" in vars(m) for m in model.modules()) == packs, available
