@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from align.log import get_logger
-from align.models.generation import decode_ids, decodes_alone, generate_ids, packed_linear_weights
+from align.models.generation import decode_ids, decodes_alone, generate_ids
 from align.records import Message
 from align.evaluation.args import EvalArgs
 from align.evaluation.logprobs import left_pad, last_token_logps
@@ -112,42 +112,40 @@ def generate(policy: Policy, prompts: list[list[Message]], mode: str, cfg: EvalA
     results: list[Generation | None] = [None] * len(prompts)
     done = 0
     start_time = time.time()
-    # bf16 weights prepacked for oneDNN while generating: the same outputs bit for bit (packed_linear_weights)
-    with packed_linear_weights(model):
-        for batch_index, start in enumerate(range(0, len(prompts), cfg.generate_batch_size)):
-            indices = order[start : start + cfg.generate_batch_size]
-            ids, mask = left_pad([encoded[i] for i in indices], pad)
-            ids, mask = ids.to(device), mask.to(device)
-            seed = cfg.seed + batch_index if mode == "sample" else None
-            if seed is not None:
-                torch.manual_seed(seed)
-            if plain_greedy:
-                sequences = decode_ids(model, ids, mask, settings.max_new_tokens, eos, pad)
+    for batch_index, start in enumerate(range(0, len(prompts), cfg.generate_batch_size)):
+        indices = order[start : start + cfg.generate_batch_size]
+        ids, mask = left_pad([encoded[i] for i in indices], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        seed = cfg.seed + batch_index if mode == "sample" else None
+        if seed is not None:
+            torch.manual_seed(seed)
+        if plain_greedy:
+            sequences = decode_ids(model, ids, mask, settings.max_new_tokens, eos, pad)
+        else:
+            sequences = generate_ids(model, ids, mask, generation_config=gen_config)
+        responses, response_mask, _, contains_eos = truncate_after_eos(sequences[:, ids.shape[1] :], eos, pad)
+        kl_k1 = kl_k3 = [None] * len(indices)
+        if mode == "sample" and policy.has_reference:
+            if policy.is_own_reference:
+                kl_k1 = kl_k3 = [0.0] * len(indices)  # the policy is its reference: KL is exactly 0
             else:
-                sequences = generate_ids(model, ids, mask, generation_config=gen_config)
-            responses, response_mask, _, contains_eos = truncate_after_eos(sequences[:, ids.shape[1] :], eos, pad)
-            kl_k1 = kl_k3 = [None] * len(indices)
-            if mode == "sample" and policy.has_reference:
-                if policy.is_own_reference:
-                    kl_k1 = kl_k3 = [0.0] * len(indices)  # the policy is its reference: KL is exactly 0
-                else:
-                    full_ids = torch.cat([ids, responses], dim=1)
-                    full_mask = torch.cat([mask, response_mask.long()], dim=1)
-                    n = responses.shape[1]
-                    kl_k1, kl_k3 = [], []
-                    for rows in torch.arange(len(indices)).split(cfg.batch_size):  # logits are rows x n x vocab
-                        logps = last_token_logps(model, full_ids[rows], full_mask[rows], n, cfg.temperature)
-                        with reference_of(policy) as reference:
-                            ref_logps = last_token_logps(reference, full_ids[rows], full_mask[rows], n, cfg.temperature)
-                        kl_k1 += token_kl(logps, ref_logps, response_mask[rows], "k1").sum(-1).tolist()
-                        kl_k3 += token_kl(logps, ref_logps, response_mask[rows], "k3").sum(-1).tolist()
-            for row, i in enumerate(indices):
-                n_tokens = int(response_mask[row].sum()) - int(contains_eos[row])
-                text = tokenizer.decode(responses[row, :n_tokens].tolist(), skip_special_tokens=True)
-                results[i] = Generation(text, n_tokens, bool(contains_eos[row]), seed, kl_k1[row], kl_k3[row])
-            done += len(indices)
-            if log:
-                log(f"generate {mode}: {done}/{len(prompts)} prompts, {time.time() - start_time:.1f} s")
+                full_ids = torch.cat([ids, responses], dim=1)
+                full_mask = torch.cat([mask, response_mask.long()], dim=1)
+                n = responses.shape[1]
+                kl_k1, kl_k3 = [], []
+                for rows in torch.arange(len(indices)).split(cfg.batch_size):  # logits are rows x n x vocab
+                    logps = last_token_logps(model, full_ids[rows], full_mask[rows], n, cfg.temperature)
+                    with reference_of(policy) as reference:
+                        ref_logps = last_token_logps(reference, full_ids[rows], full_mask[rows], n, cfg.temperature)
+                    kl_k1 += token_kl(logps, ref_logps, response_mask[rows], "k1").sum(-1).tolist()
+                    kl_k3 += token_kl(logps, ref_logps, response_mask[rows], "k3").sum(-1).tolist()
+        for row, i in enumerate(indices):
+            n_tokens = int(response_mask[row].sum()) - int(contains_eos[row])
+            text = tokenizer.decode(responses[row, :n_tokens].tolist(), skip_special_tokens=True)
+            results[i] = Generation(text, n_tokens, bool(contains_eos[row]), seed, kl_k1[row], kl_k3[row])
+        done += len(indices)
+        if log:
+            log(f"generate {mode}: {done}/{len(prompts)} prompts, {time.time() - start_time:.1f} s")
     return results
 
 

@@ -23,6 +23,7 @@ from align.evaluation.metrics import coherent_strict, distinct_n, loops_to_limit
 from align.evaluation.policy import Policy, default_out_dir, load_policy, merged_for_eval, reference_of
 from align.io import atomic_write_json, atomic_write_text
 from align.log import get_logger
+from align.models.generation import packed_linear_weights
 from align.records import Message
 
 logger = get_logger(__name__, tag="eval")
@@ -258,9 +259,10 @@ def _evaluate(run: str, cfg: EvalArgs, out: Path, log) -> dict[str, Any]:
         rm_model = rm_model if merged is None else merged
         rm = (rm_model, rm_tokenizer)
 
-    # Phase 1: generate.
+    # Phase 1: generate, the policy's bf16 weights prepacked for oneDNN (the same outputs bit for bit)
     t_gen = time.time()
-    generations = {mode: generate(policy, prompts, mode, cfg, log) for mode in cfg.modes}
+    with packed_linear_weights(policy.model):
+        generations = {mode: generate(policy, prompts, mode, cfg, log) for mode in cfg.modes}
     generate_s = time.time() - t_gen
 
     # Phase 2: score every reply.

@@ -26,10 +26,10 @@ def _step_logits_and_forward(model, tokenizer, generate):
     return ids, torch.stack(seen, 1), logits[:, n_prompt - 1 : n_prompt - 1 + n_new]
 
 
-def _trained_looking(model_dir, method):
+def _trained_looking(model_dir, method, dtype="fp32"):
     """The tiny model with a `method` adapter whose parameters are random (LoRA's zero B or a fresh prompt would
     change too little to tell paths apart), in eval mode."""
-    model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype="fp32", peft=method))
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype=dtype, peft=method))
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -253,17 +253,6 @@ needs_bf16_packing = pytest.mark.skipif(
     reason="this CPU has no oneDNN bf16 matmul (AVX2-only): packed_linear_weights packs nothing here (tested below)")
 
 
-def _bf16_lora(model_dir):
-    """The tiny model in bf16 with a random LoRA adapter, merged by the caller where a test needs plain layers."""
-    model, tokenizer = load_model(ModelArgs(model_name_or_path=model_dir, dtype="bf16", peft="lora"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return model.eval(), tokenizer
-
-
 @needs_bf16_packing
 def _count_plain_linear_calls(monkeypatch) -> list:
     """The ids of the modules torch.nn.Linear.forward runs for from now on (the packed path does not call it)."""
@@ -281,7 +270,7 @@ def test_packed_weights_compute_the_plain_layers_bits_and_decode_the_same_ids(ti
     from align.evaluation.logprobs import left_pad
     from align.models.generation import decode_ids, merged_adapter, packed_linear_weights
 
-    model, tokenizer = _bf16_lora(tiny_model_dir)
+    model, tokenizer = _trained_looking(tiny_model_dir, "lora", dtype="bf16")
     plain_calls = _count_plain_linear_calls(monkeypatch)
     ids, mask = left_pad([tokenizer(t)["input_ids"] for t in ["hello there world, and more", "a", "one two three"]],
                          tokenizer.pad_token_id)
@@ -312,7 +301,7 @@ def test_packed_weights_step_aside_for_gradients_autocast_and_a_changed_weight(t
     alone; an error inside restores every layer."""
     from align.models.generation import packed_linear_weights
 
-    model, _ = _bf16_lora(tiny_model_dir)
+    model, _ = _trained_looking(tiny_model_dir, "lora", dtype="bf16")
     layer = next(m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16)
     x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
     with packed_linear_weights(model) as _, packed_linear_weights(model) as __:
@@ -345,7 +334,7 @@ def test_packed_weights_pack_nothing_without_onednn_bf16(tiny_model_dir, one_thr
     """On a CPU without oneDNN's bf16 matmul (AVX2-only) the context is a no-op: the layers keep their forward."""
     from align.models import generation
 
-    model, _ = _bf16_lora(tiny_model_dir)
+    model, _ = _trained_looking(tiny_model_dir, "lora", dtype="bf16")
     monkeypatch.setattr(generation, "packs_bf16_weights", lambda: False)
     with generation.packed_linear_weights(model) as packed:
         assert packed is model and not any("forward" in vars(m) for m in model.modules())
@@ -358,7 +347,7 @@ def test_packed_weights_pack_nothing_without_the_memory_for_a_copy(tiny_model_di
 
     from align.models import generation
 
-    model, _ = _bf16_lora(tiny_model_dir)
+    model, _ = _trained_looking(tiny_model_dir, "lora", dtype="bf16")
     size = sum(m.weight.nbytes for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16)
     for available, packs in ((4 * size - 1, False), (4 * size, True)):
         monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": available}))
