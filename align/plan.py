@@ -26,7 +26,8 @@ What is counted follows the code paths this project runs (align.models.loading, 
   (align.ops.logprobs.logprobs_from_logits computes the float32 log-softmax in chunks of 512 positions);
   the reward model has a one-output score head and no vocabulary logits.
 - PPO: one shared base with policy, critic and reward adapters plus value and reward heads; the peak is the
-  largest of generation (KV cache), scoring (no-grad forwards) and the update (policy and critic are
+  largest of generation (KV cache; on a CPU in bf16 also the oneDNN-packed copy of the linear weights and the LM
+  head that sampling runs through), scoring (no-grad forwards) and the update (policy and critic are
   backpropagated one after the other, so their activations do not add up).
 - GRPO/RLOO (TRL): one policy adapter, no critic; a reward model (`--grpo_reward_model`) is its own frozen
   copy of the base (no LM head) with the reward adapter and score head, loaded beside the policy
@@ -366,6 +367,10 @@ def _phase_bytes(arch: Arch, args: PlanArgs, num: Numerics, components: dict[str
         logits = 2 * B * R * arch.vocab * num.head + chunk  # the response logits saved for backward, their gradient
         phases["update"] = {**components, "activations": act, "logits": logits, "transient": dequant}
         phases["generation"] = {**no_grads, **_generation(arch, args, num), "transient": dequant}
+        if args.target == "cpu" and args.dtype == "bf16" and args.quantization == "none":
+            # align.models.generation.packed_linear_weights: a oneDNN-packed bf16 copy of every linear weight and of
+            # the LM head while sampling (on CPUs with oneDNN's bf16 matmul, where dtype auto gives bf16)
+            phases["generation"]["packed_weights"] = (arch.layers * arch.linear_params_per_layer() + arch.vocab * arch.hidden) * 2.0
         # scoring: old and reference log-probs, values; no grad, ppo_forward_batch rows at a time
         F = args.ppo_forward_batch
         _, no_grad = _activations(arch, args, num, F * T)

@@ -74,6 +74,28 @@ def test_ppo_trains_policy_and_critic_and_keeps_a_frozen_reward_adapter(tiny_dir
     assert est.peak_bytes == pytest.approx(max(est.phases.values()))
 
 
+def test_ppo_sampling_on_a_cpu_in_bf16_holds_a_packed_copy_of_the_linear_weights(tiny_dir):
+    """align.models.generation.packed_linear_weights packs every bf16 linear layer (the projections and the LM head)
+    for sampling on a CPU: the generation phase counts that copy, in bf16 on a CPU only (float32, quantized and GPU
+    weights are not packed), and the estimate's generation total includes it."""
+    from align.models.architecture import resolve_arch
+    from align.plan import CPU_CALIBRATION, _persistent_bytes, _phase_bytes, numerics
+
+    def generation_parts(args: PlanArgs) -> dict:
+        arch, num = resolve_arch(args.model), numerics(args)
+        return _phase_bytes(arch, args, num, _persistent_bytes(arch, args, num)[0])[0]["generation"]
+
+    arch = resolve_arch(tiny_dir)
+    common = dict(model=tiny_dir, stage="ppo", lora_r=8, seq_len=64, ppo_response_len=16)
+    bf16_cpu = PlanArgs(**common, dtype="bf16", quantization="none", target="cpu")
+    parts = generation_parts(bf16_cpu)
+    assert parts["packed_weights"] == (arch.layers * arch.linear_params_per_layer() + arch.vocab * arch.hidden) * 2
+    assert estimate(bf16_cpu).phases["generation"] == pytest.approx(sum(parts.values()) + CPU_CALIBRATION["fixed_bytes"])
+    for other in (dict(dtype="fp32", quantization="none", target="cpu"), dict(dtype="bf16", quantization="4bit", target="cpu"),
+                  dict(dtype="bf16", quantization="none", target="cuda")):
+        assert "packed_weights" not in generation_parts(PlanArgs(**common, **other)), other
+
+
 # ------------------------------------------------------------------------------------------ activations
 
 
