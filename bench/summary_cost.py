@@ -104,7 +104,8 @@ def main() -> None:
     model.eval()
     pairs = load_preferences("ifprefs:prefs_test", max_rows=args.pairs)  # the recipes' held-out pairs
     prompts_p, chosen, rejected = [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
-    prompts = [p.prompt for p in load_prompts("ifprefs:eval", max_rows=args.prompts)]
+    prompt_records = load_prompts("ifprefs:eval", max_rows=args.prompts)
+    prompts = [p.prompt for p in prompt_records]
     cfg = EvalArgs(max_new_tokens=args.max_new_tokens, batch_size=16, modes=["greedy"])
     policy = Policy(model=model, tokenizer=tokenizer, kind="model", path=args.adapter)
 
@@ -181,7 +182,7 @@ def main() -> None:
         summaries.append({k: v for k, v in out.items() if k != "time_s"})
         return [(row["reply"], row["length_tokens"]) for row in out["rows"]]
 
-    prompt_records, summaries, start_logps = load_prompts("ifprefs:eval", max_rows=args.prompts), [], {}
+    summaries, start_logps = [], {}
     if "packed" in args.groups:  # the starting model's pair log-probs, as the recipe keeps them from its first summary
         from align.evaluation.policy_report import summarize_policy
 
