@@ -21,7 +21,10 @@
 5. (--groups packed) bf16 weights prepacked for oneDNN (align.models.generation.packed_linear_weights) or not: the
    trained policy's summary as the recipes make it (align.evaluation.policy_report.summarize_policy: pair
    log-probs and greedy replies, merged; the starting model's log-probs computed once beforehand, as the DPO recipe
-   passes them) and PPO's sampling (merged, decode_ids); the summaries must agree in every number and reply.
+   passes them) and PPO's sampling (merged, decode_ids); the summaries must agree in every number and reply;
+6. (--groups wrapper, alone) that summary after training: the model prepared as a Trainer with bf16=True prepares
+   it (accelerate's mixed-precision wrapper on its forward: autocast, outputs to float32), the summary through the
+   wrapper (as before December 7, evening) against through the model's own forward (align.models.generation.own_forward).
 
 Each is timed --repeats times, old and new alternating, on the default model with the given adapter (a trained
 one: merging a zero adapter would change nothing). The JSON has every time, the medians' ratios, how far the
@@ -32,6 +35,7 @@ smaller batches round differently, so a near-tie may flip).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -95,8 +99,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--groups", type=lambda v: v.split(","),
                         default=["logps", "generate", "start", "rollout", "cache", "sampling"],
-                        help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache, sampling, packed)")
+                        help="comma-separated: which comparisons to run (logps, generate, start, rollout, cache, sampling, packed; "
+                             "wrapper alone)")
     args = parser.parse_args()
+    if "wrapper" in args.groups and len(args.groups) > 1:
+        parser.error("--groups: wrapper prepares the model for training (a forward wrapper every arm would run): run it alone")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -183,7 +190,7 @@ def main() -> None:
         return [(row["reply"], row["length_tokens"]) for row in out["rows"]]
 
     summaries, start_logps = [], {}
-    if "packed" in args.groups:  # the starting model's pair log-probs, as the recipe keeps them from its first summary
+    if {"packed", "wrapper"} & set(args.groups):  # the starting model's pair log-probs, as the recipe keeps them from its first summary
         from align.evaluation.policy_report import summarize_policy
 
         summarize_policy(model, tokenizer, pairs, [], beta=0.1, adapter=False, start_logps=start_logps)
@@ -199,6 +206,25 @@ def main() -> None:
             return rollouts(True)
 
     arms["packed_sampling"] = packed_sampling
+
+    def own_forward(on: bool, fn):
+        """fn() with the summary setting accelerate's wrapper aside (on) or running through it (off)."""
+        from align.models import generation
+
+        real = generation.own_forward
+        generation.own_forward = real if on else (lambda model: contextlib.nullcontext())
+        try:
+            return fn()
+        finally:
+            generation.own_forward = real
+
+    if "wrapper" in args.groups:  # as a Trainer with bf16=True (fp16=True) leaves the model after training
+        from accelerate import Accelerator
+
+        Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(model.dtype, "no"),
+                    cpu=True).prepare_model(model)
+    arms["wrapper_summarywrapped"] = lambda: own_forward(False, summary)
+    arms["wrapper_summary"] = lambda: own_forward(True, summary)
     groups = set(args.groups)
     arms = {name: fn for name, fn in arms.items() if name.split("_")[0] in groups}
     times: dict[str, list[float]] = {name: [] for name in arms}
@@ -222,7 +248,8 @@ def main() -> None:
                    ("sampling_speedup_total", "sampling_before", "sampling_now"),
                    ("cache_speedup_preallocated", "cache_dynamic", "cache_preallocated"),
                    ("packed_speedup_summary", "packed_summaryplain", "packed_summary"),
-                   ("packed_speedup_sampling", "packed_samplingplain", "packed_sampling")]
+                   ("packed_speedup_sampling", "packed_samplingplain", "packed_sampling"),
+                   ("wrapper_speedup_summary", "wrapper_summarywrapped", "wrapper_summary")]
     result = {
         "cpu": cpu_description(), "threads": args.threads, "adapter": args.adapter, "pairs": len(pairs),
         "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "merged": did_merge,
@@ -234,6 +261,9 @@ def main() -> None:
     }
     if "packed" in groups:  # every summary of either arm the same, numbers and replies
         result["packed_summaries_identical"] = all(s == summaries[0] for s in summaries)
+    if "wrapper" in groups:  # autocast computes other roundings: how far the two summaries' numbers are apart
+        wrapped, own = summaries[0], summaries[1]
+        result["wrapper_numbers"] = {k: [wrapped[k], own[k]] for k in own if k != "rows" and isinstance(own[k], (int, float))}
     if "logps" in groups:
         old, new = outputs["logps_twice"], outputs["logps_pair"]
         result["max_logp_difference_nats"] = round(max(abs(a[0] - b[0]) for side in (0, 1) for a, b in zip(old[side], new[side])), 5)

@@ -21,6 +21,7 @@ from align.errors import cli_main
 from align.log import get_logger
 from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference
 from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
+from align.models.generation import own_forward
 from align.models.reward_model import Float32ScoreHeadMixin, score_pairs
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, LoraPlusMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary
@@ -46,8 +47,9 @@ def held_out_accuracy(model, tokenizer, pairs, batch_size: int) -> dict:
     """Share of held-out pairs the model ranks correctly, and the mean score margin."""
     if not pairs:
         return {}
-    chosen, rejected = score_pairs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
-                                   [p.rejected for p in pairs], batch_size)
+    with own_forward(model):  # after training, as before it: without accelerate's mixed-precision wrapper
+        chosen, rejected = score_pairs(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs],
+                                       [p.rejected for p in pairs], batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
     return {
         "eval/accuracy": sum(m > 0 for m in margins) / len(margins),

@@ -61,3 +61,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
 
+
+
+@pytest.fixture
+def prepare_as_trainer():
+    """prepare(model): the model as a Trainer with bf16=True leaves it after training, its forward wrapped by
+    accelerate (autocast, outputs copied to float32), through a real Accelerator(mixed_precision="bf16"). accelerate's
+    process-wide state is set aside for it and put back afterwards, so other tests keep theirs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    saved = dict(AcceleratorState._shared_state), dict(PartialState._shared_state)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield lambda model: Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._shared_state.update(saved[0])
+    PartialState._shared_state.update(saved[1])

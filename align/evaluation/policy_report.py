@@ -41,7 +41,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     from align.evaluation.generate import generate
     from align.evaluation.logprobs import pair_logps
     from align.evaluation.policy import Policy
-    from align.models.generation import merged_adapter, packed_linear_weights
+    from align.models.generation import merged_adapter, own_forward, packed_linear_weights
 
     started = time.time()
     out: dict = {}
@@ -49,8 +49,9 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
     model.eval()
     # the trained policy runs with its adapter merged where that is exact (align.models.generation.merged_adapter)
     merge = merged_adapter(model) if adapter else contextlib.nullcontext()
-    # then its bf16 weights prepacked for oneDNN, the same outputs bit for bit (packed_linear_weights)
-    with _starting_model(model, adapter), merge, packed_linear_weights(model):
+    # then its bf16 weights prepacked for oneDNN, the same outputs bit for bit (packed_linear_weights); after training
+    # without the mixed-precision wrapper accelerate leaves on its forward, as before training (own_forward)
+    with own_forward(model), _starting_model(model, adapter), merge, packed_linear_weights(model):
         if adapter:
             how = ("the adapter merged into the weights" if merge.merged
                    else "the adapter unmerged (adapter_merges_faithfully: not a plain float32/bf16 LoRA, DoRA or IA3)")
@@ -78,7 +79,7 @@ def summarize_policy(model, tokenizer, pairs: list[PreferencePair], prompts: lis
         if start_logps and "chosen" in start_logps:
             ref_chosen, ref_rejected = start_logps["chosen"], start_logps["rejected"]
         else:
-            with model.disable_adapter():
+            with own_forward(model), model.disable_adapter():
                 ref_chosen, ref_rejected = pair_logps(model, tokenizer, prompts_p, [p.chosen for p in pairs],
                                                       [p.rejected for p in pairs], batch_size)
         margins = [beta * ((c[0] - rc[0]) - (r[0] - rr[0])) for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]

@@ -253,6 +253,31 @@ class merged_adapter:
             self.saved = []
 
 
+class own_forward:
+    """`with own_forward(model):` inference through the model's own forward, without the mixed-precision wrapper
+    that accelerate's prepare_model leaves on it after training (a Trainer with bf16=True or fp16=True: every forward
+    under autocast, its outputs copied to float32; accelerate keeps the unwrapped one as `_original_forward`). The
+    summary before training runs the model's own forward; through the wrapper the one after it ran along another
+    path (autocast's casts, a float32 copy of every logit, packed_linear_weights stepping aside under autocast), not
+    computed as the "before" was: a float32 reward head ran in bf16 (tests/unit/trainers/test_reward_fast.py). A model
+    without the wrapper is used as it is; the wrapper is put back on exit."""
+
+    def __init__(self, model):
+        self.model = model
+        self.wrapper = None
+
+    def __enter__(self):
+        own = vars(self.model).get("_original_forward")
+        if own is not None and "forward" in vars(self.model):
+            self.wrapper = vars(self.model)["forward"]
+            self.model.forward = own
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        if self.wrapper is not None:
+            self.model.forward, self.wrapper = self.wrapper, None
+
+
 def packs_bf16_weights() -> bool:
     """Whether `packed_linear_weights` packs anything on this machine: torch built with oneDNN, and a CPU on
     which oneDNN computes bf16 matmuls (avx512_bf16/AMX and the like), the path torch's own bf16 linear takes."""

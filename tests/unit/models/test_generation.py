@@ -353,3 +353,34 @@ def test_packed_weights_pack_nothing_without_the_memory_for_a_copy(tiny_model_di
         monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": available}))
         with generation.packed_linear_weights(model) as packed:
             assert any("forward" in vars(m) for m in model.modules()) == packs, available
+
+
+def test_own_forward_sets_aside_the_training_wrapper_so_the_summary_after_training_is_computed_as_before(
+        tiny_model_dir, prepare_as_trainer, one_thread):
+    """A Trainer with bf16=True leaves accelerate's mixed-precision wrapper on the model's forward (autocast, logits
+    copied to float32). Inside own_forward the model's own forward runs (no autocast, bf16 logits), and the wrapper is
+    back on exit; summarize_policy on the prepared model runs no forward under autocast and gives the summary of the
+    model before it was prepared, every number and reply."""
+    from align.data.load import load_preferences, load_prompts
+    from align.evaluation.policy_report import summarize_policy
+    from align.models.generation import own_forward
+
+    model, tokenizer = _trained_looking(tiny_model_dir, "lora", dtype="bf16")
+    pairs, prompts = load_preferences("ifprefs:prefs_test", max_rows=3), load_prompts("ifprefs:eval", max_rows=4)
+    summary = lambda: {k: v for k, v in summarize_policy(model, tokenizer, pairs, prompts, beta=0.1, adapter=True,  # noqa: E731
+                                                          max_new_tokens=6, batch_size=2).items() if k != "time_s"}
+    plain = summary()
+    with own_forward(model) as own:  # nothing to set aside yet
+        assert own is model and "forward" not in vars(model)
+    prepare_as_trainer(model)
+    wrapper, autocast = vars(model)["forward"], []
+    model.get_base_model().register_forward_pre_hook(lambda m, a: autocast.append(torch.is_autocast_enabled("cpu")))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.dtype == torch.float32 and autocast == [True]  # through the wrapper
+        with own_forward(model) as own:
+            assert own is model and model(input_ids=ids).logits.dtype == torch.bfloat16 and autocast[-1] is False
+        assert vars(model)["forward"] is wrapper
+    autocast.clear()
+    assert summary() == plain
+    assert autocast and not any(autocast) and vars(model)["forward"] is wrapper

@@ -194,3 +194,23 @@ def test_score_pairs_equals_scoring_each_text(tiny_model_dir, peft):
     assert torch.tensor(want_chosen + want_rejected).std() > 1e-3
     torch.testing.assert_close(torch.tensor(got_chosen), torch.tensor(want_chosen), rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.tensor(got_rejected), torch.tensor(want_rejected), rtol=0, atol=1e-5)
+
+
+def test_held_out_accuracy_after_training_is_computed_as_before(tiny_model_dir, prepare_as_trainer):
+    """The reward recipe scores the held-out pairs before training on the plain model and after it on
+    trainer.model, whose forward a Trainer with bf16=True has wrapped (accelerate: autocast, outputs to float32; the
+    float32 score head would then run in bf16). held_out_accuracy sets the wrapper aside: the same numbers."""
+    import transformers
+    from align.models.loading import ModelArgs, load_model
+    from bench.harness.trainers import load_recipe
+
+    module = load_recipe("reward")
+    transformers.set_seed(0)
+    model, tokenizer = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="bf16", quantization="none", lora_r=4,
+                                            lora_alpha=8), task="reward")
+    randomize_lora_b(model)
+    model.eval()
+    before = module.held_out_accuracy(model, tokenizer, _pairs(), batch_size=4)
+    prepare_as_trainer(model)
+    assert "_original_forward" in vars(model)  # the wrapper is on
+    assert module.held_out_accuracy(model, tokenizer, _pairs(), batch_size=4) == before
