@@ -91,6 +91,7 @@ class PlanArgs:
     seq_len: int = arg(1024, "tokens per sequence, padded (PPO: prompt + response)")
     micro_batch: int = arg(1, "rows per forward/backward: sequences (SFT), pairs (reward, DPO) or rollouts (PPO)")
     gradient_checkpointing: bool = arg(True, "recompute activations in backward")
+    fused_swiglu: bool = arg(True, "the recipes' gated MLP, silu(gate) recomputed in backward instead of saved (their fused_swiglu)")
     dpo_reference: Literal["precomputed", "adapter_disabled"] = arg("adapter_disabled", "DPO reference log-probs: by an adapter-disabled forward every step (the recipe's default), or computed once before training")
     ppo_response_len: int = arg(256, "PPO and GRPO: generated tokens per reply (part of seq_len)")
     ppo_rollout_batch: int = arg(8, "PPO: prompts generated at once per process; GRPO: replies generated at once per process "
@@ -165,13 +166,14 @@ def numerics(args: PlanArgs) -> Numerics:
     return Numerics(act=2, resid=resid, lora_in=2, lora_out=2, lora_in_shared=False, head=2, autocast=True)
 
 
-def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, num: Numerics) -> float:
+def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, num: Numerics, fused_mlp: bool = True) -> float:
     """Bytes autograd saves for one decoder layer per token (LoRA training, frozen base, SDPA attention).
 
     Term by term (h hidden, q = heads*head_dim, kv = kv_heads*head_dim, I intermediate, r LoRA rank):
       two RMSNorms: a float32 copy of the input (4h) and rsqrt (4), each
       SDPA: q, k, v, output (act * (2q + 2kv)) and the float32 logsumexp (4 * heads)
-      SwiGLU MLP: gate and up outputs and silu(gate) (3 * act * I)
+      SwiGLU MLP: gate and up outputs (2 * act * I; silu(gate) too, 3 * act * I, where the MLP is not fused:
+        fused_swiglu false, or an MLP align.models.swiglu does not replace)
       each LoRA module: lora_A's output (lora_out * r) and its input: shared by modules that read the same
         tensor when no cast is needed (q/k/v read the normed input, gate/up too, o reads the SDPA output
         already counted), else one copy per module. LoRA dropout adds nothing: the recipes draw it inside
@@ -183,7 +185,7 @@ def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, num: Nu
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     total = 2 * (4 * h + 4)
     total += num.act * (2 * q + 2 * kv) + 4 * arch.heads
-    total += 3 * num.act * I
+    total += (2 if fused_mlp else 3) * num.act * I
     shapes = arch.linear_shapes()
     total += sum(num.lora_out * r for _ in targets)
     if not num.lora_in_shared:
@@ -245,7 +247,7 @@ class Estimate:
 def _activations(arch: Arch, args: PlanArgs, num: Numerics, tokens: int) -> tuple[float, float]:
     """(training activations, one no-grad forward's working set) in bytes for `tokens` positions."""
     targets = args.target_modules()
-    layer = layer_activation_bytes(arch, targets, args.lora_r, num) * tokens
+    layer = layer_activation_bytes(arch, targets, args.lora_r, num, args.fused_swiglu) * tokens
     final_norm = (4 * arch.hidden + 4) * tokens
     # Backward holds one layer's gradients while its saved tensors are still alive: about one layer more.
     if args.gradient_checkpointing:

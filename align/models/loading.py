@@ -45,6 +45,7 @@ from align.errors import AlignError, ConfigError
 from align.log import get_logger
 from align.models.lm_head import contiguous_head_input
 from align.models.lora_dropout import fuse_lora_dropout
+from align.models.swiglu import fuse_swiglu
 
 logger = get_logger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -73,6 +74,9 @@ class ModelArgs:
     lora_target_modules: str = arg("all-linear", "comma-separated module names, or all-linear")
     num_virtual_tokens: int = arg(16, "virtual tokens of prompt_tuning, p_tuning and prefix_tuning")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward to save memory")
+    fused_swiglu: bool = arg(True, "LLaMA-style gated MLPs keep gate and up for backward and recompute silu(gate): one "
+                                   "intermediate-size tensor a layer and position less, the same gradients bit for bit "
+                                   "(align.models.swiglu)")
 
 
 def cache_dir() -> Path:
@@ -492,6 +496,8 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
         model = _causal_lm(path, **kwargs)
     if qconfig is not None and qconfig.load_in_4bit and not torch.cuda.is_available():
         keep_4bit_trainable(model)
+    if args.fused_swiglu:
+        fuse_swiglu(model)  # silu(gate) recomputed in backward instead of saved (align.models.swiglu)
     if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if use_lora:

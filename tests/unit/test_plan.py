@@ -15,6 +15,7 @@ from align import plan
 from align.errors import AlignError, ConfigError
 from align.models import architecture
 from align.models.lora_dropout import fuse_lora_dropout
+from align.models.swiglu import fuse_swiglu
 from align.plan import PlanArgs, estimate
 from repo_paths import REPO
 
@@ -99,7 +100,8 @@ def test_ppo_sampling_on_a_cpu_in_bf16_holds_a_packed_copy_of_the_linear_weights
 # ------------------------------------------------------------------------------------------ activations
 
 
-def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets, dropout: float, rows=2, seq=24) -> float:
+def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets, dropout: float, fused: bool, rows=2,
+                                 seq=24) -> float:
     """Bytes autograd saves per extra layer per token: saved(layers_b) - saved(layers_a), over layers and tokens."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,6 +112,8 @@ def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets
         cfg._attn_implementation = "sdpa"
         model = get_peft_model(LlamaForCausalLM(cfg).to(dtype), LoraConfig(r=8, target_modules=targets, lora_dropout=dropout))
         fuse_lora_dropout(model)  # as align.models.loading.load_model does
+        if fused:
+            fuse_swiglu(model)  # as load_model does unless fused_swiglu is off
         model.train()
         params = {p.data_ptr() for p in model.parameters()}
         storages: dict[int, int] = {}
@@ -128,26 +132,28 @@ def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets
 
 
 @pytest.mark.parametrize(
-    "dtype,stage,targets,dropout",
+    "dtype,stage,targets,dropout,fused",
     [
-        (torch.float32, "sft", "all-linear", 0.0),
-        (torch.float32, "sft", ["q_proj", "v_proj"], 0.0),
-        (torch.float32, "sft", "all-linear", 0.1),
-        (torch.float32, "sft", ["q_proj", "v_proj"], 0.1),
-        (torch.bfloat16, "ppo", "all-linear", 0.0),  # the PPO engine: bf16 model, no autocast
+        (torch.float32, "sft", "all-linear", 0.0, True),
+        (torch.float32, "sft", "all-linear", 0.0, False),
+        (torch.float32, "sft", ["q_proj", "v_proj"], 0.0, True),
+        (torch.float32, "sft", "all-linear", 0.1, True),
+        (torch.float32, "sft", ["q_proj", "v_proj"], 0.1, True),
+        (torch.bfloat16, "ppo", "all-linear", 0.0, True),  # the PPO engine: bf16 model, no autocast
+        (torch.bfloat16, "ppo", "all-linear", 0.0, False),
     ],
 )
-def test_layer_activations_match_autograd_saved_tensors(dtype, stage, targets, dropout):
+def test_layer_activations_match_autograd_saved_tensors(dtype, stage, targets, dropout, fused):
     """The per-layer formula equals what autograd really saves (dedup by storage, parameters excluded).
 
     With dropout, the recipes' fused LoRA dropout saves what no dropout saves (align.models.lora_dropout).
     """
-    measured = _saved_bytes_per_layer_token(2, 3, dtype=dtype, targets=targets, dropout=dropout)
+    measured = _saved_bytes_per_layer_token(2, 3, dtype=dtype, targets=targets, dropout=dropout, fused=fused)
     args = PlanArgs(stage=stage, dtype="fp32" if dtype == torch.float32 else "bf16", quantization="none",
-                    lora_r=8, lora_dropout=dropout, target="cpu",
+                    lora_r=8, lora_dropout=dropout, target="cpu", fused_swiglu=fused,
                     lora_targets=["all-linear"] if targets == "all-linear" else targets)
     arch = architecture.arch_from_config(TINY_CONFIG, "tiny", "test")
-    predicted = plan.layer_activation_bytes(arch, args.target_modules(), 8, plan.numerics(args))
+    predicted = plan.layer_activation_bytes(arch, args.target_modules(), 8, plan.numerics(args), fused)
     assert predicted == pytest.approx(measured, abs=1e-6)
 
 

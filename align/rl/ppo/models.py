@@ -198,7 +198,8 @@ def _identity(name: str) -> str:
 
 
 def _model_args(cfg: PPOArgs, name: str, quantization: str) -> ModelArgs:
-    return ModelArgs(model_name_or_path=name, quantization=quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    return ModelArgs(model_name_or_path=name, quantization=quantization, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                     fused_swiglu=cfg.fused_swiglu)
 
 
 def load_base(cfg: PPOArgs, dist: Dist | None = None):
