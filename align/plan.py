@@ -162,8 +162,10 @@ def numerics(args: PlanArgs) -> Numerics:
     if args.stage == "ppo":  # the bf16 model without autocast: fp32 LoRA weights make peft cast each input to fp32
         return Numerics(act=2, resid=resid, lora_in=4, lora_out=4, lora_in_shared=quantized,
                         head=4 if quantized else 2, autocast=False)
-    # TRL with bf16=True: autocast runs every LoRA matmul in bf16 on its own bf16 copy of the input
-    return Numerics(act=2, resid=resid, lora_in=2, lora_out=2, lora_in_shared=False, head=2, autocast=True)
+    # TRL with bf16=True: autocast runs every LoRA matmul in bf16. Under autocast PEFT's input cast is skipped
+    # (align.models.lora_dropout.share_lora_inputs), so on a bf16 base the modules share their bf16 input; a
+    # quantized base's fp32 normed input is cast to bf16 by autocast, a copy per module
+    return Numerics(act=2, resid=resid, lora_in=2, lora_out=2, lora_in_shared=not quantized, head=2, autocast=True)
 
 
 def layer_activation_bytes(arch: Arch, targets: tuple[str, ...], r: int, num: Numerics, fused_mlp: bool = True) -> float:

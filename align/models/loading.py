@@ -44,7 +44,7 @@ from align.config import arg
 from align.errors import AlignError, ConfigError
 from align.log import get_logger
 from align.models.lm_head import contiguous_head_input
-from align.models.lora_dropout import fuse_lora_dropout
+from align.models.lora_dropout import fuse_lora_dropout, share_lora_inputs
 from align.models.swiglu import fuse_swiglu
 
 logger = get_logger(__name__)
@@ -511,6 +511,7 @@ def load_model(args: ModelArgs | None = None, *, task: Literal["causal_lm", "rew
         model = get_peft_model(model, peft_config(args, task))
         if fuse_dropout and not _launched_with_sharded_parameters():
             fuse_lora_dropout(model)  # the same dropout, without a saved copy of each module's input
+        share_lora_inputs(model)  # under autocast, one saved input for the modules that read it (align.models.lora_dropout)
     elif args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer

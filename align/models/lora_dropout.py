@@ -14,6 +14,11 @@ the random draws differ from nn.Dropout's. What a layer saves is then what it sa
 
 The seed comes from torch's default CPU generator, so runs are reproducible under torch.manual_seed and
 gradient checkpointing's recomputation (which restores the RNG state) draws the same masks.
+
+`share_lora_inputs` does the same for mixed precision: PEFT casts each LoRA module's input to its adapter weights'
+dtype (float32) and autocast casts it back to bf16 for the matmul, a bf16 copy per module that autograd saves, so
+q, k, v, o, gate and up each keep their own copy of what they read. Under autocast PEFT's cast is skipped: the
+modules read and save the input itself, shared.
 """
 
 from __future__ import annotations
@@ -104,3 +109,29 @@ def fuse_lora_dropout(model: nn.Module) -> int:
             dropouts[name] = nn.Identity()
             fused += 1
     return fused
+
+
+def _cast_only_without_autocast(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a LoRA layer: PEFT's input cast on, unless autocast is on for the input's device and every
+    active adapter is vanilla LoRA (a variant, DoRA, computes outside the autocast-covered matmuls)."""
+    x = args[0] if args else None
+    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    module.cast_input_dtype_enabled = not (autocast and not any(a in module.lora_variant for a in module.active_adapters))
+
+
+def share_lora_inputs(model: nn.Module) -> int:
+    """Under autocast (a Trainer with bf16=True or fp16=True) let every LoRA layer's adapter read its input as it is,
+    without PEFT's cast to the adapter weights' dtype, which autocast undoes for the matmul anyway: the matmuls get
+    the same bf16 values (the loss the same to the bit; gradients to bf16 rounding: summed over the modules in
+    another order), and the modules that read one tensor save it once instead of a copy each. Per layer and position
+    with LoRA on all linear layers, four hidden-size bf16 tensors less (q, k, v, o, gate and up saved a copy each;
+    then the two normed inputs and the attention output, which the attention saves anyway); align.plan models it,
+    tests/unit/models/test_lora_dropout.py checks it. Without autocast (PPO's engine, inference) PEFT casts as before.
+    A quantized base's norms are float32 (prepare_model_for_kbit_training): there autocast's own cast still copies.
+    Returns how many layers got the hook."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        layer.register_forward_pre_hook(_cast_only_without_autocast)
+    return len(layers)

@@ -14,7 +14,7 @@ import torch
 from align import plan
 from align.errors import AlignError, ConfigError
 from align.models import architecture
-from align.models.lora_dropout import fuse_lora_dropout
+from align.models.lora_dropout import fuse_lora_dropout, share_lora_inputs
 from align.models.swiglu import fuse_swiglu
 from align.plan import PlanArgs, estimate
 from repo_paths import REPO
@@ -100,18 +100,20 @@ def test_ppo_sampling_on_a_cpu_in_bf16_holds_a_packed_copy_of_the_linear_weights
 # ------------------------------------------------------------------------------------------ activations
 
 
-def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets, dropout: float, fused: bool, rows=2,
-                                 seq=24) -> float:
+def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets, dropout: float, fused: bool,
+                                 autocast: bool = False, rows=2, seq=24) -> float:
+    """autocast: as the recipes' TRL trainers train a bf16 model (bf16=True)."""
     """Bytes autograd saves per extra layer per token: saved(layers_b) - saved(layers_a), over layers and tokens."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def saved(layers: int) -> int:
+    def saved(layers: int, seq: int = seq) -> int:
         torch.manual_seed(0)
         cfg = LlamaConfig(**{k: v for k, v in TINY_CONFIG.items() if k != "model_type"} | {"num_hidden_layers": layers})
         cfg._attn_implementation = "sdpa"
         model = get_peft_model(LlamaForCausalLM(cfg).to(dtype), LoraConfig(r=8, target_modules=targets, lora_dropout=dropout))
         fuse_lora_dropout(model)  # as align.models.loading.load_model does
+        share_lora_inputs(model)
         if fused:
             fuse_swiglu(model)  # as load_model does unless fused_swiglu is off
         model.train()
@@ -124,11 +126,15 @@ def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets
             return t
 
         ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(0))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
             model(input_ids=ids, labels=ids)
         return sum(storages.values())
 
-    return (saved(layers_b) - saved(layers_a)) / (layers_b - layers_a) / (rows * seq)
+    per_layer = saved(layers_b) - saved(layers_a)
+    if autocast:  # less autocast's bf16 copies of the adapter weights, one per layer whatever the length (the planner
+        per_layer = saved(layers_b, 2 * seq) - saved(layers_a, 2 * seq) - per_layer  # counts them as adapters)
+    return per_layer / (layers_b - layers_a) / (rows * seq)
 
 
 @pytest.mark.parametrize(
@@ -141,6 +147,9 @@ def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets
         (torch.float32, "sft", ["q_proj", "v_proj"], 0.1, True),
         (torch.bfloat16, "ppo", "all-linear", 0.0, True),  # the PPO engine: bf16 model, no autocast
         (torch.bfloat16, "ppo", "all-linear", 0.0, False),
+        (torch.bfloat16, "dpo", "all-linear", 0.0, True),  # TRL's trainers: bf16 model under autocast
+        (torch.bfloat16, "sft", "all-linear", 0.1, True),
+        (torch.bfloat16, "sft", ["q_proj", "v_proj"], 0.0, True),
     ],
 )
 def test_layer_activations_match_autograd_saved_tensors(dtype, stage, targets, dropout, fused):
@@ -148,7 +157,8 @@ def test_layer_activations_match_autograd_saved_tensors(dtype, stage, targets, d
 
     With dropout, the recipes' fused LoRA dropout saves what no dropout saves (align.models.lora_dropout).
     """
-    measured = _saved_bytes_per_layer_token(2, 3, dtype=dtype, targets=targets, dropout=dropout, fused=fused)
+    measured = _saved_bytes_per_layer_token(2, 3, dtype=dtype, targets=targets, dropout=dropout, fused=fused,
+                                            autocast=dtype == torch.bfloat16 and stage != "ppo")
     args = PlanArgs(stage=stage, dtype="fp32" if dtype == torch.float32 else "bf16", quantization="none",
                     lora_r=8, lora_dropout=dropout, target="cpu", fused_swiglu=fused,
                     lora_targets=["all-linear"] if targets == "all-linear" else targets)

@@ -149,3 +149,52 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_lora_modules_share_their_input_under_autocast(tiny_model_dir, one_thread, dropout):
+    """bf16 model, fp32 adapters, under autocast as a Trainer with bf16=True trains: with share_lora_inputs (as
+    load_model gives every LoRA model) the loss is to the bit the loss with PEFT's casts, the gradients agree to bf16
+    rounding, and autograd keeps four hidden-size tensors a layer and position less. Without autocast PEFT casts."""
+    from peft.tuners.lora import LoraLayer
+
+    from align.models.loading import ModelArgs, load_model
+
+    def loaded(shared: bool):
+        torch.manual_seed(0)  # the same adapter initialisation in both
+        model, _ = load_model(ModelArgs(model_name_or_path=tiny_model_dir, dtype="bf16", quantization="none",
+                                        lora_dropout=dropout))
+        if not shared:  # PEFT's casts as they were: the hook share_lora_inputs adds, removed
+            [m._forward_pre_hooks.clear() for m in model.modules() if isinstance(m, LoraLayer)]
+        return model.train()
+
+    ids = torch.randint(3, 250, (2, 13), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        params, storages = {p.data_ptr() for p in model.parameters()}, {}
+
+        def pack(t):
+            if t.data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}, sum(storages.values())
+
+    shared = loaded(True)
+    cast_loss, cast_grads, cast_saved = run(loaded(False))
+    shared_loss, shared_grads, shared_saved = run(shared)
+    config = shared.get_base_model().config
+    assert torch.equal(shared_loss, cast_loss)
+    assert shared_grads.keys() == cast_grads.keys()
+    for name, grad in cast_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=2e-2, atol=1e-5)
+    assert cast_saved - shared_saved == config.num_hidden_layers * ids.numel() * 4 * config.hidden_size * 2
+    layers = [m for m in shared.modules() if isinstance(m, LoraLayer)]
+    assert layers and not any(m.cast_input_dtype_enabled for m in layers)  # skipped under autocast
+    with torch.no_grad():
+        shared(input_ids=ids)  # without autocast: fp32 adapters on a bf16 input need PEFT's cast, and get it
+    assert all(m.cast_input_dtype_enabled for m in layers)
