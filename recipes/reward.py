@@ -20,8 +20,8 @@ from align.data.load import DataArgs, to_hf_dataset
 from align.errors import cli_main
 from align.log import get_logger
 from align.models.activations import CompressActivationsMixin, FreedMemoryArgs, heap_for_inference
-from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.models.generation import own_forward
+from align.models.loading import DEFAULT_MODEL, ModelArgs, check_peft_supported, load_model
 from align.models.reward_model import Float32ScoreHeadMixin, score_pairs
 from align.publish.hub import publish_run
 from align.trainers.common import FiniteLossMixin, LoraPlusMixin, RunArgs, guard_callbacks, load_records, peak_memory_mb, save_adapter, start_run, train, trainer_kwargs, write_summary

@@ -3,10 +3,10 @@
 Such an MLP computes `down_proj(silu(gate_proj(x)) * up_proj(x))`. For backward, autograd's silu keeps its input
 (gate) and the product keeps both factors, silu(gate) and up: three tensors of the intermediate size per position
 and layer. `swiglu` keeps gate and up only and recomputes silu(gate) in backward, an elementwise op: per position and
-layer one intermediate-size tensor less (the default model: 1,536 bf16 values, 3 KiB, against its 5 KiB of hidden-size
-tensors). Forward and gradients are bit for bit autograd's: backward calls the same kernels on the same values
-(tests/unit/models/test_swiglu.py). `fuse_swiglu` gives every such MLP of a model this forward while gradients are
-on; without them (inference) the MLP runs its own forward.
+layer one intermediate-size tensor less (the default model in bf16: 3 KiB of the 27 KiB a layer kept per position,
+bench/results/lean_activations_amd_bf16/). Forward and gradients are bit for bit autograd's: backward calls the
+same kernels on the same values (tests/unit/models/test_swiglu.py). `fuse_swiglu` gives every such MLP of a model
+this forward while gradients are on; without them (inference) the MLP runs its own forward.
 """
 
 from __future__ import annotations
