@@ -62,7 +62,6 @@ def one_thread():
     yield
 
 
-
 @pytest.fixture
 def prepare_as_trainer():
     """prepare(model): the model as a Trainer with bf16=True leaves it after training, its forward wrapped by

@@ -18,6 +18,7 @@ from align.models.lora_dropout import fuse_lora_dropout, share_lora_inputs
 from align.models.swiglu import fuse_swiglu
 from align.plan import PlanArgs, estimate
 from repo_paths import REPO
+from saved_tensors import saved_bytes
 
 
 TINY_CONFIG = {
@@ -102,8 +103,8 @@ def test_ppo_sampling_on_a_cpu_in_bf16_holds_a_packed_copy_of_the_linear_weights
 
 def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets, dropout: float, fused: bool,
                                  autocast: bool = False, rows=2, seq=24) -> float:
-    """autocast: as the recipes' TRL trainers train a bf16 model (bf16=True)."""
-    """Bytes autograd saves per extra layer per token: saved(layers_b) - saved(layers_a), over layers and tokens."""
+    """Bytes autograd saves per extra layer per token: saved(layers_b) - saved(layers_a), over layers and tokens.
+    autocast: as the recipes' TRL trainers train a bf16 model (bf16=True)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -117,19 +118,10 @@ def _saved_bytes_per_layer_token(layers_a: int, layers_b: int, *, dtype, targets
         if fused:
             fuse_swiglu(model)  # as load_model does unless fused_swiglu is off
         model.train()
-        params = {p.data_ptr() for p in model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(0))
-        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-              torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
+        with saved_bytes(model) as saved, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             model(input_ids=ids, labels=ids)
-        return sum(storages.values())
+        return saved.total
 
     per_layer = saved(layers_b) - saved(layers_a)
     if autocast:  # less autocast's bf16 copies of the adapter weights, one per layer whatever the length (the planner

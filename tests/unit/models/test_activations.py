@@ -137,4 +137,3 @@ def test_dense_layout_hand_cases():
     assert dense_layout(torch.zeros(2, 1, 4).expand(2, 1, 4)) and dense_layout(torch.zeros(()))
     assert not dense_layout(torch.zeros(3, 4)[:, :3]) and not dense_layout(torch.zeros(3, 1).expand(3, 4))
     assert not dense_layout(torch.zeros(6)[::2])
-

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from saved_tensors import saved_bytes
+
 from align.models.lora_dropout import DroppedLoraA, _DroppedLinear, dropout_scale, fuse_lora_dropout
 
 
@@ -171,18 +173,11 @@ def test_lora_modules_share_their_input_under_autocast(tiny_model_dir, one_threa
     ids = torch.randint(3, 250, (2, 13), generator=torch.Generator().manual_seed(0))
 
     def run(model):
-        params, storages = {p.data_ptr() for p in model.parameters()}, {}
-
-        def pack(t):
-            if t.data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         torch.manual_seed(0)  # the same dropout masks in both runs
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16), saved_bytes(model) as saved:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}, sum(storages.values())
+        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}, saved.total
 
     shared = loaded(True)
     cast_loss, cast_grads, cast_saved = run(loaded(False))

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from lora_values import randomize_lora_b
+from saved_tensors import saved_bytes
 
 from align.models.loading import ModelArgs, load_model
 from align.models.swiglu import _forward, fuse_swiglu, swiglu
@@ -20,15 +21,9 @@ def _loss_and_grads(model, ids, autocast: bool):
 
 def _saved_bytes(model, ids, autocast: bool) -> int:
     """Bytes of the distinct tensors autograd saves for backward in one forward (by storage, as memory counts)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with saved_bytes(model) as saved, torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         model(input_ids=ids, labels=ids).loss
-    return sum(storages.values())
+    return saved.total
 
 
 @pytest.mark.parametrize("dtype, autocast", [("fp32", False), ("bf16", False), ("bf16", True)])
