@@ -121,7 +121,7 @@ def launch_args(recipe: str, run_dir: Path, steps: list[int], schedule: str = "c
     """The recipe's flags for one run at learning-rate `schedule` (constant, or linear decay to 0 at the last step)
     that saves every step in `steps`, without its summary."""
     interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
-    keep = str(max(2, steps[-1] // interval))
+    keep = str(max(2, steps[-1] // interval + 1))  # with step 0 (PPO's checkpoint after its SFT phase) too
     if recipe == "ppo":
         return ["--output_dir", str(run_dir), "--total_updates", str(steps[-1]), "--save_steps", str(interval),
                 "--lr_scheduler", schedule, "--save_total_limit", keep, "--num_eval_prompts", "0"]
@@ -232,7 +232,8 @@ def evaluation_parser(doc: str, out_help: str, recipes: tuple[str, ...] = RECIPE
 def main() -> None:
     argv, recipe_args = split_at_dashes(sys.argv[1:])
     parser = evaluation_parser(__doc__, "directory for the run, the evaluations and the results")
-    parser.add_argument("--steps", required=True, help="comma-separated optimizer step counts to evaluate at")
+    parser.add_argument("--steps", required=True, help="comma-separated optimizer step counts to evaluate at (PPO: updates; "
+                        "0 = the checkpoint after its SFT phase, --sft_steps)")
     parser.add_argument("--lr_scheduler", choices=SCHEDULES, default="constant",
                         help="the run's learning rate: constant (each checkpoint is what a run of that length gives), or "
                              "linear decay to 0 at the last of --steps")
@@ -241,8 +242,9 @@ def main() -> None:
         steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
     except ValueError:
         raise ConfigError(f"--steps: expected comma-separated step counts, got {args.steps!r}") from None
-    if not steps or steps[0] < 1:
-        raise ConfigError(f"--steps: expected positive step counts, got {args.steps!r}")
+    if not steps or steps[0] < (0 if args.recipe == "ppo" else 1) or steps[-1] < 1:
+        raise ConfigError(f"--steps: expected positive step counts (and 0 for PPO with --sft_steps: the checkpoint after "
+                          f"its SFT phase), got {args.steps!r}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "learning_curve.log"

@@ -4,6 +4,7 @@
     python recipes/ppo.py --reward verifier                # RL from verifiable rewards (the built-in verifier)
     python recipes/ppo.py --reward my_rewards.py:score     # any fn(prompt_records, responses) -> list[float]
     python recipes/ppo.py --ptx_data ifprefs:sft           # PPO-ptx: + the demonstrations' NLL in the policy's loss
+    python recipes/ppo.py --ptx_data ifprefs:sft --sft_steps 300   # ... after 300 steps of that NLL alone (SFT in the run)
     python recipes/ppo.py --config recipes/configs/ppo_ptx_plain.yaml   # PPO-ptx from the plain model, no SFT run
     python recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml --total_updates 40
     accelerate launch recipes/ppo.py --config recipes/configs/ppo_qlora_8b.yaml
@@ -111,6 +112,7 @@ def main() -> None:
     if cfg.ptx_data is not None:
         logger.info(f"ptx: {len(demonstrations)} demonstrations from {cfg.ptx_data}, {cfg.ptx_batch_size} an optimizer step, "
                     f"their NLL x {cfg.ptx_coef} in the policy's loss"
+                    + (f", after {cfg.sft_steps} steps of that NLL alone (the SFT phase)" if cfg.sft_steps else "")
                     + (f"; {too_long} longer than ptx_max_length={cfg.ptx_max_length} tokens skipped" if too_long else ""))
 
     # The verifier is logged next to any reward (objective/verifier) where the prompts carry constraints.

@@ -74,6 +74,9 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
     ptx_batch_size: int = arg(4, "demonstrations per optimizer step, over all processes (with ptx_data); each process's share is "
                                  "one forward and backward, so it costs the memory of a micro-batch of that many rows")
     ptx_max_length: int = arg(512, "demonstrations longer than this many tokens (prompt + reply) are skipped and counted")
+    sft_steps: int = arg(0, "optimizer steps of the demonstrations' NLL alone (ptx_data, ptx_batch_size a step) before the first update: "
+                            "SFT inside the run, as the DPO recipe's --sft_steps (learning_rate, warmed up over the first tenth, "
+                            "then constant; the reference stays the starting model); then a checkpoint at update 0; 0 = off")
     # ---- run
     output_dir: str = arg("outputs/ppo", "where the adapters, checkpoints, metrics and summary go")
     seed: int = arg(0, "seed for the prompt order, sampling and minibatch shuffles")
@@ -118,6 +121,10 @@ class PPOArgs(ModelArgs, PublishArgs, LogArgs, FreedMemoryArgs):
             raise ConfigError(f"config: kl_target: expected > 0 nats or none, got {self.kl_target}")
         if self.vf_coef < 0:
             raise ConfigError(f"config: vf_coef: expected >= 0, got {self.vf_coef}")
+        if self.sft_steps < 0:
+            raise ConfigError(f"config: sft_steps: expected 0 or more steps, got {self.sft_steps}")
+        if self.sft_steps and self.ptx_data is None:
+            raise ConfigError(f"config: sft_steps: {self.sft_steps} steps of SFT need demonstrations: set ptx_data (e.g. ifprefs:sft)")
         if self.ptx_data is not None:
             if self.ptx_coef <= 0:
                 raise ConfigError(f"config: ptx_coef: expected > 0 with ptx_data, got {self.ptx_coef}")

@@ -98,6 +98,8 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
                        else FixedKLController(cfg.kl_coef))
         self.update_index = 0  # updates completed
+        self.sft_steps_done = 0  # optimizer steps of the SFT phase completed (cfg.sft_steps, before the first update)
+        self.sft_phase_log: dict[str, float] = {}
         self.tokens = 0  # prompt + response tokens rolled out, all processes
         self.elapsed_before = 0.0  # wall time of earlier sessions (resume)
         self.history: list[dict[str, float]] = []
@@ -136,6 +138,8 @@ class PPOTrainer:
             if self.eval_before is None and self.eval_prompts:
                 self.eval_before = self.evaluate()
                 logger.info(f"held-out prompts before training (greedy): {heldout_line(self.eval_before)}")
+            if self.sft_steps_done < self.cfg.sft_steps:
+                self.sft_phase()
             done_here = 0
             while self.update_index < self.cfg.total_updates and (stop_after is None or done_here < stop_after):
                 self.run_update()
@@ -220,7 +224,8 @@ class PPOTrainer:
                 order = torch.randperm(B, generator=torch.Generator().manual_seed(row_seed(cfg.seed, update, 10**6 + epoch)))
                 for start in range(0, B, M):
                     step = (update * cfg.ppo_epochs + epoch) * steps_per_epoch + start // M  # optimizer steps before this one
-                    stats = self.minibatch_gradient(rollout, order[start:start + M], token_counts, update, ptx_step=step)
+                    stats = self.minibatch_gradient(rollout, order[start:start + M], token_counts, update,
+                                                    ptx_step=cfg.sft_steps + step)  # the SFT phase took the first demonstrations
                     if "ptx_tokens" in stats:
                         ptx_sums = [ptx_sums[0] + stats["ptx_nll_sum"], ptx_sums[1] + stats["ptx_tokens"]]
                     for key in keys:
@@ -352,9 +357,53 @@ class PPOTrainer:
         stats["ptx_nll_sum"], stats["ptx_tokens"] = float(nll.detach()) * tokens, tokens
         return bad
 
-    def _all_reduce_grads(self) -> None:
-        """Sum gradients over processes (each holds its share of the global token mean)."""
-        params = self.policy_params + self.critic_params
+    # ---- the SFT phase (cfg.sft_steps): the demonstrations' NLL alone, before the first update
+    def sft_phase(self) -> None:
+        """cfg.sft_steps optimizer steps of the PPO-ptx term alone (the demonstrations of ptx steps 0..sft_steps-1;
+        the updates' ptx steps follow them), the policy's learning rate warmed up over the first tenth, then
+        constant at learning_rate; the PPO schedule starts after them. Then a checkpoint at update 0. A signal in
+        the phase stops the run before any checkpoint (a rerun starts over)."""
+        cfg, dist, group = self.cfg, self.dist, self.optimizer.param_groups[0]
+        scheduled_lr, warmup = group["lr"], max(1, cfg.sft_steps // 10)
+        logger.info(f"SFT phase: {cfg.sft_steps} optimizer steps of {cfg.ptx_batch_size} demonstrations' NLL alone, "
+                    f"learning rate {cfg.learning_rate:g} (warmup {warmup} steps), before the first update", extra=MAIN_ONLY)
+        started, window, first = time.time(), [0.0, 0.0], None
+        self.models.model.train()
+        try:
+            for step in range(cfg.sft_steps):
+                group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / (warmup + 1))
+                stats: dict[str, float] = {}
+                self.optimizer.zero_grad(set_to_none=True)
+                self._fail_if(0, self._ptx_backward(step, 0, stats))
+                self._all_reduce_grads(self.policy_params)
+                self._check_grads(0)
+                torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm)
+                self.optimizer.step()
+                window = [window[0] + stats["ptx_nll_sum"], window[1] + stats["ptx_tokens"]]
+                if (step + 1) % 10 == 0 or step + 1 == cfg.sft_steps:
+                    nll_sum, tokens = dist.sum(torch.tensor(window, dtype=torch.float64)).tolist()
+                    first = nll_sum / tokens if first is None else first
+                    self.sft_phase_log = {"steps": step + 1, "nll_first_10": first, "nll_last_10": nll_sum / tokens,
+                                          "seconds": round(time.time() - started, 1)}
+                    logger.info(f"SFT phase: step {step + 1}/{cfg.sft_steps} | nll {nll_sum / tokens:.3f} (last 10 steps) | "
+                                f"{time.time() - started:.0f} s", extra=MAIN_ONLY)
+                    window = [0.0, 0.0]
+                signum = int(dist.max(torch.tensor([float(self.stop_signal or 0)])).item())
+                if signum:
+                    logger.warning(f"{signal.Signals(signum).name} in the SFT phase (step {step + 1}): stopped before any "
+                                   "checkpoint; a rerun starts over", extra=MAIN_ONLY)
+                    raise SystemExit(128 + signum)
+        finally:
+            group["lr"] = scheduled_lr
+            self.optimizer.zero_grad(set_to_none=True)
+            self.models.model.eval()
+        self.sft_steps_done = cfg.sft_steps
+        self.save_checkpoint()
+
+    def _all_reduce_grads(self, params: list[Tensor] | None = None) -> None:
+        """Sum gradients over processes (each holds its share of the global token mean); `params`: the policy's and
+        the critic's."""
+        params = params if params is not None else self.policy_params + self.critic_params
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -495,6 +544,8 @@ class PPOTrainer:
                 "scheduler": self.scheduler.state_dict(),
                 "kl_controller": self.kl_ctl.state_dict(),
                 "tokens": self.tokens,
+                "sft_steps": self.sft_steps_done,
+                "sft_phase": json.dumps(self.sft_phase_log),
                 "elapsed_s": self.elapsed(),
                 "history": [{k: float(v) for k, v in h.items()} for h in self.history],
                 "health_log": json.dumps(self.health_log),
@@ -515,6 +566,8 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.update_index = int(state["update"])
         self.tokens = int(state["tokens"])
+        self.sft_steps_done = int(state.get("sft_steps", 0))  # checkpoints before the SFT phase existed: none
+        self.sft_phase_log = json.loads(state.get("sft_phase", "{}"))
         self.elapsed_before = float(state["elapsed_s"])
         self.history = [dict(h) for h in state["history"]]
         self.health_log = json.loads(state["health_log"])
@@ -575,6 +628,7 @@ class PPOTrainer:
             "first_scores": self.history[0].get("objective/scores") if self.history else None,
             "final_scores": last.get("objective/scores"),
             "tokens_processed": self.tokens,
+            "sft_phase": self.sft_phase_log or None,
             "train_rows": len(self.prompts),
             "held_out_rows": len(self.eval_prompts),
             "heldout_before": self.eval_before,

@@ -298,12 +298,15 @@ def test_ppo_learns_a_programmable_reward_with_bounded_kl(tmp_path):
 # Checkpoints and resume
 
 
-@pytest.mark.parametrize("critic,ptx", [("adapter", False), ("shared", False), ("adapter", True)])
-def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic, ptx):
-    """4 updates in one go == 2 updates, a checkpoint, a fresh process state, 2 more. Sampling seeds are a
+@pytest.mark.parametrize("critic,ptx,sft_steps,split", [("adapter", False, 0, 2), ("shared", False, 0, 2), ("adapter", True, 0, 2),
+                                                       ("shared", True, 3, 2), ("shared", True, 3, 0)])
+def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic, ptx, sft_steps, split):
+    """4 updates in one go == `split` updates, a checkpoint, a fresh process state, the rest. Sampling seeds are a
     function of (seed, update, row) and the optimizer, scheduler and KL controller come from the checkpoint,
     so the two runs are bitwise equal (tolerance 0) on one machine with the same thread count. With PPO-ptx the
-    demonstrations of a step are a function of (seed, step): 3 of 5 a step, so the resumed half starts mid-pass."""
+    demonstrations of a step are a function of (seed, step): 3 of 5 a step, so the resumed half starts mid-pass.
+    With an SFT phase (sft_steps) the resumed run does not repeat it, whether it stopped after an update or right
+    after the phase (the checkpoint at update 0)."""
     from transformers import AutoTokenizer
 
     from align.records import SFTExample
@@ -312,7 +315,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic, pt
     base = dict(total_updates=4, save_steps=2, kl_target=1.0, lr_scheduler="linear", critic=critic)
     demos = []
     if ptx:
-        base |= dict(ptx_data="inline", ptx_batch_size=3)
+        base |= dict(ptx_data="inline", ptx_batch_size=3, sft_steps=sft_steps)
         examples = [SFTExample(messages=[{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} " * (i + 1)}])
                     for i, w in enumerate("abcde")]
         demos = encode_demonstrations(AutoTokenizer.from_pretrained(tiny_model_dir), examples, 10_000)[0]
@@ -321,11 +324,12 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, critic, pt
 
     cfg = tiny_cfg(tiny_model_dir, tmp_path / "split", **base)
     first = trainer_for(cfg, demonstrations=demos)
-    first.train(stop_after=2)
-    assert [p.name for p in list_checkpoints(cfg.output_dir)] == ["update-000002"]
+    first.train(stop_after=split)
+    assert [p.name for p in list_checkpoints(cfg.output_dir)][-1] == f"update-{split:06d}"
     second = trainer_for(cfg, demonstrations=demos)  # new models and optimizer: only the checkpoint carries state
     second.load_checkpoint(list_checkpoints(cfg.output_dir)[-1])
-    assert second.update_index == 2 and second.kl_ctl.value == first.kl_ctl.value
+    assert second.update_index == split and second.kl_ctl.value == first.kl_ctl.value
+    assert second.sft_steps_done == sft_steps
     second.train()
 
     a, b = adapter_state(whole), adapter_state(second)
