@@ -3,6 +3,8 @@ against the starting model, the JSON and the plot; a second call reuses everythi
 
 import json
 
+import pytest
+
 from recipe_harness import REPO, recipe_args, run_cli, tiny_data  # noqa: F401  (tiny_data is a fixture)
 
 
@@ -91,24 +93,32 @@ def test_seconds_of_a_resumed_run_add_up(tmp_path):
     assert checkpoint_cost(checkpoint) == {"step": 4, "tokens": 400, "train_seconds": 29.5}
 
 
-def test_ppo_curve_evaluates_the_policy_adapter_of_each_update(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sft_phase", [False, True])
+def test_ppo_curve_evaluates_the_policy_adapter_of_each_update(tiny_model_dir, tmp_path, sft_phase):
     """--recipe ppo: one constant-LR PPO run with checkpoints/update-N at every step asked for; each checkpoint's
-    policy adapter answers the held-out prompts; tokens and seconds come from the checkpoint's state."""
-    from test_ppo_recipe import recipe_args as ppo_args, write_prompts
+    policy adapter answers the held-out prompts; tokens and seconds come from the checkpoint's state. With an SFT
+    phase (--sft_steps) step 0 is the checkpoint after it: trained for some seconds, no rollout yet."""
+    from test_ppo_recipe import recipe_args as ppo_args, write_demonstrations, write_prompts
 
     out = tmp_path / "curve"
     drop = {"--output_dir", "--total_updates", "--num_eval_prompts"}
-    flags = ppo_args(tiny_model_dir, "unused", write_prompts(tmp_path / "prompts.jsonl"), "--reward", "verifier")
+    sft = ["--ptx_data", write_demonstrations(tmp_path / "demos.jsonl"), "--ptx_batch_size", "2", "--sft_steps", "3"] if sft_phase else []
+    flags = ppo_args(tiny_model_dir, "unused", write_prompts(tmp_path / "prompts.jsonl"), "--reward", "verifier", *sft)
     flags = [f for i, f in enumerate(flags) if f not in drop and flags[i - 1] not in drop]
-    result = run_cli(["bench/learning_curve.py", "--recipe", "ppo", "--steps", "1,2", "--out", str(out), "--eval_prompts", "2",
-                      "--", *flags], timeout=600)
+    steps = [0, 1, 2] if sft_phase else [1, 2]
+    result = run_cli(["bench/learning_curve.py", "--recipe", "ppo", "--steps", ",".join(map(str, steps)), "--out", str(out),
+                      "--eval_prompts", "2", "--", *flags], timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     curve = json.loads((out / "learning_curve.json").read_text())
-    assert [p["step"] for p in curve["points"]] == [1, 2]
-    assert 0 < curve["points"][0]["tokens"] < curve["points"][1]["tokens"]
-    assert 0 < curve["points"][0]["train_seconds"] <= curve["points"][1]["train_seconds"]
+    points = curve["points"]
+    assert [p["step"] for p in points] == steps
+    if sft_phase:
+        assert points[0]["tokens"] == 0 and 0 < points[0]["train_seconds"], points[0]
+        points = points[1:]
+    assert 0 < points[0]["tokens"] < points[1]["tokens"]
+    assert 0 < points[0]["train_seconds"] <= points[1]["train_seconds"]
     evaluated = [line for line in result.stdout.splitlines() if line.startswith("$ ") and "eval/evaluate.py" in line]
-    assert evaluated[0].split()[3] == tiny_model_dir and evaluated[2].split()[3].endswith("checkpoints/update-000002/policy")
+    assert evaluated[0].split()[3] == tiny_model_dir and evaluated[-1].split()[3].endswith("checkpoints/update-000002/policy")
     assert "lr_scheduler: constant" in (out / "run" / "config.yaml").read_text()
 
 
