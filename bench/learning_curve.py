@@ -204,7 +204,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    what = (f"{result['recipe']} {' '.join(result['recipe_args'])}, constant LR: {result['eval_prompts']} held-out prompts, "
+    rate = {"constant": "constant LR", "linear": "LR decaying to 0 at the last step"}[result.get("lr_scheduler_type", "constant")]
+    what = (f"{result['recipe']} {' '.join(result['recipe_args'])}, {rate}: {result['eval_prompts']} held-out prompts, "
             "95% paired intervals")
     fig.suptitle(f"{textwrap.fill(what, 120)}\n{result['cpu']}", fontsize=9)  # a long command wraps, not cut off
     fig.tight_layout()
