@@ -46,6 +46,12 @@ _LOSS_STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean
 PHASES = ("generate", "score", "advantages", "update")  # reported to the callbacks, in this order, every update
 
 
+def _at(update: int | str) -> str:
+    """Where a check failed, for its message: "update N" (update: the updates completed before it), or the label given
+    (the SFT phase's "SFT phase step N")."""
+    return update if isinstance(update, str) else f"update {update + 1}"
+
+
 def _lr_lambda(kind: str, total_steps: int) -> Callable[[int], float]:
     if kind == "linear":
         return lambda step: max(0.0, 1.0 - step / max(1, total_steps))
@@ -337,7 +343,7 @@ class PPOTrainer:
         stats["ratio_dev_max"] = max(stats["ratio_dev_max"], float((ratio - 1).abs()[mask].max()))
         return None
 
-    def _ptx_backward(self, step: int, update: int, stats: dict[str, float]) -> str | None:
+    def _ptx_backward(self, step: int, update: int | str, stats: dict[str, float]) -> str | None:
         """Backpropagate ptx_coef x the token-mean NLL of optimizer step `step`'s demonstrations (all processes'),
         this process's share in one pass: its token mean weighted by its share of the step's reply tokens, as the
         PPO losses are (the all-reduce sums the shares). Adds the NLL's token-weighted sum and the tokens to
@@ -374,9 +380,10 @@ class PPOTrainer:
                 group["lr"] = cfg.learning_rate * min(1.0, (step + 1) / (warmup + 1))
                 stats: dict[str, float] = {}
                 self.optimizer.zero_grad(set_to_none=True)
-                self._fail_if(0, self._ptx_backward(step, 0, stats))
+                where = f"SFT phase step {step + 1}"
+                self._fail_if(where, self._ptx_backward(step, where, stats))
                 self._all_reduce_grads(self.policy_params)
-                self._check_grads(0)
+                self._check_grads(where)
                 torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.max_grad_norm)
                 self.optimizer.step()
                 window = [window[0] + stats["ptx_nll_sum"], window[1] + stats["ptx_tokens"]]
@@ -421,28 +428,28 @@ class PPOTrainer:
             return f"the last good checkpoint is {self.last_good_checkpoint}"
         return "no checkpoint had been saved yet"
 
-    def _first_non_finite(self, tensors: dict[str, Tensor | None], update: int) -> str | None:
+    def _first_non_finite(self, tensors: dict[str, Tensor | None], update: int | str) -> str | None:
         for name, tensor in tensors.items():
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 value = tensor[~torch.isfinite(tensor)].flatten()[0].item()
-                return f"update {update + 1}: {name} is not finite ({value})"
+                return f"{_at(update)}: {name} is not finite ({value})"
         return None
 
-    def _fail_if(self, update: int, message: str | None) -> None:
+    def _fail_if(self, update: int | str, message: str | None) -> None:
         """Raise NonFiniteError on every process when any process found a non-finite value."""
         if int(self.dist.max(torch.tensor([1.0 if message else 0.0])).item()) == 0:
             return
-        message = message or f"update {update + 1}: a non-finite value on another process"
+        message = message or f"{_at(update)}: a non-finite value on another process"
         raise NonFiniteError(f"{message}; stopped before the optimizer step; {self._where_good()}")
 
-    def _check_grads(self, update: int) -> None:
+    def _check_grads(self, update: int | str) -> None:
         # after the all-reduce every process holds the same gradients, so all of them raise together
         adapters = list(self.models.model.peft_config)
         named = list(self.models.model.named_parameters()) + [(f"value_head.{n}", p) for n, p in self.models.value_head.named_parameters()]
         for name, p in named:
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 owner = _adapter_of(name, adapters) or "critic"
-                raise NonFiniteError(f"update {update + 1}: the gradient of {name} ({owner}) is not finite; stopped before the "
+                raise NonFiniteError(f"{_at(update)}: the gradient of {name} ({owner}) is not finite; stopped before the "
                                      f"optimizer step; {self._where_good()}")
 
     # ---- phase 5: metrics, logs, health

@@ -181,6 +181,28 @@ def test_an_sft_phase_trains_the_demonstrations_alone_before_the_first_update(ti
     assert steps == list(range(21)) and trainer.update_index == 1
 
 
+def test_a_non_finite_loss_in_the_sft_phase_names_its_step(tiny_model_dir, tmp_path, monkeypatch):
+    """A NaN NLL at the phase's third step stops the run before that optimizer step, named as the phase's step (not
+    as an update), with no checkpoint written."""
+    from align.rl.ppo import trainer as trainer_module
+    from align.rl.ppo.checkpoint import list_checkpoints
+    from align.trainers.common import NonFiniteError
+
+    demos, _ = encode_demonstrations(AutoTokenizer.from_pretrained(tiny_model_dir), EXAMPLES, 10_000)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, ptx_data="inline", ptx_batch_size=2, sft_steps=5)
+    trainer = trainer_for(cfg, demonstrations=demos)
+    calls = []
+
+    def poisoned(logprobs, mask):
+        calls.append(1)
+        return ptx_loss(logprobs, mask) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(trainer_module, "ptx_loss", poisoned)
+    with pytest.raises(NonFiniteError, match=r"^SFT phase step 3: the ptx loss is not finite \(nan\); stopped before the optimizer step"):
+        trainer.train()
+    assert trainer.sft_steps_done == 0 and not list_checkpoints(cfg.output_dir)
+
+
 def test_ptx_settings_are_checked(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="ptx_coef"):
         tiny_cfg(tiny_model_dir, tmp_path, ptx_data="ifprefs:sft", ptx_coef=0.0).validate()
