@@ -97,7 +97,7 @@ def test_seconds_of_a_resumed_run_add_up(tmp_path):
 def test_ppo_curve_evaluates_the_policy_adapter_of_each_update(tiny_model_dir, tmp_path, sft_phase):
     """--recipe ppo: one constant-LR PPO run with checkpoints/update-N at every step asked for; each checkpoint's
     policy adapter answers the held-out prompts; tokens and seconds come from the checkpoint's state. With an SFT
-    phase (--sft_steps) step 0 is the checkpoint after it: trained for some seconds, no rollout yet."""
+    phase (--sft_steps) step 0 is the checkpoint after it: no rollout yet."""
     from test_ppo_recipe import recipe_args as ppo_args, write_demonstrations, write_prompts
 
     out = tmp_path / "curve"
@@ -112,8 +112,8 @@ def test_ppo_curve_evaluates_the_policy_adapter_of_each_update(tiny_model_dir, t
     curve = json.loads((out / "learning_curve.json").read_text())
     points = curve["points"]
     assert [p["step"] for p in points] == steps
-    if sft_phase:
-        assert points[0]["tokens"] == 0 and 0 < points[0]["train_seconds"], points[0]
+    if sft_phase:  # the tiny model's 3 steps may take under the 0.1 s the seconds are rounded to
+        assert points[0]["tokens"] == 0 and 0 <= points[0]["train_seconds"] <= points[1]["train_seconds"], points[:2]
         points = points[1:]
     assert 0 < points[0]["tokens"] < points[1]["tokens"]
     assert 0 < points[0]["train_seconds"] <= points[1]["train_seconds"]
