@@ -121,7 +121,7 @@ def launch_args(recipe: str, run_dir: Path, steps: list[int], schedule: str = "c
     """The recipe's flags for one run at learning-rate `schedule` (constant, or linear decay to 0 at the last step)
     that saves every step in `steps`, without its summary."""
     interval = reduce(gcd, steps)  # saves every step in --steps (and the multiples between, kept too)
-    keep = str(max(2, steps[-1] // interval + 1))  # with step 0 (PPO's checkpoint after its SFT phase) too
+    keep = str(max(2, steps[-1] // interval + (steps[0] == 0)))  # and step 0 when asked (PPO's checkpoint after its SFT phase)
     if recipe == "ppo":
         return ["--output_dir", str(run_dir), "--total_updates", str(steps[-1]), "--save_steps", str(interval),
                 "--lr_scheduler", schedule, "--save_total_limit", keep, "--num_eval_prompts", "0"]
