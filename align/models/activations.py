@@ -241,39 +241,8 @@ def heap_for_inference() -> str:
     with a 1 MiB threshold each one is a fresh mmap whose pages fault in anew. glibc's own dynamic threshold cannot
     be switched back on once set, so this sets the values it arrives at on its own (mmap threshold 32 MiB, trim
     threshold twice that). A no-op where `return_freed_memory_to_os` is (no glibc, a GPU).
-
-    Then the garbage training left is collected and the heap's free pages go back to the OS (glibc's
-    `malloc_trim(0)`; the main job on an AMD EPYC of family 25, bf16: 2.1 GB handed back, peak RSS 5.41 GB against
-    7.15 GB without, the inference after training no longer allocating on top of what training left on the heap;
-    bench/results/main_job_summary_share_amd_bf16/dec8_family25_trim/).
     """
-    note = f"{return_freed_memory_to_os(GLIBC_MMAP_THRESHOLD_MAX)} (inference)"
-    return note if note.startswith("malloc: unchanged") else f"{note}{_trim_heap()}"
-
-
-def _resident_mb() -> float:
-    """This process's resident set in MiB (Linux)."""
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _trim_heap() -> str:
-    """Collect Python's garbage and hand the heap's free pages back to the OS (glibc's malloc_trim(0)); returns
-    ", heap trimmed: RSS <before> -> <after> MiB" for the log, "" where glibc has no malloc_trim."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return ""
-    before = _resident_mb()
-    trim(0)
-    return f", heap trimmed: RSS {before:.0f} -> {_resident_mb():.0f} MiB"
+    return f"{return_freed_memory_to_os(GLIBC_MMAP_THRESHOLD_MAX)} (inference)"
 
 
 # The mmap threshold of --return_freed_memory (MiB). 1 keeps a training step's peak RSS lowest (below TRL's for DPO),
