@@ -1,2 +1,2 @@
-accelerate launch recipes/ppo.py --config recipes/configs/ppo_ptx_plain.yaml --sft_steps 200 --total_updates 40 --seed 0 --save_total_limit 6 --output_dir /work/s37/plain_s200u40_seed0/run
+accelerate launch recipes/ppo.py --config recipes/configs/ppo_ptx_plain.yaml --sft_steps 200 --total_updates 40 --seed 0 --save_total_limit 6 --output_dir OUT/run
 python bench/learning_curve.py --lr_scheduler linear --recipe ppo --steps 0,40 --out OUT --base_eval PLAIN_EVAL -- --config recipes/configs/ppo_ptx_plain.yaml --sft_dir none --sft_steps 200 --cpu_threads 2 --seed 0   # evaluates the run's checkpoints (reused) on all 320 prompts
