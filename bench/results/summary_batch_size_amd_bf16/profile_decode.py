@@ -5,10 +5,11 @@ from align.data.load import load_prompts
 from align.evaluation.logprobs import left_pad
 from align.models.generation import decode_ids, packed_linear_weights
 from align.models.loading import load_model, ModelArgs
+from align.rl.ppo.rollout import chat_ids
 torch.set_num_threads(1)
 model, tok = load_model(ModelArgs(), lora=False); model.eval()
 prompts = load_prompts("ifprefs:eval")[:64]
-enc = [tok(tok.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+enc = [chat_ids(tok, p.prompt) for p in prompts]  # the chat template with the generation prompt, as the summary encodes them
 print("prompt tokens mean", sum(map(len, enc)) / len(enc), "max", max(map(len, enc)))
 ids, mask = left_pad(enc, tok.pad_token_id)
 with packed_linear_weights(model):
